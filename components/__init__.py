@@ -1,0 +1,1 @@
+"""KFP components of preftune, one sub-package each."""

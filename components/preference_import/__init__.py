@@ -1,0 +1,1 @@
+"""The preference_import component."""

@@ -1,0 +1,1 @@
+"""Data readers, ingest and preference import, validation."""

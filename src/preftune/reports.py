@@ -1,0 +1,138 @@
+"""Self-contained HTML reports for the Kubeflow UI.
+
+Kubeflow shows an HTML artifact in a sandboxed iframe with no access to other files, so every chart is
+embedded as a base64 PNG and every style is inline in the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_STYLE = """
+body { font-family: -apple-system, Segoe UI, Roboto, sans-serif; margin: 24px; color: #1f2328; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; border-bottom: 1px solid #d0d7de; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
+th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.ok { color: #1a7f37; font-weight: 600; } .bad { color: #cf222e; font-weight: 600; }
+pre { white-space: pre-wrap; margin: 0; font-size: 12px; }
+.chart { margin: 8px 0; }
+"""
+
+
+def escape(value: Any) -> str:
+    """HTML-escape any value for a cell or paragraph."""
+    return html.escape("" if value is None else str(value))
+
+
+def _format_cell(value: Any) -> tuple[str, bool]:
+    if isinstance(value, bool):
+        return ("<span class='ok'>yes</span>" if value else "<span class='bad'>no</span>"), False
+    if isinstance(value, float):
+        return f"{value:.4g}", True
+    if isinstance(value, int):
+        return str(value), True
+    text = escape(value)
+    if "\n" in text or len(text) > 80:
+        return f"<pre>{text}</pre>", False
+    return text, False
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, max_rows: int = 500) -> str:
+    """An HTML table of dict rows; long texts keep their line breaks."""
+    if not rows:
+        return "<p><em>(none)</em></p>"
+    columns = list(columns or rows[0].keys())
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = []
+    for row in rows[:max_rows]:
+        cells = []
+        for col in columns:
+            text, numeric = _format_cell(row.get(col))
+            cells.append(f"<td class='num'>{text}</td>" if numeric else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    more = f"<p><em>{len(rows) - max_rows} more rows not shown.</em></p>" if len(rows) > max_rows else ""
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+
+
+def key_values(values: Mapping[str, Any]) -> str:
+    """A two-column table of names and values (metrics, parameters)."""
+    return table([{"name": k, "value": v} for k, v in values.items()], ["name", "value"])
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f"<div class='chart'><img alt='chart' src='data:image/png;base64,{data}'/></div>"
+
+
+def line_chart(
+    series: Mapping[str, Iterable[tuple[float, float]]],
+    title: str,
+    xlabel: str = "step",
+    ylabel: str = "",
+) -> str:
+    """A line chart of named (x, y) series, as an embeddable <img> tag."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    drawn = False
+    for name, points in series.items():
+        pts = list(points)
+        if not pts:
+            continue
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=name)
+        drawn = True
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def bar_chart(values: Mapping[str, float], title: str, ylabel: str = "") -> str:
+    """A bar chart of named values, as an embeddable <img> tag."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    names = list(values.keys())
+    ax.bar(names, [values[n] for n in names], color="#4c72b0")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def page(title: str, sections: Sequence[tuple[str, str]], intro: str = "") -> str:
+    """A full HTML page: a title, an optional intro paragraph, then (heading, html body) sections."""
+    parts = [f"<h1>{escape(title)}</h1>"]
+    if intro:
+        parts.append(f"<p>{escape(intro)}</p>")
+    for heading, body in sections:
+        parts.append(f"<h2>{escape(heading)}</h2>{body}")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>"
+        + "".join(parts)
+        + "</body></html>"
+    )
+
+
+def write(path: str | Path, content: str) -> None:
+    """Write a report where a KFP HTML artifact expects it (its path is a file)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(content, encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Training loops: SFT, reward model, DPO, PPO."""
