@@ -1,1 +1,21 @@
-"""KFP components of preftune, one sub-package each."""
+"""preftune's KFP components, importable as Python and loadable from each folder's component.yaml.
+
+>>> from preftune.components import dpo_op, evaluate_op
+"""
+
+from preftune.components.dpo.component import dpo as dpo_op
+from preftune.components.evaluate.component import evaluate as evaluate_op
+from preftune.components.ingest.component import ingest as ingest_op
+from preftune.components.preference_import.component import preference_import as preference_import_op
+from preftune.components.sft.component import sft as sft_op
+
+#: Component name (folder under components/) -> component.
+COMPONENTS = {
+    "ingest": ingest_op,
+    "preference_import": preference_import_op,
+    "sft": sft_op,
+    "dpo": dpo_op,
+    "evaluate": evaluate_op,
+}
+
+__all__ = ["COMPONENTS", "dpo_op", "evaluate_op", "ingest_op", "preference_import_op", "sft_op"]

@@ -1,0 +1,80 @@
+"""KFP component: Direct Preference Optimization against the SFT model."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from preftune.platform import runtime_image
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def dpo(
+    sft_model: Input[Model],
+    train_pairs: Input[Dataset],
+    eval_pairs: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    epochs: int = 2,
+    learning_rate: float = 5e-4,
+    batch_size: int = 16,
+    max_length: int = 256,
+    use_lora: bool = True,
+    lora_r: int = 16,
+    seed: int = 0,
+    max_steps: int = -1,
+):
+    """Train the policy directly on preference pairs, against the frozen SFT model as reference.
+
+    With LoRA, the SFT weights are merged first and the DPO adapter goes on top; the reference log-probs come
+    from the same model with the adapter disabled, so no second copy is held in memory.
+
+    Args:
+        sft_model: The SFT model; it is both the starting policy and the frozen reference.
+        train_pairs: Training pairs from the preference import step.
+        eval_pairs: Held-out pairs from the preference import step.
+        model: The DPO policy (a LoRA adapter stacked on the SFT model, or full weights).
+        metrics: Loss (first step and final), reward accuracy, reward margin and implicit rewards on eval pairs.
+        report: Training curves (HTML).
+        beta: Strength of the pull towards the reference (higher = stay closer).
+        loss_type: sigmoid (the DPO paper), ipo or hinge.
+        label_smoothing: Assumed share of flipped preference labels (conservative DPO), 0 to 0.5.
+        epochs: Passes over the training pairs.
+        learning_rate: Peak learning rate (linear warm-up and decay).
+        batch_size: Pairs per optimisation step.
+        max_length: Longest tokenised prompt + response.
+        use_lora: Train a LoRA adapter instead of all weights.
+        lora_r: LoRA rank.
+        seed: Seed for initialisation and data order.
+        max_steps: Stop after this many optimisation steps (-1 = run all epochs).
+    """
+    from preftune.train.dpo import DPOConfig, train_dpo
+
+    config = DPOConfig(
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        max_length=max_length,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        lora_alpha=2 * lora_r,
+        seed=seed,
+        max_steps=max_steps,
+    )
+    result = train_dpo(
+        sft_model.path,
+        train_pairs.path,
+        eval_pairs.path,
+        model.path,
+        report.path,
+        config,
+        sft_model_uri=sft_model.uri,
+        model_uri=model.uri,
+    )
+    for name, value in result.items():
+        metrics.log_metric(name, value)

@@ -1,0 +1,53 @@
+"""KFP component: read, validate and split supervised fine-tuning data."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Metrics, Output
+
+from preftune.platform import runtime_image
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def ingest(
+    source: str,
+    train_data: Output[Dataset],
+    eval_data: Output[Dataset],
+    rejected_rows: Output[Dataset],
+    report: Output[HTML],
+    metrics: Output[Metrics],
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    min_chars: int = 1,
+    max_chars: int = 8000,
+):
+    """Read SFT data, validate every row, and split it into train and eval sets.
+
+    Rows are prompt/completion pairs or chat ``messages``. Every input row ends up in exactly one of train,
+    eval or rejected (with its reasons), and the counts are logged as metrics.
+
+    Args:
+        source: URI of the SFT data: a jsonl, parquet or csv file, a directory, or an s3:// file or prefix.
+        train_data: Training examples (JSONL, one normalised example per line).
+        eval_data: Held-out examples (JSONL).
+        rejected_rows: Rows that failed validation, each with its file, row number and reasons (JSONL).
+        report: Validation report (HTML) with every expectation and samples of rejected rows.
+        metrics: Row counts: input, train, eval, rejected, and rejections by reason.
+        eval_fraction: Share of examples held out for evaluation (0 to 0.5).
+        seed: Seed of the train/eval split; the same seed and data always give the same split.
+        min_chars: Shortest accepted prompt or completion, in characters.
+        max_chars: Longest accepted prompt or completion, in characters.
+    """
+    from preftune.data.ingest import ingest as run_ingest
+
+    result = run_ingest(
+        source,
+        train_data.path,
+        eval_data.path,
+        rejected_rows.path,
+        report.path,
+        eval_fraction=eval_fraction,
+        seed=seed,
+        min_chars=min_chars,
+        max_chars=max_chars,
+    )
+    for name, value in result.items():
+        metrics.log_metric(name, value)

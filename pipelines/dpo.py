@@ -1,0 +1,118 @@
+"""The DPO pipeline: ingest -> SFT -> preference import -> DPO -> evaluate."""
+
+from kfp import dsl
+
+from preftune.components import dpo_op, evaluate_op, ingest_op, preference_import_op, sft_op
+from preftune.pipelines.gpu import request_accelerator
+
+PIPELINE_NAME = "preftune-dpo"
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Align a language model with pairwise human preferences by DPO: ingest SFT data, fine-tune, "
+    "import preference pairs, train with DPO against the SFT model, and evaluate against it.",
+)
+def dpo_pipeline(
+    base_model: str = "examples/tiny-llama",
+    sft_data: str = "examples/data/sft.jsonl",
+    preference_data: str = "examples/data/preferences.jsonl",
+    eval_prompts: str = "examples/data/eval_prompts.jsonl",
+    use_lora: bool = True,
+    lora_r: int = 16,
+    max_length: int = 256,
+    eval_fraction: float = 0.1,
+    sft_epochs: int = 3,
+    sft_learning_rate: float = 1e-3,
+    sft_batch_size: int = 16,
+    sft_max_steps: int = -1,
+    dpo_epochs: int = 2,
+    dpo_learning_rate: float = 5e-4,
+    dpo_batch_size: int = 16,
+    dpo_beta: float = 0.1,
+    dpo_loss: str = "sigmoid",
+    dpo_label_smoothing: float = 0.0,
+    dpo_max_steps: int = -1,
+    eval_max_new_tokens: int = 48,
+    eval_max_prompts: int = 64,
+    seed: int = 0,
+):
+    """Align a language model with pairwise human preferences by DPO.
+
+    Args:
+        base_model: Base model: a Hugging Face hub id, a local directory or an s3:// URI.
+        sft_data: URI of supervised fine-tuning data (jsonl, parquet or csv; file, directory or s3:// prefix).
+        preference_data: URI of pairwise preference data (prompt, chosen, rejected).
+        eval_prompts: URI of held-out prompts for evaluation (JSONL rows with a prompt).
+        use_lora: Train LoRA adapters instead of all weights, in SFT and DPO.
+        lora_r: LoRA rank.
+        max_length: Longest tokenised prompt + response.
+        eval_fraction: Share of SFT examples and of preference prompts held out for evaluation.
+        sft_epochs: SFT passes over the training data.
+        sft_learning_rate: SFT peak learning rate.
+        sft_batch_size: SFT examples per optimisation step.
+        sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
+        dpo_epochs: DPO passes over the training pairs.
+        dpo_learning_rate: DPO peak learning rate.
+        dpo_batch_size: DPO pairs per optimisation step.
+        dpo_beta: DPO beta: strength of the pull towards the SFT reference.
+        dpo_loss: DPO loss type: sigmoid, ipo or hinge.
+        dpo_label_smoothing: Assumed share of flipped preference labels, 0 to 0.5.
+        dpo_max_steps: Stop DPO after this many steps (-1 = all epochs).
+        eval_max_new_tokens: Longest generated response in evaluation, in tokens.
+        eval_max_prompts: Evaluate at most this many held-out prompts.
+        seed: Seed for splits, initialisation, data order and sampling.
+    """
+    sft_rows = ingest_op(source=sft_data, eval_fraction=eval_fraction, seed=seed)
+    sft_rows.set_display_name("Ingest SFT data")
+
+    sft = sft_op(
+        base_model=base_model,
+        train_data=sft_rows.outputs["train_data"],
+        eval_data=sft_rows.outputs["eval_data"],
+        epochs=sft_epochs,
+        learning_rate=sft_learning_rate,
+        batch_size=sft_batch_size,
+        max_length=max_length,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        seed=seed,
+        max_steps=sft_max_steps,
+    )
+    sft.set_display_name("Supervised fine-tuning")
+    request_accelerator(sft)
+
+    pairs = preference_import_op(source=preference_data, eval_fraction=eval_fraction, seed=seed)
+    pairs.set_display_name("Import preferences")
+
+    policy = dpo_op(
+        sft_model=sft.outputs["model"],
+        train_pairs=pairs.outputs["train_pairs"],
+        eval_pairs=pairs.outputs["eval_pairs"],
+        beta=dpo_beta,
+        loss_type=dpo_loss,
+        label_smoothing=dpo_label_smoothing,
+        epochs=dpo_epochs,
+        learning_rate=dpo_learning_rate,
+        batch_size=dpo_batch_size,
+        max_length=max_length,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        seed=seed,
+        max_steps=dpo_max_steps,
+    )
+    policy.set_display_name("DPO")
+    request_accelerator(policy)
+
+    evaluation = evaluate_op(
+        candidate=policy.outputs["model"],
+        reference=sft.outputs["model"],
+        eval_prompts=eval_prompts,
+        eval_pairs=pairs.outputs["eval_pairs"],
+        max_new_tokens=eval_max_new_tokens,
+        beta=dpo_beta,
+        max_prompts=eval_max_prompts,
+        seed=seed,
+    )
+    evaluation.set_display_name("Evaluate against SFT")
+    request_accelerator(evaluation)

@@ -1,0 +1,168 @@
+"""The ``preftune`` command: run pipelines locally and compile them for Kubeflow."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from preftune import __version__, platform
+
+#: Metrics printed after a local run, by pipeline task name.
+HEADLINE_METRICS = {
+    "ingest": ["rows_input", "rows_train", "rows_eval", "rows_rejected"],
+    "preference-import": ["rows_input", "rows_train", "rows_eval", "rows_rejected"],
+    "sft": ["train_loss", "eval_loss", "eval_perplexity"],
+    "dpo": ["first_step_loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin"],
+    "evaluate": [
+        "kl_candidate_reference",
+        "implicit_reward_accuracy",
+        "distinct_2_candidate",
+        "distinct_2_reference",
+        "mean_length_candidate",
+    ],
+}
+
+
+def _parameter_help(pipeline: Any) -> str:
+    from preftune.runner import pipeline_parameters
+
+    lines = ["pipeline parameters (set with --param NAME=VALUE):", ""]
+    for p in pipeline_parameters(pipeline).values():
+        lines.append(f"  {p.name} ({p.type}, default: {p.default!r})")
+        lines.append(f"      {p.description}")
+    return "\n".join(lines)
+
+
+def _add_compile_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image",
+        help=f"runtime image stamped into every component (default: ${platform.IMAGE_ENV} "
+        f"or {platform.DEFAULT_IMAGE})",
+    )
+    parser.add_argument(
+        "--accelerator-type",
+        help=f"accelerator resource training steps request (default: {platform.DEFAULT_ACCELERATOR_TYPE})",
+    )
+    parser.add_argument(
+        "--accelerator-count",
+        type=int,
+        help=f"accelerators per training step, 0 for CPU only (default: {platform.DEFAULT_ACCELERATOR_COUNT})",
+    )
+
+
+def _apply_compile_settings(argv: Sequence[str]) -> None:
+    """Compile settings become environment variables before the components are imported."""
+    pre = argparse.ArgumentParser(add_help=False)
+    _add_compile_settings(pre)
+    known, _ = pre.parse_known_args(list(argv))
+    if known.image:
+        os.environ[platform.IMAGE_ENV] = known.image
+    if known.accelerator_type:
+        os.environ[platform.ACCELERATOR_TYPE_ENV] = known.accelerator_type
+    if known.accelerator_count is not None:
+        os.environ[platform.ACCELERATOR_COUNT_ENV] = str(known.accelerator_count)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (imports the pipelines to describe their parameters)."""
+    from preftune.pipelines import PIPELINES
+
+    parser = argparse.ArgumentParser(
+        prog="preftune",
+        description="Align language models with human preferences (RLHF and DPO) on Kubeflow Pipelines.",
+    )
+    parser.add_argument("--version", action="version", version=f"preftune {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a pipeline on this machine with KFP's local runner",
+        description="Run a pipeline on this machine with KFP's local runner (one subprocess per step).",
+    )
+    pipelines = run.add_subparsers(dest="pipeline", required=True, metavar="PIPELINE")
+    for name, pipeline in PIPELINES.items():
+        sub = pipelines.add_parser(
+            name,
+            help=(pipeline.description or "").split(":")[0],
+            description=pipeline.description,
+            epilog=_parameter_help(pipeline),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument(
+            "--param",
+            "-p",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="set a pipeline parameter (repeatable); see the list below",
+        )
+        sub.add_argument(
+            "--pipeline-root",
+            default="runs",
+            help="directory where runs and their artifacts are written (default: ./runs)",
+        )
+
+    comp = commands.add_parser(
+        "compile",
+        help="compile components and pipelines to their committed YAML",
+        description="Write components/<stage>/component.yaml and pipelines/<name>.yaml.",
+    )
+    comp.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if a committed YAML is missing or stale",
+    )
+    comp.add_argument("--root", help="source checkout to write into (default: where preftune runs from)")
+    _add_compile_settings(comp)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from preftune.pipelines import PIPELINES
+    from preftune.runner import ParameterError, format_summary, parse_assignments, run_pipeline
+
+    pipeline = PIPELINES[args.pipeline]
+    try:
+        overrides = parse_assignments(pipeline, args.param)
+    except ParameterError as err:
+        print(f"preftune run {args.pipeline}: error: {err}", file=sys.stderr)
+        return 2
+    summary = run_pipeline(pipeline, overrides, args.pipeline_root)
+    print()
+    print(format_summary(summary, HEADLINE_METRICS))
+    return 0 if summary["status"] == "SUCCEEDED" else 1
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from preftune import compilation
+
+    root = Path(args.root).resolve() if args.root else None
+    if args.check:
+        stale = compilation.stale(root)
+        for path in stale:
+            print(f"stale: {path} (run `preftune compile`)", file=sys.stderr)
+        if not stale:
+            print("all compiled YAML files are up to date")
+        return 1 if stale else 0
+    compilation.compile_all(root)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``preftune`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _apply_compile_settings(argv)
+    args = build_parser().parse_args(argv)
+    handlers = {"run": _run, "compile": _compile}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

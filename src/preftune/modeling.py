@@ -1,0 +1,269 @@
+"""Load, adapt and save models, keeping the chain of stacked adapters explicit.
+
+A model reference is a local directory, an ``s3://`` URI or a Hugging Face hub id. Artifacts that hold a LoRA
+adapter name their parent artifact in ``adapter_config.json``; loading walks that chain and merges each adapter
+into its parent, so "the SFT model" means the same weights whether SFT was full or LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from preftune import __version__
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+LINEAGE_FILE = "lineage.json"
+MAX_ADAPTER_DEPTH = 8
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch so a run is repeatable on the same hardware."""
+    from transformers import set_seed as hf_set_seed
+
+    hf_set_seed(seed)
+
+
+def resolve(ref: str) -> str:
+    """Turn a model reference into something ``from_pretrained`` takes: a local directory or a hub id."""
+    if not ref or not str(ref).strip():
+        raise ValueError("model reference is empty: give a local directory, an s3:// URI or a hub id")
+    ref = str(ref).strip()
+    if ref.startswith("s3://"):
+        mounted = Path("/s3") / ref[len("s3://") :]
+        if mounted.is_dir():  # the KFP launcher already copied this artifact into the pod
+            return str(mounted)
+        from preftune import storage
+
+        return str(storage.local_path(ref))
+    if ref.startswith("file://"):
+        ref = ref[len("file://") :]
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model reference {ref!r} is a file; a model is a directory")
+        return str(path.resolve())
+    if "://" in ref:
+        raise ValueError(f"model reference {ref!r}: unsupported scheme; use a local path, s3:// or a hub id")
+    if ref.startswith(("/", "./", "../")):
+        raise FileNotFoundError(f"model directory {ref!r} does not exist")
+    return ref  # a Hugging Face hub id, resolved by transformers (offline cache or the hub)
+
+
+def is_adapter(path: str) -> bool:
+    """True for a directory that holds a PEFT adapter rather than full weights."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_parent(path: str) -> str:
+    """The parent reference an adapter directory was trained on."""
+    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    parent = config.get("base_model_name_or_path")
+    if not parent:
+        raise ValueError(f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    return str(parent)
+
+
+def load_tokenizer(ref: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model artifact, or with the nearest ancestor that has one."""
+    path = resolve(ref)
+    for _ in range(MAX_ADAPTER_DEPTH):
+        local = Path(path)
+        has_tokenizer = local.is_dir() and any(
+            (local / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+        )
+        if has_tokenizer or not local.is_dir() or not is_adapter(path):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer
+        path = resolve(adapter_parent(path))
+    raise ValueError(f"{ref}: adapter chain deeper than {MAX_ADAPTER_DEPTH}; is it circular?")
+
+
+def load_causal_lm(
+    ref: str,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    _depth: int = 0,
+) -> PreTrainedModel:
+    """A plain causal LM with every adapter in its chain merged in."""
+    if _depth > MAX_ADAPTER_DEPTH:
+        raise ValueError(f"{ref}: adapter chain deeper than {MAX_ADAPTER_DEPTH}; is it circular?")
+    path = resolve(ref)
+    if Path(path).is_dir() and is_adapter(path):
+        from peft import PeftModel
+
+        parent = load_causal_lm(
+            adapter_parent(path), trust_remote_code=trust_remote_code, dtype=dtype, _depth=_depth + 1
+        )
+        model = PeftModel.from_pretrained(parent, path)
+        return model.merge_and_unload()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def prepare_for_training(
+    ref: str,
+    *,
+    use_lora: bool,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """The parent merged, then a fresh LoRA adapter on top when asked.
+
+    With LoRA, ``model.disable_adapter()`` gives back exactly the parent: that is how DPO and PPO get their
+    reference model without a second copy in memory.
+    """
+    model = load_causal_lm(ref, trust_remote_code=trust_remote_code, dtype=dtype)
+    if not use_lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def read_lineage(ref: str) -> dict[str, Any]:
+    """The lineage record of a model artifact, or a minimal one for a model from elsewhere."""
+    try:
+        path = Path(resolve(ref))
+    except (FileNotFoundError, ValueError):
+        return {"stage": "external", "base_model": ref, "chain": []}
+    lineage_file = path / LINEAGE_FILE
+    if lineage_file.is_file():
+        return json.loads(lineage_file.read_text(encoding="utf-8"))
+    return {"stage": "base", "base_model": ref, "chain": []}
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str,
+    *,
+    stage: str,
+    parent_uri: str,
+    parameters: dict[str, Any],
+    data: dict[str, str],
+    metrics: dict[str, float] | None = None,
+    artifact_uri: str | None = None,
+) -> None:
+    """Save weights (safetensors only), tokenizer, lineage and a model card into one artifact directory.
+
+    ``artifact_uri`` is where the directory will live once published (the KFP artifact URI, s3:// on a
+    cluster); the lineage records it so later loads can find this model again.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = _is_peft(model)
+    if adapter:
+        for peft_config in model.peft_config.values():
+            peft_config.base_model_name_or_path = parent_uri
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+    parent = read_lineage(parent_uri)
+    chain = list(parent.get("chain", [])) or [{"stage": parent.get("stage", "base"), "uri": parent_uri}]
+    chain.append({"stage": stage, "uri": artifact_uri or str(out), "adapter": adapter})
+    lineage = {
+        "stage": stage,
+        "base_model": parent.get("base_model", parent_uri),
+        "parent": parent_uri,
+        "adapter": adapter,
+        "chain": chain,
+        "parameters": parameters,
+        "data": data,
+        "metrics": metrics or {},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "preftune_version": __version__,
+    }
+    (out / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
+    (out / "README.md").write_text(model_card(lineage), encoding="utf-8")
+    log.info("saved %s model to %s (adapter=%s)", stage, out, adapter)
+
+
+def model_card(lineage: dict[str, Any]) -> str:
+    """A Markdown model card from a lineage record."""
+    stage = lineage["stage"]
+    load = (
+        "from preftune.modeling import load_causal_lm\n"
+        "model = load_causal_lm('<this directory>')  # merges the adapter chain below"
+    )
+    if lineage.get("adapter"):
+        kind = "a LoRA adapter (PEFT) on top of its parent model"
+    else:
+        kind = "full model weights"
+    chain = "\n".join(f"{i + 1}. `{c.get('stage')}`: `{c.get('uri')}`" for i, c in enumerate(lineage["chain"]))
+    params = "\n".join(f"| {k} | {v} |" for k, v in sorted(lineage.get("parameters", {}).items()))
+    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(lineage.get("metrics", {}).items()))
+    data = "\n".join(f"- `{k}`: sha256 `{v}`" for k, v in sorted(lineage.get("data", {}).items()))
+    return f"""# preftune {stage} model
+
+This artifact holds {kind}, trained by the preftune `{stage}` stage.
+
+- base model: `{lineage["base_model"]}`
+- parent: `{lineage["parent"]}`
+- created: {lineage["created"]}, preftune {lineage["preftune_version"]}
+
+## Lineage
+
+{chain}
+
+## Training data
+
+{data or "- (not recorded)"}
+
+## Parameters
+
+| parameter | value |
+|---|---|
+{params}
+
+## Metrics
+
+| metric | value |
+|---|---|
+{metrics}
+
+## Loading
+
+```python
+{load}
+```
+
+Weights are stored as safetensors only. Custom model code is never executed unless `trust_remote_code` is set.
+"""

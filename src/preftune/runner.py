@@ -1,0 +1,237 @@
+"""Run a pipeline on this machine through KFP's local runner and summarise what it produced.
+
+``kfp.local`` executes each task as a subprocess of this Python, under ``<pipeline root>/<pipeline>-<time>/``.
+It keeps no run record of its own, so the summary is rebuilt from the task directories: a task that wrote its
+executor output succeeded, one with a directory but no executor output failed, and one without a directory never
+ran (an upstream task failed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUCCEEDED = "SUCCEEDED"
+FAILED = "FAILED"
+NOT_RUN = "NOT_RUN"
+
+_TYPES = {"String": "str", "Integer": "int", "Float": "float", "Boolean": "bool"}
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+class ParameterError(ValueError):
+    """A pipeline parameter that does not exist or whose value does not fit its type."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One pipeline parameter as a user sees it: name, type, default and meaning."""
+
+    name: str
+    type: str
+    default: Any
+    description: str
+
+
+def pipeline_parameters(pipeline: Any) -> dict[str, Parameter]:
+    """The parameters of a KFP pipeline function, with types, defaults and docstring descriptions."""
+    params = {}
+    for name, spec in pipeline.component_spec.inputs.items():
+        params[name] = Parameter(
+            name=name,
+            type=_TYPES.get(str(spec.type), str(spec.type)),
+            default=spec.default,
+            description=(spec.description or "").strip(),
+        )
+    return params
+
+
+def parse_value(param: Parameter, raw: str) -> Any:
+    """Convert a command-line string into the parameter's type, with a message a user can act on."""
+    text = raw.strip()
+    try:
+        if param.type == "int":
+            return int(text)
+        if param.type == "float":
+            return float(text)
+        if param.type == "bool":
+            lowered = text.lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError
+    except ValueError:
+        raise ParameterError(
+            f"parameter {param.name!r} expects {param.type}, got {raw!r}"
+            + (" (use true or false)" if param.type == "bool" else "")
+        ) from None
+    return raw
+
+
+def parse_assignments(pipeline: Any, assignments: list[str]) -> dict[str, Any]:
+    """Parse ``NAME=VALUE`` strings against a pipeline's parameters; reject unknown names."""
+    params = pipeline_parameters(pipeline)
+    values: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ParameterError(f"--param takes NAME=VALUE, got {item!r}")
+        name, raw = item.split("=", 1)
+        name = name.strip().replace("-", "_")
+        if name not in params:
+            valid = ", ".join(sorted(params))
+            raise ParameterError(f"unknown parameter {name!r}; valid parameters: {valid}")
+        values[name] = parse_value(params[name], raw)
+    return values
+
+
+def project_root() -> Path | None:
+    """The source checkout preftune runs from, when there is one (it holds the bundled examples)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "examples").is_dir() else None
+
+
+def _absolute_local(value: str, is_default: bool) -> str:
+    """Make relative local paths absolute, so subprocess tasks and lineage see the same file."""
+    if not value or "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return value
+    if path.exists():
+        return str(path.resolve())
+    root = project_root()
+    if is_default and root is not None and (root / path).exists():
+        return str(root / path)
+    return value
+
+
+def resolve_arguments(pipeline: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Every parameter's value for a local run: defaults, then overrides, local paths made absolute."""
+    arguments: dict[str, Any] = {}
+    for name, param in pipeline_parameters(pipeline).items():
+        value = overrides.get(name, param.default)
+        if isinstance(value, str):
+            value = _absolute_local(value, is_default=name not in overrides)
+        arguments[name] = value
+    return arguments
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Status, metrics and artifact URIs of every task in the pipeline's DAG (nested DAGs included)."""
+    components = spec.get("components", {})
+    steps: dict[str, dict[str, Any]] = {}
+
+    def visit(dag: dict[str, Any]) -> None:
+        for task_name, task in dag.get("tasks", {}).items():
+            comp_name = task["componentRef"]["name"]
+            comp = components.get(comp_name, {})
+            if "dag" in comp:  # a sub-DAG (condition, loop): its tasks are reported themselves
+                visit(comp["dag"])
+                continue
+            task_dir = run_dir / comp_name.removeprefix("comp-")
+            output_file = task_dir / "executor_output.json"
+            if output_file.is_file():
+                status = SUCCEEDED
+            elif task_dir.is_dir():
+                status = FAILED
+            else:
+                status = NOT_RUN
+            kinds = {
+                name: out["artifactType"]["schemaTitle"]
+                for name, out in comp.get("outputDefinitions", {}).get("artifacts", {}).items()
+            }
+            executor_output = _read_json(output_file) if status == SUCCEEDED else {}
+            artifacts: dict[str, str] = {}
+            metrics: dict[str, float] = {}
+            for name, entry in executor_output.get("artifacts", {}).items():
+                for artifact in entry.get("artifacts", []):
+                    artifacts[name] = artifact.get("uri", "")
+                    if kinds.get(name) == "system.Metrics":
+                        metrics.update(artifact.get("metadata", {}))
+            steps[task_name] = {
+                "display_name": task.get("taskInfo", {}).get("name", task_name),
+                "status": status,
+                "metrics": metrics,
+                "artifacts": artifacts,
+            }
+
+    visit(spec.get("root", {}).get("dag", {}))
+    return steps
+
+
+def summarize(pipeline: Any, run_dir: Path, arguments: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+    """The run summary written to ``<run dir>/summary.json``."""
+    from google.protobuf import json_format
+
+    spec = json_format.MessageToDict(pipeline.pipeline_spec)
+    steps = _task_summaries(spec, run_dir)
+    ok = bool(steps) and all(step["status"] == SUCCEEDED for step in steps.values())
+    return {
+        "pipeline": pipeline.name,
+        "status": SUCCEEDED if ok else FAILED,
+        "run_dir": str(run_dir),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "duration_seconds": round(seconds, 1),
+        "parameters": dict(arguments),
+        "steps": steps,
+    }
+
+
+def run_pipeline(pipeline: Any, overrides: Mapping[str, Any], pipeline_root: str | Path) -> dict[str, Any]:
+    """Run a pipeline with ``kfp.local`` (SubprocessRunner, this Python) and write its summary.json."""
+    from kfp import local
+
+    root = Path(pipeline_root).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    arguments = resolve_arguments(pipeline, overrides)
+    before = {p.name for p in root.iterdir()}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        # the runtime image name is for the cluster; locally every task runs in this Python
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        pipeline(**arguments)
+    seconds = time.monotonic() - start
+    new_dirs = sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name not in before and p.name.startswith(pipeline.name)),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not new_dirs:
+        raise RuntimeError(f"the local runner left no run directory under {root}")
+    run_dir = new_dirs[-1]
+    summary = summarize(pipeline, run_dir, arguments, seconds)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    return summary
+
+
+def format_summary(summary: Mapping[str, Any], headline: Mapping[str, list[str]] | None = None) -> str:
+    """A short human-readable account of a run: each step's status and its headline metrics."""
+    lines = [f"{summary['pipeline']}: {summary['status']} in {summary['duration_seconds']:.0f}s"]
+    for name, step in summary["steps"].items():
+        lines.append(f"  {step['status']:<9} {name} ({step['display_name']})")
+        wanted = (headline or {}).get(name)
+        metrics = step["metrics"]
+        for key in wanted if wanted is not None else []:
+            if key in metrics:
+                lines.append(f"              {key} = {metrics[key]:.4g}")
+    lines.append(f"run directory: {summary['run_dir']}")
+    lines.append(f"summary:       {Path(summary['run_dir']) / 'summary.json'}")
+    return "\n".join(lines)

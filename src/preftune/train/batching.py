@@ -1,0 +1,170 @@
+"""From contract JSONL rows to padded training batches.
+
+SFT rows (``prompt`` messages + ``completion``) and preference pairs (``prompt`` + ``chosen`` + ``rejected``)
+are tokenised once up front (preftune.templating), then collated into right-padded batches. Right padding keeps
+every real token at the position it would have alone, so a sequence's log-probability does not depend on the
+other sequences in its batch; that is what lets DPO reuse reference log-probabilities computed in another pass.
+
+Masks are built from token positions, never by comparing ids with the pad id: the pad id is often the eos id,
+and the eos closing a completion must be trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.templating import pad_id, tokenize_example, tokenize_pair
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A training input row that cannot be used; the message names the file, row and field."""
+
+
+def _files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.jsonl"))
+        if not files:
+            raise DataError(f"{p}: directory holds no *.jsonl files")
+        return files
+    if not p.exists():
+        raise DataError(f"{p}: no such file")
+    return [p]
+
+
+def read_rows(path: str | Path) -> list[tuple[str, int, dict[str, Any]]]:
+    """Read contract JSONL (a file, or every ``*.jsonl`` in a directory) as ``(file, row, record)`` triples.
+
+    Rows are numbered from 1 (the line number); blank lines are skipped. Bad JSON raises a DataError naming
+    the file and row.
+    """
+    out: list[tuple[str, int, dict[str, Any]]] = []
+    for file in _files(path):
+        with file.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{file}: row {n}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{file}: row {n}: expected a JSON object, got {type(record).__name__}")
+                out.append((str(file), n, record))
+    return out
+
+
+def _check_messages(where: str, value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field 'prompt': expected a non-empty list of chat messages")
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(
+            msg.get("content"), str
+        ):
+            raise DataError(f"{where}: field 'prompt[{i}]': expected an object with string 'role' and 'content'")
+    return value
+
+
+def _check_text(where: str, record: dict[str, Any], field: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field {field!r}: expected a non-empty string")
+    return value
+
+
+def load_sft_features(path: str | Path, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Read and tokenise SFT examples; each feature has ``id``, ``prompt_ids``, ``completion_ids``, ``truncated``."""
+    features = []
+    for file, row, record in read_rows(path):
+        where = f"{file}: row {row}"
+        prompt = _check_messages(where, record.get("prompt"))
+        completion = _check_text(where, record, "completion")
+        feat = tokenize_example(tokenizer, prompt, completion, max_length)
+        feat["id"] = str(record.get("id", f"{Path(file).name}:{row}"))
+        features.append(feat)
+    if not features:
+        raise DataError(f"{path}: no examples")
+    return features
+
+
+def load_pair_features(path: str | Path, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Read and tokenise preference pairs; each feature has ``id``, ``index``, ``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids`` and ``truncated`` (``index`` is the pair's position, used to look up reference log-probs)."""
+    features = []
+    for file, row, record in read_rows(path):
+        where = f"{file}: row {row}"
+        prompt = _check_messages(where, record.get("prompt"))
+        chosen = _check_text(where, record, "chosen")
+        rejected = _check_text(where, record, "rejected")
+        feat = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length)
+        feat["id"] = str(record.get("id", f"{Path(file).name}:{row}"))
+        feat["index"] = len(features)
+        features.append(feat)
+    if not features:
+        raise DataError(f"{path}: no preference pairs")
+    return features
+
+
+def _pad(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention[i, : len(s)] = 1
+        completion[i, : len(m)] = torch.tensor(m, dtype=torch.long)
+    labels = input_ids.masked_fill(completion == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion, "labels": labels}
+
+
+class SFTCollator:
+    """Right-pads SFT features into ``input_ids``, ``attention_mask``, ``completion_mask`` and ``labels``
+    (``labels`` is -100 exactly on prompt and padding positions)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.pad = pad_id(tokenizer)
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [f["prompt_ids"] + f["completion_ids"] for f in features]
+        masks = [[0] * len(f["prompt_ids"]) + [1] * len(f["completion_ids"]) for f in features]
+        return _pad(seqs, masks, self.pad)
+
+
+class PairCollator:
+    """Right-pads B preference pairs into one batch of 2B sequences: rows ``[:B]`` are the chosen answers,
+    rows ``[B:]`` the rejected ones, so a single forward pass scores both. Adds ``index`` (B,) and, when the
+    features carry them, ``ref_chosen_logps`` / ``ref_rejected_logps`` (B,)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.pad = pad_id(tokenizer)
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs, masks = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for f in features:
+                seqs.append(f["prompt_ids"] + f[key])
+                masks.append([0] * len(f["prompt_ids"]) + [1] * len(f[key]))
+        batch = _pad(seqs, masks, self.pad)
+        batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        if all("ref_chosen_logps" in f for f in features):
+            batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features])
+            batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features])
+        return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The subset of a batch that goes into the model's forward."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def shifted(batch: dict[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Align logits with the tokens they predict: ``(logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:])``."""
+    return logits[:, :-1, :], batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]

@@ -1,0 +1,371 @@
+"""Direct Preference Optimization: train the policy on preference pairs against the frozen SFT model.
+
+The reference is the SFT model itself, and it is never held twice in memory. Before the first update, one
+no-grad pass (eval mode, dropout off; with LoRA, adapter disabled) scores every train and eval pair under the
+reference; those log-probabilities are stored with the pairs and reused for the whole run. At step 0 the policy
+equals the reference, so the sigmoid loss starts at exactly ln 2 (recorded as ``first_step_loss``, a check
+that the reference pass and the training pass see the same tokens).
+
+Chosen and rejected answers of a batch go through the model together (2B sequences, one forward pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from preftune import modeling, reports, storage
+from preftune.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logprobs
+from preftune.train.batching import PairCollator, load_pair_features, model_inputs, shifted
+from preftune.train.loop import (
+    History,
+    Meter,
+    check_config,
+    config_rows,
+    disable_dropout,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    plan_steps,
+    progress,
+)
+from preftune.train.sft import target_modules
+
+
+@dataclass
+class DPOConfig:
+    """Hyper-parameters of DPO (defaults fit the bundled tiny model on 2 CPU cores)."""
+
+    epochs: int = field(default=3, metadata={"help": "Passes over the training pairs (ignored when max_steps > 0)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (warm-up, then linear decay)."})
+    beta: float = field(
+        default=0.1, metadata={"help": "Strength of the pull towards the reference (higher = stay closer)."}
+    )
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO paper), ipo or hinge."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Assumed share of flipped labels (conservative DPO, sigmoid only), [0, 0.5)."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Pairs per forward pass on each device (2x sequences)."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Forward passes per optimisation step (effective batch = batch x this)."}
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "Longest prompt + answer in tokens; prompts keep their end."}
+    )
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter on the merged SFT model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch (off by default)."})
+    lora_target_modules: str = field(
+        default="", metadata={"help": "Comma-separated module names for LoRA; empty = all linear layers."}
+    )
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps spent warming up the rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = no clipping)."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation and data order."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimisation steps (-1 = epochs)."})
+    logging_steps: int = field(default=5, metadata={"help": "Log training metrics every this many steps."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Pairs per forward pass when scoring/evaluating."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Turn off dropout so policy and reference are scored alike."}
+    )
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+
+def _check(config: DPOConfig) -> None:
+    check_config(config)
+    if config.loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"DPOConfig.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {config.loss_type!r}")
+    if config.beta <= 0:
+        raise ValueError(f"DPOConfig.beta must be positive, got {config.beta}")
+    if not 0.0 <= config.label_smoothing < 0.5:
+        raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {config.label_smoothing}")
+    if config.label_smoothing and config.loss_type != "sigmoid":
+        raise ValueError("DPOConfig.label_smoothing applies to loss_type 'sigmoid' only")
+
+
+def pair_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion log-probabilities of the chosen and the rejected answers, from one forward of 2B rows."""
+    logits = model(**model_inputs(batch)).logits
+    logps = sequence_logprobs(*shifted(batch, logits))
+    n = batch["index"].numel()
+    return logps[:n], logps[n:]
+
+
+def _is_peft(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def score_reference(
+    model: Any, features: list[dict[str, Any]], collator: PairCollator, batch_size: int, accelerator: Any
+) -> None:
+    """Store the reference log-probabilities of every pair in its feature (``ref_chosen_logps``,
+    ``ref_rejected_logps``).
+
+    Called before any update, so the model still is the reference; eval mode and, for LoRA, the adapter
+    disabled make that exact. Batches are sharded across processes and gathered back.
+    """
+    loader = accelerator.prepare(DataLoader(features, batch_size=batch_size, collate_fn=collator))
+    unwrapped = accelerator.unwrap_model(model)
+    chosen = torch.zeros(len(features), dtype=torch.float64)
+    rejected = torch.zeros(len(features), dtype=torch.float64)
+    model.eval()
+    with torch.no_grad(), unwrapped.disable_adapter() if _is_peft(unwrapped) else nullcontext():
+        for batch in loader:
+            c, r = pair_logprobs(model, batch)
+            index, c, r = accelerator.gather_for_metrics((batch["index"], c, r))
+            chosen[index.cpu()] = c.double().cpu()
+            rejected[index.cpu()] = r.double().cpu()
+    model.train()
+    for feature in features:
+        feature["ref_chosen_logps"] = float(chosen[feature["index"]])
+        feature["ref_rejected_logps"] = float(rejected[feature["index"]])
+
+
+def _summary(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    return {
+        "loss": float(losses.mean()),
+        "reward_accuracy": float((chosen > rejected).float().mean()),
+        "reward_margin": float((chosen - rejected).mean()),
+        "chosen_reward": float(chosen.mean()),
+        "rejected_reward": float(rejected.mean()),
+    }
+
+
+def _losses(config: DPOConfig, c: torch.Tensor, r: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple:
+    return dpo_loss(
+        c,
+        r,
+        batch["ref_chosen_logps"].to(c.device),
+        batch["ref_rejected_logps"].to(c.device),
+        beta=config.beta,
+        loss_type=config.loss_type,
+        label_smoothing=config.label_smoothing,
+    )
+
+
+def _evaluate(model: Any, loader: DataLoader, accelerator: Any, config: DPOConfig) -> dict[str, float]:
+    model.eval()
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with torch.no_grad():
+        for batch in loader:
+            c, r = pair_logprobs(model, batch)
+            parts.append(accelerator.gather_for_metrics(_losses(config, c, r, batch)))
+    model.train()
+    losses, chosen, rejected = (torch.cat([p[i] for p in parts]).float().cpu() for i in range(3))
+    return _summary(losses, chosen, rejected)
+
+
+def _reference_summary(features: list[dict[str, Any]], config: DPOConfig) -> dict[str, float]:
+    """Eval metrics at step 0, where the policy is the reference: computed from the stored log-probs."""
+    ref_c = torch.tensor([f["ref_chosen_logps"] for f in features])
+    ref_r = torch.tensor([f["ref_rejected_logps"] for f in features])
+    batch = {"ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    return _summary(*_losses(config, ref_c, ref_r, batch))
+
+
+def train_dpo(
+    sft_model: str,
+    train_pairs: str,
+    eval_pairs: str,
+    model_dir: str,
+    report_path: str,
+    config: DPOConfig,
+    *,
+    sft_model_uri: str | None = None,
+    model_uri: str | None = None,
+) -> dict[str, float]:
+    """Train a DPO policy from the SFT model on contract preference pairs and save it as a model artifact.
+
+    Args:
+        sft_model: The SFT model (local directory, s3:// URI or hub id): the starting policy and the reference.
+        train_pairs: Preference pairs (JSONL file or directory) in the contract shape.
+        eval_pairs: Held-out pairs, same shape.
+        model_dir: Where to write the model artifact (directory). With LoRA only the DPO adapter is saved,
+            stacked on the SFT artifact.
+        report_path: Where to write the HTML report (file).
+        config: Hyper-parameters.
+        sft_model_uri: The SFT artifact's URI for the lineage and the adapter's base (defaults to ``sft_model``).
+        model_uri: Where ``model_dir`` will be published (recorded in the lineage chain).
+
+    Returns:
+        Metrics: ``first_step_loss`` (mean loss of the first optimisation step; ln 2 for sigmoid),
+        ``train_loss`` (mean over the last epoch), ``eval_loss``, ``eval_reward_accuracy`` (share of eval pairs
+        whose chosen implicit reward beats the rejected one), ``eval_reward_margin``, ``eval_chosen_reward``,
+        ``eval_rejected_reward``, ``steps``, ``train_pairs``, ``train_seconds``.
+    """
+    _check(config)
+    modeling.set_seed(config.seed)
+    accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
+    tokenizer = modeling.load_tokenizer(sft_model, trust_remote_code=config.trust_remote_code)
+    train_features = load_pair_features(train_pairs, tokenizer, config.max_length)
+    eval_features = load_pair_features(eval_pairs, tokenizer, config.max_length)
+
+    model = modeling.prepare_for_training(
+        sft_model,
+        use_lora=config.use_lora,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_modules(config.lora_target_modules),
+        trust_remote_code=config.trust_remote_code,
+    )
+    if config.disable_dropout:
+        disable_dropout(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+    collator = PairCollator(tokenizer)
+    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    ref_start = time.perf_counter()
+    score_reference(model, train_features + eval_features, collator, config.eval_batch_size, accelerator)
+    ref_seconds = time.perf_counter() - ref_start
+
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        train_features, batch_size=config.batch_size, shuffle=True, collate_fn=collator, generator=generator
+    )
+    eval_loader = DataLoader(eval_features, batch_size=config.eval_batch_size, collate_fn=collator)
+    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
+    total_steps = plan_steps(len(train_loader), config.gradient_accumulation_steps, config.epochs, config.max_steps)
+    scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
+
+    history = History()
+    history.log_eval(0, 0.0, _reference_summary(eval_features, config))
+    step, epoch = 0, 0
+    window, epoch_meter, first = Meter(), Meter(), Meter()
+    bar = progress(total_steps, "dpo", accelerator)
+    model.train()
+    start = time.perf_counter()
+    while step < total_steps:
+        epoch += 1
+        epoch_meter = Meter()
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                c, r = pair_logprobs(model, batch)
+                losses, chosen_rewards, rejected_rewards = _losses(config, c, r, batch)
+                loss = losses.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            values = _summary(losses.detach(), chosen_rewards, rejected_rewards)
+            pairs = float(losses.numel())
+            window.add(pairs, **values)
+            epoch_meter.add(pairs, **values)
+            if step == 0:
+                first.add(pairs, loss=values["loss"])
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % config.logging_steps == 0 or step == total_steps:
+                logged = window.means()
+                history.log_train(step, {**logged, "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['reward_accuracy']:.2f}")
+                window = Meter()
+            if step >= total_steps:
+                break
+        history.log_eval(step, epoch, _evaluate(model, eval_loader, accelerator, config))
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    final_eval = history.eval[-1]
+    metrics = {
+        "first_step_loss": first.means()["loss"],
+        "train_loss": epoch_meter.means().get("loss", float("nan")),
+        "eval_loss": final_eval["loss"],
+        "eval_reward_accuracy": final_eval["reward_accuracy"],
+        "eval_reward_margin": final_eval["reward_margin"],
+        "eval_chosen_reward": final_eval["chosen_reward"],
+        "eval_rejected_reward": final_eval["rejected_reward"],
+        "steps": float(step),
+        "train_pairs": float(len(train_features)),
+        "train_seconds": train_seconds,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        modeling.save_model(
+            unwrapped,
+            tokenizer,
+            model_dir,
+            stage="dpo",
+            parent_uri=sft_model_uri or sft_model,
+            parameters=dataclasses.asdict(config),
+            data={"train_pairs": storage.sha256_of(train_pairs), "eval_pairs": storage.sha256_of(eval_pairs)},
+            metrics=metrics,
+            artifact_uri=model_uri,
+        )
+        truncated = sum(f["truncated"] for f in train_features)
+        reports.write(
+            report_path, _report(metrics, history, config, truncated, len(train_features), ref_seconds)
+        )
+    return metrics
+
+
+def _report(
+    metrics: dict[str, float],
+    history: History,
+    config: DPOConfig,
+    truncated: int,
+    pairs: int,
+    ref_seconds: float,
+) -> str:
+    intro = (
+        f"DPO ({config.loss_type}, beta={config.beta}) on {pairs} pairs for {int(metrics['steps'])} steps against "
+        f"the SFT model: eval reward accuracy {metrics['eval_reward_accuracy']:.1%}, margin "
+        f"{metrics['eval_reward_margin']:.3f}. First-step loss {metrics['first_step_loss']:.4f}"
+        + (" (ln 2 = 0.6931 expected)." if config.loss_type == "sigmoid" else ".")
+    )
+
+    def chart(name: str, title: str, ylabel: str = "") -> str:
+        return reports.line_chart(
+            {"train": history.series("train", name), "eval": history.series("eval", name)}, title, ylabel=ylabel
+        )
+
+    rewards = reports.line_chart(
+        {
+            "train chosen": history.series("train", "chosen_reward"),
+            "train rejected": history.series("train", "rejected_reward"),
+            "eval chosen": history.series("eval", "chosen_reward"),
+            "eval rejected": history.series("eval", "rejected_reward"),
+        },
+        "Implicit rewards: beta * (log pi - log ref)",
+    )
+    data = {"train pairs": pairs, "truncated to max_length": truncated, "reference pass seconds": ref_seconds}
+    return reports.page(
+        "DPO training",
+        [
+            ("Metrics", reports.key_values(metrics)),
+            ("Loss", chart("loss", f"{config.loss_type} loss")),
+            ("Reward accuracy", chart("reward_accuracy", "Share of pairs with chosen reward > rejected")),
+            ("Reward margin", chart("reward_margin", "Mean chosen - rejected reward")),
+            ("Rewards", rewards),
+            ("Learning rate", reports.line_chart({"learning rate": history.series("train", "lr")}, "Learning rate")),
+            ("Evaluations", reports.table(history.eval)),
+            ("Data", reports.key_values(data)),
+            ("Configuration", reports.table(config_rows(config))),
+        ],
+        intro=intro,
+    )

@@ -1,0 +1,173 @@
+"""Plumbing shared by the training loops: accelerate setup, optimiser and schedule, step planning, history.
+
+The loops themselves (sft.py, dpo.py, ...) stay plain PyTorch so the objective of each stage is easy to read;
+everything device-, precision- and bookkeeping-related lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+
+
+def resolve_mixed_precision(value: str) -> str | None:
+    """Turn a config value into accelerate's ``mixed_precision`` argument.
+
+    ``auto`` defers to ``ACCELERATE_MIXED_PRECISION`` when set (returns None so accelerate reads it), else uses
+    bf16 on a CUDA device that supports it and full precision otherwise (CPU, older GPUs).
+    """
+    if value not in MIXED_PRECISION_CHOICES:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {value!r}")
+    if value != "auto":
+        return value
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps: int = 1) -> Accelerator:
+    """An Accelerator for this process (single device, or one rank of a torchrun/Kubeflow Trainer job)."""
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(mixed_precision),
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters that receive gradients (all of them, or the LoRA adapter only)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no weight decay."""
+    decay, no_decay = [], []
+    for p in trainable_parameters(model):
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("model has no trainable parameters")
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup_ratio`` of the steps, then linear decay to zero at ``total_steps``.
+
+    Stepped by the loop once per optimiser step (it is not passed to ``accelerator.prepare``, which would
+    step it once per process).
+    """
+    warmup = int(math.ceil(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def plan_steps(batches_per_epoch: int, gradient_accumulation_steps: int, epochs: int, max_steps: int) -> int:
+    """Total optimiser steps: ``max_steps`` when positive, else ``epochs`` x steps per epoch.
+
+    accelerate steps the optimiser at the end of each dataloader pass even if the last accumulation window is
+    short, so an epoch has ``ceil(batches / accumulation)`` steps.
+    """
+    per_epoch = math.ceil(batches_per_epoch / gradient_accumulation_steps)
+    if max_steps > 0:
+        return max_steps
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1 when max_steps is not set, got {epochs}")
+    return per_epoch * epochs
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0.
+
+    DPO compares the policy with reference log-probabilities computed without dropout; dropout in the
+    policy pass would make the two differ at step 0 (the loss would not start at ln 2) and add noise to the
+    log-ratio the whole objective is built on.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def progress(total: int, desc: str, accelerator: Accelerator) -> tqdm:
+    """A tqdm bar over optimiser steps, shown on the main process only."""
+    return tqdm(total=total, desc=desc, unit="step", disable=not accelerator.is_local_main_process)
+
+
+class Meter:
+    """Running weighted means of named values (over a logging window, or an epoch)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, weight: float = 1.0, **values: float) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
+            self.weights[name] = self.weights.get(name, 0.0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+
+@dataclasses.dataclass
+class History:
+    """Per-step training logs and per-epoch evaluations, for the report's curves."""
+
+    train: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    eval: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+    def log_train(self, step: int, values: Mapping[str, float]) -> None:
+        self.train.append({"step": float(step), **values})
+
+    def log_eval(self, step: int, epoch: float, values: Mapping[str, float]) -> None:
+        self.eval.append({"step": float(step), "epoch": float(epoch), **values})
+
+    def series(self, which: str, name: str) -> list[tuple[float, float]]:
+        rows: Iterable[dict[str, float]] = self.train if which == "train" else self.eval
+        return [(r["step"], r[name]) for r in rows if name in r]
+
+
+def config_rows(config: Any) -> list[dict[str, Any]]:
+    """A config dataclass as report rows: name, value and the field's help text."""
+    return [
+        {"name": f.name, "value": getattr(config, f.name), "help": f.metadata.get("help", "")}
+        for f in dataclasses.fields(config)
+    ]
+
+
+def check_config(config: Any) -> None:
+    """Reject obviously wrong settings early, with the field's name."""
+    positive = ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps")
+    for name in positive:
+        if hasattr(config, name) and not getattr(config, name) > 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)!r}")
+    if hasattr(config, "warmup_ratio") and not 0.0 <= config.warmup_ratio < 1.0:
+        raise ValueError(f"{type(config).__name__}.warmup_ratio must be in [0, 1), got {config.warmup_ratio!r}")

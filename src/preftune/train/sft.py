@@ -1,0 +1,260 @@
+"""Supervised fine-tuning: teach the base model to answer in the chat format, loss on completions only.
+
+The SFT model is the starting policy and, more importantly, the frozen reference for DPO and PPO: both
+measure how far the policy drifts from it. The loss covers the assistant's answer (and the eos that ends it),
+never the prompt, so the model learns to answer, not to imitate users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from preftune import modeling, reports, storage
+from preftune.train.batching import IGNORE_INDEX, SFTCollator, load_sft_features, model_inputs
+from preftune.train.loop import (
+    History,
+    Meter,
+    check_config,
+    config_rows,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    plan_steps,
+    progress,
+)
+
+
+@dataclass
+class SFTConfig:
+    """Hyper-parameters of supervised fine-tuning (defaults fit the bundled tiny model on 2 CPU cores)."""
+
+    epochs: int = field(default=3, metadata={"help": "Passes over the training data (ignored when max_steps > 0)."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (warm-up, then linear decay)."})
+    batch_size: int = field(default=16, metadata={"help": "Examples per forward pass on each device."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Forward passes per optimisation step (effective batch = batch x this)."}
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "Longest prompt + completion in tokens; prompts keep their end."}
+    )
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str = field(
+        default="", metadata={"help": "Comma-separated module names for LoRA; empty = all linear layers."}
+    )
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming up the rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = no clipping)."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation and data order."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimisation steps (-1 = epochs)."})
+    logging_steps: int = field(default=5, metadata={"help": "Log the training loss every this many steps."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Examples per forward pass when evaluating."})
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+
+def target_modules(spec: str) -> list[str] | None:
+    """Parse a comma-separated module list; None (the modeling default) when empty."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    return names or None
+
+
+def completion_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood over completion tokens, and how many tokens that covers."""
+    shift_logits = logits[:, :-1, :]
+    shift_labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)).float(),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return nll, (shift_labels != IGNORE_INDEX).sum()
+
+
+def _evaluate(model: Any, loader: DataLoader, accelerator: Any) -> dict[str, float]:
+    model.eval()
+    nll_sum = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), device=accelerator.device)
+    with torch.no_grad():
+        for batch in loader:
+            nll, n = completion_nll(model(**model_inputs(batch)).logits, batch)
+            nll_sum += nll.detach()
+            tokens += n
+    nll_sum = accelerator.reduce(nll_sum, reduction="sum")
+    tokens = accelerator.reduce(tokens, reduction="sum")
+    loss = float(nll_sum / tokens.clamp(min=1))
+    model.train()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def train_sft(
+    base_model: str,
+    train_data: str,
+    eval_data: str,
+    model_dir: str,
+    report_path: str,
+    config: SFTConfig,
+    *,
+    base_model_uri: str | None = None,
+    model_uri: str | None = None,
+) -> dict[str, float]:
+    """Fine-tune ``base_model`` on contract SFT examples and save the result as a model artifact.
+
+    Args:
+        base_model: The model to start from (local directory, s3:// URI or hub id).
+        train_data: SFT examples (JSONL file or directory) in the contract shape.
+        eval_data: Held-out SFT examples, same shape.
+        model_dir: Where to write the model artifact (directory).
+        report_path: Where to write the HTML report (file).
+        config: Hyper-parameters.
+        base_model_uri: The parent's URI for the lineage and the adapter's base (defaults to ``base_model``).
+        model_uri: Where ``model_dir`` will be published (recorded in the lineage chain).
+
+    Returns:
+        Metrics: ``train_loss`` (mean over the last epoch's completion tokens), ``eval_loss``,
+        ``eval_perplexity``, ``steps``, ``train_tokens`` (non-padding tokens fed to the model),
+        ``train_seconds``, ``train_examples``.
+    """
+    check_config(config)
+    modeling.set_seed(config.seed)
+    accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
+    tokenizer = modeling.load_tokenizer(base_model, trust_remote_code=config.trust_remote_code)
+    train_features = load_sft_features(train_data, tokenizer, config.max_length)
+    eval_features = load_sft_features(eval_data, tokenizer, config.max_length)
+
+    model = modeling.prepare_for_training(
+        base_model,
+        use_lora=config.use_lora,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_modules(config.lora_target_modules),
+        trust_remote_code=config.trust_remote_code,
+    )
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+    collator = SFTCollator(tokenizer)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        train_features, batch_size=config.batch_size, shuffle=True, collate_fn=collator, generator=generator
+    )
+    eval_loader = DataLoader(eval_features, batch_size=config.eval_batch_size, collate_fn=collator)
+    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    total_steps = plan_steps(len(train_loader), config.gradient_accumulation_steps, config.epochs, config.max_steps)
+    scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
+
+    history = History()
+    history.log_eval(0, 0.0, _evaluate(model, eval_loader, accelerator))
+    step, epoch, tokens_seen = 0, 0, 0
+    window, epoch_meter = Meter(), Meter()
+    bar = progress(total_steps, "sft", accelerator)
+    model.train()
+    start = time.perf_counter()
+    while step < total_steps:
+        epoch += 1
+        epoch_meter = Meter()
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                nll, n = completion_nll(model(**model_inputs(batch)).logits, batch)
+                loss = nll / n.clamp(min=1)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            tokens_seen += int(batch["attention_mask"].sum())
+            window.add(float(n), loss=float(loss.detach()))
+            epoch_meter.add(float(n), loss=float(loss.detach()))
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % config.logging_steps == 0 or step == total_steps:
+                logged = window.means()
+                history.log_train(step, {**logged, "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{logged['loss']:.4f}")
+                window = Meter()
+            if step >= total_steps:
+                break
+        history.log_eval(step, epoch, _evaluate(model, eval_loader, accelerator))
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    final_eval = history.eval[-1]
+    total_tokens = accelerator.reduce(torch.tensor(float(tokens_seen), device=accelerator.device), "sum")
+    metrics = {
+        "train_loss": epoch_meter.means().get("loss", float("nan")),
+        "eval_loss": final_eval["loss"],
+        "eval_perplexity": final_eval["perplexity"],
+        "steps": float(step),
+        "train_tokens": float(total_tokens),
+        "train_seconds": train_seconds,
+        "train_examples": float(len(train_features)),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        modeling.save_model(
+            unwrapped,
+            tokenizer,
+            model_dir,
+            stage="sft",
+            parent_uri=base_model_uri or base_model,
+            parameters=dataclasses.asdict(config),
+            data={"train": storage.sha256_of(train_data), "eval": storage.sha256_of(eval_data)},
+            metrics=metrics,
+            artifact_uri=model_uri,
+        )
+        truncated = sum(f["truncated"] for f in train_features)
+        reports.write(report_path, _report(metrics, history, config, truncated, len(train_features)))
+    return metrics
+
+
+def _report(
+    metrics: dict[str, float], history: History, config: SFTConfig, truncated: int, examples: int
+) -> str:
+    before = history.eval[0]["loss"]
+    intro = (
+        f"Supervised fine-tuning on {examples} examples for {int(metrics['steps'])} steps: eval loss "
+        f"{before:.3f} -> {metrics['eval_loss']:.3f} (perplexity {metrics['eval_perplexity']:.2f})."
+    )
+    loss_chart = reports.line_chart(
+        {"train (per logging window)": history.series("train", "loss"), "eval": history.series("eval", "loss")},
+        "Completion-token loss",
+        ylabel="cross-entropy (nats/token)",
+    )
+    lr_chart = reports.line_chart({"learning rate": history.series("train", "lr")}, "Learning rate")
+    data = {"train examples": examples, "truncated to max_length": truncated}
+    return reports.page(
+        "SFT training",
+        [
+            ("Metrics", reports.key_values(metrics)),
+            ("Loss", loss_chart),
+            ("Learning rate", lr_chart),
+            ("Evaluations", reports.table(history.eval)),
+            ("Data", reports.key_values(data)),
+            ("Configuration", reports.table(config_rows(config))),
+        ],
+        intro=intro,
+    )

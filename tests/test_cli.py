@@ -1,0 +1,96 @@
+"""The preftune command line: parameters, help, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune import cli
+from preftune.pipelines import PIPELINES
+from preftune.runner import ParameterError, parse_assignments, pipeline_parameters, resolve_arguments
+
+DPO = PIPELINES["dpo"]
+
+
+def test_every_pipeline_parameter_has_type_default_and_description() -> None:
+    params = pipeline_parameters(DPO)
+    for required in (
+        "base_model",
+        "sft_data",
+        "preference_data",
+        "eval_prompts",
+        "use_lora",
+        "lora_r",
+        "max_length",
+        "sft_epochs",
+        "sft_learning_rate",
+        "dpo_epochs",
+        "dpo_learning_rate",
+        "dpo_beta",
+        "dpo_loss",
+        "seed",
+    ):
+        assert required in params, required
+    for p in params.values():
+        assert p.type in {"str", "int", "float", "bool"}
+        assert p.default is not None
+        assert p.description, f"{p.name} has no description"
+
+
+def test_help_lists_each_parameter_with_type_default_and_meaning(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "dpo", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for p in pipeline_parameters(DPO).values():
+        assert f"{p.name} ({p.type}, default: {p.default!r})" in out
+        assert p.description.split()[0] in out
+
+
+def test_top_level_and_compile_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--help"], ["compile", "--help"], ["run", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+    out = capsys.readouterr().out
+    assert "--check" in out and "--image" in out and "dpo" in out
+
+
+def test_values_are_parsed_to_their_types() -> None:
+    values = parse_assignments(
+        DPO, ["seed=3", "dpo_beta=0.25", "use_lora=false", "dpo_loss=ipo", "sft-epochs=2"]
+    )
+    assert values == {"seed": 3, "dpo_beta": 0.25, "use_lora": False, "dpo_loss": "ipo", "sft_epochs": 2}
+
+
+def test_unknown_parameter_lists_the_valid_ones() -> None:
+    with pytest.raises(ParameterError) as err:
+        parse_assignments(DPO, ["learning_rate=1"])
+    message = str(err.value)
+    assert "unknown parameter 'learning_rate'" in message
+    assert "dpo_learning_rate" in message and "sft_learning_rate" in message
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("seed=abc", "expects int, got 'abc'"),
+        ("dpo_beta=high", "expects float"),
+        ("use_lora=maybe", "use true or false"),
+        ("seed", "NAME=VALUE"),
+    ],
+)
+def test_bad_values_get_clear_messages(item: str, expected: str) -> None:
+    with pytest.raises(ParameterError, match=expected):
+        parse_assignments(DPO, [item])
+
+
+def test_cli_rejects_bad_parameter_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "dpo", "--param", "nope=1"]) == 2
+    assert "valid parameters" in capsys.readouterr().err
+
+
+def test_default_paths_resolve_to_the_bundled_examples() -> None:
+    args = resolve_arguments(DPO, {})
+    for name in ("base_model", "sft_data", "preference_data", "eval_prompts"):
+        assert args[name].startswith("/"), (name, args[name])
+    assert resolve_arguments(DPO, {"base_model": "org/model"})["base_model"] == "org/model"
+    assert resolve_arguments(DPO, {"sft_data": "s3://b/k"})["sft_data"] == "s3://b/k"

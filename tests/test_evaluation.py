@@ -1,0 +1,257 @@
+"""Tests of preftune.evaluation on tiny random Llama models built offline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from preftune.evaluation import EvalConfig, distinct_n, evaluate
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CORPUS = [
+    "the cat sat on the mat and the dog ran after it",
+    "a preference model ranks answers; the policy learns from pairs",
+    "<|user|> <|assistant|> hello, how are you? fine thanks.",
+    "numbers 0 1 2 3 4 5 6 7 8 9 and words: alpha beta gamma delta",
+]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> str:
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A reference model and a perturbed copy of it (the "candidate"), saved as model artifacts."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = _tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,  # peaked distributions, so a perturbation moves them visibly
+    )
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config)
+    ref_dir = _save(reference, tokenizer, root / "reference")
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    cand_dir = _save(reference, tokenizer, root / "candidate")
+    return {"reference": ref_dir, "candidate": cand_dir}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("data")
+    prompts = root / "prompts.jsonl"
+    rows = [
+        {"prompt": "hello, how are you?"},
+        {"prompt": [{"role": "user", "content": "name a number"}]},
+        {"prompt": "the cat sat"},
+        {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "alpha beta"}]},
+        {"prompt": "what does the policy learn?"},
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    pairs = root / "pairs.jsonl"
+    pair_rows = [
+        {"prompt": [{"role": "user", "content": "say hi"}], "chosen": "hello, fine thanks.", "rejected": "no."},
+        {"prompt": [{"role": "user", "content": "count"}], "chosen": "0 1 2 3", "rejected": "alpha beta"},
+        {"prompt": "animal?", "chosen": "the cat", "rejected": "the dog ran after the cat on the mat"},
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_rows), encoding="utf-8")
+    return {"prompts": str(prompts), "pairs": str(pairs)}
+
+
+FAST = EvalConfig(max_new_tokens=8, batch_size=2, max_prompts=64)
+
+
+def _run(tmp_path: Path, tiny: dict[str, str], data: dict[str, str], candidate: str, **kw) -> dict[str, float]:
+    config = kw.pop("config", FAST)
+    return evaluate(
+        tiny[candidate],
+        tiny["reference"],
+        data["prompts"],
+        data["pairs"],
+        str(tmp_path / "generations.jsonl"),
+        str(tmp_path / "report.html"),
+        config,
+        **kw,
+    )
+
+
+def test_distinct_n_matches_hand_worked_values() -> None:
+    texts = ["a b a b", "a c", ""]
+    # unigrams a b a b a c: 3 unique of 6; bigrams (a b)(b a)(a b)(a c): 3 unique of 4; no n-gram spans texts.
+    assert distinct_n(texts, 1) == pytest.approx(3 / 6)
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert distinct_n(["x  y\nx"], 1) == pytest.approx(2 / 3)  # any whitespace splits words
+    assert distinct_n(["one"], 2) == 0.0
+    assert distinct_n([], 1) == 0.0
+    with pytest.raises(ValueError):
+        distinct_n(["a"], 0)
+
+
+def test_identical_models_have_zero_kl_and_neutral_rewards(tmp_path: Path, tiny, data) -> None:
+    metrics = _run(tmp_path, tiny, data, "reference")
+    assert abs(metrics["kl_candidate_reference"]) < 1e-4
+    assert abs(metrics["kl_candidate_reference_per_token"]) < 1e-4
+    assert metrics["implicit_reward_accuracy"] == 0.0
+    assert metrics["implicit_reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["chosen_perplexity_candidate"] == pytest.approx(metrics["chosen_perplexity_reference"])
+    assert metrics["distinct_1_candidate"] == metrics["distinct_1_reference"]  # same seed, same model
+    assert metrics["num_pairs"] == 3.0
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+
+
+def test_perturbed_candidate_has_positive_finite_kl(tmp_path: Path, tiny, data) -> None:
+    metrics = _run(tmp_path, tiny, data, "candidate")
+    assert math.isfinite(metrics["kl_candidate_reference"])
+    assert metrics["kl_candidate_reference"] > 0.01
+    assert metrics["kl_candidate_reference_per_token"] > 0
+    assert metrics["implicit_reward_margin"] != 0.0
+    assert 0.0 <= metrics["implicit_reward_accuracy"] <= 1.0
+    expected = {
+        "num_prompts",
+        "kl_candidate_reference",
+        "kl_candidate_reference_per_token",
+        "distinct_1_candidate",
+        "distinct_2_candidate",
+        "distinct_1_reference",
+        "distinct_2_reference",
+        "mean_length_candidate",
+        "mean_length_reference",
+        "num_pairs",
+        "implicit_reward_accuracy",
+        "implicit_reward_margin",
+        "chosen_perplexity_candidate",
+        "chosen_perplexity_reference",
+    }
+    assert set(metrics) == expected
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_generations_file_and_report(tmp_path: Path, tiny, data) -> None:
+    metrics = _run(tmp_path, tiny, data, "candidate", judge=tiny["reference"])
+    lines = (tmp_path / "generations.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 5 == metrics["num_prompts"]
+    assert all(set(row) == {"prompt", "candidate", "reference"} for row in rows)
+    assert rows[0]["prompt"] == "hello, how are you?"  # the user's text, not the chat template
+    assert rows[1]["prompt"] == "name a number"
+    assert rows[3]["prompt"] == "system: be brief\nuser: alpha beta"
+    assert "<|assistant|>" not in rows[0]["prompt"]
+    assert metrics["mean_length_candidate"] <= FAST.max_new_tokens
+
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>")
+    assert "<table" in html and "kl_candidate_reference" in html and "implicit_reward_accuracy" in html
+    assert html.count("data:image/png;base64,") == 2  # distinct-n and length charts
+    assert "not implemented yet" in html  # the judge is acknowledged, not silently dropped
+
+
+def test_same_seed_gives_same_generations(tmp_path: Path, tiny, data) -> None:
+    runs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        out = tmp_path / name
+        out.mkdir()
+        config = EvalConfig(max_new_tokens=8, batch_size=2, seed=seed, temperature=1.0, top_p=1.0)
+        evaluate(
+            tiny["candidate"],
+            tiny["reference"],
+            data["prompts"],
+            None,
+            str(out / "g.jsonl"),
+            str(out / "r.html"),
+            config,
+        )
+        runs.append((out / "g.jsonl").read_text(encoding="utf-8"))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_max_prompts_caps_and_pairs_are_optional(tmp_path: Path, tiny, data) -> None:
+    config = EvalConfig(max_new_tokens=4, batch_size=4, max_prompts=2, temperature=0.0)
+    metrics = evaluate(
+        tiny["candidate"],
+        tiny["reference"],
+        data["prompts"],
+        None,
+        str(tmp_path / "g.jsonl"),
+        str(tmp_path / "r.html"),
+        config,
+    )
+    assert metrics["num_prompts"] == 2.0
+    assert "implicit_reward_accuracy" not in metrics and "num_pairs" not in metrics
+    assert len((tmp_path / "g.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+@pytest.mark.parametrize("content", [None, "", '{"prompt": "ok"}\nnot json\n', '{"text": "no prompt"}\n'])
+def test_bad_eval_prompts_name_the_file(tmp_path: Path, tiny, content: str | None) -> None:
+    path = tmp_path / "prompts.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match="prompts.jsonl"):
+        evaluate(
+            tiny["candidate"],
+            tiny["reference"],
+            str(path),
+            None,
+            str(tmp_path / "g.jsonl"),
+            str(tmp_path / "r.html"),
+            FAST,
+        )
+
+
+def test_bad_pair_names_row_and_field(tmp_path: Path, tiny, data) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": ""}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"pairs.jsonl, row 1, field 'rejected'"):
+        evaluate(
+            tiny["candidate"],
+            tiny["reference"],
+            data["prompts"],
+            str(pairs),
+            str(tmp_path / "g.jsonl"),
+            str(tmp_path / "r.html"),
+            FAST,
+        )
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="top_p"):
+        EvalConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        EvalConfig(max_new_tokens=0)

@@ -1,0 +1,130 @@
+"""Tests of preftune.train.sft on a tiny random Llama built offline (seconds on CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from preftune import modeling
+from preftune.train.batching import DataError
+from preftune.train.sft import SFTConfig, train_sft
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+ANSWERS = ["the sky is blue.", "two plus two is four.", "paris is in france.", "cats like to sleep."]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator([*ANSWERS, "<|user|> <|assistant|> question what is tell me"], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_model_dir(path: Path, seed: int = 0) -> str:
+    """A 2-layer random Llama with its tokenizer, saved as a base model artifact."""
+    tok = make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def sft_rows(n: int) -> list[dict]:
+    return [
+        {"id": f"{i:016x}", "prompt": [{"role": "user", "content": f"question {i % 4}"}], "completion": ANSWERS[i % 4]}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_model_dir(tmp_path_factory.mktemp("base"))
+
+
+def _config(**overrides) -> SFTConfig:
+    values = dict(epochs=3, learning_rate=3e-3, batch_size=4, max_length=48, logging_steps=1, eval_batch_size=8)
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_sft_lowers_loss_and_saves_artifact(base: str, tmp_path: Path, use_lora: bool) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", sft_rows(16))
+    eval_ = write_jsonl(tmp_path / "eval.jsonl", sft_rows(4))
+    out, report = tmp_path / "model", tmp_path / "report.html"
+    metrics = train_sft(base, train, eval_, str(out), str(report), _config(use_lora=use_lora, learning_rate=1e-2))
+
+    assert set(metrics) == {
+        "train_loss", "eval_loss", "eval_perplexity", "steps", "train_tokens", "train_seconds", "train_examples"
+    }  # fmt: skip
+    assert metrics["steps"] == 12  # 16 examples / batch 4 = 4 steps x 3 epochs
+    assert metrics["train_examples"] == 16
+    assert metrics["train_tokens"] > 0
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["stage"] == "sft" and lineage["parent"] == base and lineage["adapter"] is use_lora
+    assert lineage["parameters"]["use_lora"] is use_lora
+    html = report.read_text()
+    assert "SFT training" in html and "data:image/png;base64" in html
+
+    # The eval loss before training (recorded by the report) is higher than after.
+    before = modeling.load_causal_lm(base)
+    after = modeling.load_causal_lm(str(out))
+    tok = modeling.load_tokenizer(str(out))
+    from preftune.train.batching import SFTCollator, load_sft_features, model_inputs
+    from preftune.train.sft import completion_nll
+
+    batch = SFTCollator(tok)(load_sft_features(eval_, tok, 48))
+    with torch.no_grad():
+        losses = [completion_nll(m(**model_inputs(batch)).logits, batch) for m in (before, after)]
+    loss_before, loss_after = (float(nll / n) for nll, n in losses)
+    assert loss_after < loss_before - 0.5
+    assert metrics["eval_loss"] == pytest.approx(loss_after, abs=1e-4)
+
+
+def test_sft_max_steps_and_accumulation(base: str, tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", sft_rows(10))
+    eval_ = write_jsonl(tmp_path / "eval.jsonl", sft_rows(2))
+    config = _config(max_steps=4, batch_size=2, gradient_accumulation_steps=2, logging_steps=2)
+    metrics = train_sft(base, train, eval_, str(tmp_path / "m"), str(tmp_path / "r.html"), config)
+    assert metrics["steps"] == 4
+
+
+def test_sft_bad_row_names_file_row_and_field(base: str, tmp_path: Path) -> None:
+    rows = sft_rows(3)
+    rows[1]["completion"] = ""
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"train\.jsonl: row 2: field 'completion'"):
+        train_sft(base, train, train, str(tmp_path / "m"), str(tmp_path / "r.html"), _config())
