@@ -227,7 +227,9 @@ def model_card(lineage: dict[str, Any]) -> str:
         kind = "a LoRA adapter (PEFT) on top of its parent model"
     else:
         kind = "full model weights"
-    chain = "\n".join(f"{i + 1}. `{c.get('stage')}`: `{c.get('uri')}`" for i, c in enumerate(lineage["chain"]))
+    chain = "\n".join(
+        f"{i + 1}. `{c.get('stage')}`: `{c.get('uri')}`" for i, c in enumerate(lineage["chain"])
+    )
     params = "\n".join(f"| {k} | {v} |" for k, v in sorted(lineage.get("parameters", {}).items()))
     metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(lineage.get("metrics", {}).items()))
     data = "\n".join(f"- `{k}`: sha256 `{v}`" for k, v in sorted(lineage.get("data", {}).items()))

@@ -211,7 +211,11 @@ def run_pipeline(pipeline: Any, overrides: Mapping[str, Any], pipeline_root: str
         pipeline(**arguments)
     seconds = time.monotonic() - start
     new_dirs = sorted(
-        (p for p in root.iterdir() if p.is_dir() and p.name not in before and p.name.startswith(pipeline.name)),
+        (
+            p
+            for p in root.iterdir()
+            if p.is_dir() and p.name not in before and p.name.startswith(pipeline.name)
+        ),
         key=lambda p: p.stat().st_mtime,
     )
     if not new_dirs:
