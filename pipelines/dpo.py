@@ -4,8 +4,27 @@ from kfp import dsl
 
 from preftune.components import dpo_op, evaluate_op, ingest_op, preference_import_op, sft_op
 from preftune.pipelines.gpu import request_accelerator
+from preftune.runner import Rule
 
 PIPELINE_NAME = "preftune-dpo"
+
+#: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts.
+PARAMETER_RULES = {
+    "dpo_loss": Rule(choices=("sigmoid", "ipo", "hinge")),
+    "dpo_beta": Rule(low=0.0, low_inclusive=False),
+    "dpo_label_smoothing": Rule(low=0.0, high=0.5),
+    "eval_fraction": Rule(low=0.0, high=0.5),
+    "lora_r": Rule(low=1),
+    "max_length": Rule(low=16),
+    "sft_epochs": Rule(low=1),
+    "dpo_epochs": Rule(low=1),
+    "sft_learning_rate": Rule(low=0.0, low_inclusive=False),
+    "dpo_learning_rate": Rule(low=0.0, low_inclusive=False),
+    "sft_batch_size": Rule(low=1),
+    "dpo_batch_size": Rule(low=1),
+    "eval_max_new_tokens": Rule(low=1),
+    "eval_max_prompts": Rule(low=1),
+}
 
 
 @dsl.pipeline(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from preftune import cli
-from preftune.pipelines import PIPELINES
+from preftune.pipelines import PIPELINES, RULES
 from preftune.runner import ParameterError, parse_assignments, pipeline_parameters, resolve_arguments
 
 DPO = PIPELINES["dpo"]
@@ -83,9 +83,30 @@ def test_bad_values_get_clear_messages(item: str, expected: str) -> None:
         parse_assignments(DPO, [item])
 
 
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("dpo_loss=kto", "must be one of sigmoid, ipo, hinge"),
+        ("dpo_beta=0", "must be > 0.0"),
+        ("eval_fraction=0.9", "must be <= 0.5"),
+        ("lora_r=0", "must be >= 1"),
+    ],
+)
+def test_out_of_range_values_are_rejected(item: str, expected: str) -> None:
+    with pytest.raises(ParameterError, match=expected):
+        parse_assignments(DPO, [item], RULES["dpo"])
+
+
+def test_every_rule_names_a_real_parameter() -> None:
+    for name, rules in RULES.items():
+        assert set(rules) <= set(pipeline_parameters(PIPELINES[name]))
+
+
 def test_cli_rejects_bad_parameter_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["run", "dpo", "--param", "nope=1"]) == 2
     assert "valid parameters" in capsys.readouterr().err
+    assert cli.main(["run", "dpo", "--param", "dpo_loss=kto"]) == 2
+    assert "must be one of" in capsys.readouterr().err
 
 
 def test_default_paths_resolve_to_the_bundled_examples() -> None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from preftune.evaluation import EvalConfig, distinct_n, evaluate
+from preftune.evaluation import EvalConfig, distinct_n, evaluate, generate_responses
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
@@ -34,7 +35,9 @@ def _tokenizer() -> PreTrainedTokenizerFast:
         vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     bpe.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -43,6 +46,15 @@ def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Pat
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny matrices on a busy machine: one thread avoids OpenMP contention that makes them 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +99,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     pairs = root / "pairs.jsonl"
     pair_rows = [
-        {"prompt": [{"role": "user", "content": "say hi"}], "chosen": "hello, fine thanks.", "rejected": "no."},
+        {
+            "prompt": [{"role": "user", "content": "say hi"}],
+            "chosen": "hello, fine thanks.",
+            "rejected": "no.",
+        },
         {"prompt": [{"role": "user", "content": "count"}], "chosen": "0 1 2 3", "rejected": "alpha beta"},
         {"prompt": "animal?", "chosen": "the cat", "rejected": "the dog ran after the cat on the mat"},
     ]
@@ -98,7 +114,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 FAST = EvalConfig(max_new_tokens=8, batch_size=2, max_prompts=64)
 
 
-def _run(tmp_path: Path, tiny: dict[str, str], data: dict[str, str], candidate: str, **kw) -> dict[str, float]:
+def _run(
+    tmp_path: Path, tiny: dict[str, str], data: dict[str, str], candidate: str, **kw
+) -> dict[str, float]:
     config = kw.pop("config", FAST)
     return evaluate(
         tiny[candidate],
@@ -238,7 +256,7 @@ def test_bad_eval_prompts_name_the_file(tmp_path: Path, tiny, content: str | Non
 def test_bad_pair_names_row_and_field(tmp_path: Path, tiny, data) -> None:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": ""}) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"pairs.jsonl, row 1, field 'rejected'"):
+    with pytest.raises(ValueError, match=r"pairs.jsonl, line 1, field 'rejected'"):
         evaluate(
             tiny["candidate"],
             tiny["reference"],
@@ -255,3 +273,59 @@ def test_config_rejects_nonsense() -> None:
         EvalConfig(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         EvalConfig(max_new_tokens=0)
+
+
+def test_responses_stop_at_the_first_eos() -> None:
+    """Tokens after eos (padding of finished rows) are dropped; eos is kept for scoring, not counted in length."""
+    tokenizer = _tokenizer()
+    eos = tokenizer.eos_token_id
+    hello = tokenizer("hello", add_special_tokens=False)["input_ids"]
+
+    class Scripted(torch.nn.Module):
+        """Stands in for a model: appends a fixed continuation to every prompt."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.generation_config = GenerationConfig(eos_token_id=eos)
+
+        def generate(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object
+        ) -> torch.Tensor:
+            tail = [hello + [eos] * (2 * len(hello)), hello * 3]
+            return torch.cat([input_ids, torch.tensor(tail[: len(input_ids)])], dim=1)
+
+    out = generate_responses(
+        Scripted(),
+        tokenizer,
+        ["a", "b c"],
+        max_new_tokens=3 * len(hello),
+        temperature=0.7,
+        top_p=0.9,
+        seed=0,
+        batch_size=2,
+    )
+    assert out.response_ids == [hello + [eos], hello + hello + hello]
+    assert out.lengths == [len(hello), 3 * len(hello)]
+    assert out.texts == ["hello", "hellohellohello"]
+
+
+def test_prompts_from_a_directory(tmp_path: Path, tiny) -> None:
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "b.jsonl").write_text(json.dumps({"prompt": "second"}) + "\n", encoding="utf-8")
+    (folder / "a.jsonl").write_text(json.dumps({"prompt": "first"}) + "\n", encoding="utf-8")
+    (folder / "notes.txt").write_text("not data", encoding="utf-8")
+    config = EvalConfig(max_new_tokens=2, batch_size=2, temperature=0.0)
+    evaluate(
+        tiny["reference"],
+        tiny["reference"],
+        str(folder),
+        None,
+        str(tmp_path / "g.jsonl"),
+        str(tmp_path / "r.html"),
+        config,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == ["first", "second"]
+    assert rows[0]["candidate"] == rows[0]["reference"]  # greedy, same model

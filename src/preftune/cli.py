@@ -122,12 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from preftune.pipelines import PIPELINES
+    from preftune.pipelines import PIPELINES, RULES
     from preftune.runner import ParameterError, format_summary, parse_assignments, run_pipeline
 
     pipeline = PIPELINES[args.pipeline]
     try:
-        overrides = parse_assignments(pipeline, args.param)
+        overrides = parse_assignments(pipeline, args.param, RULES.get(args.pipeline))
     except ParameterError as err:
         print(f"preftune run {args.pipeline}: error: {err}", file=sys.stderr)
         return 2

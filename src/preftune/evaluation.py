@@ -32,15 +32,19 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from preftune import reports
+from preftune import reports, storage, templating
+from preftune.data.readers import RawRow, parse_jsonl
+from preftune.data.records import completion_text, to_messages, write_jsonl
+from preftune.losses import sequence_logprobs
 from preftune.modeling import load_causal_lm, load_tokenizer, set_seed
+from preftune.templating import render_prompt, tokenize_pair
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +58,25 @@ class EvalConfig:
     max_new_tokens: int = field(default=48, metadata={"help": "Most tokens generated per response."})
     temperature: float = field(
         default=0.7,
-        metadata={"help": "Sampling temperature of the displayed generations (0 = greedy). Same for both models."},
+        metadata={
+            "help": "Sampling temperature of the displayed generations (0 = greedy). Same for both models."
+        },
     )
     top_p: float = field(
         default=0.9, metadata={"help": "Nucleus sampling threshold of the displayed generations (1 = off)."}
     )
     seed: int = field(
-        default=0, metadata={"help": "Random seed; both models sample with it, so differences come from the models."}
+        default=0,
+        metadata={"help": "Random seed; both models sample with it, so differences come from the models."},
     )
     beta: float = field(
-        default=0.1, metadata={"help": "DPO beta scaling the implicit rewards on the held-out preference pairs."}
+        default=0.1,
+        metadata={"help": "DPO beta scaling the implicit rewards on the held-out preference pairs."},
     )
     max_prompts: int = field(default=64, metadata={"help": "Evaluate on at most this many held-out prompts."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts (or sequences) per forward/generate batch."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Prompts (or sequences) per forward/generate batch."}
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -120,44 +130,42 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 # -------------------------------------------------------------------------------------------------------- data
 
 
-def _read_jsonl(path: str, what: str) -> list[tuple[str, int, dict[str, Any]]]:
-    """Rows of a JSONL file, or of every *.jsonl in a directory, each with its file and 1-based line."""
-    source = Path(path)
-    if not source.exists():
-        raise ValueError(f"{what} file {path!r} does not exist")
-    files = sorted(source.glob("*.jsonl")) if source.is_dir() else [source]
-    if not files:
-        raise ValueError(f"{what} directory {path!r} holds no *.jsonl file")
-    rows: list[tuple[str, int, dict[str, Any]]] = []
-    for file in files:
-        with file.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{what} {file}, row {line_no}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{what} {file}, row {line_no}: expected a JSON object")
-                rows.append((str(file), line_no, row))
+def _read_rows(path: str, what: str) -> list[RawRow]:
+    """Rows of a JSONL file, or of every *.jsonl in a directory (local or s3), each with its file and line."""
+    try:
+        files = storage.list_files(path)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path!r} does not exist") from None
+    single = files == [path] if storage.is_s3(path) else storage.local_path(path).is_file()
+    if not single:
+        files = [f for f in files if f.endswith(".jsonl") and not PurePosixPath(f).name.startswith(".")]
+    rows: list[RawRow] = []
+    for file_uri in files:
+        name = PurePosixPath(file_uri.split("://", 1)[-1]).name
+        rows.extend(parse_jsonl(storage.read_bytes(file_uri), name, "raise"))
     if not rows:
         raise ValueError(f"{what} {path!r} is empty: no rows to evaluate")
     return rows
 
 
-def _to_messages(value: Any, where: str) -> Messages:
-    """A prompt as chat messages: plain text becomes one user message."""
-    if isinstance(value, str) and value.strip():
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value:
-        messages = []
-        for message in value:
-            if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
-                raise ValueError(f"{where}, field 'prompt': every message needs a 'role' and a text 'content'")
-            messages.append({"role": str(message.get("role", "user")), "content": message["content"]})
-        return messages
-    raise ValueError(f"{where}, field 'prompt': expected non-empty text or a list of chat messages")
+def _prompt_messages(row: RawRow, what: str) -> Messages:
+    """A row's prompt as chat messages (plain text becomes one user message), checked to say something."""
+    record = row.record or {}
+    where = f"{what} {row.file}, line {row.row}, field 'prompt'"
+    if "prompt" not in record:
+        raise ValueError(f"{where}: missing")
+    messages = to_messages(record["prompt"], row.file, row.row, "prompt")
+    if not messages or not any(m["content"].strip() for m in messages):
+        raise ValueError(f"{where}: empty prompt")
+    return messages
+
+
+def _answer(row: RawRow, name: str) -> str:
+    record = row.record or {}
+    text = completion_text(record.get(name), row.file, row.row, name)
+    if not text.strip():
+        raise ValueError(f"eval pairs {row.file}, line {row.row}, field {name!r}: empty answer")
+    return text
 
 
 def _prompt_text(messages: Messages) -> str:
@@ -165,27 +173,6 @@ def _prompt_text(messages: Messages) -> str:
     if len(messages) == 1:
         return messages[0]["content"]
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-def _field_text(row: Mapping[str, Any], name: str, where: str) -> str:
-    value = row.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}, field {name!r}: expected non-empty text")
-    return value
-
-
-def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
-    """The chat template applied to a prompt, ending with the assistant's generation prompt."""
-    # TODO: switch to preftune.templating.render_prompt once it lands (one rendering for train and eval).
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -230,9 +217,9 @@ def _generation_config(
         "eta_cutoff": 0.0,
         "repetition_penalty": 1.0,
         "no_repeat_ngram_size": 0,
-        "min_length": 0,
-        "min_new_tokens": 0,
+        "min_new_tokens": 0,  # takes precedence over any min_length
         "num_beams": 1,
+        "use_cache": True,
     }
     if temperature == 0:
         return GenerationConfig(
@@ -251,10 +238,6 @@ def _generation_config(
         pad_token_id=pad_id,
         **neutral,
     )
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase, eos_ids: list[int]) -> int:
-    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
 @torch.no_grad()
@@ -277,7 +260,7 @@ def generate_responses(
     same random numbers and their differences come from the models alone.
     """
     eos_ids = eos_ids or _eos_ids(tokenizer, model)
-    pad_id = _pad_id(tokenizer, eos_ids)
+    pad_id = templating.pad_id(tokenizer)
     config = _generation_config(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id
     )
@@ -299,7 +282,6 @@ def generate_responses(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
             generation_config=config,
-            use_cache=True,
         )
         for row in generated[:, width:].tolist():
             end = next((k for k, token in enumerate(row) if token in eos), None)
@@ -313,18 +295,10 @@ def generate_responses(
 # ------------------------------------------------------------------------------------------------------ scoring
 
 
-def _max_positions(model: PreTrainedModel) -> int | None:
+def _max_positions(model: PreTrainedModel) -> int:
+    """The context length a model was built for (a large bound when its config does not say)."""
     value = getattr(model.config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def _fit(prompt: list[int], completion: list[int], limit: int | None) -> tuple[list[int], list[int]]:
-    """Trim a (prompt, completion) pair to the model's context: the prompt's start goes first."""
-    if limit is None or len(prompt) + len(completion) <= limit:
-        return prompt, completion
-    completion = completion[: max(limit - 1, 1)]
-    keep = max(limit - len(completion), 1)
-    return prompt[-keep:], completion
+    return int(value) if isinstance(value, int) and value >= 2 else 1 << 20
 
 
 @torch.no_grad()
@@ -335,35 +309,30 @@ def completion_logprobs(
     batch_size: int,
     pad_id: int,
     desc: str = "score",
-) -> list[list[float]]:
-    """Per-token log-probabilities of each completion given its prompt, under the model's raw distribution.
+) -> list[float]:
+    """Summed log-probability of each completion given its prompt, under the model's raw distribution.
 
     Temperature 1, no truncation: these are the probabilities the KL estimate and DPO's implicit rewards are
     defined on. Batches are right-padded, so position ids need no correction.
     """
-    # TODO: share preftune.losses.sequence_logprobs once it lands (one log-prob implementation).
     device = next(model.parameters()).device
     model.eval()
-    limit = _max_positions(model)
-    fitted = [_fit(list(p), list(c), limit) for p, c in items]
-    results: list[list[float]] = []
-    for batch in tqdm(list(_batches(len(fitted), batch_size)), desc=desc, unit="batch"):
-        rows = [fitted[i] for i in batch]
+    sums: list[float] = []
+    for batch in tqdm(list(_batches(len(items), batch_size)), desc=desc, unit="batch"):
+        rows = [items[i] for i in batch]
         width = max(len(p) + len(c) for p, c in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
+        completion = torch.zeros((len(rows), width), dtype=torch.long)
         for j, (p, c) in enumerate(rows):
-            input_ids[j, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            input_ids[j, : len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
             attention[j, : len(p) + len(c)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        for j, (p, c) in enumerate(rows):
-            # logits at position t predict token t + 1: the completion's tokens are predicted from len(p) - 1 on.
-            start = len(p) - 1
-            row_logits = logits[j, start : start + len(c)].float()
-            targets = torch.tensor(c, dtype=torch.long, device=row_logits.device)
-            logp = torch.log_softmax(row_logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-            results.append(logp.cpu().tolist())
-    return results
+            completion[j, len(p) : len(p) + len(c)] = 1
+        input_ids, attention, completion = input_ids.to(device), attention.to(device), completion.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
+        # position t predicts token t + 1: shift once, score only the completion's tokens.
+        sums += sequence_logprobs(logits[:, :-1], input_ids[:, 1:], completion[:, 1:]).cpu().tolist()
+    return sums
 
 
 def estimate_kl(
@@ -384,9 +353,9 @@ def estimate_kl(
         return 0.0, 0.0
     cand = completion_logprobs(candidate, items, batch_size=batch_size, pad_id=pad_id, desc="kl: candidate")
     ref = completion_logprobs(reference, items, batch_size=batch_size, pad_id=pad_id, desc="kl: reference")
-    per_sample = [sum(a) - sum(b) for a, b in zip(cand, ref, strict=True)]
-    tokens = sum(len(a) for a in cand)
-    return sum(per_sample) / len(per_sample), sum(per_sample) / max(tokens, 1)
+    total = sum(a - b for a, b in zip(cand, ref, strict=True))
+    tokens = sum(len(r) for _, r in items)
+    return total / len(items), total / tokens
 
 
 def score_pairs(
@@ -397,29 +366,30 @@ def score_pairs(
     *,
     beta: float,
     batch_size: int,
-    eos_ids: list[int] | None = None,
 ) -> dict[str, float]:
     """DPO implicit-reward accuracy and margin, and chosen-response perplexity, on (prompt, chosen, rejected).
 
     Responses are scored as completion tokens followed by eos (an assistant turn ends with eos), after the
     prompt rendered by the chat template.
     """
-    eos_ids = eos_ids or _eos_ids(tokenizer, candidate, reference)
-    pad_id = _pad_id(tokenizer, eos_ids)
+    limit = min(_max_positions(candidate), _max_positions(reference))
     items: list[tuple[list[int], list[int]]] = []
     for messages, chosen, rejected in pairs:
-        prompt = _encode(tokenizer, _render_prompt(tokenizer, messages))
-        items.append((prompt, _encode(tokenizer, chosen) + [eos_ids[0]]))
-        items.append((prompt, _encode(tokenizer, rejected) + [eos_ids[0]]))
-    cand = completion_logprobs(candidate, items, batch_size=batch_size, pad_id=pad_id, desc="pairs: candidate")
+        # The same tokenisation (and truncation) as DPO training, so the implicit rewards match its own.
+        tokens = tokenize_pair(tokenizer, messages, chosen, rejected, limit)
+        items.append((tokens["prompt_ids"], tokens["chosen_ids"]))
+        items.append((tokens["prompt_ids"], tokens["rejected_ids"]))
+    pad_id = templating.pad_id(tokenizer)
+    cand = completion_logprobs(
+        candidate, items, batch_size=batch_size, pad_id=pad_id, desc="pairs: candidate"
+    )
     ref = completion_logprobs(reference, items, batch_size=batch_size, pad_id=pad_id, desc="pairs: reference")
-    rewards = [beta * (sum(a) - sum(b)) for a, b in zip(cand, ref, strict=True)]
+    rewards = [beta * (a - b) for a, b in zip(cand, ref, strict=True)]
     margins = [rewards[i] - rewards[i + 1] for i in range(0, len(rewards), 2)]
+    chosen_tokens = sum(len(c) for _, c in items[0::2])
 
-    def perplexity(logps: list[list[float]]) -> float:
-        chosen = logps[0::2]
-        tokens = sum(len(x) for x in chosen)
-        nll = -sum(sum(x) for x in chosen) / max(tokens, 1)
+    def perplexity(logps: list[float]) -> float:
+        nll = -sum(logps[0::2]) / max(chosen_tokens, 1)
         return math.exp(min(nll, 700.0))  # capped so the metric stays a finite float
 
     return {
@@ -501,24 +471,14 @@ def _device() -> torch.device:
 
 
 def _read_prompts(path: str, limit: int) -> list[Messages]:
-    rows = _read_jsonl(path, "eval prompts")
-    prompts = []
-    for file, line, row in rows[:limit]:
-        if "prompt" not in row:
-            raise ValueError(f"eval prompts {file}, row {line}: missing field 'prompt'")
-        prompts.append(_to_messages(row["prompt"], f"eval prompts {file}, row {line}"))
-    return prompts
+    return [_prompt_messages(row, "eval prompts") for row in _read_rows(path, "eval prompts")[:limit]]
 
 
 def _read_pairs(path: str) -> list[tuple[Messages, str, str]]:
-    pairs = []
-    for file, line, row in _read_jsonl(path, "eval pairs"):
-        where = f"eval pairs {file}, row {line}"
-        if "prompt" not in row:
-            raise ValueError(f"{where}: missing field 'prompt'")
-        messages = _to_messages(row["prompt"], where)
-        pairs.append((messages, _field_text(row, "chosen", where), _field_text(row, "rejected", where)))
-    return pairs
+    return [
+        (_prompt_messages(row, "eval pairs"), _answer(row, "chosen"), _answer(row, "rejected"))
+        for row in _read_rows(path, "eval pairs")
+    ]
 
 
 def evaluate(
@@ -562,9 +522,9 @@ def evaluate(
     cand_model = load_causal_lm(candidate).to(device).eval()
     ref_model = load_causal_lm(reference).to(device).eval()
     eos_ids = _eos_ids(tokenizer, cand_model, ref_model)
-    pad_id = _pad_id(tokenizer, eos_ids)
+    pad_id = templating.pad_id(tokenizer)
 
-    rendered = [_render_prompt(tokenizer, messages) for messages in prompts]
+    rendered = [render_prompt(tokenizer, messages) for messages in prompts]
     sampling = {
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
@@ -580,7 +540,9 @@ def evaluate(
         kl_samples = cand_gen  # the display samples already come from the raw distribution
     else:
         unbiased = {**sampling, "temperature": 1.0, "top_p": 1.0}
-        kl_samples = generate_responses(cand_model, tokenizer, rendered, desc="kl: sample candidate", **unbiased)
+        kl_samples = generate_responses(
+            cand_model, tokenizer, rendered, desc="kl: sample candidate", **unbiased
+        )
     kl, kl_token = estimate_kl(cand_model, ref_model, kl_samples, batch_size=config.batch_size, pad_id=pad_id)
 
     metrics: dict[str, float] = {
@@ -603,7 +565,6 @@ def evaluate(
                 pairs,
                 beta=config.beta,
                 batch_size=config.batch_size,
-                eos_ids=eos_ids,
             )
         )
     metrics.update(_judge_metrics(judge))
@@ -612,7 +573,7 @@ def evaluate(
         {"prompt": _prompt_text(messages), "candidate": c, "reference": r}
         for messages, c, r in zip(prompts, cand_gen.texts, ref_gen.texts, strict=True)
     ]
-    _write_jsonl(generations_path, rows)
+    write_jsonl(generations_path, rows)
     reports.write(
         report_path,
         _report(metrics, rows, candidate=candidate, reference=reference, config=config, judge=judge),

@@ -79,8 +79,32 @@ def parse_value(param: Parameter, raw: str) -> Any:
     return raw
 
 
-def parse_assignments(pipeline: Any, assignments: list[str]) -> dict[str, Any]:
-    """Parse ``NAME=VALUE`` strings against a pipeline's parameters; reject unknown names."""
+@dataclass(frozen=True)
+class Rule:
+    """What values a parameter accepts beyond its type: a closed set, or a numeric range."""
+
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise ParameterError when ``value`` is outside the rule."""
+        if self.choices and value not in self.choices:
+            raise ParameterError(
+                f"parameter {name!r} must be one of {', '.join(self.choices)}; got {value!r}"
+            )
+        if self.low is not None and (value < self.low or (not self.low_inclusive and value == self.low)):
+            bound = ">=" if self.low_inclusive else ">"
+            raise ParameterError(f"parameter {name!r} must be {bound} {self.low}; got {value!r}")
+        if self.high is not None and value > self.high:
+            raise ParameterError(f"parameter {name!r} must be <= {self.high}; got {value!r}")
+
+
+def parse_assignments(
+    pipeline: Any, assignments: list[str], rules: Mapping[str, Rule] | None = None
+) -> dict[str, Any]:
+    """Parse ``NAME=VALUE`` strings against a pipeline's parameters; reject unknown names and bad values."""
     params = pipeline_parameters(pipeline)
     values: dict[str, Any] = {}
     for item in assignments:
@@ -92,6 +116,8 @@ def parse_assignments(pipeline: Any, assignments: list[str]) -> dict[str, Any]:
             valid = ", ".join(sorted(params))
             raise ParameterError(f"unknown parameter {name!r}; valid parameters: {valid}")
         values[name] = parse_value(params[name], raw)
+        if rules and name in rules:
+            rules[name].check(name, values[name])
     return values
 
 
