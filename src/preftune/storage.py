@@ -20,6 +20,15 @@ from urllib.parse import unquote, urlparse
 
 SUPPORTED_SCHEMES = ("local path", "file://", "s3://")
 _CHUNK = 1 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def publish_file(tmp: str | Path, target: str | Path) -> None:
+    """Move a finished temporary file into place atomically, with the usual umask permissions
+    (``mkstemp`` creates files readable by their owner only, which other pipeline containers may not be)."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, target)
 
 
 def _scheme(uri: str) -> str:
@@ -155,7 +164,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -175,7 +184,12 @@ def write_bytes(uri: str, data: bytes) -> None:
 def _safe_target(dest: Path, relative: str, source: str) -> Path:
     """``dest / relative``, refusing anything that would land outside ``dest`` (``..``, absolute keys)."""
     parts = PurePosixPath(relative).parts
-    if not relative or relative.startswith(("/", "\\")) or any(p in ("..", ".") for p in parts) or "\\" in relative:
+    if (
+        not relative
+        or relative.startswith(("/", "\\"))
+        or any(p in ("..", ".") for p in parts)
+        or "\\" in relative
+    ):
         raise ValueError(f"refusing to download {source}: its path {relative!r} would escape {dest}")
     target = (dest / Path(*parts)).resolve()
     root = dest.resolve()
@@ -203,7 +217,7 @@ def download(uri: str, dest: str | Path) -> Path:
             os.close(fd)
             try:
                 client.download_file(bucket, key, tmp)
-                os.replace(tmp, target)
+                publish_file(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
@@ -215,7 +229,9 @@ def download(uri: str, dest: str | Path) -> Path:
         shutil.copyfile(src, target)
         return target
     if src.is_dir():
-        pairs = [(p, _safe_target(dest, p.relative_to(src).as_posix(), str(p))) for p in sorted(src.rglob("*"))]
+        pairs = [
+            (p, _safe_target(dest, p.relative_to(src).as_posix(), str(p))) for p in sorted(src.rglob("*"))
+        ]
         for path, target in pairs:
             if path.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)

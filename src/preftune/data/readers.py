@@ -73,7 +73,7 @@ class DataFormatError(ValueError):
 def row_label(file: str) -> str:
     """How rows of ``file`` are counted in messages: JSONL lines, JSON array items, CSV/parquet rows."""
     name = file.lower().removesuffix(".gz")
-    if name.endswith((".jsonl", ".ndjson")):
+    if name.endswith((".jsonl", ".ndjson")) or "." not in PurePosixPath(name).name:
         return "line"
     if name.endswith(".json"):
         return "item"
@@ -117,9 +117,10 @@ def data_files(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
     """The data files under ``uri`` as sorted ``(file_uri, display_name)`` pairs, plus skipped file names.
 
     The display name is the path relative to ``uri`` (a single file's own name): stable wherever the data is
-    stored, and unambiguous within one source. Hidden/bookkeeping files are ignored; other files of unsupported
-    types are returned as skipped (and logged) so the caller can report them. A single file of an unsupported
-    type is an error, as is a directory with no data files.
+    stored, and unambiguous within one source. Hidden or bookkeeping files (a path part starting with ``.`` or
+    ``_``: ``_SUCCESS``, ``.ipynb_checkpoints/``) and files of unsupported types are not read; they are returned
+    as skipped (and logged) so the caller can report them. A single file of an unsupported type is an error, as
+    is a directory with no data files.
     """
     files = storage.list_files(uri)
     single = files == [uri] if storage.is_s3(uri) else storage.local_path(uri).is_file()
@@ -137,15 +138,17 @@ def data_files(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
     chosen: list[tuple[str, str]] = []
     skipped: list[str] = []
     for file_uri in files:
-        relative = file_uri[len(base) + 1 :] if file_uri.startswith(base + "/") else PurePosixPath(file_uri).name
-        if _hidden(relative):
-            continue
-        if _suffix(relative):
+        relative = (
+            file_uri[len(base) + 1 :] if file_uri.startswith(base + "/") else PurePosixPath(file_uri).name
+        )
+        if _suffix(relative) and not _hidden(relative):
             chosen.append((file_uri, relative))
         else:
             skipped.append(relative)
     if skipped:
-        log.warning("skipping %d file(s) of unsupported type under %s: %s", len(skipped), uri, ", ".join(skipped))
+        log.warning(
+            "not reading %d hidden or unsupported file(s) under %s: %s", len(skipped), uri, ", ".join(skipped)
+        )
     if not chosen:
         raise DataFormatError(
             f"no data files found (expected {', '.join(SUPPORTED_SUFFIXES)}); skipped: {skipped or 'none'}",
@@ -168,7 +171,9 @@ def _sniff(data: bytes, name: str, suffix: str) -> bytes:
             raise DataFormatError("not a parquet file (missing PAR1 magic bytes)", file=name)
         return data
     if data[:4] == _PARQUET_MAGIC:
-        raise DataFormatError(f"file holds parquet data but is named {suffix}; rename it to .parquet", file=name)
+        raise DataFormatError(
+            f"file holds parquet data but is named {suffix}; rename it to .parquet", file=name
+        )
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise DataFormatError("file is UTF-16 encoded; re-encode it as UTF-8", file=name)
     return data.removeprefix(b"\xef\xbb\xbf")
@@ -190,16 +195,30 @@ def parse_jsonl(data: bytes, name: str, on_error: OnError = "raise") -> Iterator
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            bad = RawRow(name, number, None, "invalid_utf8", _utf8_error(exc), line.decode("utf-8", "replace"))
+            bad = RawRow(
+                name, number, None, "invalid_utf8", _utf8_error(exc), line.decode("utf-8", "replace")
+            )
         else:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                bad = RawRow(name, number, None, "invalid_json", f"invalid JSON ({exc.msg} at column {exc.colno})", text)
+                bad = RawRow(
+                    name,
+                    number,
+                    None,
+                    "invalid_json",
+                    f"invalid JSON ({exc.msg} at column {exc.colno})",
+                    text,
+                )
             else:
                 if not isinstance(value, dict):
                     bad = RawRow(
-                        name, number, None, "not_an_object", f"expected a JSON object, got {_kind(value)}", text
+                        name,
+                        number,
+                        None,
+                        "not_an_object",
+                        f"expected a JSON object, got {_kind(value)}",
+                        text,
                     )
         if bad is not None:
             if on_error == "raise":
@@ -233,7 +252,9 @@ def _read_json(data: bytes, name: str, on_error: OnError) -> Iterator[RawRow]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DataFormatError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x}) on line {line}", file=name) from exc
+        raise DataFormatError(
+            f"not valid UTF-8 (byte 0x{data[exc.start]:02x}) on line {line}", file=name
+        ) from exc
     try:
         items = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -247,7 +268,9 @@ def _read_json(data: bytes, name: str, on_error: OnError) -> Iterator[RawRow]:
         detail = f"expected a JSON object, got {_kind(value)}"
         if on_error == "raise":
             raise DataFormatError(detail, file=name, row=number)
-        yield RawRow(name, number, None, "not_an_object", detail, json.dumps(value, ensure_ascii=False)[:10000])
+        yield RawRow(
+            name, number, None, "not_an_object", detail, json.dumps(value, ensure_ascii=False)[:10000]
+        )
 
 
 def _maybe_messages(cell: str) -> Any:
@@ -303,9 +326,14 @@ def _read_csv(data: bytes, name: str, on_error: OnError, delimiter: str) -> Iter
             detail = "not valid UTF-8"
             if on_error == "raise":
                 raise DataFormatError(detail, file=name, row=number)
-            yield RawRow(name, number, None, "invalid_utf8", detail, raw.encode("utf-8", "surrogateescape").decode(
-                "utf-8", "replace"
-            ))
+            yield RawRow(
+                name,
+                number,
+                None,
+                "invalid_utf8",
+                detail,
+                raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+            )
             continue
         if len(cells) != len(header):
             detail = f"expected {len(header)} fields, got {len(cells)}"
@@ -349,7 +377,8 @@ def read_file(file_uri: str, name: str | None = None, on_error: OnError = "rejec
     suffix = _suffix(name)
     if not suffix and "." in PurePosixPath(name).name:
         raise DataFormatError(
-            f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)", file=name
+            f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)",
+            file=name,
         )
     try:
         data = storage.read_bytes(file_uri)

@@ -1,0 +1,157 @@
+"""storage: local paths and s3:// behave the same; downloads never escape their destination."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from s3_server import S3Bucket
+
+from preftune import storage
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _make_tree(root: Path) -> dict[str, bytes]:
+    files = {"a.txt": b"alpha", "sub/b.bin": bytes(range(256)), "sub/deeper/c.json": b'{"x": 1}'}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_uri_parsing() -> None:
+    assert storage.is_s3("s3://bucket/key")
+    assert not storage.is_s3("/data/x.jsonl")
+    assert not storage.is_s3("file:///data/x.jsonl")
+    assert storage.split_s3("s3://bucket/some/key.jsonl") == ("bucket", "some/key.jsonl")
+    assert storage.split_s3("s3://bucket") == ("bucket", "")
+    with pytest.raises(ValueError, match="bucket"):
+        storage.split_s3("s3:///key")
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://example.com/data.jsonl", "gs://bucket/data.jsonl", "hf://datasets/x"]
+)
+def test_unsupported_schemes_are_named(uri: str) -> None:
+    for call in (storage.list_files, storage.read_bytes, storage.local_path, storage.sha256_of):
+        with pytest.raises(ValueError) as info:
+            call(uri)
+        assert uri in str(info.value) and "s3://" in str(info.value) and "file://" in str(info.value)
+
+
+def test_local_read_write_list_and_file_uri(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "nested" / "data.bin"
+    storage.write_bytes(str(target), b"payload")
+    assert storage.read_bytes(str(target)) == b"payload"
+    assert storage.read_bytes(f"file://{target}") == b"payload"
+    assert storage.local_path(f"file://{target}") == target
+    assert storage.local_path(str(target)) == target
+    assert not list(target.parent.glob(".data.bin.*")), "no temporary file left behind"
+    _make_tree(tmp_path / "tree")
+    listed = storage.list_files(str(tmp_path / "tree"))
+    assert listed == sorted(listed)
+    assert [Path(p).relative_to(tmp_path / "tree").as_posix() for p in listed] == [
+        "a.txt",
+        "sub/b.bin",
+        "sub/deeper/c.json",
+    ]
+    assert storage.list_files(str(target)) == [str(target)]
+    with pytest.raises(FileNotFoundError):
+        storage.list_files(str(tmp_path / "missing"))
+
+
+def test_local_download_and_upload_dir(tmp_path: Path) -> None:
+    files = _make_tree(tmp_path / "src")
+    dest = storage.download(str(tmp_path / "src"), tmp_path / "copy")
+    assert _tree(dest) == files
+    single = storage.download(str(tmp_path / "src" / "sub" / "b.bin"), tmp_path / "one")
+    assert single == (tmp_path / "one" / "b.bin").resolve() and single.read_bytes() == files["sub/b.bin"]
+    storage.upload_dir(tmp_path / "src", str(tmp_path / "mirror"))
+    assert _tree(tmp_path / "mirror") == files
+
+
+def test_sha256_of_file_and_directory(tmp_path: Path) -> None:
+    _make_tree(tmp_path / "one")
+    _make_tree(tmp_path / "two")
+    assert storage.sha256_of(str(tmp_path / "one" / "a.txt")) == hashlib.sha256(b"alpha").hexdigest()
+    assert storage.sha256_of(str(tmp_path / "one")) == storage.sha256_of(str(tmp_path / "two"))
+    (tmp_path / "two" / "sub" / "b.bin").rename(tmp_path / "two" / "sub" / "renamed.bin")
+    assert storage.sha256_of(str(tmp_path / "one")) != storage.sha256_of(str(tmp_path / "two"))
+
+
+def test_s3_client_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2")
+    client = storage.s3_client()
+    assert client.meta.endpoint_url == "http://127.0.0.1:2"
+    assert client.meta.config.retries["mode"] == "adaptive"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    assert storage.s3_client().meta.endpoint_url == "http://127.0.0.1:1"
+
+
+def test_s3_round_trip(s3: S3Bucket, tmp_path: Path) -> None:
+    files = _make_tree(tmp_path / "model")
+    storage.upload_dir(tmp_path / "model", s3.uri("runs/model"))
+    assert s3.list_keys() == ["runs/model/a.txt", "runs/model/sub/b.bin", "runs/model/sub/deeper/c.json"]
+    assert storage.list_files(s3.uri("runs/model")) == [s3.uri(k) for k in s3.list_keys()]
+    assert storage.list_files(s3.uri("runs/model/")) == storage.list_files(s3.uri("runs/model"))
+    assert storage.list_files(s3.uri("runs/model/a.txt")) == [s3.uri("runs/model/a.txt")]
+    assert _tree(storage.download(s3.uri("runs/model"), tmp_path / "back")) == files
+    assert storage.read_bytes(s3.uri("runs/model/sub/b.bin")) == files["sub/b.bin"]
+    storage.write_bytes(s3.uri("runs/other/x.txt"), b"x")
+    assert s3.get("runs/other/x.txt") == b"x"
+    assert storage.sha256_of(s3.uri("runs/model")) == storage.sha256_of(str(tmp_path / "model"))
+    assert storage.sha256_of(s3.uri("runs/model/a.txt")) == hashlib.sha256(b"alpha").hexdigest()
+    with pytest.raises(FileNotFoundError):
+        storage.list_files(s3.uri("runs/nothing-here"))
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(s3.uri("runs/model/missing.txt"))
+
+
+def test_s3_prefix_is_a_directory_boundary(s3: S3Bucket) -> None:
+    s3.put("data/a.jsonl", "{}")
+    s3.put("data2/b.jsonl", "{}")
+    s3.put("data/marker/", "")
+    assert storage.list_files(s3.uri("data")) == [s3.uri("data/a.jsonl")]
+
+
+def test_s3_local_path_caches_until_the_object_changes(s3: S3Bucket, tmp_path: Path) -> None:
+    s3.put("models/m/config.json", '{"v": 1}')
+    s3.put("models/m/weights.bin", b"\x00\x01")
+    cache = tmp_path / "cache"
+    first = storage.local_path(s3.uri("models/m"), cache)
+    assert first.is_dir() and (first / "config.json").read_text() == '{"v": 1}'
+    assert first.parent == cache
+    (first / "config.json").write_text("touched locally")  # a reused cache entry keeps this
+    assert (storage.local_path(s3.uri("models/m"), cache) / "config.json").read_text() == "touched locally"
+    s3.put("models/m/config.json", '{"v": 2}')  # the listing's ETag changes: fetched again
+    again = storage.local_path(s3.uri("models/m"), cache)
+    assert again == first and (again / "config.json").read_text() == '{"v": 2}'
+    single = storage.local_path(s3.uri("models/m/weights.bin"), cache)
+    assert single.name == "weights.bin" and single.read_bytes() == b"\x00\x01"
+    default = storage.local_path(s3.uri("models/m/weights.bin"))  # PREFTUNE_CACHE_DIR (set by the fixture)
+    assert default.read_bytes() == b"\x00\x01" and (tmp_path / "s3-cache") in default.parents
+
+
+@pytest.mark.parametrize(
+    "bad_key", ["data/../../escaped.txt", "data/sub/../../../escaped.txt", "data//abs/escaped.txt", "data/.."]
+)
+def test_download_refuses_keys_escaping_dest(s3: S3Bucket, tmp_path: Path, bad_key: str) -> None:
+    s3.put("data/good.txt", "fine")
+    s3.put(bad_key, "evil")
+    assert bad_key in s3.list_keys(), "the server stores the key verbatim"
+    dest = tmp_path / "area" / "dest"
+    with pytest.raises(ValueError, match="escape"):
+        storage.download(s3.uri("data"), dest)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "s3-cache" not in p.parts]
+    assert written == [], f"nothing may be written, got {written}"
+    with pytest.raises(ValueError, match="escape"):
+        storage.local_path(s3.uri("data"), tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
