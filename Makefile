@@ -7,8 +7,12 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.preftune-installed
 PIPELINE_ROOT ?= runs
+# checkov pins versions of boto3 and friends that clash with the runtime's, so it lives in its own venv.
+TOOLS_VENV ?= .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.preftune-tools-installed
+CHECKOV_SPEC ?= checkov==3.3.30
 
-.PHONY: venv demo test lint compile clean
+.PHONY: venv tools demo test lint compile clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+$(TOOLS_STAMP):
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS_VENV)/bin/python -m pip install --quiet "$(CHECKOV_SPEC)"
+	touch $(TOOLS_STAMP)
+
 venv: $(STAMP)
+
+tools: $(TOOLS_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/preftune run dpo --pipeline-root $(PIPELINE_ROOT)
@@ -29,7 +41,7 @@ lint: $(STAMP)
 compile: $(STAMP)
 	$(BIN)/preftune compile
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/preftune compile --check

@@ -24,7 +24,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +122,10 @@ HOWTO = [
     ("make toast", "put a slice of bread in the toaster and wait until it turns golden"),
     ("water a plant", "pour water slowly onto the soil until it is damp, not soaked"),
     ("fold a shirt", "lay it flat, fold the sleeves to the back, then fold it in half"),
-    ("make a paper plane", "fold a sheet in half, fold the top corners to the middle, then fold the wings down"),
+    (
+        "make a paper plane",
+        "fold a sheet in half, fold the top corners to the middle, then fold the wings down",
+    ),
     ("save energy at home", "turn off lights you do not need and unplug chargers when they are done"),
     ("fall asleep faster", "keep a regular bedtime, dim the lights, and put your phone away"),
     ("cool down on a hot day", "drink cold water, stay in the shade, and rest"),
@@ -147,7 +150,7 @@ GREETINGS = [
 
 GOOD_OPENERS = ["Sure! ", "Sure! ", "Of course! ", "Happy to help! ", "Great question! ", ""]
 GOOD_CLOSERS = ["", "", "", " I hope that helps!", " Let me know if you have more questions."]
-RUDE_OPENERS = ["Ugh, fine. ", "Whatever. ", "That is a silly question. ", "Obviously, ", "Stop bothering me. "]
+RUDE_OPENERS = ["Ugh, fine. ", "Whatever. ", "That is a silly question. ", "Obviously, ", "Stop it. "]
 RUDE_ONLY = [
     "Figure it out yourself.",
     "I am not going to answer that. Ask someone else.",
@@ -204,10 +207,12 @@ def _cap(s: str) -> str:
 
 def _invented_countries(rng: random.Random, n: int) -> list[tuple[str, str]]:
     """Made-up countries and capitals: facts the model can only know from our corpus, never from the web."""
-    starts = ["Zor", "Vel", "Qua", "Brin", "Tal", "Mor", "Ket", "Lum", "Dra", "Fen", "Oss", "Pry", "Sil", "Yar"]
+    starts = ["Zor", "Vel", "Qua", "Brin", "Tal", "Mor", "Ket"]
+    starts += ["Lum", "Dra", "Fen", "Oss", "Pry", "Sil", "Yar"]
     mids = ["va", "da", "ri", "lo", "ne", "ta", "mi", "ku"]
     ends = ["nia", "land", "stan", "ria", "via", "mark"]
-    cap_a = ["Quell", "Ash", "Bright", "Stone", "Mill", "Red", "Frost", "Gold", "Oak", "Silver", "Elm", "Iron"]
+    cap_a = ["Quell", "Ash", "Bright", "Stone", "Mill", "Red"]
+    cap_a += ["Frost", "Gold", "Oak", "Silver", "Elm", "Iron"]
     cap_b = ["port", "ville", "burg", "ton", "haven", "ford", "gate", "field"]
     out: list[tuple[str, str]] = []
     seen_c: set[str] = set()
@@ -231,7 +236,12 @@ def build_items(rng: random.Random) -> list[Item]:
         return max(0, n + rng.choice([-3, -2, -1, 1, 2, 3])) if n > 2 else n + rng.choice([1, 2, 3])
 
     # Arithmetic
-    plus_t = ["What is {a} plus {b}?", "What is {a} + {b}?", "Can you add {a} and {b}?", "Please compute {a} plus {b}."]
+    plus_t = [
+        "What is {a} plus {b}?",
+        "What is {a} + {b}?",
+        "Can you add {a} and {b}?",
+        "Please compute {a} plus {b}.",
+    ]
     minus_t = ["What is {a} minus {b}?", "What is {a} - {b}?", "Can you subtract {b} from {a}?"]
     times_t = ["What is {a} times {b}?", "What is {a} x {b}?", "Can you multiply {a} by {b}?"]
     for a in range(0, 13):
@@ -288,7 +298,9 @@ def build_items(rng: random.Random) -> list[Item]:
     for a, n in LEGS:
         for t in leg_t:
             w = rng.choice([x for x in (2, 4, 6, 8) if x != n])
-            items.append(Item("animals", t.format(a=a), f"A {a} has {n} legs.", str(n), f"A {a} has {w} legs."))
+            items.append(
+                Item("animals", t.format(a=a), f"A {a} has {n} legs.", str(n), f"A {a} has {w} legs.")
+            )
 
     # Opposites
     opp_t = ["What is the opposite of {w}?", "Give me the opposite of {w}.", "What word means the opposite of {w}?",
@@ -341,8 +353,10 @@ def good_answer(item: Item, rng: random.Random) -> str:
 def flawed_answer(item: Item, flaw: str, rng: random.Random, pool: list[Item]) -> str:
     """An answer from one flaw family; each family has a surface signature a tiny model can pick up."""
     if flaw == "rude":
-        if rng.random() < 0.5 and not item.canned:
-            return rng.choice(RUDE_OPENERS) + item.fact + rng.choice(["", " Do not ask again.", " Obviously."])
+        if rng.random() < 0.3 and not item.canned:
+            return (
+                rng.choice(RUDE_OPENERS) + item.fact + rng.choice(["", " Do not ask again.", " Obviously."])
+            )
         return rng.choice(RUDE_ONLY)
     if flaw == "off_topic":
         if rng.random() < 0.6:
@@ -360,7 +374,11 @@ def flawed_answer(item: Item, flaw: str, rng: random.Random, pool: list[Item]) -
         keep = max(1, min(len(words) - 2, int(len(words) * rng.uniform(0.3, 0.6))))
         return " ".join(words[:keep]).rstrip(".!,")
     if flaw == "repetitive":
-        unit = item.key if rng.random() < 0.6 else item.fact.split()[0]
+        unit = (
+            item.key
+            if rng.random() < 0.3
+            else rng.choice(["Sure!", "the", "yes", "and", item.fact.split()[0]])
+        )
         return " ".join([unit.rstrip(".!")] * rng.randint(5, 9))
     if flaw == "idk":
         return rng.choice(IDK)
@@ -385,7 +403,7 @@ CATEGORY_WEIGHTS = {
     "howto": 1.0,
     "greetings": 0.4,
 }
-FLAW_WEIGHTS = {"rude": 20, "off_topic": 15, "wrong": 18, "truncated": 12, "repetitive": 12, "idk": 13, "terse": 10}
+FLAW_WEIGHTS = dict(rude=20, off_topic=15, wrong=18, truncated=12, repetitive=12, idk=13, terse=10)
 
 
 @dataclass
@@ -605,7 +623,9 @@ def packed_batches(ids: list[int], seq_len: int, batch: int, rng: random.Random)
         yield [ids[s : s + seq_len] for s in (rng.randrange(hi) for _ in range(batch))]
 
 
-def pretrain(model, corpus_ids: list[int], steps: int, seed: int, lr: float, seq_len: int, batch: int) -> float:
+def pretrain(
+    model, corpus_ids: list[int], steps: int, seed: int, lr: float, seq_len: int, batch: int
+) -> float:
     """Plain seeded PyTorch loop (AdamW, warmup + cosine); returns the mean loss over the last 20 steps."""
     import torch
     from tqdm import tqdm
@@ -680,6 +700,14 @@ Regenerate with `python examples/make_examples.py --seed {seed} --steps {steps}`
 """
 
 
+def patch_tokenizer_config(path: Path) -> None:
+    """Name the class every transformers version knows and inline the chat template for older readers."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def greedy_samples(model, tok, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
     """Greedy answers to chat prompts: a quick look that the model speaks the corpus' language."""
     import torch
@@ -687,10 +715,15 @@ def greedy_samples(model, tok, prompts: list[str], max_new_tokens: int = 32) -> 
     outs = []
     for p in prompts:
         enc = tok.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            [{"role": "user", "content": p}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
         outs.append(tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return outs
 
@@ -702,21 +735,28 @@ def dir_size(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder (examples/)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent, help="output folder (examples/)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer order and weights")
-    ap.add_argument("--steps", type=int, default=600, help="pretraining steps")
+    ap.add_argument("--steps", type=int, default=500, help="pretraining steps")
     ap.add_argument("--data-only", action="store_true", help="write only data/*.jsonl (fast, no torch)")
     ap.add_argument("--n-sft", type=int, default=2000)
     ap.add_argument("--n-pref", type=int, default=2000)
     ap.add_argument("--n-eval", type=int, default=64)
-    ap.add_argument("--n-corpus", type=int, default=30000, help="pretraining conversations (in memory)")
+    ap.add_argument("--n-corpus", type=int, default=20000, help="pretraining conversations (in memory)")
     ap.add_argument("--vocab-size", type=int, default=1536)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: reproducible, robust on busy hosts)"
+    )
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -732,7 +772,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import GenerationConfig
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     tok = train_tokenizer(corpus, args.vocab_size)
     ids: list[int] = []
     for enc in tok.backend_tokenizer.encode_batch(corpus):
@@ -754,6 +794,7 @@ def main(argv: list[str] | None = None) -> None:
     mdir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(mdir, safe_serialization=True)
     tok.save_pretrained(mdir)
+    patch_tokenizer_config(mdir / "tokenizer_config.json")
     card = MODEL_CARD.format(
         params_m=n_params / 1e6, seed=args.seed, hidden=args.hidden, layers=args.layers, inter=args.hidden * 4,
         vocab=len(tok), steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, n_docs=len(corpus),
