@@ -11,7 +11,7 @@ from s3_server import S3Bucket
 
 from preftune.data import records
 from preftune.data.ingest import metric_name
-from preftune.data.preferences import PREFERENCE_REASONS, import_preferences
+from preftune.data.preferences import REASONS_BY_FORMAT, import_preferences
 from preftune.data.readers import DataFormatError, RawRow
 
 
@@ -81,7 +81,7 @@ def test_exact_pair_output(tmp_path: Path) -> None:
             "file": "prefs.jsonl",
             "row": 2,
             "reasons": ["duplicate"],
-            "detail": "same id as an earlier row (prefs.jsonl, line 1)",
+            "detail": "same pair as an earlier row (prefs.jsonl, line 1)",
             "record": {"prompt": "Name a colour", "chosen": "Blue", "rejected": "Seven", "margin": 1},
         }
     ]
@@ -176,16 +176,21 @@ def test_every_rejection_reason_and_accounting(tmp_path: Path) -> None:
         dict(ok, margin=0.5),
         {"prompt": "prompt ok", "chosen": "another chosen", "rejected": "rejected ok"},
         {"prompt": "prompt 24", "chosen": "chosen 24", "rejected": "rejected 24"},
+        {"prompt": "prompt 26", "chosen": "answer x", "rejected": "answer y"},
+        {"prompt": "prompt 26", "chosen": "answer y", "rejected": "answer x"},
     ]
     source = tmp_path / "src"
     source.mkdir()
     text = _lines(*rows).replace("@UTF8@", "\udcfe")  # json.dumps writes the NaN margin as NaN
     (source / "p.jsonl").write_bytes(text.encode("utf-8", "surrogateescape"))
     (source / "p.csv").write_text("prompt,chosen,rejected\nprompt 25,chosen 25,rejected 25\nshort,row\n")
-    metrics, out = _run(source, tmp_path / "out", eval_fraction=0.34, min_chars=3, max_chars=40)
-    counts = {reason: metrics[metric_name(reason)] for reason in PREFERENCE_REASONS}
-    assert counts == {reason: 1 for reason in PREFERENCE_REASONS}
-    assert (metrics["rows_input"], metrics["rows_rejected"]) == (26, 22)
+    metrics, out = _run(
+        source, tmp_path / "out", eval_fraction=0.34, min_chars=3, max_chars=40, max_rejected_fraction=1.0
+    )
+    reasons = REASONS_BY_FORMAT["pairwise"]
+    counts = {reason: metrics[metric_name(reason)] for reason in reasons}
+    assert counts == {reason: 2 if reason == "contradiction" else 1 for reason in reasons}
+    assert (metrics["rows_input"], metrics["rows_rejected"], metrics["rows_used"]) == (28, 24, 4)
     assert metrics["rows_train"] + metrics["rows_eval"] == 4 and metrics["rows_eval"] >= 1
     accepted = sorted((r["source"]["file"], r["source"]["row"]) for r in out["train"] + out["eval"])
     assert accepted == [("p.csv", 1), ("p.jsonl", 1), ("p.jsonl", 23), ("p.jsonl", 24)]
@@ -227,3 +232,69 @@ def test_import_from_s3(s3: S3Bucket, tmp_path: Path) -> None:
         1,
     )
     assert out["rejected"][0]["file"] == "day2.jsonl" and out["rejected"][0]["reasons"] == ["identical_pair"]
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from preftune.data import import_command
+
+    parser = argparse.ArgumentParser(prog="preftune import-preferences")
+    import_command.add_arguments(parser)
+    return import_command.run(parser.parse_args(argv))
+
+
+def test_cli_writes_outputs_and_prints_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+    rows.append({"prompt": "q9", "chosen": "same", "rejected": "same"})
+    (tmp_path / "p.jsonl").write_text(_lines(*rows))
+    out = tmp_path / "out"
+    assert _cli([str(tmp_path / "p.jsonl"), "--out", str(out), "--eval-fraction", "0.25"]) == 0
+    printed = capsys.readouterr().out
+    assert "rows: 5 in, 4 used, 1 rejected; pairs: 3 train, 1 eval" in printed
+    assert "identical_pair" in printed and "1" in printed.split("identical_pair")[1]
+    assert {p.name for p in out.iterdir()} == {
+        "train.jsonl",
+        "eval.jsonl",
+        "rejected.jsonl",
+        "report.html",
+        "metrics.json",
+    }
+    assert json.loads((out / "metrics.json").read_text())["rejected_identical_pair"] == 1
+
+
+def test_cli_fails_when_too_many_rows_are_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q2"}, {"prompt": "q3"}]
+    (tmp_path / "p.jsonl").write_text(_lines(*rows))
+    code = _cli([str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out"), "--eval-fraction", "0"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "max_rejected_fraction=0.5" in captured.err and "Traceback" not in captured.err
+    assert "missing:chosen" in captured.out and (tmp_path / "out" / "rejected.jsonl").is_file()
+    assert (
+        _cli(
+            [
+                str(tmp_path / "p.jsonl"),
+                "--out",
+                str(tmp_path / "ok"),
+                "--eval-fraction",
+                "0",
+                "--max-rejected-fraction",
+                "0.7",
+            ]
+        )
+        == 0
+    )
+
+
+def test_cli_bad_input_is_a_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "p.jsonl").write_bytes(b"PAR1 not really")
+    assert _cli([str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("preftune import-preferences: error: p.jsonl: file holds parquet data")
+    assert _cli([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    assert _cli([str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o"), "--since", "yesterday"]) == 2

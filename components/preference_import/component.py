@@ -14,40 +14,69 @@ def preference_import(
     rejected_rows: Output[Dataset],
     report: Output[HTML],
     metrics: Output[Metrics],
+    format: str = "auto",
+    ranked_pairs: str = "all",
+    min_score_gap: float = 0.5,
+    max_pairs_per_prompt: int = 16,
+    since: str = "",
+    max_rejected_fraction: float = 0.5,
+    truncation_chars: int = 4096,
     eval_fraction: float = 0.1,
     seed: int = 0,
     min_chars: int = 1,
     max_chars: int = 8000,
 ):
-    """Turn collected preference feedback into chosen/rejected training pairs, accounting for every row.
+    """Turn collected human feedback into chosen/rejected training pairs, accounting for every row.
 
-    Pairs are split by prompt, so no held-out prompt is ever trained on. Rows that fail validation (empty
-    texts, chosen equal to rejected, duplicates, length bounds) go to ``rejected_rows`` with their reasons.
+    Takes pairwise preferences, ranked lists, scalar ratings, thumbs up/down and Label Studio pairwise exports
+    (see docs/preference_formats.md). Pairs are split by prompt, so no held-out prompt is ever trained on. Every
+    input row is used in at least one pair or lands in ``rejected_rows`` with its reasons (empty texts, chosen
+    equal to rejected, duplicates, contradictions, unpaired, ...). The step fails, after writing its outputs,
+    when more than ``max_rejected_fraction`` of the rows were rejected.
 
     Args:
-        source: URI of the feedback: a jsonl, parquet or csv file, a directory, or an s3:// file or prefix.
-        train_pairs: Training pairs (JSONL: prompt messages, chosen, rejected, margin, meta).
+        source: URI of the feedback: a jsonl, json, parquet or csv file, a directory, or an s3:// file or prefix.
+        train_pairs: Training pairs (JSONL: prompt messages, chosen, rejected, margin, meta; scores for ratings).
         eval_pairs: Held-out pairs (JSONL), split by prompt.
-        rejected_rows: Rows that failed validation, each with its file, row number and reasons (JSONL).
-        report: Validation report (HTML).
-        metrics: Row counts: input, train, eval, rejected, and rejections by reason.
+        rejected_rows: Rows that gave no accepted pair, each with its file, row number, reasons and detail (JSONL).
+        report: Validation report (HTML): great-expectations results, rejections by reason, warnings.
+        metrics: Rows in / used / rejected, pairs train / eval, and rejections by reason.
+        format: Feedback format: auto (recognised per file), pairwise, ranked, rating, binary or labelstudio.
+        ranked_pairs: Ranked lists: all (every better response over every worse one) or adjacent (consecutive rank levels only).
+        min_score_gap: Ratings: smallest difference of normalised (z-score) ratings that makes a pair.
+        max_pairs_per_prompt: Ratings and binary feedback: most pairs made per prompt (0 = no cap), chosen by seed.
+        since: Only read date=YYYY-MM-DD partitions on or after this day (YYYY-MM-DD); empty reads everything.
+        max_rejected_fraction: Fail the step when a larger share of input rows is rejected (0 to 1).
+        truncation_chars: Report the share of pairs whose prompt plus answer exceed this many characters (0 = off).
         eval_fraction: Share of prompts held out for evaluation (0 to 0.5).
-        seed: Seed of the train/eval split.
+        seed: Seed of the train/eval split and of pair capping.
         min_chars: Shortest accepted prompt or response, in characters.
         max_chars: Longest accepted prompt or response, in characters.
     """
-    from preftune.data.preferences import import_preferences
+    from preftune.data.preferences import RejectedFractionError, import_preferences
 
-    result = import_preferences(
-        source,
-        train_pairs.path,
-        eval_pairs.path,
-        rejected_rows.path,
-        report.path,
-        eval_fraction=eval_fraction,
-        seed=seed,
-        min_chars=min_chars,
-        max_chars=max_chars,
-    )
+    try:
+        result = import_preferences(
+            source,
+            train_pairs.path,
+            eval_pairs.path,
+            rejected_rows.path,
+            report.path,
+            format=format,
+            ranked_pairs=ranked_pairs,
+            min_score_gap=min_score_gap,
+            max_pairs_per_prompt=max_pairs_per_prompt,
+            since=since,
+            max_rejected_fraction=max_rejected_fraction,
+            truncation_chars=truncation_chars,
+            eval_fraction=eval_fraction,
+            seed=seed,
+            min_chars=min_chars,
+            max_chars=max_chars,
+        )
+    except RejectedFractionError as err:
+        for name, value in err.metrics.items():
+            metrics.log_metric(name, value)
+        raise
     for name, value in result.items():
         metrics.log_metric(name, value)

@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from preftune import __version__, platform
+from preftune.data import import_command
 
 #: Metrics printed after a local run, by pipeline task name.
 HEADLINE_METRICS = {
     "ingest": ["rows_input", "rows_train", "rows_eval", "rows_rejected"],
-    "preference-import": ["rows_input", "rows_train", "rows_eval", "rows_rejected"],
+    "preference-import": ["rows_input", "rows_used", "rows_rejected", "pairs_train", "pairs_eval"],
     "sft": ["train_loss", "eval_loss", "eval_perplexity"],
     "dpo": ["first_step_loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin"],
     "evaluate": [
@@ -106,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="directory where runs and their artifacts are written (default: ./runs)",
         )
 
+    imp = commands.add_parser(
+        "import-preferences",
+        help="import collected feedback as preference pairs, outside a pipeline",
+        description="Read feedback in any supported format, validate it, and write train/eval pairs, rejected "
+        "rows (with reasons) and an HTML report. Prints the count of each rejection reason.",
+    )
+    import_command.add_arguments(imp)
+
     comp = commands.add_parser(
         "compile",
         help="compile components and pipelines to their committed YAML",
@@ -160,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _apply_compile_settings(argv)
     args = build_parser().parse_args(argv)
-    handlers = {"run": _run, "compile": _compile}
+    handlers = {"run": _run, "compile": _compile, "import-preferences": import_command.run}
     return handlers[args.command](args)
 
 

@@ -19,10 +19,12 @@ in a ``.json`` array. Blank JSONL lines are not rows and are skipped (line numbe
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import gzip
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -414,3 +416,56 @@ def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     return type(value).__name__
+
+
+_PARTITION = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?:/|$)")
+
+
+def parse_since(since: str) -> _dt.date | None:
+    """``since`` as a date (None when empty); ValueError with the expected shape otherwise."""
+    text = (since or "").strip()
+    if not text:
+        return None
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            return _dt.date.fromisoformat(text)
+    except ValueError:
+        pass
+    raise ValueError(f"since must be a date as YYYY-MM-DD (or empty for all data), got {text!r}")
+
+
+def partition_date(file_uri: str) -> _dt.date | None:
+    """The date of the last ``date=YYYY-MM-DD`` folder in a file's path (None when it is in no date partition)."""
+    path = file_uri.split("://", 1)[-1].replace("\\", "/")
+    found = _PARTITION.findall(path)
+    if not found:
+        return None
+    try:
+        return _dt.date.fromisoformat(found[-1])
+    except ValueError:  # date=2024-13-45: not a real date, so not a partition we can order
+        return None
+
+
+def select_since(
+    files: list[tuple[str, str]], since: str
+) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """Keep the files whose ``date=YYYY-MM-DD`` partition is on or after ``since``.
+
+    Returns ``(kept, skipped, unpartitioned)`` (the last two as display names). Files outside any date partition
+    are kept -- a curated seed file next to the nightly partitions stays in every run -- and listed as
+    unpartitioned so the report can say so. An empty ``since`` keeps everything.
+    """
+    cutoff = parse_since(since)
+    kept: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    unpartitioned: list[str] = []
+    for file_uri, name in files:
+        date = partition_date(file_uri)
+        if date is None:
+            unpartitioned.append(name)
+            kept.append((file_uri, name))
+        elif cutoff is None or date >= cutoff:
+            kept.append((file_uri, name))
+        else:
+            skipped.append(name)
+    return kept, skipped, unpartitioned

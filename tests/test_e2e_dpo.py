@@ -1,0 +1,101 @@
+"""End to end: `preftune run dpo` through kfp.local on the bundled model and a slice of the bundled data."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.modeling import load_causal_lm, load_tokenizer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PREFTUNE = str(Path(sys.executable).parent / "preftune")
+
+
+def _slice(src: Path, dest: Path, rows: int) -> str:
+    lines = src.read_text(encoding="utf-8").splitlines()[:rows]
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One small but real DPO pipeline run, shared by the assertions below."""
+    tmp = tmp_path_factory.mktemp("e2e-dpo")
+    params = {
+        "sft_data": _slice(EXAMPLES / "data" / "sft.jsonl", tmp / "sft.jsonl", 400),
+        "preference_data": _slice(EXAMPLES / "data" / "preferences.jsonl", tmp / "prefs.jsonl", 480),
+        "eval_prompts": _slice(EXAMPLES / "data" / "eval_prompts.jsonl", tmp / "prompts.jsonl", 12),
+        "eval_fraction": 0.2,
+        "sft_max_steps": 30,
+        "dpo_max_steps": 30,
+        "eval_max_prompts": 12,
+        "eval_max_new_tokens": 24,
+    }
+    argv = [PREFTUNE, "run", "dpo", "--pipeline-root", str(tmp / "runs")]
+    for name, value in params.items():
+        argv += ["--param", f"{name}={value}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dirs = list((tmp / "runs").glob("preftune-dpo-*"))
+    assert len(run_dirs) == 1
+    assert str(run_dirs[0]) in done.stdout, "the run directory is printed"
+    return json.loads((run_dirs[0] / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_every_step_succeeded(dpo_run: dict) -> None:
+    assert dpo_run["status"] == "SUCCEEDED"
+    assert set(dpo_run["steps"]) == {"ingest", "preference-import", "sft", "dpo", "evaluate"}
+    assert all(step["status"] == "SUCCEEDED" for step in dpo_run["steps"].values())
+    for step in dpo_run["steps"].values():
+        assert step["metrics"], "every step logs metrics"
+        assert all(Path(uri).exists() for uri in step["artifacts"].values())
+
+
+@pytest.mark.slow
+def test_rows_balance(dpo_run: dict) -> None:
+    for name in ("ingest", "preference-import"):
+        m = dpo_run["steps"][name]["metrics"]
+        assert m["rows_input"] == m["rows_train"] + m["rows_eval"] + m["rows_rejected"]
+    assert dpo_run["steps"]["ingest"]["metrics"]["rows_input"] == 400
+
+
+@pytest.mark.slow
+def test_dpo_loss_starts_at_ln2_and_learns_the_preference(dpo_run: dict) -> None:
+    dpo = dpo_run["steps"]["dpo"]["metrics"]
+    assert abs(dpo["first_step_loss"] - math.log(2)) < 1e-4
+    assert dpo["eval_reward_accuracy"] > 0.6
+    evaluation = dpo_run["steps"]["evaluate"]["metrics"]
+    assert evaluation["implicit_reward_accuracy"] > 0.6
+    assert math.isfinite(evaluation["kl_candidate_reference"])
+    assert evaluation["kl_candidate_reference"] > 0
+
+
+@pytest.mark.slow
+def test_model_artifacts_load_with_transformers_and_peft(dpo_run: dict) -> None:
+    from peft import AutoPeftModelForCausalLM, PeftConfig
+
+    sft_dir = dpo_run["steps"]["sft"]["artifacts"]["model"]
+    dpo_dir = dpo_run["steps"]["dpo"]["artifacts"]["model"]
+    # the SFT adapter sits on the base model directory: peft loads it directly
+    sft = AutoPeftModelForCausalLM.from_pretrained(sft_dir)
+    assert PeftConfig.from_pretrained(dpo_dir).base_model_name_or_path == sft_dir
+    policy = load_causal_lm(dpo_dir)  # DPO adapter on the merged SFT model
+    tokenizer = load_tokenizer(dpo_dir)
+    ids = tokenizer(
+        "<|user|>\nWhat colour is the sky?<|end|>\n<|assistant|>\n", return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        merged_sft = sft.merge_and_unload()
+        assert not torch.allclose(policy(ids).logits, merged_sft(ids).logits)
+    lineage = json.loads((Path(dpo_dir) / "lineage.json").read_text())
+    assert [c["stage"] for c in lineage["chain"]] == ["base", "sft", "dpo"]
+    generations = dpo_run["steps"]["evaluate"]["artifacts"]["generations"]
+    rows = [json.loads(line) for line in Path(generations).read_text().splitlines()]
+    assert len(rows) == 12 and set(rows[0]) == {"prompt", "candidate", "reference"}
