@@ -690,10 +690,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tok = AutoTokenizer.from_pretrained("examples/tiny-llama")
 model = AutoModelForCausalLM.from_pretrained("examples/tiny-llama")
-ids = tok.apply_chat_template([{{"role": "user", "content": "What is 3 plus 4?"}}],
-                              add_generation_prompt=True, return_tensors="pt", return_dict=True)
+ids = tok.apply_chat_template(
+    [{{"role": "user", "content": "What is 3 plus 4?"}}],
+    add_generation_prompt=True,
+    return_tensors="pt",
+    return_dict=True,
+)
 out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+print(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
 ```
 
 Regenerate with `python examples/make_examples.py --seed {seed} --steps {steps}`.
