@@ -3,7 +3,7 @@
 from kfp import dsl
 
 from preftune.components import dpo_op, evaluate_op, ingest_op, preference_import_op, sft_op
-from preftune.pipelines.gpu import request_accelerator
+from preftune.pipelines.cluster import data_step, training_step
 from preftune.runner import Rule
 
 PIPELINE_NAME = "preftune-dpo"
@@ -83,7 +83,7 @@ def dpo_pipeline(
         seed: Seed for splits, initialisation, data order and sampling.
     """
     sft_rows = ingest_op(source=sft_data, eval_fraction=eval_fraction, seed=seed)
-    sft_rows.set_display_name("Ingest SFT data")
+    data_step(sft_rows.set_display_name("Ingest SFT data"))
 
     sft = sft_op(
         base_model=base_model,
@@ -98,11 +98,10 @@ def dpo_pipeline(
         seed=seed,
         max_steps=sft_max_steps,
     )
-    sft.set_display_name("Supervised fine-tuning")
-    request_accelerator(sft)
+    training_step(sft.set_display_name("Supervised fine-tuning"))
 
     pairs = preference_import_op(source=preference_data, eval_fraction=eval_fraction, seed=seed)
-    pairs.set_display_name("Import preferences")
+    data_step(pairs.set_display_name("Import preferences"))
 
     policy = dpo_op(
         sft_model=sft.outputs["model"],
@@ -120,8 +119,7 @@ def dpo_pipeline(
         seed=seed,
         max_steps=dpo_max_steps,
     )
-    policy.set_display_name("DPO")
-    request_accelerator(policy)
+    training_step(policy.set_display_name("DPO"))
 
     evaluation = evaluate_op(
         candidate=policy.outputs["model"],
@@ -133,5 +131,4 @@ def dpo_pipeline(
         max_prompts=eval_max_prompts,
         seed=seed,
     )
-    evaluation.set_display_name("Evaluate against SFT")
-    request_accelerator(evaluation)
+    training_step(evaluation.set_display_name("Evaluate against SFT"))

@@ -29,7 +29,7 @@ def test_committed_pipeline_yaml_loads_back() -> None:
     pipeline = load_component_from_file(str(path))
     assert set(pipeline.component_spec.inputs) == set(PIPELINES["dpo"].component_spec.inputs)
     # the Kubeflow UI shows these descriptions next to each run parameter
-    params = yaml.safe_load(path.read_text())["root"]["inputDefinitions"]["parameters"]
+    params = next(yaml.safe_load_all(path.read_text()))["root"]["inputDefinitions"]["parameters"]
     assert all(p.get("description") for p in params.values())
 
 
@@ -65,7 +65,7 @@ def test_sdk_version_alone_does_not_make_a_file_stale(tmp_path: Path) -> None:
 
 
 def test_training_steps_request_the_accelerator() -> None:
-    spec = yaml.safe_load((ROOT / "pipelines" / "dpo.yaml").read_text())
+    spec = next(yaml.safe_load_all((ROOT / "pipelines" / "dpo.yaml").read_text()))
     executors = spec["deploymentSpec"]["executors"]
     for name in ("exec-sft", "exec-dpo", "exec-evaluate"):
         accelerator = executors[name]["container"]["resources"]["accelerator"]
@@ -75,7 +75,7 @@ def test_training_steps_request_the_accelerator() -> None:
 
 
 def test_every_component_uses_the_runtime_image_without_installing_kfp() -> None:
-    spec = yaml.safe_load((ROOT / "pipelines" / "dpo.yaml").read_text())
+    spec = next(yaml.safe_load_all((ROOT / "pipelines" / "dpo.yaml").read_text()))
     for executor in spec["deploymentSpec"]["executors"].values():
         container = executor["container"]
         assert container["image"].startswith("ghcr.io/preftune/preftune:")

@@ -53,6 +53,16 @@ def _add_compile_settings(parser: argparse.ArgumentParser) -> None:
         type=int,
         help=f"accelerators per training step, 0 for CPU only (default: {platform.DEFAULT_ACCELERATOR_COUNT})",
     )
+    parser.add_argument(
+        "--s3-secret",
+        help=f"Kubernetes Secret with the S3 credentials (default: {platform.DEFAULT_S3_SECRET})",
+    )
+    parser.add_argument(
+        "--s3-secret-keys",
+        metavar="KEY=ENV[,KEY=ENV]",
+        help="which Secret keys become which environment variables (default: AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY under the same names)",
+    )
 
 
 def _apply_compile_settings(argv: Sequence[str]) -> None:
@@ -66,6 +76,10 @@ def _apply_compile_settings(argv: Sequence[str]) -> None:
         os.environ[platform.ACCELERATOR_TYPE_ENV] = known.accelerator_type
     if known.accelerator_count is not None:
         os.environ[platform.ACCELERATOR_COUNT_ENV] = str(known.accelerator_count)
+    if known.s3_secret:
+        os.environ[platform.S3_SECRET_ENV] = known.s3_secret
+    if known.s3_secret_keys:
+        os.environ[platform.S3_SECRET_KEYS_ENV] = known.s3_secret_keys
 
 
 def build_parser() -> argparse.ArgumentParser:
