@@ -49,7 +49,9 @@ def _format_cell(value: Any) -> tuple[str, bool]:
     return text, False
 
 
-def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, max_rows: int = 500) -> str:
+def table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, max_rows: int = 500
+) -> str:
     """An HTML table of dict rows; long texts keep their line breaks."""
     if not rows:
         return "<p><em>(none)</em></p>"

@@ -65,10 +65,14 @@ def _check_messages(where: str, value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field 'prompt': expected a non-empty list of chat messages")
     for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(
-            msg.get("content"), str
+        if (
+            not isinstance(msg, dict)
+            or not isinstance(msg.get("role"), str)
+            or not isinstance(msg.get("content"), str)
         ):
-            raise DataError(f"{where}: field 'prompt[{i}]': expected an object with string 'role' and 'content'")
+            raise DataError(
+                f"{where}: field 'prompt[{i}]': expected an object with string 'role' and 'content'"
+            )
     return value
 
 
@@ -122,7 +126,12 @@ def _pad(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad: int
         attention[i, : len(s)] = 1
         completion[i, : len(m)] = torch.tensor(m, dtype=torch.long)
     labels = input_ids.masked_fill(completion == 0, IGNORE_INDEX)
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion, "labels": labels}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "labels": labels,
+    }
 
 
 class SFTCollator:

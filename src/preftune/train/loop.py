@@ -51,7 +51,9 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, learning_rate: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no weight decay."""
     decay, no_decay = [], []
     for p in trainable_parameters(model):
@@ -104,13 +106,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
     policy pass would make the two differ at step 0 (the loss would not start at ln 2) and add noise to the
     log-ratio the whole objective is built on.
     """
-    for module in model.modules():
+    # Attention layers often apply dropout functionally from a float attribute copied from the config at
+    # init (e.g. Llama's ``self.attention_dropout``), so zero those attributes as well as nn.Dropout modules.
+    names = ("attention_dropout", "attn_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop")
+    for module in [model, *model.modules()]:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
+        for name in names:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        for name in (*names, "embd_pdrop"):
+            if config is not None and isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
 
 
 def progress(total: int, desc: str, accelerator: Accelerator) -> tqdm:
@@ -168,6 +176,10 @@ def check_config(config: Any) -> None:
     positive = ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps")
     for name in positive:
         if hasattr(config, name) and not getattr(config, name) > 0:
-            raise ValueError(f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)!r}")
+            raise ValueError(
+                f"{type(config).__name__}.{name} must be positive, got {getattr(config, name)!r}"
+            )
     if hasattr(config, "warmup_ratio") and not 0.0 <= config.warmup_ratio < 1.0:
-        raise ValueError(f"{type(config).__name__}.warmup_ratio must be in [0, 1), got {config.warmup_ratio!r}")
+        raise ValueError(
+            f"{type(config).__name__}.warmup_ratio must be in [0, 1), got {config.warmup_ratio!r}"
+        )

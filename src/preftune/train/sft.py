@@ -34,10 +34,18 @@ from preftune.train.loop import (
 
 @dataclass
 class SFTConfig:
-    """Hyper-parameters of supervised fine-tuning (defaults fit the bundled tiny model on 2 CPU cores)."""
+    """Hyper-parameters of supervised fine-tuning.
 
-    epochs: int = field(default=3, metadata={"help": "Passes over the training data (ignored when max_steps > 0)."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (warm-up, then linear decay)."})
+    The defaults train the bundled tiny model on the bundled data in about a minute on 2 CPU cores. For
+    billion-parameter models lower ``learning_rate`` (LoRA: about 1e-4 to 2e-4; full fine-tuning: about 1e-5).
+    """
+
+    epochs: int = field(
+        default=2, metadata={"help": "Passes over the training data (ignored when max_steps > 0)."}
+    )
+    learning_rate: float = field(
+        default=2e-3, metadata={"help": "Peak learning rate (warm-up, then linear decay)."}
+    )
     batch_size: int = field(default=16, metadata={"help": "Examples per forward pass on each device."})
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Forward passes per optimisation step (effective batch = batch x this)."}
@@ -53,11 +61,18 @@ class SFTConfig:
         default="", metadata={"help": "Comma-separated module names for LoRA; empty = all linear layers."}
     )
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming up the rate."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = no clipping)."})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation and data order."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimisation steps (-1 = epochs)."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Stop after this many optimisation steps (-1 = epochs)."}
+    )
     logging_steps: int = field(default=5, metadata={"help": "Log the training loss every this many steps."})
+    eval_steps: int = field(
+        default=50, metadata={"help": "Also evaluate every this many steps (0 = only after each epoch)."}
+    )
     eval_batch_size: int = field(default=32, metadata={"help": "Examples per forward pass when evaluating."})
     mixed_precision: str = field(
         default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16."}
@@ -158,8 +173,12 @@ def train_sft(
     )
     eval_loader = DataLoader(eval_features, batch_size=config.eval_batch_size, collate_fn=collator)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    total_steps = plan_steps(len(train_loader), config.gradient_accumulation_steps, config.epochs, config.max_steps)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader
+    )
+    total_steps = plan_steps(
+        len(train_loader), config.gradient_accumulation_steps, config.epochs, config.max_steps
+    )
     scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
 
     history = History()
@@ -172,7 +191,7 @@ def train_sft(
     while step < total_steps:
         epoch += 1
         epoch_meter = Meter()
-        for batch in train_loader:
+        for batch_number, batch in enumerate(train_loader, start=1):
             with accelerator.accumulate(model):
                 nll, n = completion_nll(model(**model_inputs(batch)).logits, batch)
                 loss = nll / n.clamp(min=1)
@@ -196,6 +215,12 @@ def train_sft(
                 window = Meter()
             if step >= total_steps:
                 break
+            if config.eval_steps > 0 and step % config.eval_steps == 0 and batch_number < len(train_loader):
+                history.log_eval(
+                    step,
+                    epoch - 1 + batch_number / len(train_loader),
+                    _evaluate(model, eval_loader, accelerator),
+                )
         history.log_eval(step, epoch, _evaluate(model, eval_loader, accelerator))
     bar.close()
     train_seconds = time.perf_counter() - start
@@ -240,7 +265,10 @@ def _report(
         f"{before:.3f} -> {metrics['eval_loss']:.3f} (perplexity {metrics['eval_perplexity']:.2f})."
     )
     loss_chart = reports.line_chart(
-        {"train (per logging window)": history.series("train", "loss"), "eval": history.series("eval", "loss")},
+        {
+            "train (per logging window)": history.series("train", "loss"),
+            "eval": history.series("eval", "loss"),
+        },
         "Completion-token loss",
         ylabel="cross-entropy (nats/token)",
     )
