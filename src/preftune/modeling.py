@@ -7,6 +7,7 @@ into its parent, so "the SFT model" means the same weights whether SFT was full 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from datetime import datetime, timezone
@@ -148,6 +149,109 @@ def prepare_for_training(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def _as_sequence_classifier(causal: PreTrainedModel) -> PreTrainedModel:
+    """A one-scalar sequence classifier sharing the causal LM's backbone weights (the score head is new)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(causal.config)
+    config.num_labels = 1
+    config.problem_type = "regression"
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
+    model = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+    backbone = getattr(model, model.base_model_prefix)
+    backbone.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
+    return model
+
+
+def _is_sequence_classifier(path: str) -> bool:
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def load_reward_model(
+    ref: str, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """A plain one-scalar reward model (``AutoModelForSequenceClassification``), adapters merged.
+
+    A reward artifact is either full sequence-classification weights, or a LoRA adapter (with the trained score
+    head in ``modules_to_save``) on top of a causal LM chain, typically the SFT model.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve(ref)
+    if Path(path).is_dir() and is_adapter(path):
+        from peft import PeftModel
+
+        parent_ref = adapter_parent(path)
+        parent_path = resolve(parent_ref)
+        if (
+            Path(parent_path).is_dir()
+            and not is_adapter(parent_path)
+            and _is_sequence_classifier(parent_path)
+        ):
+            parent = load_reward_model(parent_ref, trust_remote_code=trust_remote_code, dtype=dtype)
+        else:
+            parent = _as_sequence_classifier(
+                load_causal_lm(parent_ref, trust_remote_code=trust_remote_code, dtype=dtype)
+            )
+        return PeftModel.from_pretrained(parent, path).merge_and_unload()
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+        "num_labels": 1,
+    }
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+
+def prepare_reward_model(
+    ref: str,
+    *,
+    use_lora: bool,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """A reward model to train, initialised from a causal LM (the SFT model) or from a reward model.
+
+    With LoRA the score head is listed in ``modules_to_save``: it is trained in full and saved with the adapter.
+    PPO uses the same call on the reward model to make its critic; with the adapter disabled the critic is the
+    frozen reward model again, so one copy of the weights serves both.
+    """
+    path = resolve(ref)
+    local = Path(path)
+    if local.is_dir() and (
+        (is_adapter(path) and _adapter_task(path) == "SEQ_CLS")
+        or (not is_adapter(path) and _is_sequence_classifier(path))
+    ):
+        model = load_reward_model(ref, trust_remote_code=trust_remote_code, dtype=dtype)
+    else:
+        model = _as_sequence_classifier(load_causal_lm(ref, trust_remote_code=trust_remote_code, dtype=dtype))
+    if not use_lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules or "all-linear",
+        modules_to_save=["score"],
+        task_type="SEQ_CLS",
+    )
+    return get_peft_model(model, config)
+
+
+def _adapter_task(path: str) -> str | None:
+    config = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    return config.get("task_type")
 
 
 def read_lineage(ref: str) -> dict[str, Any]:
