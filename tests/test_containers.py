@@ -219,7 +219,7 @@ def _pipeline_example_defaults() -> set[str]:
     """Default parameter values of the compiled pipelines that point into examples/."""
     found: set[str] = set()
     for path in sorted((ROOT / "pipelines").glob("*.yaml")):
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = next(yaml.safe_load_all(path.read_text(encoding="utf-8")))
         params = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
         for body in params.values():
             value = body.get("defaultValue")
