@@ -5,12 +5,14 @@
 
 from preftune.components.dpo.component import dpo as dpo_op
 from preftune.components.evaluate.component import evaluate as evaluate_op
+from preftune.components.fingerprint.component import fingerprint as fingerprint_op
 from preftune.components.ingest.component import ingest as ingest_op
 from preftune.components.preference_import.component import preference_import as preference_import_op
 from preftune.components.sft.component import sft as sft_op
 
 #: Component name (folder under components/) -> component.
 COMPONENTS = {
+    "fingerprint": fingerprint_op,
     "ingest": ingest_op,
     "preference_import": preference_import_op,
     "sft": sft_op,
@@ -18,4 +20,12 @@ COMPONENTS = {
     "evaluate": evaluate_op,
 }
 
-__all__ = ["COMPONENTS", "dpo_op", "evaluate_op", "ingest_op", "preference_import_op", "sft_op"]
+__all__ = [
+    "COMPONENTS",
+    "dpo_op",
+    "evaluate_op",
+    "fingerprint_op",
+    "ingest_op",
+    "preference_import_op",
+    "sft_op",
+]

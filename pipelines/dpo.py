@@ -2,8 +2,9 @@
 
 from kfp import dsl
 
-from preftune.components import dpo_op, evaluate_op, ingest_op, preference_import_op, sft_op
-from preftune.pipelines.cluster import data_step, training_step
+from preftune.components import dpo_op, evaluate_op, sft_op
+from preftune.pipelines.cluster import training_step
+from preftune.pipelines.data import import_pairs, ingest_data
 from preftune.runner import Rule
 
 PIPELINE_NAME = "preftune-dpo"
@@ -14,6 +15,8 @@ PARAMETER_RULES = {
     "dpo_beta": Rule(low=0.0, low_inclusive=False),
     "dpo_label_smoothing": Rule(low=0.0, high=0.5),
     "eval_fraction": Rule(low=0.0, high=0.5),
+    "preference_format": Rule(choices=("auto", "pairwise", "ranked", "rating", "binary", "labelstudio")),
+    "max_rejected_fraction": Rule(low=0.0, high=1.0),
     "lora_r": Rule(low=1),
     "max_length": Rule(low=16),
     "sft_epochs": Rule(low=1),
@@ -37,6 +40,9 @@ def dpo_pipeline(
     sft_data: str = "examples/data/sft.jsonl",
     preference_data: str = "examples/data/preferences.jsonl",
     eval_prompts: str = "examples/data/eval_prompts.jsonl",
+    preference_format: str = "auto",
+    since: str = "",
+    max_rejected_fraction: float = 0.5,
     use_lora: bool = True,
     lora_r: int = 16,
     max_length: int = 256,
@@ -63,6 +69,9 @@ def dpo_pipeline(
         sft_data: URI of supervised fine-tuning data (jsonl, parquet or csv; file, directory or s3:// prefix).
         preference_data: URI of pairwise preference data (prompt, chosen, rejected).
         eval_prompts: URI of held-out prompts for evaluation (JSONL rows with a prompt).
+        preference_format: Feedback format: auto, pairwise, ranked, rating, binary or labelstudio.
+        since: Only read date partitions (date=YYYY-MM-DD) from this day on; empty reads everything.
+        max_rejected_fraction: Fail the import when more than this share of feedback rows is rejected.
         use_lora: Train LoRA adapters instead of all weights, in SFT and DPO.
         lora_r: LoRA rank.
         max_length: Longest tokenised prompt + response.
@@ -82,8 +91,7 @@ def dpo_pipeline(
         eval_max_prompts: Evaluate at most this many held-out prompts.
         seed: Seed for splits, initialisation, data order and sampling.
     """
-    sft_rows = ingest_op(source=sft_data, eval_fraction=eval_fraction, seed=seed)
-    data_step(sft_rows.set_display_name("Ingest SFT data"))
+    sft_rows = ingest_data(sft_data, eval_fraction, seed)
 
     sft = sft_op(
         base_model=base_model,
@@ -100,8 +108,9 @@ def dpo_pipeline(
     )
     training_step(sft.set_display_name("Supervised fine-tuning"))
 
-    pairs = preference_import_op(source=preference_data, eval_fraction=eval_fraction, seed=seed)
-    data_step(pairs.set_display_name("Import preferences"))
+    pairs = import_pairs(
+        preference_data, eval_fraction, seed, preference_format, since, max_rejected_fraction
+    )
 
     policy = dpo_op(
         sft_model=sft.outputs["model"],

@@ -155,3 +155,31 @@ def test_download_refuses_keys_escaping_dest(s3: S3Bucket, tmp_path: Path, bad_k
     with pytest.raises(ValueError, match="escape"):
         storage.local_path(s3.uri("data"), tmp_path / "cache")
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_fingerprint_follows_the_data_not_the_uri(tmp_path: Path) -> None:
+    import os
+
+    from preftune.storage import fingerprint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"x": 1}\n')
+    first = fingerprint(str(data))
+    assert first == fingerprint(str(data))
+    (data / "b.jsonl").write_text('{"x": 2}\n')
+    second = fingerprint(str(data))
+    assert second != first
+    os.utime(data / "b.jsonl", ns=(1, 1))
+    assert fingerprint(str(data)) != second
+    assert fingerprint(str(data / "a.jsonl")) != fingerprint(str(data))
+
+
+def test_fingerprint_of_an_s3_prefix(s3) -> None:  # noqa: ANN001
+    from preftune.storage import fingerprint
+
+    s3.put("daily/date=2026-11-01/a.jsonl", '{"x": 1}\n')
+    first = fingerprint(s3.uri("daily"))
+    assert first == fingerprint(s3.uri("daily/"))
+    s3.put("daily/date=2026-11-02/a.jsonl", '{"x": 2}\n')
+    assert fingerprint(s3.uri("daily")) != first

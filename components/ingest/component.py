@@ -18,6 +18,7 @@ def ingest(
     seed: int = 0,
     min_chars: int = 1,
     max_chars: int = 8000,
+    source_fingerprint: str = "",
 ):
     """Read SFT data, validate every row, and split it into train and eval sets.
 
@@ -35,6 +36,8 @@ def ingest(
         seed: Seed of the train/eval split; the same seed and data always give the same split.
         min_chars: Shortest accepted prompt or completion, in characters.
         max_chars: Longest accepted prompt or completion, in characters.
+        source_fingerprint: Identity of the data behind ``source`` (set by the pipeline from the fingerprint
+            step); it only changes the cache key, so the step reruns when the data changes.
     """
     from preftune.data.ingest import ingest as run_ingest
 

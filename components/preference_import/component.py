@@ -25,6 +25,7 @@ def preference_import(
     seed: int = 0,
     min_chars: int = 1,
     max_chars: int = 8000,
+    source_fingerprint: str = "",
 ):
     """Turn collected human feedback into chosen/rejected training pairs, accounting for every row.
 
@@ -52,6 +53,8 @@ def preference_import(
         seed: Seed of the train/eval split and of pair capping.
         min_chars: Shortest accepted prompt or response, in characters.
         max_chars: Longest accepted prompt or response, in characters.
+        source_fingerprint: Identity of the data behind ``source`` (set by the pipeline from the fingerprint
+            step); it only changes the cache key, so the step reruns when the data changes.
     """
     from preftune.data.preferences import RejectedFractionError, import_preferences
 

@@ -145,6 +145,9 @@ def render_readme(name: str, component: Any) -> str:
     for io_name, io in (spec.inputs or {}).items():
         default = "" if io.default is None else f"`{io.default!r}`"
         inputs.append(f"| `{io_name}` | {_type_name(io)} | {default} | {args.get(io_name, '')} |")
+    returns = re.search(r"\n\s*Returns:\s*\n(.*?)(\n\s*\n|$)", inspect.cleandoc(doc), re.DOTALL)
+    if returns:
+        args.setdefault("Output", " ".join(returns.group(1).split()))
     outputs = [
         f"| `{io_name}` | {_type_name(io)} | {args.get(io_name, '')} |"
         for io_name, io in (spec.outputs or {}).items()

@@ -333,3 +333,26 @@ def sha256_of(uri: str) -> str:
     for rel, file_uri in pairs:
         digest.update(f"{rel}\0{_hash_stream(file_uri)}\n".encode())
     return digest.hexdigest()
+
+
+def fingerprint(uri: str) -> str:
+    """A cheap identity of the data behind a URI: changes whenever a file is added, removed or rewritten.
+
+    Listing metadata only (S3 ETags; local sizes and modification times), so a nightly run can tell whether its
+    input changed without reading it. Pipelines feed it into the ingest steps' cache keys.
+    """
+    digest = hashlib.sha256()
+    if is_s3(uri):
+        _, entries = _s3_entries(uri, s3_client())
+        for key, _, etag in entries:
+            digest.update(f"{key}\0{etag}\n".encode())
+    else:
+        root = _local(uri)
+        if not root.exists():
+            raise FileNotFoundError(f"no such file or directory: {uri}")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            stat = path.stat()
+            rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
