@@ -51,11 +51,22 @@ def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.slow
 def test_every_step_succeeded(dpo_run: dict) -> None:
     assert dpo_run["status"] == "SUCCEEDED"
-    assert set(dpo_run["steps"]) == {"ingest", "preference-import", "sft", "dpo", "evaluate"}
+    assert set(dpo_run["steps"]) == {
+        "fingerprint",
+        "fingerprint-2",
+        "ingest",
+        "preference-import",
+        "sft",
+        "dpo",
+        "evaluate",
+    }
     assert all(step["status"] == "SUCCEEDED" for step in dpo_run["steps"].values())
-    for step in dpo_run["steps"].values():
+    for name, step in dpo_run["steps"].items():
+        if name.startswith("fingerprint"):
+            continue
         assert step["metrics"], "every step logs metrics"
-        assert all(Path(uri).exists() for uri in step["artifacts"].values())
+        files = {k: uri for k, uri in step["artifacts"].items() if k != "metrics"}  # metrics live in metadata
+        assert files and all(Path(uri).exists() for uri in files.values()), files
 
 
 @pytest.mark.slow
