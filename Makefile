@@ -33,6 +33,7 @@ tools: $(TOOLS_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/preftune run dpo --pipeline-root $(PIPELINE_ROOT)
+	$(BIN)/preftune run rlhf --pipeline-root $(PIPELINE_ROOT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -7,7 +7,9 @@ from preftune.components.dpo.component import dpo as dpo_op
 from preftune.components.evaluate.component import evaluate as evaluate_op
 from preftune.components.fingerprint.component import fingerprint as fingerprint_op
 from preftune.components.ingest.component import ingest as ingest_op
+from preftune.components.ppo.component import ppo as ppo_op
 from preftune.components.preference_import.component import preference_import as preference_import_op
+from preftune.components.reward_model.component import reward_model as reward_model_op
 from preftune.components.sft.component import sft as sft_op
 
 #: Component name (folder under components/) -> component.
@@ -16,6 +18,8 @@ COMPONENTS = {
     "ingest": ingest_op,
     "preference_import": preference_import_op,
     "sft": sft_op,
+    "reward_model": reward_model_op,
+    "ppo": ppo_op,
     "dpo": dpo_op,
     "evaluate": evaluate_op,
 }

@@ -2,31 +2,23 @@
 
 from kfp import dsl
 
-from preftune.components import dpo_op, evaluate_op, sft_op
+from preftune.components import dpo_op, evaluate_op
 from preftune.pipelines.cluster import training_step
 from preftune.pipelines.data import import_pairs, ingest_data
+from preftune.pipelines.sft_stage import SHARED_RULES, supervised_fine_tuning
 from preftune.runner import Rule
 
 PIPELINE_NAME = "preftune-dpo"
 
 #: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts.
 PARAMETER_RULES = {
+    **SHARED_RULES,
     "dpo_loss": Rule(choices=("sigmoid", "ipo", "hinge")),
     "dpo_beta": Rule(low=0.0, low_inclusive=False),
     "dpo_label_smoothing": Rule(low=0.0, high=0.5),
-    "eval_fraction": Rule(low=0.0, high=0.5),
-    "preference_format": Rule(choices=("auto", "pairwise", "ranked", "rating", "binary", "labelstudio")),
-    "max_rejected_fraction": Rule(low=0.0, high=1.0),
-    "lora_r": Rule(low=1),
-    "max_length": Rule(low=16),
-    "sft_epochs": Rule(low=1),
     "dpo_epochs": Rule(low=1),
-    "sft_learning_rate": Rule(low=0.0, low_inclusive=False),
     "dpo_learning_rate": Rule(low=0.0, low_inclusive=False),
-    "sft_batch_size": Rule(low=1),
     "dpo_batch_size": Rule(low=1),
-    "eval_max_new_tokens": Rule(low=1),
-    "eval_max_prompts": Rule(low=1),
 }
 
 
@@ -93,10 +85,9 @@ def dpo_pipeline(
     """
     sft_rows = ingest_data(sft_data, eval_fraction, seed)
 
-    sft = sft_op(
-        base_model=base_model,
-        train_data=sft_rows.outputs["train_data"],
-        eval_data=sft_rows.outputs["eval_data"],
+    sft = supervised_fine_tuning(
+        base_model,
+        sft_rows,
         epochs=sft_epochs,
         learning_rate=sft_learning_rate,
         batch_size=sft_batch_size,
@@ -106,7 +97,6 @@ def dpo_pipeline(
         seed=seed,
         max_steps=sft_max_steps,
     )
-    training_step(sft.set_display_name("Supervised fine-tuning"))
 
     pairs = import_pairs(
         preference_data, eval_fraction, seed, preference_format, since, max_rejected_fraction

@@ -12,7 +12,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from preftune.evaluation import EvalConfig, distinct_n, evaluate, generate_responses
+from preftune.evaluation import (
+    EvalConfig,
+    JudgeScores,
+    distinct_n,
+    evaluate,
+    generate_responses,
+    judge_generations,
+    judge_metrics,
+)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
@@ -182,7 +190,7 @@ def test_perturbed_candidate_has_positive_finite_kl(tmp_path: Path, tiny, data) 
 
 
 def test_generations_file_and_report(tmp_path: Path, tiny, data) -> None:
-    metrics = _run(tmp_path, tiny, data, "candidate", judge=tiny["reference"])
+    metrics = _run(tmp_path, tiny, data, "candidate")
     lines = (tmp_path / "generations.jsonl").read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) == 5 == metrics["num_prompts"]
@@ -197,7 +205,7 @@ def test_generations_file_and_report(tmp_path: Path, tiny, data) -> None:
     assert html.startswith("<!DOCTYPE html>")
     assert "<table" in html and "kl_candidate_reference" in html and "implicit_reward_accuracy" in html
     assert html.count("data:image/png;base64,") == 2  # distinct-n and length charts
-    assert "not implemented yet" in html  # the judge is acknowledged, not silently dropped
+    assert "judge" not in html.split("How the metrics are computed")[0]  # no judge, no judge section
 
 
 def test_same_seed_gives_same_generations(tmp_path: Path, tiny, data) -> None:
@@ -329,3 +337,96 @@ def test_prompts_from_a_directory(tmp_path: Path, tiny) -> None:
     rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in rows] == ["first", "second"]
     assert rows[0]["candidate"] == rows[0]["reference"]  # greedy, same model
+
+
+# --- the judge (a reward model scoring both models' responses) -------------------------------------------------
+
+LONG = "the cat sat on the mat and the dog ran after it"
+SHORT = "no."
+
+
+@pytest.fixture(scope="module")
+def judge(tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A reward model trained briefly (on the reference's backbone) to prefer a long answer to a short one."""
+    from preftune.train.reward import RewardConfig, train_reward_model
+
+    root = tmp_path_factory.mktemp("judge")
+    rows = [
+        {"prompt": [{"role": "user", "content": f"say something {i}"}], "chosen": LONG, "rejected": SHORT}
+        for i in range(8)
+    ]
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = RewardConfig(
+        max_steps=6, learning_rate=1e-2, batch_size=4, max_length=64, use_lora=False, eval_steps=0
+    )
+    metrics = train_reward_model(
+        tiny["reference"], str(pairs), str(pairs), str(root / "model"), str(root / "r.html"), config
+    )
+    assert metrics["eval_accuracy"] == 1.0
+    return str(root / "model")
+
+
+def test_judge_metrics_by_hand() -> None:
+    # Prompt 1: candidate wins (1 > 0); 2: tie (0 = 0); 3: reference wins (2 < 3); 4: tie (0.5 = 0.5).
+    # Win rate = (1 win + 0.5 * 2 ties) / 4 = 0.5; means: (1 + 0 + 2 + 0.5) / 4 = 0.875 and (0 + 0 + 3 + 0.5) / 4.
+    metrics = judge_metrics(JudgeScores(candidate=[1.0, 0.0, 2.0, 0.5], reference=[0.0, 0.0, 3.0, 0.5]))
+    assert metrics == {
+        "judge_reward_candidate": pytest.approx(0.875),
+        "judge_reward_reference": pytest.approx(0.875),
+        "win_rate_vs_reference": pytest.approx(0.5),
+        "judge_ties": 2.0,
+    }
+    # One prompt, the candidate ahead: win rate 1; behind: 0.
+    assert judge_metrics(JudgeScores([2.0], [1.0]))["win_rate_vs_reference"] == 1.0
+    assert judge_metrics(JudgeScores([1.0], [2.0]))["win_rate_vs_reference"] == 0.0
+    with pytest.raises(ValueError, match="no responses"):
+        judge_metrics(JudgeScores([], []))
+
+
+def test_judge_scores_what_it_learnt(judge: str) -> None:
+    prompts = [[{"role": "user", "content": "say something new"}], "say something else"]
+    scores = judge_generations(judge, prompts, [LONG, LONG], [SHORT, LONG], batch_size=2)
+    assert scores.candidate[0] > scores.reference[0]  # long beats short
+    assert scores.candidate[1] == scores.reference[1]  # the same response to the same prompt: an exact tie
+    metrics = judge_metrics(scores)
+    assert metrics["win_rate_vs_reference"] == 0.75 and metrics["judge_ties"] == 1.0
+
+
+def test_evaluate_with_a_judge(tmp_path: Path, tiny, data, judge: str) -> None:
+    metrics = _run(tmp_path, tiny, data, "candidate", judge=judge)
+    judge_keys = {"judge_reward_candidate", "judge_reward_reference", "win_rate_vs_reference", "judge_ties"}
+    assert judge_keys <= set(metrics)
+    assert all(math.isfinite(metrics[k]) for k in judge_keys)
+    rows = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(
+        set(r) == {"prompt", "candidate", "reference", "candidate_reward", "reference_reward"} for r in rows
+    )
+    wins = sum(r["candidate_reward"] > r["reference_reward"] for r in rows)
+    ties = sum(r["candidate_reward"] == r["reference_reward"] for r in rows)
+    assert metrics["win_rate_vs_reference"] == pytest.approx((wins + 0.5 * ties) / len(rows))
+    assert metrics["judge_ties"] == ties
+    mean = sum(r["candidate_reward"] for r in rows) / len(rows)
+    assert metrics["judge_reward_candidate"] == pytest.approx(mean)
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Judge: reward-model scores" in html and "win_rate_vs_reference" in html
+    assert html.count("data:image/png;base64,") == 4  # + judge outcome and mean-reward charts
+    assert "candidate_reward" in html  # the per-prompt rewards are in the generations table
+
+
+def test_a_model_against_itself_ties_everywhere(tmp_path: Path, tiny, data, judge: str) -> None:
+    metrics = _run(tmp_path, tiny, data, "reference", judge=judge)  # same model, same seed, same responses
+    assert metrics["judge_ties"] == metrics["num_prompts"] == 5
+    assert metrics["win_rate_vs_reference"] == 0.5
+    assert metrics["judge_reward_candidate"] == metrics["judge_reward_reference"]
+
+
+@pytest.mark.parametrize("which", ["causal", "missing"])
+def test_judge_must_be_a_reward_model(tmp_path: Path, tiny, data, which: str) -> None:
+    ref, error, match = {
+        "causal": (tiny["reference"], ValueError, "not a reward model"),
+        "missing": (str(tmp_path / "nowhere"), FileNotFoundError, "does not exist"),
+    }[which]
+    with pytest.raises(error, match=match):
+        _run(tmp_path, tiny, data, "candidate", judge=ref)
+    assert not (tmp_path / "generations.jsonl").exists()  # it failed before generating anything

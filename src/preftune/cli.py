@@ -18,7 +18,12 @@ HEADLINE_METRICS = {
     "preference-import": ["rows_input", "rows_used", "rows_rejected", "pairs_train", "pairs_eval"],
     "sft": ["train_loss", "eval_loss", "eval_perplexity"],
     "dpo": ["first_step_loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin"],
+    "reward-model": ["first_eval_accuracy", "eval_accuracy", "eval_mean_margin"],
+    "ppo": ["reward_first", "reward_last", "kl_last", "kl_max", "early_stops"],
     "evaluate": [
+        "win_rate_vs_reference",
+        "judge_reward_candidate",
+        "judge_reward_reference",
         "kl_candidate_reference",
         "implicit_reward_accuracy",
         "distinct_2_candidate",

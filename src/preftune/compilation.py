@@ -81,6 +81,20 @@ def stale(root: Path | None = None) -> list[Path]:
 
 
 _EXAMPLES = {
+    "fingerprint": """fp = fingerprint_op(source="s3://my-bucket/sft/")
+fp.set_caching_options(False)
+ingest_op(source="s3://my-bucket/sft/", source_fingerprint=fp.output)""",
+    "reward_model": """reward = reward_model_op(
+    sft_model=sft.outputs["model"],
+    train_pairs=pairs.outputs["train_pairs"],
+    eval_pairs=pairs.outputs["eval_pairs"],
+)""",
+    "ppo": """policy = ppo_op(
+    sft_model=sft.outputs["model"],
+    reward_model=reward.outputs["model"],
+    prompts=pairs.outputs["train_pairs"],
+    kl_coef=0.05,
+)""",
     "ingest": """sft_rows = ingest_op(source="s3://my-bucket/sft/")
 sft_rows.outputs["train_data"]  # -> sft_op(train_data=...)""",
     "preference_import": """pairs = preference_import_op(source="s3://my-bucket/feedback/")
@@ -179,7 +193,7 @@ From Python (`pip install preftune`):
 from kfp import dsl
 from preftune.components import {op}
 
-{_EXAMPLES.get(name, "")}
+{_EXAMPLES[name]}
 ```
 
 From the compiled file, with no preftune install:

@@ -23,6 +23,12 @@ Definitions (also shown in the report):
   given the prompt (DPO's reward); ``implicit_reward_accuracy`` is the share of pairs whose chosen reward is
   strictly higher, ``implicit_reward_margin`` the mean reward difference chosen - rejected, and
   ``chosen_perplexity_*`` is exp(total NLL / total tokens) of the chosen responses (completion tokens + eos).
+- With a judge (a reward model): each displayed response is scored by it (prompt rendered with the judge's own
+  chat template, response, eos; preftune.scoring.score_texts). ``judge_reward_candidate`` and
+  ``judge_reward_reference`` are the mean rewards; ``win_rate_vs_reference`` is the share of prompts where the
+  candidate's reward is higher, a tie counting half; ``judge_ties`` is the number of prompts whose two rewards
+  are equal (identical responses are scored once, so they always tie). Each generations row then also carries
+  ``candidate_reward`` and ``reference_reward``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -43,7 +49,8 @@ from preftune import reports, storage, templating
 from preftune.data.readers import RawRow, parse_jsonl
 from preftune.data.records import completion_text, to_messages, write_jsonl
 from preftune.losses import sequence_logprobs
-from preftune.modeling import load_causal_lm, load_tokenizer, set_seed
+from preftune.modeling import load_causal_lm, load_reward_model, load_tokenizer, resolve, set_seed
+from preftune.scoring import score_texts
 from preftune.templating import render_prompt, tokenize_pair
 
 log = logging.getLogger(__name__)
@@ -404,15 +411,81 @@ def score_pairs(
 # ---------------------------------------------------------------------------------------------------- the judge
 
 
-def _judge_metrics(judge: str | None) -> dict[str, float]:
-    """Hook for reward-model scoring and win rate of candidate vs reference generations: not implemented yet.
+@dataclass
+class JudgeScores:
+    """Rewards a judge (reward model) gave the candidate's and the reference's response to each prompt."""
 
-    A later change loads ``judge`` as a reward model, scores both generations per prompt and reports the mean
-    rewards and the candidate's win rate here.
+    candidate: list[float]
+    reference: list[float]
+
+
+def _check_reward_model(ref: str) -> None:
+    """Refuse a local model that is not a reward model: a causal LM would load with a random, meaningless head."""
+    path = Path(resolve(ref))
+    if not path.is_dir():
+        return  # a hub id: transformers checks what it loads
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        task = json.loads(adapter.read_text(encoding="utf-8")).get("task_type")
+        if task != "SEQ_CLS":
+            raise ValueError(f"judge {ref}: a {task or 'untyped'} adapter, not a reward model (SEQ_CLS)")
+        return
+    config = path / "config.json"
+    architectures = (
+        json.loads(config.read_text(encoding="utf-8")).get("architectures") if config.is_file() else None
+    )
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures or []):
+        raise ValueError(
+            f"judge {ref}: {', '.join(architectures or ['unknown architecture'])} is not a reward model; "
+            "give a reward-model artifact (a sequence classifier with one output)"
+        )
+
+
+def judge_generations(
+    judge: str,
+    prompts: Sequence[Messages],
+    candidate_texts: Sequence[str],
+    reference_texts: Sequence[str],
+    *,
+    batch_size: int,
+) -> JudgeScores:
+    """Score both models' responses to each prompt with a reward model.
+
+    The judge reads text with its own tokenizer and chat template, so it need not share the policies'
+    tokenizer. Each distinct (prompt, response) is scored once: identical responses get identical rewards.
     """
-    if judge is not None:
-        log.warning("judge %r given, but reward-model scoring is not implemented yet: it is ignored", judge)
-    return {}
+    _check_reward_model(judge)
+    tokenizer = load_tokenizer(judge)
+    model = load_reward_model(judge).to(_device()).eval()
+    unique: dict[tuple[int, str], int] = {}
+    for texts in (candidate_texts, reference_texts):
+        for i, text in enumerate(texts):
+            unique.setdefault((i, text), len(unique))
+    keys = list(unique)
+    rewards = score_texts(
+        model, tokenizer, [prompts[i] for i, _ in keys], [text for _, text in keys], batch_size=batch_size
+    )
+    del model
+
+    def lookup(texts: Sequence[str]) -> list[float]:
+        return [rewards[unique[(i, text)]] for i, text in enumerate(texts)]
+
+    return JudgeScores(candidate=lookup(candidate_texts), reference=lookup(reference_texts))
+
+
+def judge_metrics(scores: JudgeScores) -> dict[str, float]:
+    """Mean rewards, the candidate's win rate against the reference (a tie counts half) and the tie count."""
+    pairs = list(zip(scores.candidate, scores.reference, strict=True))
+    if not pairs:
+        raise ValueError("judge: no responses to compare")
+    wins = sum(c > r for c, r in pairs)
+    ties = sum(c == r for c, r in pairs)
+    return {
+        "judge_reward_candidate": sum(scores.candidate) / len(pairs),
+        "judge_reward_reference": sum(scores.reference) / len(pairs),
+        "win_rate_vs_reference": (wins + 0.5 * ties) / len(pairs),
+        "judge_ties": float(ties),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -429,6 +502,9 @@ unbiased; it can be slightly negative when the models are nearly identical.
 <li><b>implicit_reward_*</b> (held-out pairs): reward = beta * (log pi_cand - log pi_ref) of a response given its
 prompt; accuracy = share of pairs where the chosen reward is strictly higher; margin = mean chosen - rejected.</li>
 <li><b>chosen_perplexity_*</b>: exp(mean NLL per token) of the chosen responses (completion tokens and eos).</li>
+<li><b>judge_*</b> (with a judge reward model): mean reward of each model's displayed responses;
+<b>win_rate_vs_reference</b> = share of prompts where the candidate's reward is higher, a tie counting half;
+<b>judge_ties</b> = number of prompts with equal rewards (identical responses always tie).</li>
 </ul>"""
 
 
@@ -449,18 +525,41 @@ def _report(
     lengths = {who: metrics[f"mean_length_{who}"] for who in ("candidate", "reference")}
     charts = reports.bar_chart(distinct, "Distinct n-grams (higher = more diverse)", "unique / total")
     charts += reports.bar_chart(lengths, "Mean response length", "tokens")
-    notes = ""
-    if judge is not None:
-        notes = f"<p><em>Judge {reports.escape(judge)} was given; reward-model scoring is not implemented yet.</em></p>"
+    columns = ["prompt", "candidate", "reference"]
     sections = [
-        ("Metrics", reports.key_values(dict(metrics)) + notes),
+        ("Metrics", reports.key_values(dict(metrics))),
         ("Diversity and length: candidate vs reference", charts),
+    ]
+    if judge is not None:
+        columns += ["candidate_reward", "reference_reward"]
+        sections.append(("Judge: reward-model scores", _judge_section(metrics, rows, judge)))
+    sections += [
         ("How the metrics are computed", _METHODS),
         ("Settings", reports.key_values(asdict(config))),
-        ("Generations (same prompts, same seed)", reports.table(rows, ["prompt", "candidate", "reference"])),
+        ("Generations (same prompts, same seed)", reports.table(rows, columns)),
     ]
     intro = f"Candidate {candidate} compared with reference {reference}."
     return reports.page("preftune evaluation", sections, intro=intro)
+
+
+def _judge_section(metrics: Mapping[str, float], rows: Sequence[Mapping[str, Any]], judge: str) -> str:
+    n = len(rows)
+    wins = sum(r["candidate_reward"] > r["reference_reward"] for r in rows)
+    ties = int(metrics["judge_ties"])
+    outcome = {"candidate wins": wins / n, "ties": ties / n, "reference wins": (n - wins - ties) / n}
+    means = {
+        "candidate": metrics["judge_reward_candidate"],
+        "reference": metrics["judge_reward_reference"],
+    }
+    text = (
+        f"<p>Judge <code>{reports.escape(judge)}</code> scored both responses to each of {n} prompts: the "
+        f"candidate wins {metrics['win_rate_vs_reference']:.1%} (ties counted half, {ties} ties).</p>"
+    )
+    return (
+        text
+        + reports.bar_chart(outcome, "Per-prompt outcome under the judge", "share of prompts")
+        + reports.bar_chart(means, "Mean judge reward", "reward")
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ driver
@@ -499,16 +598,23 @@ def evaluate(
         reference: Model reference it is compared with (the SFT model for DPO and PPO).
         eval_prompts: JSONL file or directory of held-out rows with a ``prompt`` (text or chat messages).
         eval_pairs: Optional JSONL of held-out preference pairs (``prompt``, ``chosen``, ``rejected``).
-        generations_path: Where to write ``{"prompt", "candidate", "reference"}`` rows, one per prompt.
+        generations_path: Where to write ``{"prompt", "candidate", "reference"}`` rows, one per prompt (with a
+            judge, also ``candidate_reward`` and ``reference_reward``).
         report_path: Where to write the HTML report.
         config: Sampling and scoring settings.
-        judge: Optional reward model reference; reserved for reward-model scoring (not implemented yet).
+        judge: Optional reward model reference (a reward-model artifact, e.g. from the reward_model step): scores
+            both models' responses; adds the ``judge_*`` metrics, ``win_rate_vs_reference`` and a per-prompt
+            ``candidate_reward`` / ``reference_reward`` in the generations.
 
     Returns:
         Flat metrics: see the module docstring for each name's definition.
     """
     prompts = _read_prompts(eval_prompts, config.max_prompts)  # fail on bad input before loading models
     pairs = _read_pairs(eval_pairs) if eval_pairs else None
+    if judge is not None:
+        # A missing judge, or one that is no reward model, fails now rather than after generating.
+        judge = resolve(judge)
+        _check_reward_model(judge)
 
     tokenizer = load_tokenizer(candidate)
     if tokenizer.get_vocab() != load_tokenizer(reference).get_vocab():
@@ -567,12 +673,17 @@ def evaluate(
                 batch_size=config.batch_size,
             )
         )
-    metrics.update(_judge_metrics(judge))
-
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"prompt": _prompt_text(messages), "candidate": c, "reference": r}
         for messages, c, r in zip(prompts, cand_gen.texts, ref_gen.texts, strict=True)
     ]
+    if judge is not None:
+        scores = judge_generations(
+            judge, prompts, cand_gen.texts, ref_gen.texts, batch_size=config.batch_size
+        )
+        metrics.update(judge_metrics(scores))
+        for row, c, r in zip(rows, scores.candidate, scores.reference, strict=True):
+            row["candidate_reward"], row["reference_reward"] = c, r
     write_jsonl(generations_path, rows)
     reports.write(
         report_path,

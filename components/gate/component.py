@@ -1,0 +1,53 @@
+"""KFP component: decide whether the evaluated candidate may become the champion."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Input, Metrics, Output
+
+from preftune.platform import runtime_image
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def gate(
+    evaluation: Input[Metrics],
+    report: Output[HTML],
+    decision: dsl.OutputPath(str),
+    champion_uri: str = "",
+    min_win_rate_vs_champion: float = 0.5,
+    max_kl: float = 10.0,
+    min_diversity_ratio: float = 0.8,
+) -> bool:
+    """Check the evaluation against the promotion thresholds; the pipeline promotes only when this returns true.
+
+    A missing or non-finite metric fails its check, so a broken evaluation never promotes. A negative threshold
+    turns its check off. Use the result as ``with dsl.If(gate_task.outputs["Output"] == True):``.
+
+    Args:
+        evaluation: Metrics of the evaluate step: kl_candidate_reference, distinct_2_candidate,
+            distinct_2_reference and, once a champion exists, win_rate_vs_champion.
+        report: The decision: each check with its value and threshold, and every metric (HTML).
+        decision: The decision as JSON: promote, reasons, checks, champion_uri and the metrics it was taken on
+            (the promote step records it in the registry).
+        champion_uri: URI of the current champion (the champion step's output); when set, win_rate_vs_champion
+            is required. Empty means there is no champion yet.
+        min_win_rate_vs_champion: Lowest acceptable share of prompts where the judge prefers the candidate over
+            the champion (ties count half).
+        max_kl: Highest acceptable KL(candidate || reference) per response, in nats.
+        min_diversity_ratio: Lowest acceptable distinct-2 of the candidate divided by that of the reference.
+    """
+    import json
+
+    from preftune.gate import run_gate
+
+    result = run_gate(
+        dict(evaluation.metadata),
+        report.path,
+        min_win_rate_vs_champion=min_win_rate_vs_champion,
+        max_kl=max_kl,
+        min_diversity_ratio=min_diversity_ratio,
+        champion_uri=champion_uri,
+    )
+    with open(decision, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(result))
+    for line in result["reasons"]:
+        print(("PASS " if result["promote"] else "GATE ") + line)
+    return bool(result["promote"])

@@ -1,0 +1,1 @@
+"""The reward_model component."""

@@ -1,0 +1,177 @@
+"""The RLHF pipeline: ingest -> SFT -> preference import -> reward model -> PPO -> evaluate."""
+
+from kfp import dsl
+
+from preftune.components import evaluate_op, ppo_op, reward_model_op
+from preftune.pipelines.cluster import training_step
+from preftune.pipelines.data import import_pairs, ingest_data
+from preftune.pipelines.sft_stage import SHARED_RULES, supervised_fine_tuning
+from preftune.runner import Rule
+
+PIPELINE_NAME = "preftune-rlhf"
+
+#: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts.
+PARAMETER_RULES = {
+    **SHARED_RULES,
+    "reward_objective": Rule(choices=("pairwise", "regression")),
+    "reward_epochs": Rule(low=1),
+    "reward_learning_rate": Rule(low=0.0, low_inclusive=False),
+    "ppo_iterations": Rule(low=1),
+    "ppo_rollout_batch_size": Rule(low=1),
+    "ppo_epochs": Rule(low=1),
+    "ppo_learning_rate": Rule(low=0.0, low_inclusive=False),
+    "ppo_max_new_tokens": Rule(low=1),
+    "ppo_temperature": Rule(low=0.0, low_inclusive=False),
+    "ppo_top_p": Rule(low=0.0, high=1.0, low_inclusive=False),
+    "ppo_kl_coef": Rule(low=0.0),
+    "ppo_kl_controller": Rule(choices=("fixed", "adaptive")),
+    "ppo_target_kl": Rule(low=0.0, low_inclusive=False),
+    "ppo_max_kl": Rule(low=0.0, low_inclusive=False),
+}
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Align a language model with human feedback by RLHF: ingest SFT data, fine-tune, import "
+    "feedback, train a reward model that imitates it, optimise the policy against it with PPO near the SFT "
+    "model, and evaluate against the SFT model with the reward model as judge.",
+)
+def rlhf_pipeline(
+    base_model: str = "examples/tiny-llama",
+    sft_data: str = "examples/data/sft.jsonl",
+    preference_data: str = "examples/data/preferences.jsonl",
+    eval_prompts: str = "examples/data/eval_prompts.jsonl",
+    preference_format: str = "auto",
+    since: str = "",
+    max_rejected_fraction: float = 0.5,
+    use_lora: bool = True,
+    lora_r: int = 16,
+    max_length: int = 256,
+    eval_fraction: float = 0.1,
+    sft_epochs: int = 2,
+    sft_learning_rate: float = 2e-3,
+    sft_batch_size: int = 16,
+    sft_max_steps: int = -1,
+    reward_objective: str = "pairwise",
+    reward_use_margin: bool = True,
+    reward_epochs: int = 1,
+    reward_learning_rate: float = 1e-3,
+    reward_max_steps: int = -1,
+    ppo_iterations: int = 16,
+    ppo_rollout_batch_size: int = 32,
+    ppo_epochs: int = 2,
+    ppo_learning_rate: float = 1e-3,
+    ppo_max_new_tokens: int = 32,
+    ppo_temperature: float = 1.0,
+    ppo_top_p: float = 1.0,
+    ppo_kl_coef: float = 0.05,
+    ppo_kl_controller: str = "fixed",
+    ppo_target_kl: float = 6.0,
+    ppo_max_kl: float = 20.0,
+    eval_max_new_tokens: int = 48,
+    eval_max_prompts: int = 64,
+    seed: int = 0,
+):
+    """Align a language model with human feedback by RLHF (reward model + PPO).
+
+    Args:
+        base_model: Base model: a Hugging Face hub id, a local directory or an s3:// URI.
+        sft_data: URI of supervised fine-tuning data (jsonl, parquet or csv; file, directory or s3:// prefix).
+        preference_data: URI of human feedback: pairwise, ranked lists, scalar ratings, thumbs or Label Studio.
+        eval_prompts: URI of held-out prompts for evaluation (JSONL rows with a prompt).
+        preference_format: Feedback format: auto, pairwise, ranked, rating, binary or labelstudio.
+        since: Only read date partitions (date=YYYY-MM-DD) from this day on; empty reads everything.
+        max_rejected_fraction: Fail the import when more than this share of feedback rows is rejected.
+        use_lora: Train LoRA adapters instead of all weights, in SFT, the reward model and PPO.
+        lora_r: LoRA rank.
+        max_length: Longest tokenised prompt + response in SFT and reward model training.
+        eval_fraction: Share of SFT examples and of preference prompts held out for evaluation.
+        sft_epochs: SFT passes over the training data.
+        sft_learning_rate: SFT peak learning rate.
+        sft_batch_size: SFT examples per optimisation step.
+        sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
+        reward_objective: pairwise (Bradley-Terry on preferences) or regression (on normalised rating scores).
+        reward_use_margin: Use each pair's margin (rank gap, score difference) in the Bradley-Terry loss.
+        reward_epochs: Reward model passes over the training pairs.
+        reward_learning_rate: Reward model peak learning rate.
+        reward_max_steps: Stop reward model training after this many steps (-1 = all epochs).
+        ppo_iterations: PPO rounds of rollouts and updates.
+        ppo_rollout_batch_size: Prompts sampled per PPO iteration.
+        ppo_epochs: Passes over each iteration's rollouts.
+        ppo_learning_rate: Policy and critic learning rate.
+        ppo_max_new_tokens: Most tokens per sampled response during PPO.
+        ppo_temperature: Sampling temperature of the rollouts.
+        ppo_top_p: Nucleus sampling threshold of the rollouts (1 = off).
+        ppo_kl_coef: KL penalty per token against the SFT model (start value when adaptive).
+        ppo_kl_controller: fixed or adaptive KL coefficient.
+        ppo_target_kl: Adaptive controller's target KL per response, in nats.
+        ppo_max_kl: KL bound per response: PPO stops, keeping the last good policy, when rollouts pass it.
+        eval_max_new_tokens: Longest generated response in evaluation, in tokens.
+        eval_max_prompts: Evaluate at most this many held-out prompts.
+        seed: Seed for splits, initialisation, data order and sampling.
+    """
+    sft_rows = ingest_data(sft_data, eval_fraction, seed)
+    sft = supervised_fine_tuning(
+        base_model,
+        sft_rows,
+        epochs=sft_epochs,
+        learning_rate=sft_learning_rate,
+        batch_size=sft_batch_size,
+        max_length=max_length,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        seed=seed,
+        max_steps=sft_max_steps,
+    )
+    pairs = import_pairs(
+        preference_data, eval_fraction, seed, preference_format, since, max_rejected_fraction
+    )
+
+    reward = reward_model_op(
+        sft_model=sft.outputs["model"],
+        train_pairs=pairs.outputs["train_pairs"],
+        eval_pairs=pairs.outputs["eval_pairs"],
+        objective=reward_objective,
+        use_margin=reward_use_margin,
+        epochs=reward_epochs,
+        learning_rate=reward_learning_rate,
+        max_length=max_length,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        seed=seed,
+        max_steps=reward_max_steps,
+    )
+    training_step(reward.set_display_name("Reward model"))
+
+    policy = ppo_op(
+        sft_model=sft.outputs["model"],
+        reward_model=reward.outputs["model"],
+        prompts=pairs.outputs["train_pairs"],
+        iterations=ppo_iterations,
+        rollout_batch_size=ppo_rollout_batch_size,
+        ppo_epochs=ppo_epochs,
+        learning_rate=ppo_learning_rate,
+        max_new_tokens=ppo_max_new_tokens,
+        temperature=ppo_temperature,
+        top_p=ppo_top_p,
+        kl_coef=ppo_kl_coef,
+        kl_controller=ppo_kl_controller,
+        target_kl=ppo_target_kl,
+        max_kl=ppo_max_kl,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        seed=seed,
+    )
+    training_step(policy.set_display_name("PPO"))
+
+    evaluation = evaluate_op(
+        candidate=policy.outputs["model"],
+        reference=sft.outputs["model"],
+        eval_prompts=eval_prompts,
+        eval_pairs=pairs.outputs["eval_pairs"],
+        judge=reward.outputs["model"],
+        max_new_tokens=eval_max_new_tokens,
+        max_prompts=eval_max_prompts,
+        seed=seed,
+    )
+    training_step(evaluation.set_display_name("Evaluate against SFT"))

@@ -1,0 +1,590 @@
+"""Reward model: a one-scalar head on the SFT model, trained to imitate human preferences.
+
+The reward model is the SFT model with a sequence-classification head (``num_labels=1``), so it reads text
+exactly as the policy writes it: the chat-template-rendered prompt, the response, and eos (the same tokens as
+DPO, preftune.templating.tokenize_pair). It reads its score at the last non-padding token; batches are
+right-padded with the model's own ``config.pad_token_id`` (see preftune.scoring), the id it has again when the
+artifact is loaded, so that training and scoring read the same token.
+
+Two objectives:
+
+- ``pairwise`` (default): Bradley-Terry, ``-log sigmoid(r_chosen - r_rejected - margin)``; with ``use_margin``
+  a pair's ``margin`` (rank gap, normalised score difference, severity; times ``margin_scale``) is subtracted as
+  in Llama 2's margin loss, and pairs without one use 0.
+- ``regression``: MSE between each response's reward and its normalised score (``scores`` on pairs made from
+  scalar ratings, docs/contracts.md). A pair without scores is an error naming its file and row.
+
+Chosen and rejected answers of a batch go through the model together (2B rows, one forward pass).
+
+Held-out metrics (on the eval pairs, whatever the objective): ``eval_accuracy`` (share of pairs with
+r_chosen > r_rejected; a tie is not a win), ``eval_mean_margin`` (mean r_chosen - r_rejected) and
+``eval_accuracy_margin_<bucket>``: accuracy by the data's own margin. Buckets: ``none`` (pairs without a
+margin), then ``low`` / ``mid`` / ``high`` split at the 1/3 and 2/3 quantiles of the eval pairs' margins
+(``low``: m <= q1, ``mid``: q1 < m <= q2, ``high``: m > q2). Quantiles keep the buckets meaningful for every
+margin scale (rank gaps, z-score differences); the thresholds are in the report. An empty bucket has no metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from preftune import modeling, reports, storage
+from preftune.losses import bradley_terry_loss, reward_regression_loss
+from preftune.scoring import reward_pad_id, rewards_from_batch
+from preftune.templating import eos_id
+from preftune.train.batching import DataError, PairCollator, load_pair_features, read_rows
+from preftune.train.loop import (
+    History,
+    Meter,
+    check_config,
+    config_rows,
+    disable_dropout,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    plan_steps,
+    progress,
+)
+from preftune.train.sft import target_modules
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES: tuple[str, ...] = ("pairwise", "regression")
+BUCKETS: tuple[str, ...] = ("none", "low", "mid", "high")
+
+
+@dataclass
+class RewardConfig:
+    """Hyper-parameters of reward-model training.
+
+    The defaults train the bundled tiny model's reward head on the bundled pairs in about a minute on 2 CPU
+    cores. For billion-parameter models lower ``learning_rate`` (LoRA: about 1e-4; full fine-tuning: about
+    1e-5) and keep ``epochs`` at 1: reward models overfit quickly.
+    """
+
+    epochs: int = field(
+        default=1, metadata={"help": "Passes over the training pairs (ignored when max_steps > 0)."}
+    )
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Peak learning rate (warm-up, then linear decay)."}
+    )
+    objective: str = field(
+        default="pairwise",
+        metadata={
+            "help": "pairwise (Bradley-Terry on chosen vs rejected) or regression (MSE on pair scores)."
+        },
+    )
+    use_margin: bool = field(
+        default=True,
+        metadata={
+            "help": "Pairwise: subtract each pair's margin inside the sigmoid (Llama 2's margin loss)."
+        },
+    )
+    margin_scale: float = field(
+        default=1.0, metadata={"help": "Multiplier applied to the data's margins before they enter the loss."}
+    )
+    batch_size: int = field(
+        default=16, metadata={"help": "Pairs per forward pass on each device (2x sequences)."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Forward passes per optimisation step (effective batch = batch x this)."}
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "Longest prompt + answer in tokens; prompts keep their end."}
+    )
+    use_lora: bool = field(
+        default=True,
+        metadata={"help": "Train a LoRA adapter (plus the full score head) on the merged SFT model."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str = field(
+        default="", metadata={"help": "Comma-separated module names for LoRA; empty = all linear layers."}
+    )
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps spent warming up the rate."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = no clipping)."})
+    seed: int = field(default=0, metadata={"help": "Seed for the score head, initialisation and data order."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Stop after this many optimisation steps (-1 = epochs)."}
+    )
+    logging_steps: int = field(default=5, metadata={"help": "Log training metrics every this many steps."})
+    eval_steps: int = field(
+        default=25, metadata={"help": "Also evaluate every this many steps (0 = only after each epoch)."}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "Pairs per forward pass when evaluating."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Turn off dropout so both answers of a pair are scored alike."}
+    )
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+
+
+def _check(config: RewardConfig) -> None:
+    check_config(config)
+    if config.objective not in OBJECTIVES:
+        raise ValueError(
+            f"RewardConfig.objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}"
+        )
+    if not (math.isfinite(config.margin_scale) and config.margin_scale >= 0):
+        raise ValueError(
+            f"RewardConfig.margin_scale must be a finite number >= 0, got {config.margin_scale!r}"
+        )
+
+
+# -------------------------------------------------------------------------------------------------------- data
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def load_reward_features(
+    path: str, tokenizer: Any, max_length: int, *, need_scores: bool
+) -> list[dict[str, Any]]:
+    """Tokenised preference pairs (as preftune.train.batching.load_pair_features) with ``margin`` (a float, NaN
+    when the pair has none) and, when the pairs carry them, ``score_chosen`` / ``score_rejected``.
+
+    Raises DataError naming the file, row and field for a bad ``margin``, and, with ``need_scores`` (the
+    regression objective), for a pair without numeric ``scores.chosen`` / ``scores.rejected``.
+    """
+    local = str(storage.local_path(path))  # s3:// pairs are downloaded once
+    features = load_pair_features(local, tokenizer, max_length)
+    rows = read_rows(local)
+    if len(rows) != len(features):  # both read the same files in the same order
+        raise DataError(f"{path}: read {len(rows)} rows but tokenised {len(features)} pairs")
+    for feature, (file, row, record) in zip(features, rows, strict=True):
+        where = f"{file}: row {row}"
+        margin = record.get("margin")
+        if margin is None:
+            feature["margin"] = math.nan
+        else:
+            number = _number(margin)
+            if number is None or number < 0:
+                raise DataError(
+                    f"{where}: field 'margin': expected a non-negative number or null, got {margin!r}"
+                )
+            feature["margin"] = number
+        scores = record.get("scores")
+        if isinstance(scores, dict) and all(
+            _number(scores.get(k)) is not None for k in ("chosen", "rejected")
+        ):
+            feature["score_chosen"] = float(scores["chosen"])
+            feature["score_rejected"] = float(scores["rejected"])
+        elif need_scores:
+            what = "missing" if scores is None else f"got {scores!r}"
+            raise DataError(
+                f"{where}: field 'scores': the regression objective needs each pair's normalised scores "
+                f'{{"chosen": number, "rejected": number}} ({what}); pairs made from scalar ratings carry them, '
+                "otherwise use objective='pairwise'"
+            )
+    return features
+
+
+class RewardCollator:
+    """PairCollator batches (2B rows: chosen then rejected) plus ``margin`` (B,), NaN where a pair has none,
+    and ``scores`` (2B,) when every pair of the batch has scores.
+
+    Padding positions hold ``pad_id``: the id the reward model pools by (its ``config.pad_token_id``), so
+    training reads each score at the same token as preftune.scoring does later on the saved model.
+    """
+
+    def __init__(self, tokenizer: Any, pad_id: int) -> None:
+        self.pairs = PairCollator(tokenizer)
+        self.pad_id = pad_id
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pairs(features)
+        batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, self.pad_id)
+        batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
+        if all("score_chosen" in f for f in features):
+            scores = [f["score_chosen"] for f in features] + [f["score_rejected"] for f in features]
+            batch["scores"] = torch.tensor(scores, dtype=torch.float32)
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------- the objective
+
+
+def pair_rewards(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and the rejected answers, from one forward pass over the 2B rows."""
+    rewards = rewards_from_batch(model, batch["input_ids"], batch["attention_mask"])
+    n = batch["index"].numel()
+    return rewards[:n], rewards[n:]
+
+
+def pair_losses(
+    config: RewardConfig, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Per-pair losses (B,) of the configured objective (regression: mean squared error of the pair's two
+    responses)."""
+    if config.objective == "regression":
+        if "scores" not in batch:
+            raise DataError("the regression objective needs 'scores' on every pair")
+        n = chosen.numel()
+        targets = batch["scores"].to(chosen.device)
+        return 0.5 * (
+            reward_regression_loss(chosen, targets[:n]) + reward_regression_loss(rejected, targets[n:])
+        )
+    margin = batch["margin"].to(chosen.device) * config.margin_scale if config.use_margin else None
+    return bradley_terry_loss(chosen, rejected, margin)
+
+
+def _summary(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    chosen, rejected = chosen.float(), rejected.float()
+    both = torch.cat([chosen, rejected])
+    return {
+        "loss": float(losses.float().mean()),
+        "accuracy": float((chosen > rejected).float().mean()),
+        "mean_margin": float((chosen - rejected).mean()),
+        "chosen_reward": float(chosen.mean()),
+        "rejected_reward": float(rejected.mean()),
+        "reward_mean": float(both.mean()),
+        "reward_std": float(both.std()) if both.numel() > 1 else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- buckets
+
+
+def margin_thresholds(margins: Sequence[float]) -> tuple[float, float] | None:
+    """The 1/3 and 2/3 quantiles (linear interpolation) of the finite margins; None when no pair has one."""
+    values = torch.tensor([m for m in margins if math.isfinite(m)], dtype=torch.float64)
+    if values.numel() == 0:
+        return None
+    q = torch.quantile(values, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def margin_bucket(margin: float, thresholds: tuple[float, float] | None) -> str:
+    """``none`` for a pair without a margin, else ``low`` (<= q1), ``mid`` (<= q2) or ``high``."""
+    if not math.isfinite(margin) or thresholds is None:
+        return "none"
+    low, mid = thresholds
+    if margin <= low:
+        return "low"
+    return "mid" if margin <= mid else "high"
+
+
+def bucket_rows(
+    margins: Sequence[float],
+    chosen: Sequence[float],
+    rejected: Sequence[float],
+    thresholds: tuple[float, float] | None,
+) -> list[dict[str, Any]]:
+    """Accuracy and mean reward margin per margin bucket (buckets with no pair are left out)."""
+    groups: dict[str, list[int]] = {name: [] for name in BUCKETS}
+    for i, m in enumerate(margins):
+        groups[margin_bucket(m, thresholds)].append(i)
+    ranges = {"none": "no margin"}
+    if thresholds is not None:
+        q1, q2 = thresholds
+        ranges.update({"low": f"m <= {q1:.4g}", "mid": f"{q1:.4g} < m <= {q2:.4g}", "high": f"m > {q2:.4g}"})
+    rows = []
+    for name in BUCKETS:
+        members = groups[name]
+        if not members:
+            continue
+        wins = sum(chosen[i] > rejected[i] for i in members)
+        rows.append(
+            {
+                "bucket": name,
+                "range": ranges[name],
+                "pairs": len(members),
+                "accuracy": wins / len(members),
+                "mean_margin": sum(chosen[i] - rejected[i] for i in members) / len(members),
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+
+
+def _evaluate(
+    model: Any, loader: DataLoader, accelerator: Any, config: RewardConfig, count: int
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Metrics over the eval pairs, and every pair's chosen / rejected reward in the pairs' order."""
+    model.eval()
+    chosen = torch.zeros(count, dtype=torch.float64)
+    rejected = torch.zeros(count, dtype=torch.float64)
+    losses = torch.zeros(count, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            c, r = pair_rewards(model, batch)
+            loss = pair_losses(config, c, r, batch)
+            index, c, r, loss = accelerator.gather_for_metrics((batch["index"], c, r, loss))
+            index = index.cpu()
+            chosen[index] = c.double().cpu()
+            rejected[index] = r.double().cpu()
+            losses[index] = loss.double().cpu()
+    model.train()
+    return _summary(losses, chosen, rejected), chosen, rejected
+
+
+def train_reward_model(
+    sft_model: str,
+    train_pairs: str,
+    eval_pairs: str,
+    model_dir: str,
+    report_path: str,
+    config: RewardConfig,
+    *,
+    sft_model_uri: str | None = None,
+    model_uri: str | None = None,
+) -> dict[str, float]:
+    """Train a reward model on preference pairs from the SFT model and save it as a model artifact.
+
+    Args:
+        sft_model: The SFT model (local directory, s3:// URI or hub id); its backbone initialises the reward
+            model, a new one-scalar head scores.
+        train_pairs: Preference pairs (JSONL file or directory) in the contract shape.
+        eval_pairs: Held-out pairs, same shape.
+        model_dir: Where to write the model artifact (directory): full sequence-classification weights, or with
+            LoRA an adapter (score head included) stacked on the SFT artifact.
+        report_path: Where to write the HTML report (file).
+        config: Hyper-parameters.
+        sft_model_uri: The SFT artifact's URI for the lineage and the adapter's base (defaults to ``sft_model``).
+        model_uri: Where ``model_dir`` will be published (recorded in the lineage chain).
+
+    Returns:
+        Metrics: ``eval_accuracy`` (share of held-out pairs with r_chosen > r_rejected), ``first_eval_accuracy``
+        (the same before training), ``eval_mean_margin`` (mean r_chosen - r_rejected), ``first_eval_loss``,
+        ``eval_loss``, ``train_loss`` (mean over the last epoch), ``eval_accuracy_margin_<none|low|mid|high>``
+        (by the data's margin; see the module docstring), ``eval_chosen_reward``, ``eval_rejected_reward``,
+        ``eval_reward_mean`` and ``eval_reward_std`` (over all held-out responses: a scale for PPO),
+        ``steps``, ``train_pairs``, ``eval_pairs``, ``train_seconds``.
+    """
+    _check(config)
+    modeling.set_seed(config.seed)
+    accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
+    tokenizer = modeling.load_tokenizer(sft_model, trust_remote_code=config.trust_remote_code)
+    need_scores = config.objective == "regression"
+    train_features = load_reward_features(train_pairs, tokenizer, config.max_length, need_scores=need_scores)
+    eval_features = load_reward_features(eval_pairs, tokenizer, config.max_length, need_scores=need_scores)
+
+    model = modeling.prepare_reward_model(
+        sft_model,
+        use_lora=config.use_lora,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_modules(config.lora_target_modules),
+        trust_remote_code=config.trust_remote_code,
+    )
+    # The model reads its score at the rightmost token that is not config.pad_token_id. That id is set from the
+    # parent's config (modeling.prepare_reward_model), exactly as modeling.load_reward_model sets it when the
+    # artifact is loaded again; batches are padded with it, so training and later scoring read the same token.
+    reward_pad = reward_pad_id(model)
+    if reward_pad is None:
+        raise ValueError(f"{sft_model}: the reward model has no config.pad_token_id to pad batches with")
+    if reward_pad == eos_id(tokenizer):
+        log.warning(
+            "the model pads with its eos token: rewards are read at the last response token, before eos"
+        )
+    if config.disable_dropout:
+        disable_dropout(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+    collator = RewardCollator(tokenizer, reward_pad)
+    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        train_features, batch_size=config.batch_size, shuffle=True, collate_fn=collator, generator=generator
+    )
+    eval_loader = DataLoader(eval_features, batch_size=config.eval_batch_size, collate_fn=collator)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader
+    )
+    total_steps = plan_steps(
+        len(train_loader), config.gradient_accumulation_steps, config.epochs, config.max_steps
+    )
+    scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
+
+    def evaluate() -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        return _evaluate(model, eval_loader, accelerator, config, len(eval_features))
+
+    history = History()
+    first_eval, first_chosen, first_rejected = evaluate()
+    history.log_eval(0, 0.0, first_eval)
+    step, epoch = 0, 0
+    window, epoch_meter = Meter(), Meter()
+    last_chosen, last_rejected = first_chosen, first_rejected
+    bar = progress(total_steps, "reward", accelerator)
+    model.train()
+    start = time.perf_counter()
+    while step < total_steps:
+        epoch += 1
+        epoch_meter = Meter()
+        for batch_number, batch in enumerate(train_loader, start=1):
+            with accelerator.accumulate(model):
+                chosen, rejected = pair_rewards(model, batch)
+                losses = pair_losses(config, chosen, rejected, batch)
+                accelerator.backward(losses.mean())
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            values = _summary(losses.detach(), chosen.detach(), rejected.detach())
+            pairs = float(losses.numel())
+            window.add(pairs, **values)
+            epoch_meter.add(pairs, **values)
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % config.logging_steps == 0 or step == total_steps:
+                logged = window.means()
+                history.log_train(step, {**logged, "lr": scheduler.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.2f}")
+                window = Meter()
+            if step >= total_steps:
+                break
+            if config.eval_steps > 0 and step % config.eval_steps == 0 and batch_number < len(train_loader):
+                values, _, _ = evaluate()
+                history.log_eval(step, epoch - 1 + batch_number / len(train_loader), values)
+        values, last_chosen, last_rejected = evaluate()
+        history.log_eval(step, epoch, values)
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    margins = [f["margin"] for f in eval_features]
+    thresholds = margin_thresholds(margins)
+    before = bucket_rows(margins, first_chosen.tolist(), first_rejected.tolist(), thresholds)
+    after = bucket_rows(margins, last_chosen.tolist(), last_rejected.tolist(), thresholds)
+    final_eval = history.eval[-1]
+    metrics = {
+        "eval_accuracy": final_eval["accuracy"],
+        "first_eval_accuracy": first_eval["accuracy"],
+        "eval_mean_margin": final_eval["mean_margin"],
+        "eval_loss": final_eval["loss"],
+        "first_eval_loss": first_eval["loss"],
+        "train_loss": epoch_meter.means().get("loss", float("nan")),
+        **{f"eval_accuracy_margin_{row['bucket']}": float(row["accuracy"]) for row in after},
+        "eval_chosen_reward": final_eval["chosen_reward"],
+        "eval_rejected_reward": final_eval["rejected_reward"],
+        "eval_reward_mean": final_eval["reward_mean"],
+        "eval_reward_std": final_eval["reward_std"],
+        "steps": float(step),
+        "train_pairs": float(len(train_features)),
+        "eval_pairs": float(len(eval_features)),
+        "train_seconds": train_seconds,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        modeling.save_model(
+            unwrapped,
+            tokenizer,
+            model_dir,
+            stage="reward",
+            parent_uri=sft_model_uri or sft_model,
+            parameters={**dataclasses.asdict(config), "pad_token_id": reward_pad},
+            data={"train_pairs": storage.sha256_of(train_pairs), "eval_pairs": storage.sha256_of(eval_pairs)},
+            metrics=metrics,
+            artifact_uri=model_uri,
+        )
+        truncated = sum(f["truncated"] for f in train_features)
+        buckets = _bucket_table(before, after)
+        reports.write(report_path, _report(metrics, history, config, truncated, buckets))
+    return metrics
+
+
+def _bucket_table(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    first = {row["bucket"]: row for row in before}
+    return [
+        {
+            "bucket": row["bucket"],
+            "margin range": row["range"],
+            "pairs": row["pairs"],
+            "accuracy before": first[row["bucket"]]["accuracy"],
+            "accuracy after": row["accuracy"],
+            "mean reward margin after": row["mean_margin"],
+        }
+        for row in after
+    ]
+
+
+def _report(
+    metrics: dict[str, float],
+    history: History,
+    config: RewardConfig,
+    truncated: int,
+    buckets: list[dict[str, Any]],
+) -> str:
+    objective = (
+        "Bradley-Terry" + (" with the data's margins" if config.use_margin else "")
+        if config.objective == "pairwise"
+        else "regression on normalised scores"
+    )
+    intro = (
+        f"Reward model ({objective}) trained on {int(metrics['train_pairs'])} pairs for {int(metrics['steps'])} "
+        f"steps: held-out pair accuracy {metrics['first_eval_accuracy']:.1%} before training, "
+        f"{metrics['eval_accuracy']:.1%} after; mean reward margin {metrics['eval_mean_margin']:.3f}."
+    )
+
+    def chart(name: str, title: str) -> str:
+        return reports.line_chart(
+            {"train": history.series("train", name), "eval": history.series("eval", name)}, title
+        )
+
+    rewards = reports.line_chart(
+        {
+            "eval chosen": history.series("eval", "chosen_reward"),
+            "eval rejected": history.series("eval", "rejected_reward"),
+        },
+        "Mean reward of held-out answers",
+    )
+    bucket_note = (
+        "<p>Buckets of the data's own margin: <code>none</code> = pairs without one; <code>low</code> / "
+        "<code>mid</code> / <code>high</code> split at the 1/3 and 2/3 quantiles of the held-out pairs' margins. "
+        "A good reward model is most accurate where people saw the clearest difference.</p>"
+    )
+    data = {
+        "train pairs": metrics["train_pairs"],
+        "eval pairs": metrics["eval_pairs"],
+        "truncated to max_length": truncated,
+    }
+    return reports.page(
+        "Reward model training",
+        [
+            ("Metrics", reports.key_values(metrics)),
+            ("Loss", chart("loss", f"{config.objective} loss")),
+            ("Pair accuracy", chart("accuracy", "Share of pairs with r(chosen) > r(rejected)")),
+            ("Reward margin", chart("mean_margin", "Mean r(chosen) - r(rejected)")),
+            ("Rewards", rewards),
+            ("Accuracy by margin bucket (held-out pairs)", bucket_note + reports.table(buckets)),
+            (
+                "Learning rate",
+                reports.line_chart({"learning rate": history.series("train", "lr")}, "Learning rate"),
+            ),
+            ("Evaluations", reports.table(history.eval)),
+            ("Data", reports.key_values(data)),
+            ("Configuration", reports.table(config_rows(config))),
+        ],
+        intro=intro,
+    )
