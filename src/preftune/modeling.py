@@ -323,9 +323,10 @@ def save_model(
 def model_card(lineage: dict[str, Any]) -> str:
     """A Markdown model card from a lineage record."""
     stage = lineage["stage"]
+    loader = "load_reward_model" if stage == "reward" else "load_causal_lm"
     load = (
-        "from preftune.modeling import load_causal_lm\n"
-        "model = load_causal_lm('<this directory>')  # merges the adapter chain below"
+        f"from preftune.modeling import {loader}\n"
+        f"model = {loader}('<this directory>')  # merges the adapter chain below"
     )
     if lineage.get("adapter"):
         kind = "a LoRA adapter (PEFT) on top of its parent model"

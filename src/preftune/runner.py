@@ -163,7 +163,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, Any]]:
     """Status, metrics and artifact URIs of every task in the pipeline's DAG (nested DAGs included)."""
     components = spec.get("components", {})
+    executors = spec.get("deploymentSpec", {}).get("executors", {})
     steps: dict[str, dict[str, Any]] = {}
+    importers: dict[str, dict[str, Any]] = {}
 
     def visit(dag: dict[str, Any]) -> None:
         for task_name, task in dag.get("tasks", {}).items():
@@ -171,6 +173,10 @@ def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, 
             comp = components.get(comp_name, {})
             if "dag" in comp:  # a sub-DAG (condition, loop): its tasks are reported themselves
                 visit(comp["dag"])
+                continue
+            importer = executors.get(comp.get("executorLabel", ""), {}).get("importer")
+            if importer is not None:  # runs inside the orchestrator: no task directory of its own
+                importers[task_name] = {"task": task, "importer": importer}
                 continue
             task_dir = run_dir / comp_name.removeprefix("comp-")
             output_file = task_dir / "executor_output.json"
@@ -200,7 +206,38 @@ def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, 
             }
 
     visit(spec.get("root", {}).get("dag", {}))
+    _add_importers(importers, steps, spec)
     return steps
+
+
+def _add_importers(
+    importers: dict[str, dict[str, Any]], steps: dict[str, dict[str, Any]], spec: dict
+) -> None:
+    """An importer succeeded when a task consuming its artifact ran; its artifact is the imported URI."""
+    consumers: dict[str, set[str]] = {name: set() for name in importers}
+
+    def collect(dag: dict[str, Any]) -> None:
+        for task_name, task in dag.get("tasks", {}).items():
+            comp = spec.get("components", {}).get(task["componentRef"]["name"], {})
+            if "dag" in comp:
+                collect(comp["dag"])
+            for artifact in task.get("inputs", {}).get("artifacts", {}).values():
+                producer = artifact.get("taskOutputArtifact", {}).get("producerTask")
+                if producer in consumers:
+                    consumers[producer].add(task_name)
+
+    collect(spec.get("root", {}).get("dag", {}))
+    for name, entry in importers.items():
+        ran = any(steps.get(c, {}).get("status") in (SUCCEEDED, FAILED) for c in consumers[name])
+        uri = entry["importer"].get("artifactUri", {}).get("runtimeParameter") or entry["importer"].get(
+            "artifactUri", {}
+        ).get("constant", "")
+        steps[name] = {
+            "display_name": entry["task"].get("taskInfo", {}).get("name", name),
+            "status": SUCCEEDED if ran else NOT_RUN,
+            "metrics": {},
+            "artifacts": {"artifact": uri} if isinstance(uri, str) and uri else {},
+        }
 
 
 def summarize(pipeline: Any, run_dir: Path, arguments: Mapping[str, Any], seconds: float) -> dict[str, Any]:

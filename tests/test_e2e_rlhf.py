@@ -1,0 +1,92 @@
+"""End to end: `preftune run rlhf` through kfp.local on the bundled model and a slice of the bundled data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.modeling import load_reward_model, load_tokenizer
+from preftune.scoring import score_texts
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PREFTUNE = str(Path(sys.executable).parent / "preftune")
+MAX_KL = 12.0
+
+
+def _slice(src: Path, dest: Path, rows: int) -> str:
+    lines = src.read_text(encoding="utf-8").splitlines()[:rows]
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def rlhf_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One small but real RLHF pipeline run, shared by the assertions below."""
+    tmp = tmp_path_factory.mktemp("e2e-rlhf")
+    params = {
+        "sft_data": _slice(EXAMPLES / "data" / "sft.jsonl", tmp / "sft.jsonl", 600),
+        "preference_data": _slice(EXAMPLES / "data" / "preferences.jsonl", tmp / "prefs.jsonl", 800),
+        "eval_prompts": _slice(EXAMPLES / "data" / "eval_prompts.jsonl", tmp / "prompts.jsonl", 24),
+        "eval_fraction": 0.15,
+        "sft_max_steps": 60,
+        "reward_max_steps": 60,
+        "ppo_iterations": 10,
+        "ppo_max_kl": MAX_KL,
+        "eval_max_prompts": 24,
+        "eval_max_new_tokens": 32,
+    }
+    argv = [PREFTUNE, "run", "rlhf", "--pipeline-root", str(tmp / "runs")]
+    for name, value in params.items():
+        argv += ["--param", f"{name}={value}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = list((tmp / "runs").glob("preftune-rlhf-*"))
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_every_step_succeeded(rlhf_run: dict) -> None:
+    steps = rlhf_run["steps"]
+    assert rlhf_run["status"] == "SUCCEEDED"
+    assert {"ingest", "preference-import", "sft", "reward-model", "ppo", "evaluate"} <= set(steps)
+    assert all(step["status"] == "SUCCEEDED" for step in steps.values())
+
+
+@pytest.mark.slow
+def test_reward_model_beats_chance_on_held_out_pairs(rlhf_run: dict) -> None:
+    metrics = rlhf_run["steps"]["reward-model"]["metrics"]
+    assert metrics["eval_accuracy"] > 0.75
+    assert metrics["eval_accuracy"] > metrics["first_eval_accuracy"]
+
+
+@pytest.mark.slow
+def test_ppo_raises_reward_within_the_kl_bound(rlhf_run: dict) -> None:
+    metrics = rlhf_run["steps"]["ppo"]["metrics"]
+    assert metrics["iterations"] == 10
+    assert metrics["reward_last"] > metrics["reward_first"]
+    assert metrics["kl_blowups"] == 0
+    assert 0 <= metrics["kl_max"] < MAX_KL
+
+
+@pytest.mark.slow
+def test_policy_beats_the_sft_model_under_the_reward_model(rlhf_run: dict) -> None:
+    metrics = rlhf_run["steps"]["evaluate"]["metrics"]
+    assert metrics["win_rate_vs_reference"] > 0.5
+    assert metrics["judge_reward_candidate"] > metrics["judge_reward_reference"]
+
+
+@pytest.mark.slow
+def test_reward_artifact_scores_texts_on_its_own(rlhf_run: dict) -> None:
+    reward_dir = rlhf_run["steps"]["reward-model"]["artifacts"]["model"]
+    model = load_reward_model(reward_dir).eval()
+    tokenizer = load_tokenizer(reward_dir)
+    prompt = "What colour is the sky?"
+    good, bad = "Sure! The sky is blue.", "Figure it out yourself."
+    with torch.no_grad():
+        scores = score_texts(model, tokenizer, [prompt, prompt], [good, bad])
+    assert scores[0] > scores[1]
