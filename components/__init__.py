@@ -3,12 +3,16 @@
 >>> from preftune.components import dpo_op, evaluate_op
 """
 
+from preftune.components.champion.component import champion as champion_op
+from preftune.components.collect.component import collect as collect_op
 from preftune.components.dpo.component import dpo as dpo_op
 from preftune.components.evaluate.component import evaluate as evaluate_op
 from preftune.components.fingerprint.component import fingerprint as fingerprint_op
+from preftune.components.gate.component import gate as gate_op
 from preftune.components.ingest.component import ingest as ingest_op
 from preftune.components.ppo.component import ppo as ppo_op
 from preftune.components.preference_import.component import preference_import as preference_import_op
+from preftune.components.promote.component import promote as promote_op
 from preftune.components.reward_model.component import reward_model as reward_model_op
 from preftune.components.sft.component import sft as sft_op
 
@@ -22,9 +26,17 @@ COMPONENTS = {
     "ppo": ppo_op,
     "dpo": dpo_op,
     "evaluate": evaluate_op,
+    "gate": gate_op,
+    "champion": champion_op,
+    "promote": promote_op,
+    "collect": collect_op,
 }
 
 __all__ = [
+    "champion_op",
+    "collect_op",
+    "gate_op",
+    "promote_op",
     "COMPONENTS",
     "dpo_op",
     "evaluate_op",

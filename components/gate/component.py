@@ -33,6 +33,9 @@ def gate(
             the champion (ties count half).
         max_kl: Highest acceptable KL(candidate || reference) per response, in nats.
         min_diversity_ratio: Lowest acceptable distinct-2 of the candidate divided by that of the reference.
+
+    Returns:
+        True when every check passed (promote), False otherwise.
     """
     import json
 
@@ -48,6 +51,6 @@ def gate(
     )
     with open(decision, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(result))
-    for line in result["reasons"]:
-        print(("PASS " if result["promote"] else "GATE ") + line)
+    for check in result["checks"]:
+        print(("pass: " if check["passed"] else "FAIL: ") + check["reason"])
     return bool(result["promote"])

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from preftune import __version__, platform
+from preftune import __version__, kfp_api, platform
 from preftune.data import import_command
 
 #: Metrics printed after a local run, by pipeline task name.
@@ -134,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     import_command.add_arguments(imp)
 
+    kfp_api.add_submit_arguments(
+        commands.add_parser(
+            "submit",
+            help="upload a compiled pipeline to Kubeflow (a new version if it exists) and start a run",
+            description="Upload pipelines/<name>.yaml to a Kubeflow Pipelines host and start a run.",
+        )
+    )
+    kfp_api.add_schedule_arguments(
+        commands.add_parser(
+            "schedule",
+            help="create a recurring run (6-field cron, no catch-up, one run at a time)",
+            description="Upload pipelines/<name>.yaml and create a recurring run on a Kubeflow Pipelines host.",
+        )
+    )
+
     comp = commands.add_parser(
         "compile",
         help="compile components and pipelines to their committed YAML",
@@ -188,7 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _apply_compile_settings(argv)
     args = build_parser().parse_args(argv)
-    handlers = {"run": _run, "compile": _compile, "import-preferences": import_command.run}
+    handlers = {
+        "run": _run,
+        "compile": _compile,
+        "import-preferences": import_command.run,
+        "submit": kfp_api.run_submit,
+        "schedule": kfp_api.run_schedule,
+    }
     return handlers[args.command](args)
 
 

@@ -81,6 +81,23 @@ def stale(root: Path | None = None) -> list[Path]:
 
 
 _EXAMPLES = {
+    "champion": """current = champion_op(registry_uri="s3://my-bucket/registry", model_name="assistant")
+current.output  # "" before the first promotion""",
+    "gate": """verdict = gate_op(evaluation=evaluation.outputs["metrics"], max_kl=10.0)
+with dsl.If(verdict.outputs["Output"] == True):  # noqa: E712
+    promote_op(candidate=policy.outputs["model"], decision=verdict.outputs["decision"], ...)""",
+    "promote": """promote_op(
+    candidate=policy.outputs["model"],
+    registry_uri="s3://my-bucket/registry",
+    model_name="assistant",
+    decision=verdict.outputs["decision"],
+)""",
+    "collect": """collect_op(
+    model=policy.outputs["model"],
+    prompts="s3://my-bucket/prompts.jsonl",
+    out_uri="s3://my-bucket/labeling",
+    k=4,
+)""",
     "fingerprint": """fp = fingerprint_op(source="s3://my-bucket/sft/")
 fp.set_caching_options(False)
 ingest_op(source="s3://my-bucket/sft/", source_fingerprint=fp.output)""",

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
 NOT_RUN = "NOT_RUN"
+SKIPPED = "SKIPPED"  # inside a condition (dsl.If) whose test was false: not a failure
 
 _TYPES = {"String": "str", "Integer": "int", "Float": "float", "Boolean": "bool"}
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -167,12 +168,12 @@ def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, 
     steps: dict[str, dict[str, Any]] = {}
     importers: dict[str, dict[str, Any]] = {}
 
-    def visit(dag: dict[str, Any]) -> None:
+    def visit(dag: dict[str, Any], conditional: bool = False) -> None:
         for task_name, task in dag.get("tasks", {}).items():
             comp_name = task["componentRef"]["name"]
             comp = components.get(comp_name, {})
             if "dag" in comp:  # a sub-DAG (condition, loop): its tasks are reported themselves
-                visit(comp["dag"])
+                visit(comp["dag"], conditional or "triggerPolicy" in task)
                 continue
             importer = executors.get(comp.get("executorLabel", ""), {}).get("importer")
             if importer is not None:  # runs inside the orchestrator: no task directory of its own
@@ -185,7 +186,7 @@ def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, 
             elif task_dir.is_dir():
                 status = FAILED
             else:
-                status = NOT_RUN
+                status = SKIPPED if conditional else NOT_RUN
             kinds = {
                 name: out["artifactType"]["schemaTitle"]
                 for name, out in comp.get("outputDefinitions", {}).get("artifacts", {}).items()
@@ -246,7 +247,7 @@ def summarize(pipeline: Any, run_dir: Path, arguments: Mapping[str, Any], second
 
     spec = json_format.MessageToDict(pipeline.pipeline_spec)
     steps = _task_summaries(spec, run_dir)
-    ok = bool(steps) and all(step["status"] == SUCCEEDED for step in steps.values())
+    ok = bool(steps) and all(step["status"] in (SUCCEEDED, SKIPPED) for step in steps.values())
     return {
         "pipeline": pipeline.name,
         "status": SUCCEEDED if ok else FAILED,

@@ -1,0 +1,26 @@
+"""KFP component: the current champion of a model in the registry."""
+
+from kfp import dsl
+
+from preftune.platform import runtime_image
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def champion(registry_uri: str, model_name: str) -> str:
+    """Look up the current champion of a registry model; returns its URI, or an empty string when none exists.
+
+    Feed the result to the evaluate step (to compare the candidate with the champion) and to the gate's
+    champion_uri (which then requires that comparison).
+
+    Args:
+        registry_uri: Registry root: s3://bucket/prefix or a local directory.
+        model_name: Name of the model in the registry.
+
+    Returns:
+        The champion's URI, or an empty string before the first promotion.
+    """
+    from preftune.registry import resolve_champion
+
+    uri = resolve_champion(registry_uri, model_name)
+    print(f"champion of {model_name}: {uri or '(none yet)'}")
+    return uri

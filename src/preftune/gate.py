@@ -1,0 +1,166 @@
+"""The promotion gate: a candidate becomes champion only when it beats the champion, stayed near its reference
+and kept its output diversity.
+
+Each check reads one metric of the evaluate step:
+
+- ``win_rate_vs_champion`` >= ``min_win_rate_vs_champion`` -- the judge prefers the candidate over the current
+  champion. Before the first promotion there is no champion and the check passes ("no champion yet");
+- ``kl_candidate_reference`` <= ``max_kl`` -- KL(candidate || reference) per response, in nats: alignment must not
+  drift far from the SFT model (reward hacking, degenerate text);
+- ``distinct_2_candidate / distinct_2_reference`` >= ``min_diversity_ratio`` -- the candidate's share of unique
+  bigrams relative to the reference's: a collapse of diversity is blocked even when the judge likes the outputs.
+
+A required metric that is missing or not a finite number fails its check with the reason, so a broken evaluation
+never promotes. A negative threshold turns its check off (reported as "disabled"), for pipelines without a
+judge, for example.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+WIN_RATE = "win_rate_vs_champion"
+KL = "kl_candidate_reference"
+DISTINCT_CANDIDATE = "distinct_2_candidate"
+DISTINCT_REFERENCE = "distinct_2_reference"
+NO_CHAMPION = "no champion yet"
+
+
+def _number(metrics: Mapping[str, Any], name: str) -> tuple[float | None, str | None]:
+    """The metric as a finite float, or (None, why not)."""
+    if name not in metrics or metrics[name] is None:
+        return None, f"missing metric {name}"
+    value = metrics[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None, f"metric {name} is not a number: {metrics[name]!r}"
+    if not math.isfinite(float(value)):
+        return None, f"metric {name} is not finite: {value}"
+    return float(value), None
+
+
+def _check(name: str, value: float | None, threshold: float, passed: bool, reason: str) -> dict[str, Any]:
+    return {"name": name, "value": value, "threshold": threshold, "passed": passed, "reason": reason}
+
+
+def _win_rate(metrics: Mapping[str, Any], threshold: float, has_champion: bool | None) -> dict[str, Any]:
+    if threshold < 0:
+        return _check(WIN_RATE, None, threshold, True, f"{WIN_RATE}: disabled")
+    if WIN_RATE not in metrics and not has_champion:
+        return _check(WIN_RATE, None, threshold, True, f"{WIN_RATE}: {NO_CHAMPION}")
+    value, problem = _number(metrics, WIN_RATE)
+    if value is None:
+        why = " (a champion exists, so the evaluation must compare with it)" if has_champion else ""
+        return _check(WIN_RATE, None, threshold, False, f"{WIN_RATE}: {problem}{why}")
+    passed = value >= threshold
+    return _check(
+        WIN_RATE,
+        value,
+        threshold,
+        passed,
+        f"{WIN_RATE} {value:.4g} {'>=' if passed else '<'} {threshold:.4g}",
+    )
+
+
+def _kl(metrics: Mapping[str, Any], threshold: float) -> dict[str, Any]:
+    if threshold < 0:
+        return _check(KL, None, threshold, True, f"{KL}: disabled")
+    value, problem = _number(metrics, KL)
+    if value is None:
+        return _check(KL, None, threshold, False, f"{KL}: {problem}")
+    passed = value <= threshold
+    return _check(KL, value, threshold, passed, f"{KL} {value:.4g} {'<=' if passed else '>'} {threshold:.4g}")
+
+
+def _diversity(metrics: Mapping[str, Any], threshold: float) -> dict[str, Any]:
+    name = "diversity_ratio"
+    if threshold < 0:
+        return _check(name, None, threshold, True, f"{name}: disabled")
+    candidate, problem = _number(metrics, DISTINCT_CANDIDATE)
+    reference, problem_ref = _number(metrics, DISTINCT_REFERENCE)
+    if candidate is None or reference is None:
+        return _check(name, None, threshold, False, f"{name}: {problem or problem_ref}")
+    if reference <= 0:
+        # the reference repeats itself completely: no ratio, and the candidate cannot be less diverse
+        return _check(name, None, threshold, True, f"{name}: reference has no distinct bigrams, not compared")
+    ratio = candidate / reference
+    passed = ratio >= threshold
+    return _check(
+        name,
+        ratio,
+        threshold,
+        passed,
+        f"{name} {ratio:.4g} ({DISTINCT_CANDIDATE} {candidate:.4g} / {DISTINCT_REFERENCE} {reference:.4g}) "
+        f"{'>=' if passed else '<'} {threshold:.4g}",
+    )
+
+
+def decide(
+    metrics: Mapping[str, Any],
+    *,
+    min_win_rate_vs_champion: float,
+    max_kl: float,
+    min_diversity_ratio: float,
+    has_champion: bool | None = None,
+) -> dict[str, Any]:
+    """The gate's decision: ``{"promote", "reasons", "checks": [{name, value, threshold, passed, reason}]}``.
+
+    ``has_champion``: True makes ``win_rate_vs_champion`` required (a champion exists, so the evaluation must
+    have compared with it); None or False let its absence mean "no champion yet".
+    """
+    checks = [
+        _win_rate(metrics, float(min_win_rate_vs_champion), has_champion),
+        _kl(metrics, float(max_kl)),
+        _diversity(metrics, float(min_diversity_ratio)),
+    ]
+    return {
+        "promote": all(c["passed"] for c in checks),
+        "reasons": [c["reason"] for c in checks],
+        "checks": checks,
+    }
+
+
+def render_report(decision: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """The gate's HTML report: the verdict, each check against its threshold, and every metric it saw."""
+    from preftune import reports
+
+    verdict = "PROMOTE" if decision["promote"] else "DO NOT PROMOTE"
+    rows = [{k: c[k] for k in ("name", "value", "threshold", "passed", "reason")} for c in decision["checks"]]
+    return reports.page(
+        f"Promotion gate: {verdict}",
+        [
+            ("Checks", reports.table(rows)),
+            ("Evaluation metrics", reports.key_values(dict(sorted(metrics.items())))),
+        ],
+        intro="The candidate is promoted only when every check passes.",
+    )
+
+
+def run_gate(
+    metrics: Mapping[str, Any],
+    report_path: str,
+    *,
+    min_win_rate_vs_champion: float,
+    max_kl: float,
+    min_diversity_ratio: float,
+    champion_uri: str = "",
+) -> dict[str, Any]:
+    """Decide, write the HTML report, and return the decision with the metrics it was taken on (which the
+    promote step records in the registry). A non-empty ``champion_uri`` makes the champion comparison required."""
+    from preftune import reports
+
+    decision = decide(
+        metrics,
+        min_win_rate_vs_champion=min_win_rate_vs_champion,
+        max_kl=max_kl,
+        min_diversity_ratio=min_diversity_ratio,
+        has_champion=True if champion_uri else None,
+    )
+    decision["champion_uri"] = champion_uri
+    decision["metrics"] = {k: v for k, v in metrics.items()}
+    reports.write(report_path, render_report(decision, metrics))
+    return decision

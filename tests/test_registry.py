@@ -1,0 +1,294 @@
+"""The model registry: versions, the champion pointer, and promotions interrupted at every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from preftune import registry
+from preftune.gate import decide
+
+FILES = {
+    "config.json": b'{"model_type": "llama"}',
+    "model.safetensors": os.urandom(4096),
+    "tokenizer.json": b'{"version": "1.0"}',
+    "lineage.json": b'{"stage": "dpo", "base_model": "tiny", "chain": []}',
+    "README.md": b"# preftune dpo model\n",
+    "extra/notes.txt": b"nested files keep their layout",
+}
+GOOD = {
+    "win_rate_vs_champion": 0.7,
+    "kl_candidate_reference": 2.0,
+    "distinct_2_candidate": 0.5,
+    "distinct_2_reference": 0.5,
+}
+THRESHOLDS = {"min_win_rate_vs_champion": 0.5, "max_kl": 5.0, "min_diversity_ratio": 0.8}
+
+
+def make_candidate(path: Path, tag: str = "a") -> str:
+    for name, data in FILES.items():
+        target = path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data + tag.encode() if name == "model.safetensors" else data)
+    return str(path)
+
+
+@pytest.fixture(params=["local", "s3"])
+def registry_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "registry")
+    bucket = request.getfixturevalue("s3")
+    return bucket.uri("registry")
+
+
+def _files_of(uri: str, tmp_path: Path, name: str) -> dict[str, bytes]:
+    from preftune import storage
+
+    dest = storage.download(uri, tmp_path / name)
+    return {p.relative_to(dest).as_posix(): p.read_bytes() for p in Path(dest).rglob("*") if p.is_file()}
+
+
+def test_two_promotions_make_v1_then_v2_and_move_the_pointer(registry_uri: str, tmp_path: Path) -> None:
+    assert registry.current_champion(registry_uri, "policy") is None
+    assert registry.resolve_champion(registry_uri, "policy") == ""
+    assert registry.list_versions(registry_uri, "policy") == []
+
+    first = registry.promote(
+        make_candidate(tmp_path / "a", "a"), registry_uri, "policy", GOOD, run_id="run-1"
+    )
+    assert first["version"] == 1 and first["previous"] is None
+    assert first["uri"].rstrip("/").endswith("policy/v1")
+    v1_files = _files_of(first["uri"], tmp_path, "v1-before")
+
+    second = registry.promote(
+        make_candidate(tmp_path / "b", "b"),
+        registry_uri,
+        "policy",
+        {**GOOD, "kl_candidate_reference": 1.0},
+        run_id="run-2",
+    )
+    assert second["version"] == 2 and second["previous"] == 1
+    champion = registry.current_champion(registry_uri, "policy")
+    assert champion["version"] == 2 and champion["run_id"] == "run-2"
+    assert champion["metrics"]["kl_candidate_reference"] == 1.0
+    assert registry.resolve_champion(registry_uri, "policy") == second["uri"]
+    assert [v["version"] for v in registry.list_versions(registry_uri, "policy")] == [1, 2]
+    assert _files_of(first["uri"], tmp_path, "v1-after") == v1_files  # v1 untouched
+
+    v2 = _files_of(second["uri"], tmp_path, "v2")
+    assert v2["model.safetensors"] == FILES["model.safetensors"] + b"b"
+    assert v2["extra/notes.txt"] == FILES["extra/notes.txt"]
+    manifest = json.loads(v2[registry.MANIFEST])
+    assert manifest["version"] == 2 and manifest["run_id"] == "run-2"
+    assert set(manifest["files"]) == set(v2) - {registry.MANIFEST}
+    assert json.loads(v2["metrics.json"])["kl_candidate_reference"] == 1.0
+    lineage = json.loads(v2["lineage.json"])
+    assert lineage["stage"] == "dpo" and lineage["registry"]["run_id"] == "run-2"
+    assert "## Registry" in v2["README.md"].decode()
+
+
+def test_promotion_only_when_the_gate_passes(registry_uri: str, tmp_path: Path) -> None:
+    candidate = make_candidate(tmp_path / "a")
+    rejected = decide({**GOOD, "kl_candidate_reference": 50.0}, **THRESHOLDS)
+    assert rejected["promote"] is False
+    with pytest.raises(registry.RegistryError, match="gate rejected"):
+        registry.promote(candidate, registry_uri, "policy", GOOD, decision=rejected)
+    assert registry.current_champion(registry_uri, "policy") is None
+    assert registry.list_versions(registry_uri, "policy") == []
+
+    accepted = decide(GOOD, **THRESHOLDS)
+    pointer = registry.promote(candidate, registry_uri, "policy", GOOD, decision=accepted)
+    assert pointer["version"] == 1 and pointer["decision"]["promote"] is True
+
+
+def _fail_after(monkeypatch: pytest.MonkeyPatch, name: str, count: int) -> None:
+    """Make registry.<name> (one file upload or copy) raise after ``count`` calls, like a crash mid-transfer."""
+    real = getattr(registry, name)
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        if calls["n"] >= count:
+            raise ConnectionError("connection reset mid-promotion")
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, name, flaky)
+
+
+def test_interrupted_upload_leaves_the_champion_and_no_visible_version(
+    registry_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry.promote(make_candidate(tmp_path / "a", "a"), registry_uri, "policy", GOOD)
+    with monkeypatch.context() as patch:
+        _fail_after(patch, "_upload_file" if registry_uri.startswith("s3://") else "_copy_file", 2)
+        with pytest.raises(ConnectionError):
+            registry.promote(make_candidate(tmp_path / "b", "b"), registry_uri, "policy", GOOD)
+    assert registry.current_champion(registry_uri, "policy")["version"] == 1
+    assert [v["version"] for v in registry.list_versions(registry_uri, "policy")] == [1]
+
+    again = registry.promote(make_candidate(tmp_path / "c", "c"), registry_uri, "policy", GOOD)
+    assert again["version"] == 2
+    assert registry.current_champion(registry_uri, "policy")["version"] == 2
+
+
+def test_s3_copy_interrupted_before_the_manifest_leaves_no_visible_version(
+    s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = s3.uri("registry")
+    registry.promote(make_candidate(tmp_path / "a", "a"), uri, "policy", GOOD)
+    with monkeypatch.context() as patch:
+        _fail_after(patch, "_copy_object", 3)  # v2/ gets 3 files, then the copy dies
+        with pytest.raises(ConnectionError):
+            registry.promote(make_candidate(tmp_path / "b", "b"), uri, "policy", GOOD)
+    assert s3.list_keys("registry/policy/v2/")  # a partial version is there ...
+    assert [v["version"] for v in registry.list_versions(uri, "policy")] == [1]  # ... but not visible
+    assert registry.current_champion(uri, "policy")["version"] == 1
+
+    again = registry.promote(make_candidate(tmp_path / "c", "c"), uri, "policy", GOOD)
+    assert again["version"] == 3  # the partial never blocks, and nothing is mixed into it
+    assert [v["version"] for v in registry.list_versions(uri, "policy")] == [1, 3]
+    removed = registry.remove_partials(uri, "policy")
+    assert any(r.endswith("policy/v2") for r in removed)
+    assert not s3.list_keys("registry/policy/v2/")
+    assert [v["version"] for v in registry.list_versions(uri, "policy")] == [1, 3]
+
+
+def test_verification_catches_a_corrupted_upload(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = s3.uri("registry")
+    real = registry._upload_file
+
+    def corrupting(client, path, bucket, key):
+        real(client, path, bucket, key)
+        if key.endswith("model.safetensors"):
+            client.put_object(Bucket=bucket, Key=key, Body=b"truncated")
+
+    monkeypatch.setattr(registry, "_upload_file", corrupting)
+    with pytest.raises(registry.RegistryError, match="model.safetensors"):
+        registry.promote(make_candidate(tmp_path / "a"), uri, "policy", GOOD)
+    assert registry.current_champion(uri, "policy") is None
+    assert not s3.list_keys("registry/policy/.staging/")  # the failed staging upload was cleaned up
+
+
+_KILL_SCRIPT = """
+import sys, time
+from preftune import registry
+name = sys.argv[4]
+real = getattr(registry, name)
+count = 0
+def slow(*args, **kwargs):
+    global count
+    real(*args, **kwargs)
+    count += 1
+    print(f"transferred {count}", flush=True)
+    if count >= 2:
+        time.sleep(60)
+setattr(registry, name, slow)
+registry.promote(sys.argv[1], sys.argv[2], sys.argv[3], {"kl_candidate_reference": 1.0})
+"""
+
+
+def test_promotion_killed_with_sigkill_leaves_the_champion(registry_uri: str, tmp_path: Path) -> None:
+    registry.promote(make_candidate(tmp_path / "a", "a"), registry_uri, "policy", GOOD)
+    hook = "_upload_file" if registry_uri.startswith("s3://") else "_copy_file"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _KILL_SCRIPT,
+            make_candidate(tmp_path / "b", "b"),
+            registry_uri,
+            "policy",
+            hook,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = 60.0
+        while deadline > 0 and not any("transferred 2" in line for line in seen) and proc.poll() is None:
+            threading.Event().wait(0.1)
+            deadline -= 0.1
+        assert any("transferred 2" in line for line in seen), (
+            proc.stderr.read() if proc.poll() is not None else seen
+        )
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert registry.current_champion(registry_uri, "policy")["version"] == 1
+    assert [v["version"] for v in registry.list_versions(registry_uri, "policy")] == [1]
+
+    again = registry.promote(make_candidate(tmp_path / "c", "c"), registry_uri, "policy", GOOD)
+    assert again["version"] == 2
+    assert [v["version"] for v in registry.list_versions(registry_uri, "policy")] == [1, 2]
+
+
+def test_local_leftover_partial_version_is_skipped(tmp_path: Path) -> None:
+    uri = str(tmp_path / "registry")
+    registry.promote(make_candidate(tmp_path / "a", "a"), uri, "policy", GOOD)
+    partial = tmp_path / "registry" / "policy" / "v2"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")  # no manifest: not a version
+    assert [v["version"] for v in registry.list_versions(uri, "policy")] == [1]
+    assert registry.promote(make_candidate(tmp_path / "b", "b"), uri, "policy", GOOD)["version"] == 3
+    assert (partial / "config.json").read_text() == "{}"  # untouched
+
+
+def test_set_champion_rolls_back(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path / 'registry'}"
+    registry.promote(make_candidate(tmp_path / "a", "a"), uri, "policy", GOOD, run_id="r1")
+    registry.promote(make_candidate(tmp_path / "b", "b"), uri, "policy", GOOD, run_id="r2")
+    pointer = registry.set_champion(uri, "policy", 1, reason="regression in production")
+    assert pointer["version"] == 1 and pointer["previous"] == 2 and pointer["run_id"] == "r1"
+    assert registry.current_champion(uri, "policy")["reason"] == "regression in production"
+    with pytest.raises(registry.RegistryError, match="no complete version v7"):
+        registry.set_champion(uri, "policy", 7)
+
+
+@pytest.mark.parametrize("name", ["", "../escape", ".hidden", "a/b", "x" * 200])
+def test_model_names_are_checked(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid model name"):
+        registry.promote(make_candidate(tmp_path / "a"), str(tmp_path / "r"), name, GOOD)
+
+
+def test_adapter_candidate_is_merged_into_full_weights(tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from preftune import modeling, runner
+
+    base = str(runner.project_root() / "examples" / "tiny-llama")
+    model = modeling.load_causal_lm(base)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    tokenizer = modeling.load_tokenizer(base)
+    adapter_dir = tmp_path / "adapter"
+    modeling.save_model(
+        peft_model, tokenizer, str(adapter_dir), stage="dpo", parent_uri=base, parameters={}, data={}
+    )
+    assert modeling.is_adapter(str(adapter_dir))
+
+    pointer = registry.promote(str(adapter_dir), str(tmp_path / "registry"), "policy", GOOD)
+    version = Path(pointer["uri"])
+    assert not (version / "adapter_config.json").exists()
+    assert (version / "model.safetensors").is_file() and (version / "tokenizer.json").is_file()
+    assert json.loads((version / "lineage.json").read_text())["adapter"] is False
+    merged = modeling.load_causal_lm(str(version))
+    expected = modeling.load_causal_lm(str(adapter_dir))
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, expected(ids).logits, atol=1e-5)
