@@ -20,3 +20,17 @@ def s3_endpoint() -> Iterator[str]:
 def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Bucket:
     """An empty bucket on the moto server, with AWS_ENDPOINT_URL and dummy credentials set for this test."""
     return s3_bucket(s3_endpoint, monkeypatch, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny matrices on a busy machine: one thread avoids OpenMP contention that makes them 100x slower.
+    """
+    import torch  # here, so that tests without models do not pay for importing it
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import make_policy_dir, pair_rows, write_jsonl
 
 from preftune import modeling
 from preftune.train.batching import PairCollator, load_pair_features
@@ -17,70 +16,12 @@ from preftune.train.dpo import DPOConfig, pair_logprobs, score_reference, train_
 from preftune.train.loop import make_accelerator
 from preftune.train.sft import SFTConfig, train_sft
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-GOOD = ["the sky is blue, thank you.", "two plus two is four, thank you.", "paris is in france, thank you."]
-BAD = ["no.", "go away.", "whatever."]
-
-
-def make_model_dir(path: Path) -> str:
-    """A 2-layer random Llama with a byte-level BPE tokenizer and chat template, saved as a model artifact."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator([*GOOD, *BAD, "<|user|> <|assistant|> question"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.2,
-        attention_dropout=0.1,  # disable_dropout must make step 0 exact anyway
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
-    tok.save_pretrained(str(path))
-    return str(path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
-
-
-def pair_rows(n: int) -> list[dict]:
-    return [
-        {
-            "id": f"{i:016x}",
-            "prompt": [{"role": "user", "content": f"question {i}"}],
-            "chosen": GOOD[i % 3],
-            "rejected": BAD[(i + 1) % 3],
-            "margin": None,
-            "meta": {},
-        }
-        for i in range(n)
-    ]
-
 
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory: pytest.TempPathFactory) -> str:
     # A random model stands in for the SFT model: DPO only needs a starting policy that is also the reference.
-    return make_model_dir(tmp_path_factory.mktemp("sft"))
+    # Dropout is on in the config: disable_dropout must make step 0 exact anyway.
+    return make_policy_dir(tmp_path_factory.mktemp("sft"), attention_dropout=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import make_model, make_tokenizer, save_model_dir
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from preftune.evaluation import (
     EvalConfig,
@@ -36,33 +35,13 @@ CORPUS = [
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    """No pad token of its own: it pads with eos."""
+    return make_tokenizer(
+        CORPUS, vocab_size=320, special_tokens=["<s>", "</s>"], pad="</s>", chat_template=CHAT_TEMPLATE
     )
-    bpe.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
-def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> str:
-    model.save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices on a busy machine: one thread avoids OpenMP contention that makes them 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread avoids OpenMP contention
 
 
 @pytest.fixture(scope="module")
@@ -70,26 +49,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A reference model and a perturbed copy of it (the "candidate"), saved as model artifacts."""
     root = tmp_path_factory.mktemp("models")
     tokenizer = _tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.2,  # peaked distributions, so a perturbation moves them visibly
-    )
-    torch.manual_seed(0)
-    reference = LlamaForCausalLM(config)
-    ref_dir = _save(reference, tokenizer, root / "reference")
+    reference = make_model(tokenizer)  # initializer_range 0.2: peaked, so a perturbation moves them visibly
+    ref_dir = save_model_dir(reference, tokenizer, root / "reference")
     with torch.no_grad():
         for param in reference.parameters():
             param.add_(0.1 * torch.randn_like(param))
-    cand_dir = _save(reference, tokenizer, root / "candidate")
+    cand_dir = save_model_dir(reference, tokenizer, root / "candidate")
     return {"reference": ref_dir, "candidate": cand_dir}
 
 

@@ -10,45 +10,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import make_model_dir, make_tokenizer
 
 from preftune import modeling, storage
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21]])
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(["a tiny corpus for a tiny tokenizer"] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    return tok
-
-
 @pytest.fixture
 def base_dir(tmp_path: Path) -> Path:
-    tok = _tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
+    tok = make_tokenizer(
+        ["a tiny corpus for a tiny tokenizer"] * 20,
+        special_tokens=["<eos>"],
+        bos=None,
+        eos="<eos>",
+        pad=None,
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
     )
-    torch.manual_seed(0)
-    out = tmp_path / "base"
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    # LlamaConfig's own special ids and initializer range; tied embeddings, no grouped-query attention.
+    config = dict(
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True, initializer_range=0.02
+    )
+    return Path(make_model_dir(tmp_path / "base", tok, special_ids=False, **config))
 
 
 def _perturb_lora(model: torch.nn.Module, seed: int) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_dpo import make_model_dir, write_jsonl
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from tiny_models import make_config, make_policy_dir, write_jsonl
+from transformers import LlamaForSequenceClassification
 
 from preftune import modeling
 from preftune.evaluation import _eos_ids
@@ -40,19 +40,16 @@ def make_counting_reward(policy_dir: str, out_dir: Path, target: int) -> str:
     """A reward model whose score rises with the number of ``target`` tokens in the sequence."""
     tok = modeling.load_tokenizer(policy_dir)
     hidden = 32
-    config = LlamaConfig(
-        vocab_size=len(tok),
+    config = make_config(
+        tok,
         hidden_size=hidden,
         intermediate_size=8,
         num_hidden_layers=1,
         num_attention_heads=1,
         num_key_value_heads=1,
         head_dim=hidden,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
         num_labels=1,
+        initializer_range=0.02,
     )
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)
@@ -81,7 +78,7 @@ def _prompt_rows(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ppo")
-    sft = make_model_dir(root / "sft")
+    sft = make_policy_dir(root / "sft", attention_dropout=0.1)
     # The target is the token the random policy likes most after a prompt, so samples contain it now and then.
     tok = modeling.load_tokenizer(sft)
     model = modeling.load_causal_lm(sft).eval()

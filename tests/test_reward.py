@@ -2,19 +2,12 @@
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+import tiny_models
+from tiny_models import BAD, GOOD, make_policy_dir, write_jsonl
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from preftune import modeling
 from preftune.scoring import score_sequences, score_texts
@@ -27,12 +20,6 @@ from preftune.train.reward import (
     train_reward_model,
 )
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-GOOD = ["the sky is blue, thank you.", "two plus two is four, thank you.", "paris is in france, thank you."]
-BAD = ["no.", "go away.", "whatever."]
 METRICS = {
     "eval_accuracy", "first_eval_accuracy", "eval_mean_margin", "eval_loss", "first_eval_loss", "train_loss",
     "eval_chosen_reward", "eval_rejected_reward", "eval_reward_mean", "eval_reward_std", "steps",
@@ -40,73 +27,26 @@ METRICS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices on a busy machine: one thread avoids OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_model_dir(path: Path, *, with_pad: bool = True) -> str:
-    """A 2-layer random Llama with a byte-level BPE tokenizer and chat template (pad != eos unless told)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator([*GOOD, *BAD, "<|user|> <|assistant|> question"], trainer)
-    special = {"bos_token": "<s>", "eos_token": "</s>"} | ({"pad_token": "<pad>"} if with_pad else {})
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, **special)
-    tok.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,  # None without a pad token
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
-    tok.save_pretrained(str(path))
-    return str(path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread avoids OpenMP contention
 
 
 def pair_rows(n: int) -> list[dict]:
+    """The shared pairs, with margins (one missing) and per-answer scores for the regression objective."""
     margins = [None, 1.0, 2.0, 3.0]
     return [
         {
-            "id": f"{i:016x}",
-            "prompt": [{"role": "user", "content": f"question {i}"}],
-            "chosen": GOOD[i % 3],
-            "rejected": BAD[(i + 1) % 3],
+            **row,
             "margin": margins[i % 4],
             "scores": {"chosen": 1.0 + 0.1 * (i % 3), "rejected": -1.0 - 0.1 * (i % 2)},
-            "meta": {},
         }
-        for i in range(n)
+        for i, row in enumerate(tiny_models.pair_rows(n))
     ]
 
 
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory: pytest.TempPathFactory) -> str:
     # A random model stands in for the SFT model: the reward model only needs its backbone and tokenizer.
-    return make_model_dir(tmp_path_factory.mktemp("sft"))
+    return make_policy_dir(tmp_path_factory.mktemp("sft"))
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +175,7 @@ def test_scores_do_not_depend_on_batch_padding(trained) -> None:
 
 def test_tokenizer_that_pads_with_eos(tmp_path: Path, pairs: str) -> None:
     """No pad token: padding is eos, the score is read at the last response token, and loading agrees."""
-    sft = make_model_dir(tmp_path / "sft", with_pad=False)
+    sft = make_policy_dir(tmp_path / "sft", pad=None)
     out = tmp_path / "model"
     metrics = train_reward_model(
         sft, pairs, pairs, str(out), str(tmp_path / "r.html"), _config(use_lora=False, max_steps=2)

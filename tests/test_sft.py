@@ -7,60 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import make_model_dir, make_tokenizer, write_jsonl
 
 from preftune import modeling
 from preftune.train.batching import DataError
 from preftune.train.sft import SFTConfig, train_sft
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 ANSWERS = ["the sky is blue.", "two plus two is four.", "paris is in france.", "cats like to sleep."]
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator([*ANSWERS, "<|user|> <|assistant|> question what is tell me"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def make_model_dir(path: Path, seed: int = 0) -> str:
-    """A 2-layer random Llama with its tokenizer, saved as a base model artifact."""
-    tok = make_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=0.2,  # a head wide enough that a LoRA on the blocks can move the logits
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(str(path), safe_serialization=True)
-    tok.save_pretrained(str(path))
-    return str(path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def sft_rows(n: int) -> list[dict]:
@@ -76,7 +29,8 @@ def sft_rows(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return make_model_dir(tmp_path_factory.mktemp("base"))
+    tok = make_tokenizer([*ANSWERS, "<|user|> <|assistant|> question what is tell me"])
+    return make_model_dir(tmp_path_factory.mktemp("base"), tok)
 
 
 def _config(**overrides) -> SFTConfig:

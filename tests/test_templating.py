@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import tiny_models
 from transformers import PreTrainedTokenizerFast
 
 from preftune.templating import render_prompt, tokenize_example, tokenize_pair
 from preftune.train.batching import IGNORE_INDEX, PairCollator, SFTCollator
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 USER = [{"role": "user", "content": "what colour is the sky?"}]
+CORPUS = ["what colour is the sky? the sky is blue.", "<|user|> <|assistant|>"]
 
 
 def make_tokenizer(pad: str | None = "<pad>") -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(["what colour is the sky? the sky is blue.", "<|user|> <|assistant|>"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token=pad)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return tiny_models.make_tokenizer(CORPUS, pad=pad)
 
 
 @pytest.fixture(scope="module")
