@@ -12,7 +12,7 @@ TOOLS_VENV ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.preftune-tools-installed
 CHECKOV_SPEC ?= checkov==3.3.30
 
-.PHONY: venv tools demo test lint compile clean
+.PHONY: venv tools demo test lint compile bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/preftune compile --check
 	$(BIN)/python -m pytest -q --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+QUICK ?=
+bench: $(STAMP)
+	PYTHONPATH=. $(BIN)/python -m benchmarks $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(PIPELINE_ROOT) build dist .pytest_cache .ruff_cache

@@ -177,3 +177,126 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def shifted(batch: dict[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Align logits with the tokens they predict: ``(logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:])``."""
     return logits[:, :-1, :], batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:]
+
+
+# ------------------------------------------------------------------------------------ packed, prefix-shared pairs
+
+#: Branch ids of the tokens of a packed document: the shared prompt, then the answers that each see the prompt.
+PROMPT, FIRST_ANSWER = 0, 1
+
+
+def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices (first fit, longest first); an item longer than ``capacity`` gets a bin of its own."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+class PackedPairCollator:
+    """Packs B preference pairs into as few rows as fit, with no padding inside a row.
+
+    Two independent levers, each ablatable:
+
+    - ``prefix_sharing``: a pair becomes one document ``prompt + chosen + rejected``; the rejected tokens attend to
+      the prompt but not to the chosen ones, and their position ids restart where the prompt ends, so each answer
+      sees exactly the context it would see alone while the prompt is run once instead of twice. Off: the pair is
+      two documents, ``prompt + chosen`` and ``prompt + rejected``.
+    - ``pack_length``: documents are packed first-fit into rows of up to this many tokens (a longer document gets
+      a row of its own); 0 puts one document per row (right-padded to the longest).
+
+    Documents in a row never see each other: the collator builds the 4-D boolean attention mask
+    ``(rows, 1, L, L)`` (True = may attend) that SDPA takes directly, and per-document ``position_ids``. Instead of
+    labels it lists the scored tokens: ``target_row``, ``target_src`` (the position whose hidden state predicts
+    the token: the previous one, or the prompt's last token for an answer's first token), ``target_ids`` and
+    ``target_segment`` (``i`` for pair i's chosen answer, ``B + i`` for its rejected one). Also ``index``,
+    ``tokens`` (real tokens in the batch) and, when the features carry them, the reference log-probs.
+    """
+
+    def __init__(self, tokenizer: Any, *, prefix_sharing: bool = True, pack_length: int = 0) -> None:
+        self.pad = pad_id(tokenizer)
+        self.prefix_sharing = prefix_sharing
+        self.pack_length = pack_length
+
+    def _documents(self, features: Sequence[dict[str, Any]]) -> list[list[tuple[list[int], int, int]]]:
+        """Each document as ``(token ids, branch, segment)`` parts; segment -1 is not scored."""
+        n = len(features)
+        docs = []
+        for i, f in enumerate(features):
+            prompt = list(f["prompt_ids"])
+            if self.prefix_sharing:
+                docs.append(
+                    [(prompt, PROMPT, -1), (list(f["chosen_ids"]), 1, i), (list(f["rejected_ids"]), 2, n + i)]
+                )
+            else:
+                docs.append([(prompt, PROMPT, -1), (list(f["chosen_ids"]), 1, i)])
+                docs.append([(prompt, PROMPT, -1), (list(f["rejected_ids"]), 1, n + i)])
+        return docs
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        docs = self._documents(features)
+        lengths = [sum(len(ids) for ids, _, _ in d) for d in docs]
+        if self.pack_length > 0:
+            rows = _first_fit(lengths, max(self.pack_length, max(lengths)))
+        else:
+            rows = [[i] for i in range(len(docs))]
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        group = torch.full(shape, -1, dtype=torch.long)
+        branch = torch.full(shape, -1, dtype=torch.long)
+        t_row: list[int] = []
+        t_src: list[int] = []
+        t_ids: list[int] = []
+        t_seg: list[int] = []
+        for r, row in enumerate(rows):
+            at = 0
+            for d in row:
+                start, prompt_end = at, at
+                for ids, br, seg in docs[d]:
+                    k = len(ids)
+                    input_ids[r, at : at + k] = torch.tensor(ids, dtype=torch.long)
+                    group[r, at : at + k] = d
+                    branch[r, at : at + k] = br
+                    offset = 0 if br == PROMPT else prompt_end - start
+                    position_ids[r, at : at + k] = torch.arange(offset, offset + k)
+                    if br == PROMPT:
+                        prompt_end = at + k
+                    elif k:
+                        # The answer's first token is predicted by the prompt's last token (none: not scored).
+                        first = 0 if prompt_end > start else 1
+                        srcs = [prompt_end - 1] + list(range(at, at + k - 1))
+                        t_row.extend([r] * (k - first))
+                        t_src.extend(srcs[first:])
+                        t_ids.extend(ids[first:])
+                        t_seg.extend([seg] * (k - first))
+                    at += k
+        same = group.unsqueeze(2) == group.unsqueeze(1)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        visible = (branch.unsqueeze(1) == PROMPT) | (branch.unsqueeze(1) == branch.unsqueeze(2))
+        mask = same & causal & visible
+        mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no all-masked softmax rows
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": mask.unsqueeze(1),
+            "target_row": torch.tensor(t_row, dtype=torch.long),
+            "target_src": torch.tensor(t_src, dtype=torch.long),
+            "target_ids": torch.tensor(t_ids, dtype=torch.long),
+            "target_segment": torch.tensor(t_seg, dtype=torch.long),
+            "index": torch.tensor([f["index"] for f in features], dtype=torch.long),
+            "tokens": torch.tensor(int(group.ge(0).sum()), dtype=torch.long),
+        }
+        if all("ref_chosen_logps" in f for f in features):
+            batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features])
+            batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features])
+        return batch

@@ -12,17 +12,28 @@ Chosen and rejected answers of a batch go through the model together (2B sequenc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from preftune import modeling, reports, storage
-from preftune.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logprobs
-from preftune.train.batching import PairCollator, load_pair_features, model_inputs, shifted
+from preftune.losses import DPO_LOSS_TYPES, dpo_loss, head_logprobs, sequence_logprobs, token_logprobs
+from preftune.train.batching import (
+    PackedPairCollator,
+    PairCollator,
+    load_pair_features,
+    model_inputs,
+    shifted,
+)
 from preftune.train.loop import (
     History,
     Meter,
@@ -36,6 +47,8 @@ from preftune.train.loop import (
     progress,
 )
 from preftune.train.sft import target_modules
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,6 +117,32 @@ class DPOConfig:
         default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each prompt once for both answers (one prompt+chosen+rejected sequence, masked)."
+        },
+    )
+    pack_length: int = field(
+        default=256,
+        metadata={
+            "help": "Pack pairs into rows of up to this many tokens, no padding (0 = one pair per row)."
+        },
+    )
+    fused_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply the LM head to scored positions only, in chunks, never the full-vocab logits."
+        },
+    )
+    head_chunk_size: int = field(default=1024, metadata={"help": "Positions per LM-head chunk (fused_head)."})
+    reference_cache_dir: str = field(
+        default="",
+        metadata={
+            "help": "Directory caching reference log-probs keyed by model and data hashes, so reruns and beta "
+            "sweeps skip the reference pass (empty = no cache)."
+        },
+    )
 
 
 def _check(config: DPOConfig) -> None:
@@ -120,12 +159,50 @@ def _check(config: DPOConfig) -> None:
         raise ValueError("DPOConfig.label_smoothing applies to loss_type 'sigmoid' only")
 
 
-def pair_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion log-probabilities of the chosen and the rejected answers, from one forward of 2B rows."""
-    logits = model(**model_inputs(batch)).logits
-    logps = sequence_logprobs(*shifted(batch, logits))
+def pair_logprobs(
+    model: Any, batch: dict[str, torch.Tensor], *, fused_head: bool = True, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion log-probabilities of the chosen and the rejected answers of a batch, from one forward.
+
+    Takes a :class:`PairCollator` batch (2B padded rows) or a :class:`PackedPairCollator` batch (packed rows,
+    shared prompts); for the latter, ``fused_head`` applies the LM head only to the scored positions, in chunks.
+    """
     n = batch["index"].numel()
+    if "target_src" not in batch:
+        logits = model(**model_inputs(batch)).logits
+        logps = sequence_logprobs(*shifted(batch, logits))
+        return logps[:n], logps[n:]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    rows, src = batch["target_row"], batch["target_src"]
+    if fused_head:
+        # logits_to_keep=1: the model's own head runs on one position per row; the scored ones go through
+        # head_logprobs below, from the final (normed) hidden states.
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1][rows, src]
+        head = _unwrap(model).get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("fused_head needs a bias-free LM head; set fused_head=False for this model")
+        token = head_logprobs(hidden, head.weight, batch["target_ids"], chunk_size)
+    else:
+        logits = model(**inputs, use_cache=False).logits[rows, src]
+        token = token_logprobs(logits.unsqueeze(0), batch["target_ids"].unsqueeze(0))[0]
+    logps = torch.zeros(2 * n, dtype=torch.float32, device=token.device)
+    logps = logps.index_add(0, batch["target_segment"], token)
     return logps[:n], logps[n:]
+
+
+def _unwrap(model: Any) -> Any:
+    """The model under DDP/FSDP/compile wrappers (PEFT models pass their head through)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def make_collator(tokenizer: Any, config: DPOConfig) -> Any:
+    """The pair collator the config asks for: packed/prefix-shared, or plain 2B padded rows when every lever is off."""
+    if not config.prefix_sharing and config.pack_length <= 0 and not config.fused_head:
+        return PairCollator(tokenizer)
+    return PackedPairCollator(tokenizer, prefix_sharing=config.prefix_sharing, pack_length=config.pack_length)
 
 
 def _is_peft(model: Any) -> bool:
@@ -135,7 +212,14 @@ def _is_peft(model: Any) -> bool:
 
 
 def score_reference(
-    model: Any, features: list[dict[str, Any]], collator: PairCollator, batch_size: int, accelerator: Any
+    model: Any,
+    features: list[dict[str, Any]],
+    collator: Any,
+    batch_size: int,
+    accelerator: Any,
+    *,
+    fused_head: bool = True,
+    chunk_size: int = 1024,
 ) -> None:
     """Store the reference log-probabilities of every pair in its feature (``ref_chosen_logps``,
     ``ref_rejected_logps``).
@@ -152,7 +236,7 @@ def score_reference(
     model.eval()
     with torch.no_grad(), unwrapped.disable_adapter() if _is_peft(unwrapped) else nullcontext():
         for batch in loader:
-            c, r = pair_logprobs(model, batch)
+            c, r = pair_logprobs(model, batch, fused_head=fused_head, chunk_size=chunk_size)
             index, c, r = accelerator.gather_for_metrics((batch["index"], c, r))
             chosen[index.cpu()] = c.double().cpu()
             rejected[index.cpu()] = r.double().cpu()
@@ -160,6 +244,76 @@ def score_reference(
     for feature in features:
         feature["ref_chosen_logps"] = float(chosen[feature["index"]])
         feature["ref_rejected_logps"] = float(rejected[feature["index"]])
+
+
+def _model_hash(ref: str) -> str:
+    """A content hash of a model reference and its adapter chain (a hub id hashes as its name)."""
+    parts = []
+    for _ in range(modeling.MAX_ADAPTER_DEPTH):
+        path = modeling.resolve(ref)
+        if not Path(path).is_dir():
+            parts.append(f"hub:{path}")
+            break
+        parts.append(storage.sha256_of(path))
+        if not modeling.is_adapter(path):
+            break
+        ref = modeling.adapter_parent(path)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _reference_cache_path(
+    config: DPOConfig, sft_model: str, *feature_lists: list[dict[str, Any]]
+) -> Path | None:
+    """Where the reference log-probs of these exact tokenised pairs under this exact model are cached, if asked.
+
+    The key covers the reference weights (the whole adapter chain), every token id of every pair (so the data,
+    tokenizer, template and max_length), and the precision; not beta, the loss or the learning rate, so a sweep
+    over those, or a retried step, reuses one reference pass.
+    """
+    if not config.reference_cache_dir:
+        return None
+    digest = hashlib.sha256()
+    digest.update(f"model={_model_hash(sft_model)}\nprecision={config.mixed_precision}\n".encode())
+    for features in feature_lists:
+        digest.update(b"split\n")
+        for f in features:
+            digest.update(json.dumps([f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]]).encode() + b"\n")
+    return Path(config.reference_cache_dir) / f"dpo-reference-{digest.hexdigest()[:40]}.json"
+
+
+def _load_reference_cache(path: Path, feature_lists: tuple[list[dict[str, Any]], ...]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        splits = stored["splits"]
+        if [len(s["chosen"]) for s in splits] != [len(f) for f in feature_lists]:
+            return False
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring unreadable reference cache %s", path)
+        return False
+    for features, split in zip(feature_lists, splits, strict=True):
+        for f in features:
+            f["ref_chosen_logps"] = float(split["chosen"][f["index"]])
+            f["ref_rejected_logps"] = float(split["rejected"][f["index"]])
+    log.info("reference log-probs read from cache %s", path)
+    return True
+
+
+def _save_reference_cache(path: Path, feature_lists: tuple[list[dict[str, Any]], ...]) -> None:
+    splits = []
+    for features in feature_lists:
+        ordered = sorted(features, key=lambda f: f["index"])
+        splits.append(
+            {
+                "chosen": [f["ref_chosen_logps"] for f in ordered],
+                "rejected": [f["ref_rejected_logps"] for f in ordered],
+            }
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"format": 1, "splits": splits}), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
 
 
 def _summary(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
@@ -189,7 +343,9 @@ def _evaluate(model: Any, loader: DataLoader, accelerator: Any, config: DPOConfi
     parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
         for batch in loader:
-            c, r = pair_logprobs(model, batch)
+            c, r = pair_logprobs(
+                model, batch, fused_head=config.fused_head, chunk_size=config.head_chunk_size
+            )
             parts.append(accelerator.gather_for_metrics(_losses(config, c, r, batch)))
     model.train()
     losses, chosen, rejected = (torch.cat([p[i] for p in parts]).float().cpu() for i in range(3))
@@ -256,13 +412,28 @@ def train_dpo(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
-    collator = PairCollator(tokenizer)
+    collator = make_collator(tokenizer, config)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     ref_start = time.perf_counter()
-    for features in (train_features, eval_features):  # separately: ``index`` is a position within each list
-        score_reference(model, features, collator, config.eval_batch_size, accelerator)
+    cache = _reference_cache_path(config, sft_model, train_features, eval_features)
+    if not (cache and _load_reference_cache(cache, (train_features, eval_features))):
+        for features in (
+            train_features,
+            eval_features,
+        ):  # separately: ``index`` is a position within each list
+            score_reference(
+                model,
+                features,
+                collator,
+                config.eval_batch_size,
+                accelerator,
+                fused_head=config.fused_head,
+                chunk_size=config.head_chunk_size,
+            )
+        if cache and accelerator.is_main_process:
+            _save_reference_cache(cache, (train_features, eval_features))
     ref_seconds = time.perf_counter() - ref_start
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -288,7 +459,9 @@ def train_dpo(
         epoch_meter = Meter()
         for batch_number, batch in enumerate(train_loader, start=1):
             with accelerator.accumulate(model):
-                c, r = pair_logprobs(model, batch)
+                c, r = pair_logprobs(
+                    model, batch, fused_head=config.fused_head, chunk_size=config.head_chunk_size
+                )
                 losses, chosen_rewards, rejected_rewards = _losses(config, c, r, batch)
                 loss = losses.mean()
                 accelerator.backward(loss)

@@ -1,0 +1,137 @@
+"""Shared pieces of the benchmark: data, models, measurements (run inside each worker subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ROOT / "examples" / "tiny-llama"
+PREFERENCES = ROOT / "examples" / "data" / "preferences.jsonl"
+SFT_DATA = ROOT / "examples" / "data" / "sft.jsonl"
+CACHE = Path(os.environ.get("PREFTUNE_BENCH_CACHE", ROOT / ".bench-cache"))
+
+
+def set_threads() -> int:
+    """Pin torch's intra-op threads (PREFTUNE_BENCH_THREADS, default 2) so ours and TRL get the same."""
+    import torch
+
+    n = int(os.environ.get("PREFTUNE_BENCH_THREADS", "1"))
+    torch.set_num_threads(n)
+    torch.set_num_interop_threads(1)
+    return n
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _messages(prompt: Any) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def pair_rows(n: int) -> list[dict[str, Any]]:
+    """The first ``n`` bundled preference pairs in the contract shape (prompt as chat messages)."""
+    rows = []
+    with PREFERENCES.open(encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            rows.append({"prompt": _messages(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]})
+            if len(rows) == n:
+                break
+    return rows
+
+
+def sft_rows(n: int) -> list[dict[str, Any]]:
+    rows = []
+    with SFT_DATA.open(encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if not isinstance(r.get("completion"), str) or "prompt" not in r:
+                continue  # the bundled file also holds other accepted shapes; keep prompt/completion rows
+            rows.append({"prompt": _messages(r["prompt"]), "completion": r["completion"]})
+            if len(rows) == n:
+                break
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+#: A ~20M-parameter Llama (random init) on the bundled tokenizer, for the MFU measurement.
+MFU_SHAPE = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6)
+
+
+def model_dir(name: str) -> str:
+    """``tiny`` (the bundled ~1M-parameter model) or ``20m`` (random init, built once into the cache)."""
+    if name == "tiny":
+        return str(TINY_MODEL)
+    if name != "20m":
+        raise ValueError(f"unknown benchmark model {name!r}")
+    out = CACHE / "llama-20m"
+    if (out / "model.safetensors").is_file():
+        return str(out)
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(str(TINY_MODEL))
+    for key, value in MFU_SHAPE.items():
+        setattr(config, key, value)
+    config.num_key_value_heads = MFU_SHAPE["num_attention_heads"]
+    config.head_dim = MFU_SHAPE["hidden_size"] // MFU_SHAPE["num_attention_heads"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = out.with_name(out.name + f".{os.getpid()}")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(TINY_MODEL)).save_pretrained(str(tmp))
+    for extra in ("chat_template.jinja",):
+        if (TINY_MODEL / extra).is_file() and not (tmp / extra).is_file():
+            (tmp / extra).write_text((TINY_MODEL / extra).read_text())
+    os.replace(tmp, out) if not out.exists() else None
+    return str(out)
+
+
+def param_counts(model: Any) -> dict[str, int]:
+    """Parameters of the model: all (non-embedding matmul weights counted for FLOPs) and trainable."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params": total, "trainable": trainable}
+
+
+def matmul_params(config: Any) -> int:
+    """N for the FLOPs formula: weights that take part in matmuls per token (layers + LM head; the embedding
+    lookup is a gather, not counted)."""
+    h, i, layers, v = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+        config.vocab_size,
+    )
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    mlp = 3 * h * i
+    return layers * (attn + mlp) + h * v
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
