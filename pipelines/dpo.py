@@ -44,7 +44,7 @@ def dpo_pipeline(
     sft_batch_size: int = 16,
     sft_max_steps: int = -1,
     dpo_epochs: int = 1,
-    dpo_learning_rate: float = 1e-3,
+    dpo_learning_rate: float = 2e-4,
     dpo_batch_size: int = 16,
     dpo_beta: float = 0.1,
     dpo_loss: str = "sigmoid",

@@ -34,6 +34,7 @@ def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "eval_fraction": 0.2,
         "sft_max_steps": 30,
         "dpo_max_steps": 30,
+        "dpo_learning_rate": 1e-3,  # a short run needs a larger step to move measurably from the reference
         "eval_max_prompts": 12,
         "eval_max_new_tokens": 24,
     }

@@ -63,7 +63,10 @@ class DPOConfig:
         default=1, metadata={"help": "Passes over the training pairs (ignored when max_steps > 0)."}
     )
     learning_rate: float = field(
-        default=1e-3, metadata={"help": "Peak learning rate (warm-up, then linear decay)."}
+        # 1e-3 reached the same held-out reward accuracy on the bundled data but drifted ~94 nats from the
+        # SFT model and produced garbage wrapped in polite phrases; 2e-4 keeps it generative (KL ~0.35).
+        default=2e-4,
+        metadata={"help": "Peak learning rate (warm-up, then linear decay)."},
     )
     beta: float = field(
         default=0.1, metadata={"help": "Strength of the pull towards the reference (higher = stay closer)."}
