@@ -39,14 +39,14 @@ from preftune.train.loop import (
     Meter,
     check_config,
     config_rows,
-    disable_dropout,
+    lora_options,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     plan_steps,
     progress,
+    ready_for_training,
 )
-from preftune.train.sft import target_modules
 
 log = logging.getLogger(__name__)
 
@@ -400,20 +400,7 @@ def train_dpo(
     train_features = load_pair_features(train_pairs, tokenizer, config.max_length)
     eval_features = load_pair_features(eval_pairs, tokenizer, config.max_length)
 
-    model = modeling.prepare_for_training(
-        sft_model,
-        use_lora=config.use_lora,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=target_modules(config.lora_target_modules),
-        trust_remote_code=config.trust_remote_code,
-    )
-    if config.disable_dropout:
-        disable_dropout(model)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    model = ready_for_training(modeling.prepare_for_training(sft_model, **lora_options(config)), config)
 
     collator = make_collator(tokenizer, config)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)

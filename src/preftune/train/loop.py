@@ -99,6 +99,34 @@ def plan_steps(batches_per_epoch: int, gradient_accumulation_steps: int, epochs:
     return per_epoch * epochs
 
 
+def target_modules(spec: str) -> list[str] | None:
+    """Parse a comma-separated module list; None (the modeling default) when empty."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    return names or None
+
+
+def lora_options(config: Any) -> dict[str, Any]:
+    """The modeling.prepare_* keyword arguments every trainer's config carries (LoRA and remote code)."""
+    return {
+        "use_lora": config.use_lora,
+        "lora_r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": target_modules(config.lora_target_modules),
+        "trust_remote_code": config.trust_remote_code,
+    }
+
+
+def ready_for_training(model: torch.nn.Module, config: Any) -> torch.nn.Module:
+    """Dropout off when the config asks, activation checkpointing when it asks, and no KV cache in training."""
+    if getattr(config, "disable_dropout", False):
+        disable_dropout(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Set every dropout probability to 0.
 

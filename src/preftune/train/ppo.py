@@ -77,12 +77,12 @@ from preftune.train.loop import (
     Meter,
     config_rows,
     disable_dropout,
+    lora_options,
     make_accelerator,
     make_optimizer,
     progress,
     resolve_mixed_precision,
 )
-from preftune.train.sft import target_modules
 
 log = logging.getLogger(__name__)
 
@@ -536,14 +536,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 def _load_models(sft_model: str, reward_model: str, config: PPOConfig) -> tuple[Any, Any, Any, Any]:
     """(policy, reference or None, critic, reward or None): None where the adapter-disabled model serves."""
-    lora = {
-        "use_lora": config.use_lora,
-        "lora_r": config.lora_r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": target_modules(config.lora_target_modules),
-        "trust_remote_code": config.trust_remote_code,
-    }
+    lora = lora_options(config)
     policy = modeling.prepare_for_training(sft_model, **lora)
     critic = TokenValueModel(modeling.prepare_reward_model(reward_model, **lora))
     reference = reward = None

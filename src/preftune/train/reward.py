@@ -47,14 +47,14 @@ from preftune.train.loop import (
     Meter,
     check_config,
     config_rows,
-    disable_dropout,
+    lora_options,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     plan_steps,
     progress,
+    ready_for_training,
 )
-from preftune.train.sft import target_modules
 
 log = logging.getLogger(__name__)
 
@@ -383,15 +383,7 @@ def train_reward_model(
     train_features = load_reward_features(train_pairs, tokenizer, config.max_length, need_scores=need_scores)
     eval_features = load_reward_features(eval_pairs, tokenizer, config.max_length, need_scores=need_scores)
 
-    model = modeling.prepare_reward_model(
-        sft_model,
-        use_lora=config.use_lora,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=target_modules(config.lora_target_modules),
-        trust_remote_code=config.trust_remote_code,
-    )
+    model = modeling.prepare_reward_model(sft_model, **lora_options(config))
     # The model reads its score at the rightmost token that is not config.pad_token_id. That id is set from the
     # parent's config (modeling.prepare_reward_model), exactly as modeling.load_reward_model sets it when the
     # artifact is loaded again; batches are padded with it, so training and later scoring read the same token.
@@ -402,11 +394,7 @@ def train_reward_model(
         log.warning(
             "the model pads with its eos token: rewards are read at the last response token, before eos"
         )
-    if config.disable_dropout:
-        disable_dropout(model)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    ready_for_training(model, config)
 
     collator = RewardCollator(tokenizer, reward_pad)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)

@@ -24,11 +24,13 @@ from preftune.train.loop import (
     Meter,
     check_config,
     config_rows,
+    lora_options,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     plan_steps,
     progress,
+    ready_for_training,
 )
 
 
@@ -81,12 +83,6 @@ class SFTConfig:
         default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-
-
-def target_modules(spec: str) -> list[str] | None:
-    """Parse a comma-separated module list; None (the modeling default) when empty."""
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    return names or None
 
 
 def completion_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,18 +149,7 @@ def train_sft(
     train_features = load_sft_features(train_data, tokenizer, config.max_length)
     eval_features = load_sft_features(eval_data, tokenizer, config.max_length)
 
-    model = modeling.prepare_for_training(
-        base_model,
-        use_lora=config.use_lora,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=target_modules(config.lora_target_modules),
-        trust_remote_code=config.trust_remote_code,
-    )
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    model = ready_for_training(modeling.prepare_for_training(base_model, **lora_options(config)), config)
 
     collator = SFTCollator(tokenizer)
     generator = torch.Generator().manual_seed(config.seed)
