@@ -38,16 +38,16 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from preftune import reports, storage, templating
-from preftune.data.readers import RawRow, parse_jsonl
-from preftune.data.records import completion_text, to_messages, write_jsonl
+from preftune import reports, templating
+from preftune.data.readers import RawRow
+from preftune.data.records import completion_text, read_artifact_rows, to_messages, write_jsonl
 from preftune.losses import sequence_logprobs
 from preftune.modeling import load_causal_lm, load_reward_model, load_tokenizer, resolve, set_seed
 from preftune.scoring import score_texts
@@ -140,16 +140,9 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 def _read_rows(path: str, what: str) -> list[RawRow]:
     """Rows of a JSONL file, or of every *.jsonl in a directory (local or s3), each with its file and line."""
     try:
-        files = storage.list_files(path)
+        rows = read_artifact_rows(path)
     except FileNotFoundError:
         raise ValueError(f"{what} {path!r} does not exist") from None
-    single = files == [path] if storage.is_s3(path) else storage.local_path(path).is_file()
-    if not single:
-        files = [f for f in files if f.endswith(".jsonl") and not PurePosixPath(f).name.startswith(".")]
-    rows: list[RawRow] = []
-    for file_uri in files:
-        name = PurePosixPath(file_uri.split("://", 1)[-1]).name
-        rows.extend(parse_jsonl(storage.read_bytes(file_uri), name, "raise"))
     if not rows:
         raise ValueError(f"{what} {path!r} is empty: no rows to evaluate")
     return rows

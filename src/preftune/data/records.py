@@ -232,8 +232,9 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
     return count
 
 
-def read_jsonl(path_or_dir: str | Path) -> list[dict[str, Any]]:
-    """Read one of our JSONL artifacts: a file (whatever its name), or every ``*.jsonl`` in a directory, sorted.
+def read_artifact_rows(path_or_dir: str | Path) -> list[RawRow]:
+    """Rows of one of our JSONL artifacts, each with its file and line: a file (whatever its name, local or
+    s3://), or every ``*.jsonl`` in a directory or prefix, sorted.
 
     Strict: any bad line raises DataFormatError naming file and line (our own artifacts must be clean).
     """
@@ -242,11 +243,15 @@ def read_jsonl(path_or_dir: str | Path) -> list[dict[str, Any]]:
     single = files == [uri] if storage.is_s3(uri) else storage.local_path(uri).is_file()
     if not single:
         files = [f for f in files if f.endswith(".jsonl") and not PurePosixPath(f).name.startswith(".")]
-    rows: list[dict[str, Any]] = []
+    rows: list[RawRow] = []
     for file_uri in files:
-        name = PurePosixPath(file_uri.split("://", 1)[-1]).name
-        rows.extend(r.record for r in parse_jsonl(storage.read_bytes(file_uri), name, "raise") if r.record)
+        rows.extend(parse_jsonl(storage.read_bytes(file_uri), file_uri, "raise"))
     return rows
+
+
+def read_jsonl(path_or_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of one of our JSONL artifacts (see read_artifact_rows)."""
+    return [row.record for row in read_artifact_rows(path_or_dir) if row.record]
 
 
 # ---------------------------------------------------------------------------------------------- rows

@@ -11,13 +11,14 @@ and the eos closing a completion must be trained on.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from preftune.data.readers import DataFormatError
+from preftune.data.records import read_artifact_rows
 from preftune.templating import pad_id, tokenize_example, tokenize_pair
 
 IGNORE_INDEX = -100
@@ -27,38 +28,21 @@ class DataError(ValueError):
     """A training input row that cannot be used; the message names the file, row and field."""
 
 
-def _files(path: str | Path) -> list[Path]:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.glob("*.jsonl"))
-        if not files:
-            raise DataError(f"{p}: directory holds no *.jsonl files")
-        return files
-    if not p.exists():
-        raise DataError(f"{p}: no such file")
-    return [p]
-
-
 def read_rows(path: str | Path) -> list[tuple[str, int, dict[str, Any]]]:
-    """Read contract JSONL (a file, or every ``*.jsonl`` in a directory) as ``(file, row, record)`` triples.
+    """Read contract JSONL (a file, or every ``*.jsonl`` in a directory or s3 prefix) as ``(file, row, record)``.
 
-    Rows are numbered from 1 (the line number); blank lines are skipped. Bad JSON raises a DataError naming
-    the file and row.
+    Rows are numbered from 1 (the line number); blank lines are skipped. Anything unreadable raises a DataError
+    naming the file and row.
     """
-    out: list[tuple[str, int, dict[str, Any]]] = []
-    for file in _files(path):
-        with file.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{file}: row {n}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{file}: row {n}: expected a JSON object, got {type(record).__name__}")
-                out.append((str(file), n, record))
-    return out
+    try:
+        rows = read_artifact_rows(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except DataFormatError as err:
+        raise DataError(str(err)) from None
+    if not rows and Path(path).is_dir():
+        raise DataError(f"{path}: directory holds no *.jsonl files")
+    return [(row.file, row.row, row.record) for row in rows]
 
 
 def _check_messages(where: str, value: Any) -> list[dict[str, str]]:
