@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,9 @@ def test_local_download_and_upload_dir(tmp_path: Path) -> None:
     single = storage.download(str(tmp_path / "src" / "sub" / "b.bin"), tmp_path / "one")
     assert single == (tmp_path / "one" / "b.bin").resolve() and single.read_bytes() == files["sub/b.bin"]
     storage.upload_dir(tmp_path / "src", str(tmp_path / "mirror"))
-    assert _tree(tmp_path / "mirror") == files
+    mirrored = _tree(tmp_path / "mirror")
+    assert json.loads(mirrored.pop(storage.MANIFEST))["files"].keys() == files.keys()  # written last
+    assert mirrored == files
 
 
 def test_sha256_of_file_and_directory(tmp_path: Path) -> None:
@@ -99,11 +102,17 @@ def test_s3_client_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_s3_round_trip(s3: S3Bucket, tmp_path: Path) -> None:
     files = _make_tree(tmp_path / "model")
     storage.upload_dir(tmp_path / "model", s3.uri("runs/model"))
-    assert s3.list_keys() == ["runs/model/a.txt", "runs/model/sub/b.bin", "runs/model/sub/deeper/c.json"]
+    assert s3.list_keys() == [
+        "runs/model/_COMPLETE.json",
+        "runs/model/a.txt",
+        "runs/model/sub/b.bin",
+        "runs/model/sub/deeper/c.json",
+    ]
     assert storage.list_files(s3.uri("runs/model")) == [s3.uri(k) for k in s3.list_keys()]
     assert storage.list_files(s3.uri("runs/model/")) == storage.list_files(s3.uri("runs/model"))
     assert storage.list_files(s3.uri("runs/model/a.txt")) == [s3.uri("runs/model/a.txt")]
-    assert _tree(storage.download(s3.uri("runs/model"), tmp_path / "back")) == files
+    back = _tree(storage.download(s3.uri("runs/model"), tmp_path / "back"))
+    assert back.pop(storage.MANIFEST) == s3.get("runs/model/_COMPLETE.json") and back == files
     assert storage.read_bytes(s3.uri("runs/model/sub/b.bin")) == files["sub/b.bin"]
     storage.write_bytes(s3.uri("runs/other/x.txt"), b"x")
     assert s3.get("runs/other/x.txt") == b"x"

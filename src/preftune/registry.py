@@ -30,7 +30,6 @@ batch delete) are implemented here with boto3.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,6 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,12 +45,11 @@ from preftune import storage
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "_COMPLETE.json"
+MANIFEST = storage.MANIFEST  # one manifest format for registry versions and uploaded directories
 CHAMPION = "champion.json"
 STAGING = ".staging"
 _VERSION = re.compile(r"^v([1-9][0-9]*)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_CHUNK = 1 << 20
 _MAX_VERSION_TRIES = 1000
 
 
@@ -60,13 +57,7 @@ class RegistryError(RuntimeError):
     """A promotion that could not complete; the champion is unchanged."""
 
 
-@dataclass(frozen=True)
-class FileInfo:
-    """Size and content hashes of one file of a version (MD5 only to check simple S3 ETags)."""
-
-    size: int
-    sha256: str
-    md5: str
+FileInfo = storage.FileInfo
 
 
 def _now() -> str:
@@ -84,17 +75,7 @@ def check_model_name(model_name: str) -> str:
 
 
 def _inventory(root: Path) -> dict[str, FileInfo]:
-    files: dict[str, FileInfo] = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-        with path.open("rb") as handle:
-            for chunk in iter(lambda h=handle: h.read(_CHUNK), b""):
-                sha.update(chunk)
-                md5.update(chunk)
-        files[path.relative_to(root).as_posix()] = FileInfo(
-            path.stat().st_size, sha.hexdigest(), md5.hexdigest()
-        )
-    return files
+    return storage.inventory(root)
 
 
 # ------------------------------------------------------------------------------------------------------ stores
@@ -275,16 +256,7 @@ def _check_listing(
     rel: str, files: dict[str, FileInfo], sizes: dict[str, int], etags: dict[str, str]
 ) -> None:
     """Every expected file is there with its size (and MD5 where the ETag is a plain MD5); nothing else."""
-    problems = []
-    for name, info in files.items():
-        if name not in sizes:
-            problems.append(f"{name}: missing")
-        elif sizes[name] != info.size:
-            problems.append(f"{name}: {sizes[name]} bytes, expected {info.size}")
-        elif etags.get(name) and "-" not in etags[name] and etags[name] != info.md5:
-            problems.append(f"{name}: checksum differs")
-    extra = sorted(set(sizes) - set(files) - {MANIFEST})
-    problems += [f"{name}: unexpected file" for name in extra]
+    problems = storage.listing_problems(files, sizes, etags)
     if problems:
         raise RegistryError(f"{rel} does not match what was uploaded: " + "; ".join(problems[:10]))
 
@@ -407,7 +379,7 @@ def _assemble(candidate: str, bundle: Path, merge_adapters: bool) -> bool:
             if (source / name).is_file():
                 shutil.copyfile(source / name, bundle / name)
         return True
-    shutil.copytree(source, bundle, dirs_exist_ok=True)
+    storage.download(str(source), bundle)  # verified copy; refuses links out of the candidate
     return False
 
 
