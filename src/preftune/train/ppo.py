@@ -75,6 +75,7 @@ from preftune.train.batching import DataError, read_rows
 from preftune.train.loop import (
     History,
     Meter,
+    check_config,
     config_rows,
     disable_dropout,
     lora_options,
@@ -239,6 +240,7 @@ def _check(config: PPOConfig) -> None:
             f"({config.rollout_batch_size})"
         )
     resolve_mixed_precision(config.mixed_precision)
+    check_config(config)  # the ranges every config shares: finite numbers, LoRA, weight decay, ...
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
