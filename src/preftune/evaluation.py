@@ -99,6 +99,8 @@ class EvalConfig:
             problems.append("max_prompts must be >= 1")
         if self.batch_size < 1:
             problems.append("batch_size must be >= 1")
+        if self.seed < 0:
+            problems.append("seed must be >= 0")
         for name in ("temperature", "top_p", "beta"):
             if not abs(getattr(self, name)) < float("inf"):  # NaN passes every comparison above
                 problems.append(f"{name} must be a finite number")
