@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 LINEAGE_FILE = "lineage.json"
 MAX_ADAPTER_DEPTH = 8
+#: Weight formats that unpickle (and so can run code) when loaded; never loaded, only named in errors.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def set_seed(seed: int) -> None:
@@ -58,10 +60,42 @@ def resolve(ref: str) -> str:
             raise ValueError(f"model reference {ref!r} is a file; a model is a directory")
         return str(path.resolve())
     if "://" in ref:
-        raise ValueError(f"model reference {ref!r}: unsupported scheme; use a local path, s3:// or a hub id")
+        scheme = ref.split("://", 1)[0]
+        raise ValueError(
+            f"model reference {ref!r}: unsupported scheme {scheme + '://'!r}; "
+            "use one of: local path, file://, s3://, or a Hugging Face hub id"
+        )
     if ref.startswith(("/", "./", "../")):
         raise FileNotFoundError(f"model directory {ref!r} does not exist")
     return ref  # a Hugging Face hub id, resolved by transformers (offline cache or the hub)
+
+
+def require_safetensors(path: str) -> None:
+    """Refuse a local model directory whose weights are not safetensors.
+
+    Pickle-format weights (``pytorch_model.bin``, ``*.pt``) can run arbitrary code when loaded, and a model
+    artifact may come from anywhere; transformers is also told ``use_safetensors=True``, this check names the
+    problem and the file before anything is read. Hub ids (not local) are left to that flag.
+    """
+    local = Path(path)
+    if not local.is_dir():
+        return
+    adapter = is_adapter(path)
+    wanted = "adapter_model.safetensors" if adapter else "model.safetensors (or sharded *.safetensors)"
+    if adapter:
+        found = (local / "adapter_model.safetensors").is_file()
+    else:
+        found = any(local.glob("*.safetensors")) or (local / "model.safetensors.index.json").is_file()
+    if found:
+        return
+    pickles = sorted(p.name for p in local.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{path}: holds {', '.join(pickles)} but no {wanted}; preftune loads safetensors only, because "
+            "pickle-format weights can run code when loaded. Convert the weights to safetensors "
+            "(save_pretrained(..., safe_serialization=True)) from a trusted environment"
+        )
+    raise FileNotFoundError(f"{path}: no {wanted} in this model directory")
 
 
 def is_adapter(path: str) -> bool:
@@ -106,6 +140,7 @@ def load_causal_lm(
     if _depth > MAX_ADAPTER_DEPTH:
         raise ValueError(f"{ref}: adapter chain deeper than {MAX_ADAPTER_DEPTH}; is it circular?")
     path = resolve(ref)
+    require_safetensors(path)
     if Path(path).is_dir() and is_adapter(path):
         from peft import PeftModel
 
@@ -182,6 +217,7 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification
 
     path = resolve(ref)
+    require_safetensors(path)
     if Path(path).is_dir() and is_adapter(path):
         from peft import PeftModel
 
