@@ -811,7 +811,7 @@ def local_path(uri: str, cache_dir: str | Path | None = None, *, require_manifes
     if fresh():
         return result
     entry.mkdir(parents=True, exist_ok=True)
-    with _locked(entry):
+    with _DirectoryLock(entry):
         if fresh():  # another process filled it while we waited
             return result
         marker.unlink(missing_ok=True)
@@ -824,14 +824,14 @@ def local_path(uri: str, cache_dir: str | Path | None = None, *, require_manifes
     return result
 
 
-class _locked:
+class _DirectoryLock:
     """An exclusive advisory lock on a directory for the life of a ``with`` block (no lock where unsupported)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd: int | None = None
 
-    def __enter__(self) -> _locked:
+    def __enter__(self) -> _DirectoryLock:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
