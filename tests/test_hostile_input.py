@@ -238,8 +238,9 @@ def _calls(tree: ast.AST) -> list[ast.Call]:
 
 
 def test_no_code_loads_pickles_or_trusts_remote_code() -> None:
-    """A guard over everything that ships or runs in a pipeline: ``torch.load`` only with ``weights_only=True``;
-    no pickle, dill, joblib or cloudpickle; ``trust_remote_code`` never a literal True."""
+    """A guard over everything that ships or runs in a pipeline: ``torch.load`` only with ``weights_only=True``
+    (and no ``weights_only=False`` anywhere, nor accelerate's ``register_for_checkpointing``, whose state it
+    reloads that way); no pickle, dill, joblib or cloudpickle; ``trust_remote_code`` never a literal True."""
     problems = []
     roots = ("src", "components", "pipelines", "benchmarks", "examples")
     files = [p for r in roots for p in (ROOT / r).rglob("*.py") if ".venv" not in p.parts]
@@ -273,6 +274,11 @@ def test_no_code_loads_pickles_or_trusts_remote_code() -> None:
                 value = keywords.get("weights_only")
                 if not (isinstance(value, ast.Constant) and value.value is True):
                     problems.append(f"{where}:{call.lineno}: torch.load without weights_only=True")
+            value = keywords.get("weights_only")
+            if isinstance(value, ast.Constant) and value.value is False:
+                problems.append(f"{where}:{call.lineno}: weights_only=False")
+            if name == "register_for_checkpointing":  # accelerate reloads such state with weights_only=False
+                problems.append(f"{where}:{call.lineno}: accelerator.register_for_checkpointing")
             value = keywords.get("trust_remote_code")
             if isinstance(value, ast.Constant) and value.value is True:
                 problems.append(f"{where}:{call.lineno}: trust_remote_code=True")
