@@ -11,6 +11,10 @@ PIPELINE_ROOT ?= runs
 TOOLS_VENV ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.preftune-tools-installed
 CHECKOV_SPEC ?= checkov==3.3.30
+# The evaluation report is checked in a real browser: Debian's chromium package, driven by playwright.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+REGISTRY ?= $(PIPELINE_ROOT)/registry
 
 .PHONY: venv tools demo test lint compile bench clean
 
@@ -27,13 +31,17 @@ $(TOOLS_STAMP):
 	$(TOOLS_VENV)/bin/python -m pip install --quiet "$(CHECKOV_SPEC)"
 	touch $(TOOLS_STAMP)
 
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null
+
 venv: $(STAMP)
 
 tools: $(TOOLS_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/preftune run dpo --pipeline-root $(PIPELINE_ROOT)
-	$(BIN)/preftune run rlhf --pipeline-root $(PIPELINE_ROOT)
+	$(BIN)/preftune run dpo --pipeline-root $(PIPELINE_ROOT) --param registry_uri=$(REGISTRY)
+	$(BIN)/preftune run rlhf --pipeline-root $(PIPELINE_ROOT) --param registry_uri=$(REGISTRY)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -42,7 +50,7 @@ lint: $(STAMP)
 compile: $(STAMP)
 	$(BIN)/preftune compile
 
-test: $(STAMP) $(TOOLS_STAMP)
+test: $(STAMP) $(TOOLS_STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/preftune compile --check

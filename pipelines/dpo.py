@@ -1,10 +1,11 @@
-"""The DPO pipeline: ingest -> SFT -> preference import -> DPO -> evaluate."""
+"""The DPO pipeline: ingest -> SFT -> preference import -> DPO -> evaluate -> gate -> promote."""
 
 from kfp import dsl
 
-from preftune.components import dpo_op, evaluate_op
+from preftune.components import dpo_op
 from preftune.pipelines.cluster import training_step
 from preftune.pipelines.data import import_pairs, ingest_data
+from preftune.pipelines.promotion import PROMOTION_RULES, evaluate_and_promote
 from preftune.pipelines.sft_stage import SHARED_RULES, supervised_fine_tuning
 from preftune.runner import Rule
 
@@ -13,6 +14,7 @@ PIPELINE_NAME = "preftune-dpo"
 #: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts.
 PARAMETER_RULES = {
     **SHARED_RULES,
+    **PROMOTION_RULES,
     "dpo_loss": Rule(choices=("sigmoid", "ipo", "hinge")),
     "dpo_beta": Rule(low=0.0, low_inclusive=False),
     "dpo_label_smoothing": Rule(low=0.0, high=0.5),
@@ -25,7 +27,8 @@ PARAMETER_RULES = {
 @dsl.pipeline(
     name=PIPELINE_NAME,
     description="Align a language model with pairwise human preferences by DPO: ingest SFT data, fine-tune, "
-    "import preference pairs, train with DPO against the SFT model, and evaluate against it.",
+    "import preference pairs, train with DPO against the SFT model, evaluate against it and the registry's "
+    "champion, and promote the policy when the gate passes.",
 )
 def dpo_pipeline(
     base_model: str = "examples/tiny-llama",
@@ -50,8 +53,16 @@ def dpo_pipeline(
     dpo_loss: str = "sigmoid",
     dpo_label_smoothing: float = 0.0,
     dpo_max_steps: int = -1,
+    num_checkpoints: int = 4,
     eval_max_new_tokens: int = 48,
     eval_max_prompts: int = 64,
+    judge_model: str = "",
+    registry_uri: str = "",
+    model_name: str = "preftune-dpo",
+    gate_min_win_rate_vs_champion: float = 0.5,
+    gate_max_kl: float = 10.0,
+    gate_min_diversity_ratio: float = 0.8,
+    gate_length_controlled: bool = True,
     seed: int = 0,
 ):
     """Align a language model with pairwise human preferences by DPO.
@@ -79,8 +90,19 @@ def dpo_pipeline(
         dpo_loss: DPO loss type: sigmoid, ipo or hinge.
         dpo_label_smoothing: Assumed share of flipped preference labels, 0 to 0.5.
         dpo_max_steps: Stop DPO after this many steps (-1 = all epochs).
+        num_checkpoints: Intermediate DPO policies kept and scored by evaluation (reward-vs-KL chart).
         eval_max_new_tokens: Longest generated response in evaluation, in tokens.
         eval_max_prompts: Evaluate at most this many held-out prompts.
+        judge_model: Optional reward model URI (s3://, local directory or hub id) that judges the policy against
+            the SFT model and the champion; without one the candidate cannot be compared with a champion.
+        registry_uri: Model registry root (s3://bucket/prefix); empty = no registry: nothing is promoted.
+        model_name: Name of the policy in the registry.
+        gate_min_win_rate_vs_champion: Promote only when the judge prefers the candidate over the champion on
+            at least this share of prompts (-1 = do not check).
+        gate_max_kl: Promote only when KL(candidate || SFT) per response is at most this, in nats (-1 = off).
+        gate_min_diversity_ratio: Promote only when the candidate's distinct-2 is at least this share of the
+            SFT model's (-1 = off).
+        gate_length_controlled: Use the length-controlled win rate against the champion in the gate.
         seed: Seed for splits, initialisation, data order and sampling.
     """
     sft_rows = ingest_data(sft_data, eval_fraction, seed)
@@ -117,17 +139,24 @@ def dpo_pipeline(
         lora_r=lora_r,
         seed=seed,
         max_steps=dpo_max_steps,
+        num_checkpoints=num_checkpoints,
     )
     training_step(policy.set_display_name("DPO"))
 
-    evaluation = evaluate_op(
-        candidate=policy.outputs["model"],
-        reference=sft.outputs["model"],
+    evaluate_and_promote(
+        policy,
+        sft,
+        pairs,
         eval_prompts=eval_prompts,
-        eval_pairs=pairs.outputs["eval_pairs"],
+        registry_uri=registry_uri,
+        model_name=model_name,
         max_new_tokens=eval_max_new_tokens,
-        beta=dpo_beta,
         max_prompts=eval_max_prompts,
         seed=seed,
+        min_win_rate_vs_champion=gate_min_win_rate_vs_champion,
+        max_kl=gate_max_kl,
+        min_diversity_ratio=gate_min_diversity_ratio,
+        length_controlled=gate_length_controlled,
+        judge_uri=judge_model,
+        beta=dpo_beta,
     )
-    training_step(evaluation.set_display_name("Evaluate against SFT"))

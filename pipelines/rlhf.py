@@ -1,10 +1,11 @@
-"""The RLHF pipeline: ingest -> SFT -> preference import -> reward model -> PPO -> evaluate."""
+"""The RLHF pipeline: ingest -> SFT -> preference import -> reward model -> PPO -> evaluate -> gate -> promote."""
 
 from kfp import dsl
 
-from preftune.components import evaluate_op, ppo_op, reward_model_op
+from preftune.components import ppo_op, reward_model_op
 from preftune.pipelines.cluster import training_step
 from preftune.pipelines.data import import_pairs, ingest_data
+from preftune.pipelines.promotion import PROMOTION_RULES, evaluate_and_promote
 from preftune.pipelines.sft_stage import SHARED_RULES, supervised_fine_tuning
 from preftune.runner import Rule
 
@@ -13,6 +14,7 @@ PIPELINE_NAME = "preftune-rlhf"
 #: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts.
 PARAMETER_RULES = {
     **SHARED_RULES,
+    **PROMOTION_RULES,
     "reward_objective": Rule(choices=("pairwise", "regression")),
     "reward_epochs": Rule(low=1),
     "reward_learning_rate": Rule(low=0.0, low_inclusive=False),
@@ -34,7 +36,8 @@ PARAMETER_RULES = {
     name=PIPELINE_NAME,
     description="Align a language model with human feedback by RLHF: ingest SFT data, fine-tune, import "
     "feedback, train a reward model that imitates it, optimise the policy against it with PPO near the SFT "
-    "model, and evaluate against the SFT model with the reward model as judge.",
+    "model, evaluate against the SFT model and the registry's champion with the reward model as judge, and promote "
+    "the policy when the gate passes.",
 )
 def rlhf_pipeline(
     base_model: str = "examples/tiny-llama",
@@ -68,8 +71,15 @@ def rlhf_pipeline(
     ppo_kl_controller: str = "fixed",
     ppo_target_kl: float = 6.0,
     ppo_max_kl: float = 20.0,
+    num_checkpoints: int = 4,
     eval_max_new_tokens: int = 48,
     eval_max_prompts: int = 64,
+    registry_uri: str = "",
+    model_name: str = "preftune-rlhf",
+    gate_min_win_rate_vs_champion: float = 0.5,
+    gate_max_kl: float = 10.0,
+    gate_min_diversity_ratio: float = 0.8,
+    gate_length_controlled: bool = True,
     seed: int = 0,
 ):
     """Align a language model with human feedback by RLHF (reward model + PPO).
@@ -106,8 +116,17 @@ def rlhf_pipeline(
         ppo_kl_controller: fixed or adaptive KL coefficient.
         ppo_target_kl: Adaptive controller's target KL per response, in nats.
         ppo_max_kl: KL bound per response: PPO stops, keeping the last good policy, when rollouts pass it.
+        num_checkpoints: Intermediate PPO policies kept and scored by evaluation (reward-vs-KL chart).
         eval_max_new_tokens: Longest generated response in evaluation, in tokens.
         eval_max_prompts: Evaluate at most this many held-out prompts.
+        registry_uri: Model registry root (s3://bucket/prefix); empty = no registry: nothing is promoted.
+        model_name: Name of the policy in the registry.
+        gate_min_win_rate_vs_champion: Promote only when the reward model prefers the candidate over the
+            champion on at least this share of prompts (-1 = do not check).
+        gate_max_kl: Promote only when KL(candidate || SFT) per response is at most this, in nats (-1 = off).
+        gate_min_diversity_ratio: Promote only when the candidate's distinct-2 is at least this share of the
+            SFT model's (-1 = off).
+        gate_length_controlled: Use the length-controlled win rate against the champion in the gate.
         seed: Seed for splits, initialisation, data order and sampling.
     """
     sft_rows = ingest_data(sft_data, eval_fraction, seed)
@@ -160,18 +179,24 @@ def rlhf_pipeline(
         max_kl=ppo_max_kl,
         use_lora=use_lora,
         lora_r=lora_r,
+        num_checkpoints=num_checkpoints,
         seed=seed,
     )
     training_step(policy.set_display_name("PPO"))
 
-    evaluation = evaluate_op(
-        candidate=policy.outputs["model"],
-        reference=sft.outputs["model"],
+    evaluate_and_promote(
+        policy,
+        sft,
+        pairs,
         eval_prompts=eval_prompts,
-        eval_pairs=pairs.outputs["eval_pairs"],
-        judge=reward.outputs["model"],
+        registry_uri=registry_uri,
+        model_name=model_name,
         max_new_tokens=eval_max_new_tokens,
         max_prompts=eval_max_prompts,
         seed=seed,
+        min_win_rate_vs_champion=gate_min_win_rate_vs_champion,
+        max_kl=gate_max_kl,
+        min_diversity_ratio=gate_min_diversity_ratio,
+        length_controlled=gate_length_controlled,
+        judge=reward,
     )
-    training_step(evaluation.set_display_name("Evaluate against SFT"))

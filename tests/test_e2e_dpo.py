@@ -37,6 +37,8 @@ def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "dpo_learning_rate": 1e-3,  # a short run needs a larger step to move measurably from the reference
         "eval_max_prompts": 12,
         "eval_max_new_tokens": 24,
+        "registry_uri": str(tmp / "registry"),
+        "model_name": "policy",
     }
     argv = [PREFTUNE, "run", "dpo", "--pipeline-root", str(tmp / "runs")]
     for name, value in params.items():
@@ -46,7 +48,9 @@ def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_dirs = list((tmp / "runs").glob("preftune-dpo-*"))
     assert len(run_dirs) == 1
     assert str(run_dirs[0]) in done.stdout, "the run directory is printed"
-    return json.loads((run_dirs[0] / "summary.json").read_text())
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    summary["registry"] = str(tmp / "registry")
+    return summary
 
 
 @pytest.mark.slow
@@ -59,11 +63,15 @@ def test_every_step_succeeded(dpo_run: dict) -> None:
         "preference-import",
         "sft",
         "dpo",
+        "champion",
         "evaluate",
+        "gate",
+        "promote",
     }
     assert all(step["status"] == "SUCCEEDED" for step in dpo_run["steps"].values())
     for name, step in dpo_run["steps"].items():
-        if name.startswith("fingerprint"):
+        if name.startswith("fingerprint") or name in ("champion", "gate"):
+            assert step["outputs"], "parameter steps report their outputs"
             continue
         assert step["metrics"], "every step logs metrics"
         files = {k: uri for k, uri in step["artifacts"].items() if k != "metrics"}  # metrics live in metadata
@@ -111,3 +119,32 @@ def test_model_artifacts_load_with_transformers_and_peft(dpo_run: dict) -> None:
     generations = dpo_run["steps"]["evaluate"]["artifacts"]["generations"]
     rows = [json.loads(line) for line in Path(generations).read_text().splitlines()]
     assert len(rows) == 12 and set(rows[0]) == {"prompt", "candidate", "reference"}
+
+
+@pytest.mark.slow
+def test_snapshots_become_the_reward_vs_kl_path(dpo_run: dict) -> None:
+    from preftune.train.snapshots import read_index
+
+    snapshots = read_index(dpo_run["steps"]["dpo"]["artifacts"]["checkpoints"])
+    assert [s["step"] for s in snapshots] == [6, 12, 18, 24]  # 4 kept of 30 steps, the final one is the model
+    evaluation = dpo_run["steps"]["evaluate"]["metrics"]
+    assert evaluation["frontier_points"] == 5  # no judge: the snapshots and the final model, by accuracy
+    report = Path(dpo_run["steps"]["evaluate"]["artifacts"]["report"]).read_text(encoding="utf-8")
+    assert "Reward vs KL over training" in report and "<td>step 12</td>" in report
+
+
+@pytest.mark.slow
+def test_first_run_becomes_the_champion(dpo_run: dict) -> None:
+    from preftune import registry
+
+    decision = json.loads(dpo_run["steps"]["gate"]["outputs"]["decision"])
+    assert dpo_run["steps"]["gate"]["outputs"]["Output"] is True
+    assert decision["promote"] is True
+    assert "lc_win_rate_vs_champion: no champion yet" in decision["reasons"]
+    pointer = registry.current_champion(dpo_run["registry"], "policy")
+    assert pointer["version"] == 1
+    assert (
+        pointer["metrics"]["kl_candidate_reference"]
+        == dpo_run["steps"]["evaluate"]["metrics"]["kl_candidate_reference"]
+    )
+    assert load_causal_lm(pointer["uri"]) is not None  # the registry copy loads on its own (adapters merged)

@@ -39,6 +39,7 @@ def rlhf_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "ppo_max_kl": MAX_KL,
         "eval_max_prompts": 24,
         "eval_max_new_tokens": 32,
+        "registry_uri": str(tmp / "registry"),
     }
     argv = [PREFTUNE, "run", "rlhf", "--pipeline-root", str(tmp / "runs")]
     for name, value in params.items():
@@ -53,7 +54,16 @@ def rlhf_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_every_step_succeeded(rlhf_run: dict) -> None:
     steps = rlhf_run["steps"]
     assert rlhf_run["status"] == "SUCCEEDED"
-    assert {"ingest", "preference-import", "sft", "reward-model", "ppo", "evaluate"} <= set(steps)
+    assert {
+        "ingest",
+        "preference-import",
+        "sft",
+        "reward-model",
+        "ppo",
+        "evaluate",
+        "gate",
+        "promote",
+    } <= set(steps)
     assert all(step["status"] == "SUCCEEDED" for step in steps.values())
 
 
@@ -78,6 +88,9 @@ def test_policy_beats_the_sft_model_under_the_reward_model(rlhf_run: dict) -> No
     metrics = rlhf_run["steps"]["evaluate"]["metrics"]
     assert metrics["win_rate_vs_reference"] > 0.5
     assert metrics["judge_reward_candidate"] > metrics["judge_reward_reference"]
+    assert 0.0 <= metrics["lc_win_rate_vs_reference"] <= 1.0
+    # the reference, 4 snapshots and the final policy, each placed by the reward model
+    assert metrics["frontier_points"] == 6
 
 
 @pytest.mark.slow

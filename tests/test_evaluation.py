@@ -13,13 +13,12 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from preftune.evaluation import (
     EvalConfig,
-    JudgeScores,
     distinct_n,
     evaluate,
-    generate_responses,
-    judge_generations,
     judge_metrics,
 )
+from preftune.judge import Judge
+from preftune.sampling import generate_responses
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
@@ -149,8 +148,13 @@ def test_perturbed_candidate_has_positive_finite_kl(tmp_path: Path, tiny, data) 
         "implicit_reward_margin",
         "chosen_perplexity_candidate",
         "chosen_perplexity_reference",
+        "diversity_ratio_vs_reference",
+        "frontier_points",
     }
     assert set(metrics) == expected
+    assert metrics["diversity_ratio_vs_reference"] == pytest.approx(
+        metrics["distinct_2_candidate"] / metrics["distinct_2_reference"]
+    )
     assert all(math.isfinite(v) for v in metrics.values())
 
 
@@ -169,7 +173,7 @@ def test_generations_file_and_report(tmp_path: Path, tiny, data) -> None:
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert html.startswith("<!DOCTYPE html>")
     assert "<table" in html and "kl_candidate_reference" in html and "implicit_reward_accuracy" in html
-    assert html.count("data:image/png;base64,") == 2  # distinct-n and length charts
+    assert html.count("data:image/png;base64,") == 3  # distinct-n, length and reward-vs-KL charts
     assert "judge" not in html.split("How the metrics are computed")[0]  # no judge, no judge section
 
 
@@ -335,32 +339,45 @@ def judge(tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str
 def test_judge_metrics_by_hand() -> None:
     # Prompt 1: candidate wins (1 > 0); 2: tie (0 = 0); 3: reference wins (2 < 3); 4: tie (0.5 = 0.5).
     # Win rate = (1 win + 0.5 * 2 ties) / 4 = 0.5; means: (1 + 0 + 2 + 0.5) / 4 = 0.875 and (0 + 0 + 3 + 0.5) / 4.
-    metrics = judge_metrics(JudgeScores(candidate=[1.0, 0.0, 2.0, 0.5], reference=[0.0, 0.0, 3.0, 0.5]))
+    # Equal lengths: the length-controlled win rate is the raw one and length has no effect.
+    metrics = judge_metrics([1.0, 0.0, 2.0, 0.5], [0.0, 0.0, 3.0, 0.5], [3] * 4, [3] * 4, name="reference")
     assert metrics == {
         "judge_reward_candidate": pytest.approx(0.875),
         "judge_reward_reference": pytest.approx(0.875),
         "win_rate_vs_reference": pytest.approx(0.5),
-        "judge_ties": 2.0,
+        "lc_win_rate_vs_reference": pytest.approx(0.5),
+        "length_coefficient_vs_reference": pytest.approx(0.0),
+        "judge_ties_vs_reference": 2.0,
     }
-    # One prompt, the candidate ahead: win rate 1; behind: 0.
-    assert judge_metrics(JudgeScores([2.0], [1.0]))["win_rate_vs_reference"] == 1.0
-    assert judge_metrics(JudgeScores([1.0], [2.0]))["win_rate_vs_reference"] == 0.0
+    # One prompt, the candidate ahead: win rate 1; behind: 0. The champion gets its own names.
+    ahead = judge_metrics([2.0], [1.0], [1], [1], name="champion")
+    assert ahead["win_rate_vs_champion"] == ahead["lc_win_rate_vs_champion"] == 1.0
+    assert judge_metrics([1.0], [2.0], [1], [1], name="reference")["win_rate_vs_reference"] == 0.0
     with pytest.raises(ValueError, match="no responses"):
-        judge_metrics(JudgeScores([], []))
+        judge_metrics([], [], [], [], name="reference")
 
 
 def test_judge_scores_what_it_learnt(judge: str) -> None:
     prompts = [[{"role": "user", "content": "say something new"}], "say something else"]
-    scores = judge_generations(judge, prompts, [LONG, LONG], [SHORT, LONG], batch_size=2)
-    assert scores.candidate[0] > scores.reference[0]  # long beats short
-    assert scores.candidate[1] == scores.reference[1]  # the same response to the same prompt: an exact tie
-    metrics = judge_metrics(scores)
-    assert metrics["win_rate_vs_reference"] == 0.75 and metrics["judge_ties"] == 1.0
+    scorer = Judge(judge, batch_size=2)
+    candidate = scorer.score(prompts, [LONG, LONG])
+    reference = scorer.score(prompts, [SHORT, LONG])
+    assert candidate[0] > reference[0]  # long beats short
+    assert candidate[1] == reference[1]  # the same response to the same prompt: an exact tie
+    lengths = [len(LONG.split())] * 2, [len(SHORT.split()), len(LONG.split())]
+    metrics = judge_metrics(candidate, reference, *lengths, name="reference")
+    assert metrics["win_rate_vs_reference"] == 0.75 and metrics["judge_ties_vs_reference"] == 1.0
 
 
 def test_evaluate_with_a_judge(tmp_path: Path, tiny, data, judge: str) -> None:
     metrics = _run(tmp_path, tiny, data, "candidate", judge=judge)
-    judge_keys = {"judge_reward_candidate", "judge_reward_reference", "win_rate_vs_reference", "judge_ties"}
+    judge_keys = {
+        "judge_reward_candidate",
+        "judge_reward_reference",
+        "win_rate_vs_reference",
+        "lc_win_rate_vs_reference",
+        "judge_ties_vs_reference",
+    }
     assert judge_keys <= set(metrics)
     assert all(math.isfinite(metrics[k]) for k in judge_keys)
     rows = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -370,18 +387,19 @@ def test_evaluate_with_a_judge(tmp_path: Path, tiny, data, judge: str) -> None:
     wins = sum(r["candidate_reward"] > r["reference_reward"] for r in rows)
     ties = sum(r["candidate_reward"] == r["reference_reward"] for r in rows)
     assert metrics["win_rate_vs_reference"] == pytest.approx((wins + 0.5 * ties) / len(rows))
-    assert metrics["judge_ties"] == ties
+    assert metrics["judge_ties_vs_reference"] == ties
     mean = sum(r["candidate_reward"] for r in rows) / len(rows)
     assert metrics["judge_reward_candidate"] == pytest.approx(mean)
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
-    assert "Judge: reward-model scores" in html and "win_rate_vs_reference" in html
-    assert html.count("data:image/png;base64,") == 4  # + judge outcome and mean-reward charts
+    assert "Win rates under the judge" in html and "win_rate_vs_reference" in html
+    # distinct-n, length, judge outcome, mean reward and the reward-vs-KL chart
+    assert html.count("data:image/png;base64,") == 5
     assert "candidate_reward" in html  # the per-prompt rewards are in the generations table
 
 
 def test_a_model_against_itself_ties_everywhere(tmp_path: Path, tiny, data, judge: str) -> None:
     metrics = _run(tmp_path, tiny, data, "reference", judge=judge)  # same model, same seed, same responses
-    assert metrics["judge_ties"] == metrics["num_prompts"] == 5
+    assert metrics["judge_ties_vs_reference"] == metrics["num_prompts"] == 5
     assert metrics["win_rate_vs_reference"] == 0.5
     assert metrics["judge_reward_candidate"] == metrics["judge_reward_reference"]
 
@@ -395,3 +413,99 @@ def test_judge_must_be_a_reward_model(tmp_path: Path, tiny, data, which: str) ->
     with pytest.raises(error, match=match):
         _run(tmp_path, tiny, data, "candidate", judge=ref)
     assert not (tmp_path / "generations.jsonl").exists()  # it failed before generating anything
+
+
+# --- champion, training snapshots and the report in a browser ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def snapshots(tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two snapshots on the way from the reference to the candidate (weights interpolated), as training keeps."""
+    from transformers import AutoModelForCausalLM
+
+    from preftune.modeling import load_tokenizer
+    from preftune.train.snapshots import Snapshots
+
+    root = tmp_path_factory.mktemp("snapshots")
+    start = AutoModelForCausalLM.from_pretrained(tiny["reference"])
+    end = AutoModelForCausalLM.from_pretrained(tiny["candidate"]).state_dict()
+    keeper = Snapshots(str(root), total_steps=4, count=2, stage="dpo")
+    assert sorted(keeper.steps) == [1, 3]
+    base = {k: v.clone() for k, v in start.state_dict().items()}
+    for step in sorted(keeper.steps):
+        share = step / 4
+        start.load_state_dict({k: (1 - share) * base[k] + share * end[k] for k in base})
+        keeper.save(
+            step, start, load_tokenizer(tiny["reference"]), parent_uri=tiny["reference"], parameters={}
+        )
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def full_eval(tiny, data, judge, snapshots, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("full-eval")
+    metrics = evaluate(
+        tiny["candidate"],
+        tiny["reference"],
+        data["prompts"],
+        data["pairs"],
+        str(root / "generations.jsonl"),
+        str(root / "report.html"),
+        FAST,
+        judge=judge,
+        champion=tiny["reference"],  # the champion is the reference model: every comparison must agree
+        checkpoints=snapshots,
+    )
+    rows = [json.loads(x) for x in (root / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {"metrics": metrics, "rows": rows, "report": root / "report.html", "root": root}
+
+
+def test_champion_is_compared_like_the_reference(full_eval: dict) -> None:
+    metrics, rows = full_eval["metrics"], full_eval["rows"]
+    # same weights, same seed, same settings: the champion answers exactly as the reference does
+    assert all(r["champion"] == r["reference"] for r in rows)
+    for name in ("win_rate_vs", "lc_win_rate_vs", "judge_reward", "judge_ties_vs"):
+        assert metrics[f"{name}_champion"] == pytest.approx(metrics[f"{name}_reference"])
+    assert metrics["distinct_2_champion"] == metrics["distinct_2_reference"]
+    assert set(rows[0]) >= {"candidate_reward", "reference_reward", "champion_reward"}
+    wins = sum(r["candidate_reward"] > r["champion_reward"] for r in rows)
+    ties = sum(r["candidate_reward"] == r["champion_reward"] for r in rows)
+    assert metrics["win_rate_vs_champion"] == pytest.approx((wins + 0.5 * ties) / len(rows))
+    assert 0.0 <= metrics["lc_win_rate_vs_champion"] <= 1.0
+
+
+def test_every_snapshot_is_a_point_of_the_frontier(full_eval: dict) -> None:
+    metrics = full_eval["metrics"]
+    assert metrics["frontier_points"] == 4  # the reference, two snapshots, the final model
+    html = full_eval["report"].read_text(encoding="utf-8")
+    for label in ("reference", "step 1", "step 3", "final"):
+        assert f"<td>{label}</td>" in html
+    assert "Judge reward vs KL to the reference" not in html  # the title is inside the chart image
+    assert "Reward vs KL over training" in html
+
+
+def test_report_renders_in_headless_chromium(full_eval: dict) -> None:
+    """The report as a reviewer sees it: every chart decodes, the tables are there, a screenshot is taken."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = "/usr/bin/chromium"
+    assert Path(chromium).exists(), "Debian's chromium package is needed (make test installs it)"
+    shot = full_eval["root"] / "report.png"
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=flags)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(full_eval["report"].as_uri())
+            images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+            headings = page.locator("h2").all_inner_texts()
+            generations = page.locator("h2:has-text('Generations') + table tbody tr").count()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    # distinct-n, length, two judge outcomes (reference, champion), mean reward, reward-vs-KL
+    assert len(images) == 6 and all(done and width > 100 for done, width in images)
+    assert headings[:2] == ["Win rates under the judge", "Reward vs KL over training"]
+    assert generations == len(full_eval["rows"]) == 5
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000  # a full page, not a blank one

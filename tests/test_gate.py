@@ -13,7 +13,7 @@ from preftune.components.champion.component import champion as champion_op
 from preftune.components.gate.component import gate as gate_op
 from preftune.components.promote.component import promote as promote_op
 from preftune.gate import decide, run_gate
-from preftune.runner import SKIPPED, SUCCEEDED, run_pipeline
+from preftune.runner import SKIPPED, SUCCEEDED, format_summary, run_pipeline
 
 THRESHOLDS = {"min_win_rate_vs_champion": 0.5, "max_kl": 5.0, "min_diversity_ratio": 0.8}
 GOOD = {
@@ -65,6 +65,20 @@ def test_boundaries_are_inclusive() -> None:
         "distinct_2_candidate": 0.4,
     }
     assert decide(at_limits, **THRESHOLDS)["promote"] is True
+
+
+def test_length_controlled_gate_sees_through_longer_answers() -> None:
+    # the judge prefers the candidate 0.6 of the time, but at equal length it would lose
+    metrics = {**GOOD, "lc_win_rate_vs_champion": 0.42}
+    assert decide(metrics, **THRESHOLDS, has_champion=True)["promote"] is True
+    decision = decide(metrics, **THRESHOLDS, has_champion=True, length_controlled=True)
+    assert decision["promote"] is False
+    check = _check(decision, "lc_win_rate_vs_champion")
+    assert check["value"] == 0.42 and "0.42 < 0.5" in check["reason"]
+    # a champion exists but the evaluation had no judge: the reason says what to do
+    missing = decide(GOOD, **THRESHOLDS, has_champion=True, length_controlled=True)
+    assert missing["promote"] is False
+    assert "give it a judge" in _check(missing, "lc_win_rate_vs_champion")["reason"]
 
 
 def test_no_champion_yet_passes_the_win_rate_check() -> None:
@@ -138,6 +152,7 @@ def stand_in_evaluate(kl: float, champion: str, metrics: Output[Metrics]):
     metrics.log_metric("distinct_2_reference", 0.5)
     if champion:
         metrics.log_metric("win_rate_vs_champion", 0.75)
+        metrics.log_metric("lc_win_rate_vs_champion", 0.7)
 
 
 @dsl.pipeline(name="gate-branch")
@@ -168,6 +183,8 @@ def test_the_gate_drives_the_promote_branch_both_ways(tmp_path: Path) -> None:
         "promote": SUCCEEDED,
     }
     assert steps["promote"]["metrics"]["version"] == 1
+    assert steps["gate"]["outputs"]["Output"] is True  # parameter outputs are in the summary too
+    assert json.loads(steps["gate"]["outputs"]["decision"])["promote"] is True
     pointer = registry.current_champion(uri, "policy")
     assert pointer["version"] == 1 and pointer["decision"]["promote"] is True
     assert pointer["run_id"] and "{{" not in pointer["run_id"]  # the placeholder was filled in
@@ -179,6 +196,8 @@ def test_the_gate_drives_the_promote_branch_both_ways(tmp_path: Path) -> None:
     assert steps["gate"]["status"] == SUCCEEDED
     assert steps["promote"]["status"] == SKIPPED
     assert failed["status"] == SUCCEEDED  # the gate saying no is not a failed run
+    printed = format_summary(failed)
+    assert "DO NOT PROMOTE" in printed and "kl_candidate_reference 9 > 5" in printed  # and it says why
     assert registry.current_champion(uri, "policy")["version"] == 1
     assert [v["version"] for v in registry.list_versions(uri, "policy")] == [1]
 

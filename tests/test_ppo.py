@@ -17,7 +17,7 @@ from tiny_models import make_config, make_policy_dir, write_jsonl
 from transformers import LlamaForSequenceClassification
 
 from preftune import modeling
-from preftune.evaluation import _eos_ids
+from preftune.sampling import eos_ids_of
 from preftune.templating import render_prompt
 from preftune.train.batching import DataError
 from preftune.train.ppo import (
@@ -185,7 +185,7 @@ def test_rollouts_mask_after_eos_and_logprobs_match_unpadded_scoring(world: dict
     prompts[0] = [{"role": "user", "content": "a much longer question with many words so padding is needed"}]
     ids = [tok(render_prompt(tok, m), add_special_tokens=False)["input_ids"] for m in prompts]
     torch.manual_seed(0)
-    rollout = generate_rollout(policy, tok, prompts, ids, config, _eos_ids(tok, policy), CPU)
+    rollout = generate_rollout(policy, tok, prompts, ids, config, eos_ids_of(tok, policy), CPU)
     score_rollout(rollout, policy, reference, critic, reward, tok, config)
     eos = tok.eos_token_id
     for i in range(len(prompts)):

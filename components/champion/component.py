@@ -13,7 +13,8 @@ def champion(registry_uri: str, model_name: str) -> str:
     champion_uri (which then requires that comparison).
 
     Args:
-        registry_uri: Registry root: s3://bucket/prefix or a local directory.
+        registry_uri: Registry root: s3://bucket/prefix or a local directory; empty means no registry (no
+            champion).
         model_name: Name of the model in the registry.
 
     Returns:
@@ -21,6 +22,9 @@ def champion(registry_uri: str, model_name: str) -> str:
     """
     from preftune.registry import resolve_champion
 
+    if not registry_uri.strip():
+        print("no registry configured: no champion to compare with, nothing will be promoted")
+        return ""
     uri = resolve_champion(registry_uri, model_name)
     print(f"champion of {model_name}: {uri or '(none yet)'}")
     return uri

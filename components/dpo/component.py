@@ -14,6 +14,7 @@ def dpo(
     model: Output[Model],
     metrics: Output[Metrics],
     report: Output[HTML],
+    checkpoints: Output[Model],
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
@@ -23,6 +24,7 @@ def dpo(
     max_length: int = 256,
     use_lora: bool = True,
     lora_r: int = 16,
+    num_checkpoints: int = 4,
     seed: int = 0,
     max_steps: int = -1,
 ):
@@ -37,6 +39,8 @@ def dpo(
         eval_pairs: Held-out pairs from the preference import step.
         model: The DPO policy (a LoRA adapter stacked on the SFT model, or full weights).
         metrics: Loss (first step and final), reward accuracy, reward margin and implicit rewards on eval pairs.
+        checkpoints: Intermediate policies (``step-<N>/`` model directories and ``index.json``), for the
+            evaluate step's reward-vs-KL chart.
         report: Training curves (HTML).
         beta: Strength of the pull towards the reference (higher = stay closer).
         loss_type: sigmoid (the DPO paper), ipo or hinge.
@@ -47,6 +51,8 @@ def dpo(
         max_length: Longest tokenised prompt + response.
         use_lora: Train a LoRA adapter instead of all weights.
         lora_r: LoRA rank.
+        num_checkpoints: Intermediate policies kept in ``checkpoints``, evenly spaced over training, for the
+            evaluate step's reward-vs-KL chart (0 = none).
         seed: Seed for initialisation and data order.
         max_steps: Stop after this many optimisation steps (-1 = run all epochs).
     """
@@ -75,6 +81,7 @@ def dpo(
         config,
         sft_model_uri=sft_model.uri,
         model_uri=model.uri,
+        snapshot_dir=checkpoints.path,
     )
     for name, value in result.items():
         metrics.log_metric(name, value)

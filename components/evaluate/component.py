@@ -16,6 +16,9 @@ def evaluate(
     report: Output[HTML],
     generations: Output[Dataset],
     judge: Input[Model] = None,
+    checkpoints: Input[Model] = None,
+    judge_uri: str = "",
+    champion_uri: str = "",
     max_new_tokens: int = 48,
     temperature: float = 0.7,
     top_p: float = 0.9,
@@ -23,24 +26,33 @@ def evaluate(
     max_prompts: int = 64,
     seed: int = 0,
 ):
-    """Generate with the candidate and the reference on held-out prompts and measure how they differ.
+    """Generate with the candidate, the reference and the champion on held-out prompts and measure how they differ.
 
     Reports KL(candidate || reference) on candidate samples, implicit-reward accuracy and chosen-response
-    perplexity on held-out pairs, distinct-1/2 diversity and response length of both models. Given a judge (a
-    reward model), it also scores both models' responses and reports the candidate's win rate.
+    perplexity on held-out pairs, distinct-1/2 diversity (and its ratio to the reference's) and response length.
+    Given a judge (a reward model), it scores every model's responses and reports the candidate's win rate,
+    raw and length-controlled, against the reference and the champion. Given the training step's checkpoints,
+    it draws reward against KL over training (the frontier view of the DPO paper). All in one HTML report.
 
     Args:
         candidate: The trained policy.
         reference: The reference policy (the SFT model).
         eval_prompts: URI of held-out prompts (JSONL rows with a ``prompt``: text or chat messages).
         eval_pairs: Held-out preference pairs from the preference import step.
-        metrics: KL, implicit-reward accuracy and margin, perplexities, distinct-1/2 and lengths; with a judge
-            also its mean rewards for both models, the candidate's win rate (ties count half) and the tie count.
+        metrics: KL, implicit-reward accuracy and margin, perplexities, distinct-1/2, diversity ratio and
+            lengths; with a judge also mean rewards per model, the candidate's win rates (ties count half) and
+            length-controlled win rates against the reference and the champion, and the tie counts.
         report: Side-by-side generations and metrics (HTML).
-        generations: The generations (JSONL rows: prompt, candidate, reference; with a judge also
-            candidate_reward and reference_reward).
+        generations: The generations (JSONL rows: prompt, candidate, reference, and champion when there is
+            one; with a judge also each model's reward, e.g. candidate_reward).
         judge: Optional reward model (for example the reward_model step's output) that scores the responses of
-            both models to each prompt; leave unset to skip.
+            every model to each prompt; leave unset to skip.
+        checkpoints: Optional intermediate policies of the training step (its checkpoints output): each becomes
+            a point of the reward-vs-KL chart.
+        judge_uri: Optional URI of a reward model to judge with (s3://, a local directory or a hub id), for
+            pipelines without a reward model step; use either judge or judge_uri.
+        champion_uri: URI of the current champion (the champion step's output); empty when there is none. The
+            champion answers the same prompts; with a judge the candidate's win rate against it is reported.
         max_new_tokens: Longest generated response, in tokens.
         temperature: Sampling temperature of the displayed generations.
         top_p: Nucleus sampling threshold of the displayed generations.
@@ -50,6 +62,9 @@ def evaluate(
     """
     from preftune.evaluation import EvalConfig
     from preftune.evaluation import evaluate as run_evaluate
+
+    if judge and judge_uri:
+        raise ValueError("evaluate: give the judge as an artifact (judge) or a URI (judge_uri), not both")
 
     config = EvalConfig(
         max_new_tokens=max_new_tokens,
@@ -67,7 +82,9 @@ def evaluate(
         generations.path,
         report.path,
         config,
-        judge=judge.path if judge else None,
+        judge=judge.path if judge else (judge_uri or None),
+        champion=champion_uri or None,
+        checkpoints=checkpoints.path if checkpoints else None,
     )
     for name, value in result.items():
         metrics.log_metric(name, value)

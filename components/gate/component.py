@@ -15,6 +15,7 @@ def gate(
     min_win_rate_vs_champion: float = 0.5,
     max_kl: float = 10.0,
     min_diversity_ratio: float = 0.8,
+    length_controlled: bool = True,
 ) -> bool:
     """Check the evaluation against the promotion thresholds; the pipeline promotes only when this returns true.
 
@@ -23,7 +24,8 @@ def gate(
 
     Args:
         evaluation: Metrics of the evaluate step: kl_candidate_reference, distinct_2_candidate,
-            distinct_2_reference and, once a champion exists, win_rate_vs_champion.
+            distinct_2_reference and, once a champion exists, win_rate_vs_champion (or its length-controlled
+            lc_win_rate_vs_champion).
         report: The decision: each check with its value and threshold, and every metric (HTML).
         decision: The decision as JSON: promote, reasons, checks, champion_uri and the metrics it was taken on
             (the promote step records it in the registry).
@@ -33,6 +35,8 @@ def gate(
             the champion (ties count half).
         max_kl: Highest acceptable KL(candidate || reference) per response, in nats.
         min_diversity_ratio: Lowest acceptable distinct-2 of the candidate divided by that of the reference.
+        length_controlled: Check the length-controlled win rate against the champion (lc_win_rate_vs_champion),
+            so a candidate cannot win by answering longer; false checks the raw win rate.
 
     Returns:
         True when every check passed (promote), False otherwise.
@@ -48,6 +52,7 @@ def gate(
         max_kl=max_kl,
         min_diversity_ratio=min_diversity_ratio,
         champion_uri=champion_uri,
+        length_controlled=length_controlled,
     )
     with open(decision, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(result))

@@ -14,6 +14,7 @@ def ppo(
     model: Output[Model],
     metrics: Output[Metrics],
     report: Output[HTML],
+    checkpoints: Output[Model],
     iterations: int = 16,
     rollout_batch_size: int = 32,
     ppo_epochs: int = 2,
@@ -28,6 +29,7 @@ def ppo(
     max_kl: float = 20.0,
     use_lora: bool = True,
     lora_r: int = 16,
+    num_checkpoints: int = 4,
     seed: int = 0,
 ):
     """Optimise the SFT policy against the reward model with PPO, penalising KL divergence from the SFT model.
@@ -46,6 +48,8 @@ def ppo(
         metrics: Mean reward score of the first and last iterations and its gain, KL to the SFT model (last and
             max), entropy, clip fraction, value loss, explained variance, response length, early stops, KL
             blow-ups and timings.
+        checkpoints: Intermediate policies (``step-<N>/`` model directories and ``index.json``), for the
+            evaluate step's reward-vs-KL chart.
         report: Curves of every logged quantity per iteration and sample responses of the first and last
             iterations (HTML).
         iterations: Rollout and update rounds.
@@ -65,6 +69,8 @@ def ppo(
         use_lora: Train LoRA adapters (policy and critic) instead of all weights; full fine-tuning holds frozen
             copies of the SFT and reward models besides the trained ones.
         lora_r: LoRA rank.
+        num_checkpoints: Intermediate policies kept in ``checkpoints``, evenly spaced over training, for the
+            evaluate step's reward-vs-KL chart (0 = none).
         seed: Seed for initialisation, prompt order and sampling.
     """
     from preftune.train.ppo import PPOConfig, train_ppo
@@ -87,6 +93,7 @@ def ppo(
         use_lora=use_lora,
         lora_r=lora_r,
         lora_alpha=2 * lora_r,
+        num_checkpoints=num_checkpoints,
         seed=seed,
     )
     result = train_ppo(
@@ -98,6 +105,7 @@ def ppo(
         config,
         sft_model_uri=sft_model.uri,
         model_uri=model.uri,
+        snapshot_dir=checkpoints.path,
     )
     for name, value in result.items():
         metrics.log_metric(name, value)

@@ -22,6 +22,9 @@ HEADLINE_METRICS = {
     "ppo": ["reward_first", "reward_last", "kl_last", "kl_max", "early_stops"],
     "evaluate": [
         "win_rate_vs_reference",
+        "lc_win_rate_vs_reference",
+        "win_rate_vs_champion",
+        "lc_win_rate_vs_champion",
         "judge_reward_candidate",
         "judge_reward_reference",
         "kl_candidate_reference",
@@ -29,7 +32,9 @@ HEADLINE_METRICS = {
         "distinct_2_candidate",
         "distinct_2_reference",
         "mean_length_candidate",
+        "frontier_points",
     ],
+    "promote": ["version"],
 }
 
 

@@ -194,8 +194,8 @@ def sample_responses(
     """K sampled responses per prompt: each prompt repeated K times in left-padded, seeded batches."""
     import torch
 
-    from preftune.evaluation import generate_responses
     from preftune.modeling import load_causal_lm, load_tokenizer
+    from preftune.sampling import generate_responses
     from preftune.templating import render_prompt
 
     tokenizer = load_tokenizer(model)

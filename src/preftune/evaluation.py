@@ -23,35 +23,42 @@ Definitions (also shown in the report):
   given the prompt (DPO's reward); ``implicit_reward_accuracy`` is the share of pairs whose chosen reward is
   strictly higher, ``implicit_reward_margin`` the mean reward difference chosen - rejected, and
   ``chosen_perplexity_*`` is exp(total NLL / total tokens) of the chosen responses (completion tokens + eos).
+- ``diversity_ratio_vs_reference``: ``distinct_2_candidate / distinct_2_reference`` (absent when the reference
+  has no bigrams): below 1 the candidate repeats itself more than the model it started from.
 - With a judge (a reward model): each displayed response is scored by it (prompt rendered with the judge's own
-  chat template, response, eos; preftune.scoring.score_texts). ``judge_reward_candidate`` and
-  ``judge_reward_reference`` are the mean rewards; ``win_rate_vs_reference`` is the share of prompts where the
-  candidate's reward is higher, a tie counting half; ``judge_ties`` is the number of prompts whose two rewards
-  are equal (identical responses are scored once, so they always tie). Each generations row then also carries
-  ``candidate_reward`` and ``reference_reward``.
+  chat template, response, eos; preftune.scoring.score_texts). ``judge_reward_<model>`` is the mean reward of
+  a model's responses; ``win_rate_vs_<model>`` (reference, champion) is the share of prompts where the
+  candidate's reward is higher, a tie counting half; ``lc_win_rate_vs_<model>`` is the length-controlled win
+  rate (preftune.winrate: the win probability at equal response length in words, from a logistic model of the
+  outcome on the length difference) with ``length_coefficient_vs_<model>`` the fitted effect of length;
+  ``judge_ties_vs_<model>`` counts prompts whose rewards are equal (identical responses are scored once, so they
+  always tie). Each generations row then also carries ``<model>_reward``.
+- With a champion (the registry's current model): it answers the same prompts with the same settings;
+  ``distinct_*_champion`` and ``mean_length_champion`` describe it, and with a judge the candidate is compared
+  with it as above.
+- With training snapshots: ``frontier_points`` counts the points of the reward-vs-KL chart (preftune.frontier).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from preftune import reports, templating
 from preftune.data.readers import RawRow
 from preftune.data.records import completion_text, read_artifact_rows, to_messages, write_jsonl
-from preftune.losses import sequence_logprobs
-from preftune.modeling import load_causal_lm, load_reward_model, load_tokenizer, resolve, set_seed
-from preftune.scoring import score_texts
-from preftune.templating import render_prompt, tokenize_pair
+from preftune.frontier import frontier_chart, frontier_rows, measure_point
+from preftune.judge import Judge, check_reward_model
+from preftune.modeling import load_causal_lm, load_tokenizer, read_lineage, resolve
+from preftune.sampling import Generations, PairScorer, eos_ids_of, estimate_kl, generate_responses
+from preftune.templating import render_prompt
+from preftune.train.snapshots import read_index
+from preftune.winrate import length_controlled_win_rate, win_rate
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +113,6 @@ class EvalConfig:
                 problems.append(f"{name} must be a finite number")
         if problems:
             raise ValueError("EvalConfig: " + "; ".join(problems))
-
-
-@dataclass
-class Generations:
-    """Responses of one model to a list of prompts, as token ids (for scoring) and text (for display)."""
-
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]  # generated tokens up to and including the first eos
-    texts: list[str]
-    lengths: list[int]  # generated tokens, eos not counted
 
 
 # --------------------------------------------------------------------------------------------------- diversity
@@ -180,309 +177,34 @@ def _prompt_text(messages: Messages) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # The chat template writes its own special tokens (bos), so the tokenizer must not add them again.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-# --------------------------------------------------------------------------------------------------- generation
-
-
-def _batches(n: int, size: int) -> Iterator[range]:
-    for start in range(0, n, size):
-        yield range(start, min(start + size, n))
-
-
-def _eos_ids(tokenizer: PreTrainedTokenizerBase, *models: PreTrainedModel) -> list[int]:
-    """Every token that ends a response: the tokenizer's eos and each model's generation eos."""
-    ids: list[int] = []
-    candidates: list[Any] = [tokenizer.eos_token_id]
-    candidates += [getattr(m.generation_config, "eos_token_id", None) for m in models]
-    for value in candidates:
-        for token in value if isinstance(value, (list, tuple)) else [value]:
-            if token is not None and int(token) not in ids:
-                ids.append(int(token))
-    if not ids:
-        raise ValueError("the tokenizer has no eos token: responses could not end")
-    return ids
-
-
-def _generation_config(
-    *, max_new_tokens: int, temperature: float, top_p: float, eos_ids: list[int], pad_id: int
-) -> GenerationConfig:
-    """Explicit sampling settings, so neither model's own generation_config.json changes them.
-
-    Every processor that could reshape the distribution is set to its neutral value: only ``temperature`` and
-    ``top_p`` act, identically for both models.
-    """
-    neutral: dict[str, Any] = {
-        "top_k": 0,
-        "typical_p": 1.0,
-        "epsilon_cutoff": 0.0,
-        "eta_cutoff": 0.0,
-        "repetition_penalty": 1.0,
-        "no_repeat_ngram_size": 0,
-        "min_new_tokens": 0,  # takes precedence over any min_length
-        "num_beams": 1,
-        "use_cache": True,
-    }
-    if temperature == 0:
-        return GenerationConfig(
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-            **neutral,
-        )
-    return GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-        **neutral,
-    )
-
-
-@torch.no_grad()
-def generate_responses(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    batch_size: int,
-    eos_ids: list[int] | None = None,
-    desc: str = "generate",
-) -> Generations:
-    """Sample one response per rendered prompt: left-padded batches, KV cache, stop at eos.
-
-    The seed is set right before the first batch, so two models given the same prompts and settings draw the
-    same random numbers and their differences come from the models alone.
-    """
-    eos_ids = eos_ids or _eos_ids(tokenizer, model)
-    pad_id = templating.pad_id(tokenizer)
-    config = _generation_config(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id
-    )
-    device = next(model.parameters()).device
-    model.eval()
-    encoded = [_encode(tokenizer, prompt) for prompt in prompts]
-    out = Generations(prompt_ids=encoded, response_ids=[], texts=[], lengths=[])
-    set_seed(seed)
-    eos = set(eos_ids)
-    for batch in tqdm(list(_batches(len(encoded), batch_size)), desc=desc, unit="batch"):
-        rows = [encoded[i] for i in batch]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, ids in enumerate(rows):  # left padding: every prompt ends where generation starts
-            input_ids[j, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[j, width - len(ids) :] = 1
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            generation_config=config,
-        )
-        for row in generated[:, width:].tolist():
-            end = next((k for k, token in enumerate(row) if token in eos), None)
-            body = row if end is None else row[:end]
-            out.response_ids.append(row if end is None else row[: end + 1])
-            out.lengths.append(len(body))
-            out.texts.append(tokenizer.decode(body, skip_special_tokens=True).strip())
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------ scoring
-
-
-def _max_positions(model: PreTrainedModel) -> int:
-    """The context length a model was built for (a large bound when its config does not say)."""
-    value = getattr(model.config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value >= 2 else 1 << 20
-
-
-@torch.no_grad()
-def completion_logprobs(
-    model: PreTrainedModel,
-    items: Sequence[tuple[list[int], list[int]]],
-    *,
-    batch_size: int,
-    pad_id: int,
-    desc: str = "score",
-) -> list[float]:
-    """Summed log-probability of each completion given its prompt, under the model's raw distribution.
-
-    Temperature 1, no truncation: these are the probabilities the KL estimate and DPO's implicit rewards are
-    defined on. Batches are right-padded, so position ids need no correction.
-    """
-    device = next(model.parameters()).device
-    model.eval()
-    sums: list[float] = []
-    for batch in tqdm(list(_batches(len(items), batch_size)), desc=desc, unit="batch"):
-        rows = [items[i] for i in batch]
-        width = max(len(p) + len(c) for p, c in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        completion = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, (p, c) in enumerate(rows):
-            input_ids[j, : len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
-            attention[j, : len(p) + len(c)] = 1
-            completion[j, len(p) : len(p) + len(c)] = 1
-        input_ids, attention, completion = input_ids.to(device), attention.to(device), completion.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
-        # position t predicts token t + 1: shift once, score only the completion's tokens.
-        sums += sequence_logprobs(logits[:, :-1], input_ids[:, 1:], completion[:, 1:]).cpu().tolist()
-    return sums
-
-
-def estimate_kl(
-    candidate: PreTrainedModel,
-    reference: PreTrainedModel,
-    samples: Generations,
-    *,
-    batch_size: int,
-    pad_id: int,
-) -> tuple[float, float]:
-    """KL(candidate || reference) per response and per token, from candidate samples drawn at temperature 1.
-
-    The samples must come from the candidate's raw distribution for the estimate to be unbiased.
-    """
-    items = list(zip(samples.prompt_ids, samples.response_ids, strict=True))
-    items = [(p, r) for p, r in items if r]
-    if not items:
-        return 0.0, 0.0
-    cand = completion_logprobs(candidate, items, batch_size=batch_size, pad_id=pad_id, desc="kl: candidate")
-    ref = completion_logprobs(reference, items, batch_size=batch_size, pad_id=pad_id, desc="kl: reference")
-    total = sum(a - b for a, b in zip(cand, ref, strict=True))
-    tokens = sum(len(r) for _, r in items)
-    return total / len(items), total / tokens
-
-
-def score_pairs(
-    candidate: PreTrainedModel,
-    reference: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[tuple[Messages, str, str]],
-    *,
-    beta: float,
-    batch_size: int,
-) -> dict[str, float]:
-    """DPO implicit-reward accuracy and margin, and chosen-response perplexity, on (prompt, chosen, rejected).
-
-    Responses are scored as completion tokens followed by eos (an assistant turn ends with eos), after the
-    prompt rendered by the chat template.
-    """
-    limit = min(_max_positions(candidate), _max_positions(reference))
-    items: list[tuple[list[int], list[int]]] = []
-    for messages, chosen, rejected in pairs:
-        # The same tokenisation (and truncation) as DPO training, so the implicit rewards match its own.
-        tokens = tokenize_pair(tokenizer, messages, chosen, rejected, limit)
-        items.append((tokens["prompt_ids"], tokens["chosen_ids"]))
-        items.append((tokens["prompt_ids"], tokens["rejected_ids"]))
-    pad_id = templating.pad_id(tokenizer)
-    cand = completion_logprobs(
-        candidate, items, batch_size=batch_size, pad_id=pad_id, desc="pairs: candidate"
-    )
-    ref = completion_logprobs(reference, items, batch_size=batch_size, pad_id=pad_id, desc="pairs: reference")
-    rewards = [beta * (a - b) for a, b in zip(cand, ref, strict=True)]
-    margins = [rewards[i] - rewards[i + 1] for i in range(0, len(rewards), 2)]
-    chosen_tokens = sum(len(c) for _, c in items[0::2])
-
-    def perplexity(logps: list[float]) -> float:
-        nll = -sum(logps[0::2]) / max(chosen_tokens, 1)
-        return math.exp(min(nll, 700.0))  # capped so the metric stays a finite float
-
-    return {
-        "num_pairs": float(len(pairs)),
-        "implicit_reward_accuracy": sum(m > 0 for m in margins) / len(margins),
-        "implicit_reward_margin": sum(margins) / len(margins),
-        "chosen_perplexity_candidate": perplexity(cand),
-        "chosen_perplexity_reference": perplexity(ref),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------- the judge
 
 
-@dataclass
-class JudgeScores:
-    """Rewards a judge (reward model) gave the candidate's and the reference's response to each prompt."""
-
-    candidate: list[float]
-    reference: list[float]
+def words(text: str) -> int:
+    """Length of a response in whitespace words: comparable across models with different tokenizers."""
+    return len(text.split())
 
 
-def _check_reward_model(ref: str) -> None:
-    """Refuse a local model that is not a reward model: a causal LM would load with a random, meaningless head."""
-    path = Path(resolve(ref))
-    if not path.is_dir():
-        return  # a hub id: transformers checks what it loads
-    adapter = path / "adapter_config.json"
-    if adapter.is_file():
-        task = json.loads(adapter.read_text(encoding="utf-8")).get("task_type")
-        if task != "SEQ_CLS":
-            raise ValueError(f"judge {ref}: a {task or 'untyped'} adapter, not a reward model (SEQ_CLS)")
-        return
-    config = path / "config.json"
-    architectures = (
-        json.loads(config.read_text(encoding="utf-8")).get("architectures") if config.is_file() else None
-    )
-    if not any(str(a).endswith("ForSequenceClassification") for a in architectures or []):
-        raise ValueError(
-            f"judge {ref}: {', '.join(architectures or ['unknown architecture'])} is not a reward model; "
-            "give a reward-model artifact (a sequence classifier with one output)"
-        )
-
-
-def judge_generations(
-    judge: str,
-    prompts: Sequence[Messages],
-    candidate_texts: Sequence[str],
-    reference_texts: Sequence[str],
+def judge_metrics(
+    candidate: Sequence[float],
+    other: Sequence[float],
+    candidate_lengths: Sequence[float],
+    other_lengths: Sequence[float],
     *,
-    batch_size: int,
-) -> JudgeScores:
-    """Score both models' responses to each prompt with a reward model.
-
-    The judge reads text with its own tokenizer and chat template, so it need not share the policies'
-    tokenizer. Each distinct (prompt, response) is scored once: identical responses get identical rewards.
-    """
-    _check_reward_model(judge)
-    tokenizer = load_tokenizer(judge)
-    model = load_reward_model(judge).to(_device()).eval()
-    unique: dict[tuple[int, str], int] = {}
-    for texts in (candidate_texts, reference_texts):
-        for i, text in enumerate(texts):
-            unique.setdefault((i, text), len(unique))
-    keys = list(unique)
-    rewards = score_texts(
-        model, tokenizer, [prompts[i] for i, _ in keys], [text for _, text in keys], batch_size=batch_size
-    )
-    del model
-
-    def lookup(texts: Sequence[str]) -> list[float]:
-        return [rewards[unique[(i, text)]] for i, text in enumerate(texts)]
-
-    return JudgeScores(candidate=lookup(candidate_texts), reference=lookup(reference_texts))
-
-
-def judge_metrics(scores: JudgeScores) -> dict[str, float]:
-    """Mean rewards, the candidate's win rate against the reference (a tie counts half) and the tie count."""
-    pairs = list(zip(scores.candidate, scores.reference, strict=True))
-    if not pairs:
+    name: str,
+) -> dict[str, float]:
+    """The candidate against ``name`` (reference, champion) under the judge: mean rewards, raw and
+    length-controlled win rates (ties count half) and the tie count."""
+    if not candidate:
         raise ValueError("judge: no responses to compare")
-    wins = sum(c > r for c, r in pairs)
-    ties = sum(c == r for c, r in pairs)
+    lc = length_controlled_win_rate(candidate, other, candidate_lengths, other_lengths)
     return {
-        "judge_reward_candidate": sum(scores.candidate) / len(pairs),
-        "judge_reward_reference": sum(scores.reference) / len(pairs),
-        "win_rate_vs_reference": (wins + 0.5 * ties) / len(pairs),
-        "judge_ties": float(ties),
+        "judge_reward_candidate": sum(candidate) / len(candidate),
+        f"judge_reward_{name}": sum(other) / len(other),
+        f"win_rate_vs_{name}": win_rate(candidate, other),
+        f"lc_win_rate_vs_{name}": lc.win_rate,
+        f"length_coefficient_vs_{name}": lc.length_coefficient,
+        f"judge_ties_vs_{name}": float(sum(c == o for c, o in zip(candidate, other, strict=True))),
     }
 
 
@@ -495,69 +217,114 @@ sum over sampled tokens (eos included) of log p_cand - log p_ref, both under the
 (temperature 1, no truncation). The samples for this estimate are drawn at temperature 1 and top-p 1, so it is
 unbiased; it can be slightly negative when the models are nearly identical.
 <b>kl_candidate_reference_per_token</b> divides the same total by the number of sampled tokens.</li>
-<li><b>distinct_1 / distinct_2</b>: unique / total word n-grams (whitespace split) over all responses of one model.</li>
+<li><b>distinct_1 / distinct_2</b>: unique / total word n-grams (whitespace split) over all responses of one model;
+<b>diversity_ratio_vs_reference</b> = distinct_2 of the candidate / distinct_2 of the reference.</li>
 <li><b>mean_length</b>: generated model tokens per response, eos not counted.</li>
 <li><b>implicit_reward_*</b> (held-out pairs): reward = beta * (log pi_cand - log pi_ref) of a response given its
 prompt; accuracy = share of pairs where the chosen reward is strictly higher; margin = mean chosen - rejected.</li>
 <li><b>chosen_perplexity_*</b>: exp(mean NLL per token) of the chosen responses (completion tokens and eos).</li>
 <li><b>judge_*</b> (with a judge reward model): mean reward of each model's displayed responses;
-<b>win_rate_vs_reference</b> = share of prompts where the candidate's reward is higher, a tie counting half;
-<b>judge_ties</b> = number of prompts with equal rewards (identical responses always tie).</li>
+<b>win_rate_vs_X</b> = share of prompts where the candidate's reward beats model X's (the reference, the
+champion), a tie counting half; <b>lc_win_rate_vs_X</b> = the length-controlled win rate: a logistic model of
+the per-prompt outcome on the difference in response length (words), read at equal length, so an answer does not
+win by being longer; <b>length_coefficient_vs_X</b> = how strongly length moved the outcome (per standard deviation
+of the length difference; positive = longer wins); <b>judge_ties_vs_X</b> = prompts with equal rewards (identical
+responses always tie).</li>
+<li><b>Reward vs KL</b>: each training snapshot, the final candidate and the reference, measured on the same
+prompts from temperature-1 samples: KL to the reference on the x axis, the judge's mean reward (or, without a
+judge, the held-out implicit-reward accuracy) on the y axis: the frontier view of the DPO paper.</li>
 </ul>"""
+
+
+def _win_rate_rows(metrics: Mapping[str, float], opponents: Sequence[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "against": who,
+            "win rate": metrics[f"win_rate_vs_{who}"],
+            "length-controlled win rate": metrics[f"lc_win_rate_vs_{who}"],
+            "length coefficient": metrics[f"length_coefficient_vs_{who}"],
+            "ties": metrics[f"judge_ties_vs_{who}"],
+            "judge reward, candidate": metrics["judge_reward_candidate"],
+            "judge reward, other": metrics[f"judge_reward_{who}"],
+        }
+        for who in opponents
+        if f"win_rate_vs_{who}" in metrics
+    ]
 
 
 def _report(
     metrics: Mapping[str, float],
-    rows: Sequence[Mapping[str, str]],
+    rows: Sequence[Mapping[str, Any]],
+    points: Sequence[Mapping[str, Any]],
     *,
     candidate: str,
     reference: str,
+    champion: str | None,
     config: EvalConfig,
     judge: str | None,
 ) -> str:
+    models = ["candidate", "reference"] + (["champion"] if champion else [])
     distinct = {
         f"{name} {who}": metrics[f"{name.replace('-', '_')}_{who}"]
         for name in ("distinct-1", "distinct-2")
-        for who in ("candidate", "reference")
+        for who in models
     }
-    lengths = {who: metrics[f"mean_length_{who}"] for who in ("candidate", "reference")}
+    lengths = {who: metrics[f"mean_length_{who}"] for who in models}
     charts = reports.bar_chart(distinct, "Distinct n-grams (higher = more diverse)", "unique / total")
     charts += reports.bar_chart(lengths, "Mean response length", "tokens")
-    columns = ["prompt", "candidate", "reference"]
-    sections = [
-        ("Metrics", reports.key_values(dict(metrics))),
-        ("Diversity and length: candidate vs reference", charts),
-    ]
+    sections: list[tuple[str, str]] = []
     if judge is not None:
-        columns += ["candidate_reward", "reference_reward"]
-        sections.append(("Judge: reward-model scores", _judge_section(metrics, rows, judge)))
+        sections.append(("Win rates under the judge", _judge_section(metrics, rows, judge, models[1:])))
+    elif champion:
+        sections.append(
+            (
+                "Win rates",
+                "<p class='bad'>No judge reward model was given, so the candidate could not be compared with "
+                "the champion or the reference by reward.</p>",
+            )
+        )
+    if points:
+        sections.append(
+            (
+                "Reward vs KL over training",
+                frontier_chart(points) + reports.table(frontier_rows(points)),
+            )
+        )
+    else:
+        sections.append(("Reward vs KL over training", "<p><em>No training snapshots were given.</em></p>"))
     sections += [
+        ("Metrics", reports.key_values(dict(metrics))),
+        ("Diversity and length", charts),
         ("How the metrics are computed", _METHODS),
         ("Settings", reports.key_values(asdict(config))),
-        ("Generations (same prompts, same seed)", reports.table(rows, columns)),
     ]
-    intro = f"Candidate {candidate} compared with reference {reference}."
+    columns = ["prompt", *models]
+    if judge is not None:
+        columns += [f"{who}_reward" for who in models]
+    sections.append(("Generations (same prompts, same seed)", reports.table(rows, columns)))
+    intro = f"Candidate {candidate} compared with reference {reference}" + (
+        f" and champion {champion}." if champion else "."
+    )
     return reports.page("preftune evaluation", sections, intro=intro)
 
 
-def _judge_section(metrics: Mapping[str, float], rows: Sequence[Mapping[str, Any]], judge: str) -> str:
+def _judge_section(
+    metrics: Mapping[str, float], rows: Sequence[Mapping[str, Any]], judge: str, opponents: Sequence[str]
+) -> str:
     n = len(rows)
-    wins = sum(r["candidate_reward"] > r["reference_reward"] for r in rows)
-    ties = int(metrics["judge_ties"])
-    outcome = {"candidate wins": wins / n, "ties": ties / n, "reference wins": (n - wins - ties) / n}
-    means = {
-        "candidate": metrics["judge_reward_candidate"],
-        "reference": metrics["judge_reward_reference"],
-    }
     text = (
-        f"<p>Judge <code>{reports.escape(judge)}</code> scored both responses to each of {n} prompts: the "
-        f"candidate wins {metrics['win_rate_vs_reference']:.1%} (ties counted half, {ties} ties).</p>"
+        f"<p>Judge <code>{reports.escape(judge)}</code> scored every model's response to each of {n} prompts "
+        "(ties count half).</p>"
     )
-    return (
-        text
-        + reports.bar_chart(outcome, "Per-prompt outcome under the judge", "share of prompts")
-        + reports.bar_chart(means, "Mean judge reward", "reward")
-    )
+    charts = ""
+    for who in opponents:
+        wins = sum(r["candidate_reward"] > r[f"{who}_reward"] for r in rows)
+        ties = int(metrics[f"judge_ties_vs_{who}"])
+        outcome = {"candidate wins": wins / n, "ties": ties / n, f"{who} wins": (n - wins - ties) / n}
+        charts += reports.bar_chart(outcome, f"Per-prompt outcome against the {who}", "share of prompts")
+    means = {who: metrics[f"judge_reward_{who}"] for who in ("candidate", *opponents)}
+    charts += reports.bar_chart(means, "Mean judge reward", "reward")
+    return text + reports.table(_win_rate_rows(metrics, opponents)) + charts
 
 
 # ------------------------------------------------------------------------------------------------------ driver
@@ -578,6 +345,105 @@ def _read_pairs(path: str) -> list[tuple[Messages, str, str]]:
     ]
 
 
+def _diversity(texts: Sequence[str], lengths: Sequence[int], who: str) -> dict[str, float]:
+    return {
+        f"distinct_1_{who}": distinct_n(texts, 1),
+        f"distinct_2_{who}": distinct_n(texts, 2),
+        f"mean_length_{who}": sum(lengths) / len(lengths),
+    }
+
+
+def _champion_responses(
+    champion: str, prompts: Sequence[Messages], sampling: Mapping[str, Any]
+) -> Generations:
+    """The champion's answers under the same sampling settings, with its own tokenizer and chat template."""
+    tokenizer = load_tokenizer(champion)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of champion {champion} has no chat template")
+    model = load_causal_lm(champion).to(_device()).eval()
+    rendered = [render_prompt(tokenizer, messages) for messages in prompts]
+    settings = {k: v for k, v in sampling.items() if k != "eos_ids"}
+    generations = generate_responses(model, tokenizer, rendered, desc="generate: champion", **settings)
+    del model
+    return generations
+
+
+def _frontier_points(
+    snapshots: Sequence[Mapping[str, Any]],
+    candidate: str,
+    cand_model: Any,
+    ref_model: Any,
+    tokenizer: Any,
+    rendered: Sequence[str],
+    prompts: Sequence[Messages],
+    sampling: Mapping[str, Any],
+    kl_samples: Generations,
+    judge: Judge | None,
+    pairs: PairScorer | None,
+    metrics: Mapping[str, float],
+) -> list[dict[str, Any]]:
+    """Reference, each snapshot, then the final candidate, on the same prompts and seed."""
+    if judge is None and pairs is None:
+        return []
+    common = {"judge": judge, "pairs": pairs, "pad_id": templating.pad_id(tokenizer)}
+    points = []
+    if judge is not None:  # the reference's implicit rewards are 0 by definition: only a judge can place it
+        points.append(
+            measure_point(
+                ref_model,
+                ref_model,
+                tokenizer,
+                rendered,
+                prompts,
+                sampling,
+                label="reference",
+                step=0,
+                is_reference=True,
+                **common,
+            )
+        )
+    for snap in snapshots:
+        model = load_causal_lm(snap["path"]).to(_device()).eval()
+        points.append(
+            measure_point(
+                model,
+                ref_model,
+                tokenizer,
+                rendered,
+                prompts,
+                sampling,
+                label=f"step {snap['step']}",
+                step=snap["step"],
+                **common,
+            )
+        )
+        del model
+    trained = read_lineage(candidate).get("metrics", {})
+    final_step = trained.get("steps") or trained.get("iterations")
+    if not isinstance(final_step, (int, float)):
+        final_step = max((s["step"] for s in snapshots), default=0) + 1
+    points.append(
+        measure_point(
+            cand_model,
+            ref_model,
+            tokenizer,
+            rendered,
+            prompts,
+            sampling,
+            label="final",
+            step=final_step,
+            samples=kl_samples,
+            known={
+                "kl": metrics["kl_candidate_reference"],
+                "kl_per_token": metrics["kl_candidate_reference_per_token"],
+                **{k: metrics[k] for k in ("implicit_reward_accuracy",) if k in metrics},
+            },
+            **common,
+        )
+    )
+    return points
+
+
 def evaluate(
     candidate: str,
     reference: str,
@@ -588,8 +454,10 @@ def evaluate(
     config: EvalConfig,
     *,
     judge: str | None = None,
+    champion: str | None = None,
+    checkpoints: str | None = None,
 ) -> dict[str, float]:
-    """Compare a candidate model with its reference; write generations JSONL and an HTML report.
+    """Compare a candidate model with its reference (and the champion); write generations and an HTML report.
 
     Args:
         candidate: Model reference of the tuned policy (directory, s3:// URI or hub id; adapters are merged).
@@ -597,22 +465,29 @@ def evaluate(
         eval_prompts: JSONL file or directory of held-out rows with a ``prompt`` (text or chat messages).
         eval_pairs: Optional JSONL of held-out preference pairs (``prompt``, ``chosen``, ``rejected``).
         generations_path: Where to write ``{"prompt", "candidate", "reference"}`` rows, one per prompt (with a
-            judge, also ``candidate_reward`` and ``reference_reward``).
+            champion also ``champion``; with a judge each model's ``<model>_reward``).
         report_path: Where to write the HTML report.
         config: Sampling and scoring settings.
         judge: Optional reward model reference (a reward-model artifact, e.g. from the reward_model step): scores
-            both models' responses; adds the ``judge_*`` metrics, ``win_rate_vs_reference`` and a per-prompt
-            ``candidate_reward`` / ``reference_reward`` in the generations.
+            every model's responses; adds the ``judge_*``, ``win_rate_vs_*`` and ``lc_win_rate_vs_*`` metrics.
+        champion: Optional model reference of the current champion (the registry's): it answers the same
+            prompts with the same settings; with a judge, ``win_rate_vs_champion`` and
+            ``lc_win_rate_vs_champion`` compare the candidate with it.
+        checkpoints: Optional snapshot directory of the training step (preftune.train.snapshots): each snapshot
+            becomes a point of the reward-vs-KL chart.
 
     Returns:
         Flat metrics: see the module docstring for each name's definition.
     """
     prompts = _read_prompts(eval_prompts, config.max_prompts)  # fail on bad input before loading models
     pairs = _read_pairs(eval_pairs) if eval_pairs else None
+    snapshots = read_index(checkpoints) if checkpoints else []
     if judge is not None:
         # A missing judge, or one that is no reward model, fails now rather than after generating.
         judge = resolve(judge)
-        _check_reward_model(judge)
+        check_reward_model(judge)
+    if champion:
+        champion = resolve(champion)
 
     tokenizer = load_tokenizer(candidate)
     if tokenizer.get_vocab() != load_tokenizer(reference).get_vocab():
@@ -625,7 +500,7 @@ def evaluate(
     device = _device()
     cand_model = load_causal_lm(candidate).to(device).eval()
     ref_model = load_causal_lm(reference).to(device).eval()
-    eos_ids = _eos_ids(tokenizer, cand_model, ref_model)
+    eos_ids = eos_ids_of(tokenizer, cand_model, ref_model)
     pad_id = templating.pad_id(tokenizer)
 
     rendered = [render_prompt(tokenizer, messages) for messages in prompts]
@@ -639,6 +514,7 @@ def evaluate(
     }
     cand_gen = generate_responses(cand_model, tokenizer, rendered, desc="generate: candidate", **sampling)
     ref_gen = generate_responses(ref_model, tokenizer, rendered, desc="generate: reference", **sampling)
+    champ_gen = _champion_responses(champion, prompts, sampling) if champion else None
 
     if config.temperature == 1.0 and config.top_p == 1.0:
         kl_samples = cand_gen  # the display samples already come from the raw distribution
@@ -653,39 +529,73 @@ def evaluate(
         "num_prompts": float(len(prompts)),
         "kl_candidate_reference": float(kl),
         "kl_candidate_reference_per_token": float(kl_token),
-        "distinct_1_candidate": distinct_n(cand_gen.texts, 1),
-        "distinct_2_candidate": distinct_n(cand_gen.texts, 2),
-        "distinct_1_reference": distinct_n(ref_gen.texts, 1),
-        "distinct_2_reference": distinct_n(ref_gen.texts, 2),
-        "mean_length_candidate": sum(cand_gen.lengths) / len(cand_gen.lengths),
-        "mean_length_reference": sum(ref_gen.lengths) / len(ref_gen.lengths),
+        **_diversity(cand_gen.texts, cand_gen.lengths, "candidate"),
+        **_diversity(ref_gen.texts, ref_gen.lengths, "reference"),
     }
-    if pairs:
-        metrics.update(
-            score_pairs(
-                cand_model,
-                ref_model,
-                tokenizer,
-                pairs,
-                beta=config.beta,
-                batch_size=config.batch_size,
-            )
+    if champ_gen is not None:
+        metrics.update(_diversity(champ_gen.texts, champ_gen.lengths, "champion"))
+    if metrics["distinct_2_reference"] > 0:
+        metrics["diversity_ratio_vs_reference"] = (
+            metrics["distinct_2_candidate"] / metrics["distinct_2_reference"]
         )
+    pair_scorer = (
+        PairScorer(ref_model, tokenizer, pairs, beta=config.beta, batch_size=config.batch_size)
+        if pairs
+        else None
+    )
+    if pair_scorer is not None:
+        metrics.update(pair_scorer.score(cand_model))
+
+    texts = {"candidate": cand_gen.texts, "reference": ref_gen.texts}
+    if champ_gen is not None:
+        texts["champion"] = champ_gen.texts
     rows: list[dict[str, Any]] = [
-        {"prompt": _prompt_text(messages), "candidate": c, "reference": r}
-        for messages, c, r in zip(prompts, cand_gen.texts, ref_gen.texts, strict=True)
+        {"prompt": _prompt_text(messages), **{who: texts[who][i] for who in texts}}
+        for i, messages in enumerate(prompts)
     ]
-    if judge is not None:
-        scores = judge_generations(
-            judge, prompts, cand_gen.texts, ref_gen.texts, batch_size=config.batch_size
-        )
-        metrics.update(judge_metrics(scores))
-        for row, c, r in zip(rows, scores.candidate, scores.reference, strict=True):
-            row["candidate_reward"], row["reference_reward"] = c, r
+    scorer = Judge(judge, batch_size=config.batch_size, device=device) if judge is not None else None
+    if scorer is not None:
+        rewards = {who: scorer.score(prompts, texts[who]) for who in texts}
+        lengths = {who: [words(t) for t in texts[who]] for who in texts}
+        for who in texts:
+            if who != "candidate":
+                metrics.update(
+                    judge_metrics(
+                        rewards["candidate"], rewards[who], lengths["candidate"], lengths[who], name=who
+                    )
+                )
+        for i, row in enumerate(rows):
+            for who in texts:
+                row[f"{who}_reward"] = rewards[who][i]
+
+    points = _frontier_points(
+        snapshots,
+        candidate,
+        cand_model,
+        ref_model,
+        tokenizer,
+        rendered,
+        prompts,
+        sampling,
+        kl_samples,
+        scorer,
+        pair_scorer,
+        metrics,
+    )
+    metrics["frontier_points"] = float(len(points))
     write_jsonl(generations_path, rows)
     reports.write(
         report_path,
-        _report(metrics, rows, candidate=candidate, reference=reference, config=config, judge=judge),
+        _report(
+            metrics,
+            rows,
+            points,
+            candidate=candidate,
+            reference=reference,
+            champion=champion,
+            config=config,
+            judge=judge,
+        ),
     )
     log.info("evaluation: %s", json.dumps(metrics))
     return metrics

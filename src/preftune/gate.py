@@ -4,7 +4,9 @@ and kept its output diversity.
 Each check reads one metric of the evaluate step:
 
 - ``win_rate_vs_champion`` >= ``min_win_rate_vs_champion`` -- the judge prefers the candidate over the current
-  champion. Before the first promotion there is no champion and the check passes ("no champion yet");
+  champion (or ``lc_win_rate_vs_champion``, the length-controlled win rate, with ``length_controlled``, so a
+  candidate does not win by answering longer). Before the first promotion there is no champion and the check
+  passes ("no champion yet");
 - ``kl_candidate_reference`` <= ``max_kl`` -- KL(candidate || reference) per response, in nats: alignment must not
   drift far from the SFT model (reward hacking, degenerate text);
 - ``distinct_2_candidate / distinct_2_reference`` >= ``min_diversity_ratio`` -- the candidate's share of unique
@@ -22,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 WIN_RATE = "win_rate_vs_champion"
+LC_WIN_RATE = "lc_win_rate_vs_champion"
 KL = "kl_candidate_reference"
 DISTINCT_CANDIDATE = "distinct_2_candidate"
 DISTINCT_REFERENCE = "distinct_2_reference"
@@ -47,22 +50,28 @@ def _check(name: str, value: float | None, threshold: float, passed: bool, reaso
     return {"name": name, "value": value, "threshold": threshold, "passed": passed, "reason": reason}
 
 
-def _win_rate(metrics: Mapping[str, Any], threshold: float, has_champion: bool | None) -> dict[str, Any]:
+def _win_rate(
+    metrics: Mapping[str, Any], threshold: float, has_champion: bool | None, name: str = WIN_RATE
+) -> dict[str, Any]:
     if threshold < 0:
-        return _check(WIN_RATE, None, threshold, True, f"{WIN_RATE}: disabled")
-    if WIN_RATE not in metrics and not has_champion:
-        return _check(WIN_RATE, None, threshold, True, f"{WIN_RATE}: {NO_CHAMPION}")
-    value, problem = _number(metrics, WIN_RATE)
+        return _check(name, None, threshold, True, f"{name}: disabled")
+    if name not in metrics and not has_champion:
+        return _check(name, None, threshold, True, f"{name}: {NO_CHAMPION}")
+    value, problem = _number(metrics, name)
     if value is None:
-        why = " (a champion exists, so the evaluation must compare with it)" if has_champion else ""
-        return _check(WIN_RATE, None, threshold, False, f"{WIN_RATE}: {problem}{why}")
+        why = (
+            " (a champion exists, so the evaluation must compare with it: give it a judge)"
+            if has_champion
+            else ""
+        )
+        return _check(name, None, threshold, False, f"{name}: {problem}{why}")
     passed = value >= threshold
     return _check(
-        WIN_RATE,
+        name,
         value,
         threshold,
         passed,
-        f"{WIN_RATE} {value:.4g} {'>=' if passed else '<'} {threshold:.4g}",
+        f"{name} {value:.4g} {'>=' if passed else '<'} {threshold:.4g}",
     )
 
 
@@ -106,14 +115,21 @@ def decide(
     max_kl: float,
     min_diversity_ratio: float,
     has_champion: bool | None = None,
+    length_controlled: bool = False,
 ) -> dict[str, Any]:
     """The gate's decision: ``{"promote", "reasons", "checks": [{name, value, threshold, passed, reason}]}``.
 
-    ``has_champion``: True makes ``win_rate_vs_champion`` required (a champion exists, so the evaluation must
-    have compared with it); None or False let its absence mean "no champion yet".
+    ``has_champion``: True makes the win rate against the champion required (a champion exists, so the
+    evaluation must have compared with it); None or False let its absence mean "no champion yet".
+    ``length_controlled`` checks ``lc_win_rate_vs_champion`` instead of the raw ``win_rate_vs_champion``.
     """
     checks = [
-        _win_rate(metrics, float(min_win_rate_vs_champion), has_champion),
+        _win_rate(
+            metrics,
+            float(min_win_rate_vs_champion),
+            has_champion,
+            LC_WIN_RATE if length_controlled else WIN_RATE,
+        ),
         _kl(metrics, float(max_kl)),
         _diversity(metrics, float(min_diversity_ratio)),
     ]
@@ -148,6 +164,7 @@ def run_gate(
     max_kl: float,
     min_diversity_ratio: float,
     champion_uri: str = "",
+    length_controlled: bool = False,
 ) -> dict[str, Any]:
     """Decide, write the HTML report, and return the decision with the metrics it was taken on (which the
     promote step records in the registry). A non-empty ``champion_uri`` makes the champion comparison required."""
@@ -159,6 +176,7 @@ def run_gate(
         max_kl=max_kl,
         min_diversity_ratio=min_diversity_ratio,
         has_champion=True if champion_uri else None,
+        length_controlled=length_controlled,
     )
     decision["champion_uri"] = champion_uri
     decision["metrics"] = {k: v for k, v in metrics.items()}

@@ -27,7 +27,7 @@ th { background: #f6f8fa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .ok { color: #1a7f37; font-weight: 600; } .bad { color: #cf222e; font-weight: 600; }
 pre { white-space: pre-wrap; margin: 0; font-size: 12px; }
-.chart { margin: 8px 0; }
+.chart { display: inline-block; margin: 8px 12px 8px 0; vertical-align: top; }
 """
 
 
@@ -102,6 +102,32 @@ def line_chart(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if drawn:
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def scatter_path(
+    series: Mapping[str, Iterable[tuple[float, float]]],
+    labels: Iterable[tuple[float, float, str]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+) -> str:
+    """Named (x, y) paths drawn as joined points, plus labelled points (a frontier chart), as an <img> tag."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, points in series.items():
+        pts = list(points)
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=4, label=name)
+    for x, y, text in labels:
+        ax.scatter([x], [y], s=18, color="#333333", zorder=3)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if any(list(p) for p in series.values()):
         ax.legend(fontsize=8)
     return _png(fig)
 

@@ -199,11 +199,17 @@ def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, 
                     artifacts[name] = artifact.get("uri", "")
                     if kinds.get(name) == "system.Metrics":
                         metrics.update(artifact.get("metadata", {}))
+            outputs = dict(executor_output.get("parameterValues", {}))
+            for name in comp.get("outputDefinitions", {}).get("parameters", {}):
+                written = task_dir / name  # an OutputPath parameter the component wrote as a file
+                if status == SUCCEEDED and name not in outputs and written.is_file():
+                    outputs[name] = written.read_text(encoding="utf-8")
             steps[task_name] = {
                 "display_name": task.get("taskInfo", {}).get("name", task_name),
                 "status": status,
                 "metrics": metrics,
                 "artifacts": artifacts,
+                "outputs": outputs,
             }
 
     visit(spec.get("root", {}).get("dag", {}))
@@ -290,6 +296,18 @@ def run_pipeline(pipeline: Any, overrides: Mapping[str, Any], pipeline_root: str
     return summary
 
 
+def _decision_lines(decision: Any) -> list[str]:
+    """A gate's verdict and reasons, from its JSON ``decision`` output."""
+    try:
+        verdict = json.loads(decision) if isinstance(decision, str) else None
+    except ValueError:
+        return []
+    if not isinstance(verdict, dict) or "promote" not in verdict:
+        return []
+    lines = [f"              {'PROMOTE' if verdict['promote'] else 'DO NOT PROMOTE'}"]
+    return lines + [f"              - {reason}" for reason in verdict.get("reasons", [])]
+
+
 def format_summary(summary: Mapping[str, Any], headline: Mapping[str, list[str]] | None = None) -> str:
     """A short human-readable account of a run: each step's status and its headline metrics."""
     lines = [f"{summary['pipeline']}: {summary['status']} in {summary['duration_seconds']:.0f}s"]
@@ -300,6 +318,7 @@ def format_summary(summary: Mapping[str, Any], headline: Mapping[str, list[str]]
         for key in wanted if wanted is not None else []:
             if key in metrics:
                 lines.append(f"              {key} = {metrics[key]:.4g}")
+        lines += _decision_lines(step.get("outputs", {}).get("decision"))
     lines.append(f"run directory: {summary['run_dir']}")
     lines.append(f"summary:       {Path(summary['run_dir']) / 'summary.json'}")
     return "\n".join(lines)

@@ -47,6 +47,7 @@ from preftune.train.loop import (
     progress,
     ready_for_training,
 )
+from preftune.train.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,13 @@ class DPOConfig:
         },
     )
     head_chunk_size: int = field(default=1024, metadata={"help": "Positions per LM-head chunk (fused_head)."})
+    num_checkpoints: int = field(
+        default=4,
+        metadata={
+            "help": "Intermediate policy snapshots kept, evenly spaced, for evaluation's reward-vs-KL path "
+            "(0 = none)."
+        },
+    )
     reference_cache_dir: str = field(
         default="",
         metadata={
@@ -158,6 +166,8 @@ def _check(config: DPOConfig) -> None:
         raise ValueError(f"DPOConfig.beta must be positive, got {config.beta}")
     if not 0.0 <= config.label_smoothing < 0.5:
         raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {config.label_smoothing}")
+    if config.num_checkpoints < 0:
+        raise ValueError(f"DPOConfig.num_checkpoints must be >= 0, got {config.num_checkpoints}")
     if config.label_smoothing and config.loss_type != "sigmoid":
         raise ValueError("DPOConfig.label_smoothing applies to loss_type 'sigmoid' only")
 
@@ -373,6 +383,7 @@ def train_dpo(
     *,
     sft_model_uri: str | None = None,
     model_uri: str | None = None,
+    snapshot_dir: str | None = None,
 ) -> dict[str, float]:
     """Train a DPO policy from the SFT model on contract preference pairs and save it as a model artifact.
 
@@ -386,6 +397,8 @@ def train_dpo(
         config: Hyper-parameters.
         sft_model_uri: The SFT artifact's URI for the lineage and the adapter's base (defaults to ``sft_model``).
         model_uri: Where ``model_dir`` will be published (recorded in the lineage chain).
+        snapshot_dir: Where to keep ``config.num_checkpoints`` intermediate policies (preftune.train.snapshots);
+            None keeps none.
 
     Returns:
         Metrics: ``first_step_loss`` (mean loss of the first optimisation step; ln 2 for sigmoid),
@@ -437,6 +450,12 @@ def train_dpo(
     )
     scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
 
+    snapshots = Snapshots(
+        snapshot_dir if accelerator.is_main_process else None,
+        total_steps,
+        config.num_checkpoints,
+        stage="dpo",
+    )
     history = History()
     history.log_eval(0, 0.0, _reference_summary(eval_features, config))
     step, epoch = 0, 0
@@ -475,6 +494,15 @@ def train_dpo(
                 history.log_train(step, {**logged, "lr": scheduler.get_last_lr()[0]})
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['reward_accuracy']:.2f}")
                 window = Meter()
+            if snapshots.due(step):
+                snapshots.save(
+                    step,
+                    accelerator.unwrap_model(model),
+                    tokenizer,
+                    parent_uri=sft_model_uri or sft_model,
+                    parameters=dataclasses.asdict(config),
+                    values=history.train[-1] if history.train else None,
+                )
             if step >= total_steps:
                 break
             if config.eval_steps > 0 and step % config.eval_steps == 0 and batch_number < len(train_loader):

@@ -58,7 +58,6 @@ import torch
 
 from preftune import modeling, reports, storage
 from preftune.data.records import to_messages
-from preftune.evaluation import _eos_ids, _generation_config
 from preftune.kl_control import KL_CONTROLLERS, make_kl_controller
 from preftune.losses import (
     entropy_from_logits,
@@ -70,6 +69,7 @@ from preftune.losses import (
     token_logprobs,
     whiten,
 )
+from preftune.sampling import eos_ids_of, generation_config
 from preftune.templating import _prompt_keep, eos_id, pad_id, render_prompt
 from preftune.train.batching import DataError, read_rows
 from preftune.train.loop import (
@@ -84,6 +84,7 @@ from preftune.train.loop import (
     progress,
     resolve_mixed_precision,
 )
+from preftune.train.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,13 @@ class PPOConfig:
     forward_batch_size: int = field(
         default=32, metadata={"help": "Sequences per no-grad forward / generate batch during rollouts."}
     )
+    num_checkpoints: int = field(
+        default=4,
+        metadata={
+            "help": "Intermediate policy snapshots kept, evenly spaced over the iterations, for evaluation's "
+            "reward-vs-KL path (0 = none)."
+        },
+    )
     samples_shown: int = field(
         default=8, metadata={"help": "Responses of the first and last iterations shown in the report."}
     )
@@ -220,6 +228,7 @@ def _check(config: PPOConfig) -> None:
         "kl_blowup",
         "missing_eos_penalty",
         "samples_shown",
+        "num_checkpoints",
     )
     for key in non_negative:
         if getattr(config, key) < 0:
@@ -390,7 +399,7 @@ def generate_rollout(
 ) -> Rollout:
     """Sample one response per prompt with the policy (KV cache, left padding, stop at eos)."""
     pad = pad_id(tokenizer)
-    gen_config = _generation_config(
+    gen_config = generation_config(
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,
         top_p=config.top_p,
@@ -586,6 +595,7 @@ def train_ppo(
     *,
     sft_model_uri: str | None = None,
     model_uri: str | None = None,
+    snapshot_dir: str | None = None,
 ) -> dict[str, float]:
     """Optimise the SFT policy against a reward model with PPO and save it as a model artifact.
 
@@ -601,6 +611,8 @@ def train_ppo(
         config: Hyper-parameters.
         sft_model_uri: The SFT artifact's URI for the lineage and the adapter's base (defaults to ``sft_model``).
         model_uri: Where ``model_dir`` will be published (recorded in the lineage chain).
+        snapshot_dir: Where to keep ``config.num_checkpoints`` intermediate policies, saved after the updates
+            of evenly spaced iterations (preftune.train.snapshots); None keeps none.
 
     Returns:
         Metrics: ``reward_first`` / ``reward_last`` (mean reward-model score of the responses in the first / last
@@ -628,7 +640,7 @@ def train_ppo(
             f"max_prompt_length + max_new_tokens = {config.max_prompt_length + config.max_new_tokens} exceeds "
             f"the model's {limit} positions"
         )
-    eos_ids = _eos_ids(tokenizer, policy)
+    eos_ids = eos_ids_of(tokenizer, policy)
     encoded, truncated = [], 0
     for messages in prompt_rows:
         ids = list(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
@@ -648,6 +660,12 @@ def train_ppo(
     cycler = PromptCycler(len(prompt_rows), config.seed)
     per_process = max(1, config.rollout_batch_size // accelerator.num_processes)
 
+    snapshots = Snapshots(
+        snapshot_dir if accelerator.is_main_process else None,
+        config.iterations,
+        config.num_checkpoints,
+        stage="ppo",
+    )
     history = History()
     samples: dict[int, list[dict[str, Any]]] = {}
     iteration, early_stops, blowups = 0, 0, 0
@@ -779,6 +797,15 @@ def train_ppo(
         logged.update(meter.means())
         logged.update({"early_stop": float(stopped), "ppo_steps": float(ppo_steps)})
         history.log_train(iteration, logged)
+        if snapshots.due(iteration):
+            snapshots.save(
+                iteration,
+                unwrapped_policy,
+                tokenizer,
+                parent_uri=sft_model_uri or sft_model,
+                parameters={**dataclasses.asdict(config), "reward_model": reward_model},
+                values=logged,
+            )
         bar.update(1)
         bar.set_postfix(
             score=f"{score:.3f}", kl=f"{rollout_kl:.2f}", len=f"{length:.1f}", stop="y" if stopped else "n"

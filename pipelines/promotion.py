@@ -1,0 +1,74 @@
+"""The tail both pipelines share: evaluate against the SFT model and the champion, gate, promote."""
+
+from kfp import dsl
+
+from preftune.components import champion_op, evaluate_op, gate_op, promote_op
+from preftune.pipelines.cluster import data_step, training_step
+from preftune.runner import Rule
+
+#: Value rules of the evaluation and promotion parameters.
+PROMOTION_RULES = {"num_checkpoints": Rule(low=0)}
+
+
+def evaluate_and_promote(
+    policy: dsl.PipelineTask,
+    sft: dsl.PipelineTask,
+    pairs: dsl.PipelineTask,
+    *,
+    eval_prompts: str,
+    registry_uri: str,
+    model_name: str,
+    max_new_tokens: int,
+    max_prompts: int,
+    seed: int,
+    min_win_rate_vs_champion: float,
+    max_kl: float,
+    min_diversity_ratio: float,
+    length_controlled: bool,
+    judge: dsl.PipelineTask | None = None,
+    judge_uri: str = "",
+    beta: float = 0.1,
+) -> None:
+    """Evaluate the policy, decide by the gate, and publish it to the registry only when the gate passes.
+
+    With an empty ``registry_uri`` there is no champion and nothing is published; the gate still reports
+    whether the candidate would have passed.
+    """
+    current = data_step(
+        champion_op(registry_uri=registry_uri, model_name=model_name).set_display_name("Current champion")
+    )
+    current.set_caching_options(False)  # the champion moves between runs: always look it up
+    judged = {"judge": judge.outputs["model"]} if judge is not None else {"judge_uri": judge_uri}
+    evaluation = evaluate_op(
+        candidate=policy.outputs["model"],
+        reference=sft.outputs["model"],
+        eval_prompts=eval_prompts,
+        eval_pairs=pairs.outputs["eval_pairs"],
+        checkpoints=policy.outputs["checkpoints"],
+        champion_uri=current.output,
+        max_new_tokens=max_new_tokens,
+        beta=beta,
+        max_prompts=max_prompts,
+        seed=seed,
+        **judged,
+    )
+    training_step(evaluation.set_display_name("Evaluate against SFT and champion"))
+
+    verdict = gate_op(
+        evaluation=evaluation.outputs["metrics"],
+        champion_uri=current.output,
+        min_win_rate_vs_champion=min_win_rate_vs_champion,
+        max_kl=max_kl,
+        min_diversity_ratio=min_diversity_ratio,
+        length_controlled=length_controlled,
+    ).set_display_name("Promotion gate")
+    passed = dsl.If(verdict.outputs["Output"] == True, name="gate-passed")  # noqa: E712 - a KFP condition
+    with passed, dsl.If(registry_uri != "", name="registry-set"):
+        publish = promote_op(
+            candidate=policy.outputs["model"],
+            registry_uri=registry_uri,
+            model_name=model_name,
+            decision=verdict.outputs["decision"],
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        )
+        data_step(publish.set_display_name("Promote to registry"))
