@@ -688,7 +688,11 @@ def train_ppo(
         )
         rollout_seconds += time.perf_counter() - t0
         rollout_tokens += int(rollout.response_mask.sum())
-        score_rollout(rollout, policy, reference, critic, reward, tokenizer, config)
+        # no gradients here: the modules under DDP's wrapper, whose adapters can be switched off for the
+        # reference and the reward
+        score_rollout(
+            rollout, unwrapped_policy, reference, accelerator.unwrap_model(critic), reward, tokenizer, config
+        )
         mask = rollout.response_mask.float()
 
         kl_coef = controller.value

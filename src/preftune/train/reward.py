@@ -435,8 +435,10 @@ def train_reward_model(
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            values = _summary(losses.detach(), chosen.detach(), rejected.detach())
-            pairs = float(losses.numel())
+            # every rank's pairs, so that the logged values are the global batch's, not rank 0's shard
+            gathered = accelerator.gather_for_metrics((losses.detach(), chosen.detach(), rejected.detach()))
+            values = _summary(*gathered)
+            pairs = float(gathered[0].numel())
             window.add(pairs, **values)
             epoch_meter.add(pairs, **values)
             if not accelerator.sync_gradients:

@@ -85,16 +85,21 @@ class SFTConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
 
 
-def completion_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token negative log-likelihood over completion tokens, and how many tokens that covers."""
+def completion_nll(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], *, per_row: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood over completion tokens, and how many tokens that covers
+    (with ``per_row``, one sum and one count per row)."""
     shift_logits = logits[:, :-1, :]
     shift_labels = batch["labels"][:, 1:]
     nll = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)).float(),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
+        reduction="none" if per_row else "sum",
     )
+    if per_row:
+        return nll.view(shift_labels.shape).sum(dim=1), (shift_labels != IGNORE_INDEX).sum(dim=1)
     return nll, (shift_labels != IGNORE_INDEX).sum()
 
 
@@ -104,11 +109,12 @@ def _evaluate(model: Any, loader: DataLoader, accelerator: Any) -> dict[str, flo
     tokens = torch.zeros((), device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
-            nll, n = completion_nll(model(**model_inputs(batch)).logits, batch)
-            nll_sum += nll.detach()
-            tokens += n
-    nll_sum = accelerator.reduce(nll_sum, reduction="sum")
-    tokens = accelerator.reduce(tokens, reduction="sum")
+            nll, n = completion_nll(model(**model_inputs(batch)).logits, batch, per_row=True)
+            # per example, so that under DDP the examples accelerate repeats to even out the last batch are
+            # dropped (gather_for_metrics), not counted twice
+            nll, n = accelerator.gather_for_metrics((nll.detach(), n))
+            nll_sum += nll.sum()
+            tokens += n.sum()
     loss = float(nll_sum / tokens.clamp(min=1))
     model.train()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -179,15 +185,19 @@ def train_sft(
         for batch_number, batch in enumerate(train_loader, start=1):
             with accelerator.accumulate(model):
                 nll, n = completion_nll(model(**model_inputs(batch)).logits, batch)
-                loss = nll / n.clamp(min=1)
+                # the mean over the completion tokens of the whole (global) batch: DDP averages the ranks'
+                # gradients, so each rank scales its sum by world size / all ranks' tokens
+                totals = accelerator.reduce(torch.stack([nll.detach(), n.float()]), reduction="sum")
+                loss = nll * accelerator.num_processes / totals[1].clamp(min=1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             tokens_seen += int(batch["attention_mask"].sum())
-            window.add(float(n), loss=float(loss.detach()))
-            epoch_meter.add(float(n), loss=float(loss.detach()))
+            batch_loss = float(totals[0] / totals[1].clamp(min=1))
+            window.add(float(totals[1]), loss=batch_loss)
+            epoch_meter.add(float(totals[1]), loss=batch_loss)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
