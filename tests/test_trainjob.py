@@ -663,3 +663,33 @@ def test_worker_publishes_what_the_launcher_collects(s3, tmp_path: Path) -> None
     assert lineage["stage"] == "sft" and lineage["parent"] == s3.uri("models/base")
     assert "<html" in (tmp_path / "report.html").read_text().lower()
     assert base  # the local copy the bucket was filled from
+
+
+def test_optional_outputs_travel_only_when_asked(tmp_path: Path) -> None:
+    """DPO's and PPO's snapshot directory: passed by the step -> written by the job -> collected; else absent."""
+    kwargs = {
+        "sft_model": "s3://bucket/models/sft",
+        "train_pairs": Artifact(str(tmp_path / "t"), "s3://bucket/run/pairs/train"),
+        "eval_pairs": Artifact(str(tmp_path / "e"), "s3://bucket/run/pairs/eval"),
+        "model_dir": Artifact(str(tmp_path / "out" / "model"), "s3://bucket/run/dpo/model"),
+        "report_path": Artifact(str(tmp_path / "out" / "report.html"), "s3://bucket/run/dpo/report"),
+        "snapshot_dir": Artifact(str(tmp_path / "out" / "checkpoints"), "s3://bucket/run/dpo/checkpoints"),
+    }
+    assert (
+        trainjob.job_kwargs("dpo", kwargs)["snapshot_dir"] is None
+    )  # the worker writes it, then publishes it
+    assert "snapshot_dir" not in trainjob.job_kwargs("dpo", {**kwargs, "snapshot_dir": None})
+
+    staging = tmp_path / "staging"
+    (staging / "model_dir").mkdir(parents=True)
+    (staging / "model_dir" / "lineage.json").write_text("{}")
+    (staging / "metrics.json").write_text('{"steps": 3}')
+    assert trainjob.collect_outputs("dpo", kwargs, str(staging)) == {"steps": 3.0}  # none published: fine
+    (staging / "snapshot_dir" / "step-3").mkdir(parents=True)
+    (staging / "snapshot_dir" / "step-3" / "lineage.json").write_text("{}")
+    trainjob.collect_outputs("dpo", kwargs, str(staging))
+    assert (tmp_path / "out" / "checkpoints" / "step-3" / "lineage.json").is_file()
+    (staging / "model_dir" / "lineage.json").unlink()
+    (staging / "model_dir").rmdir()
+    with pytest.raises(StageFailed, match="published no model_dir"):
+        trainjob.collect_outputs("dpo", kwargs, str(staging))

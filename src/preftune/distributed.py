@@ -46,7 +46,8 @@ class Stage:
     """How to call one training stage and what its arguments mean to a launcher.
 
     ``models`` are the arguments naming models (downloaded once per node before the workers load them).
-    ``outputs`` maps the names of output arguments to ``"dir"`` or ``"file"``. ``split_batches`` are the config
+    ``outputs`` maps the names of output arguments to ``"dir"`` or ``"file"``; ``optional_outputs`` likewise for
+    outputs a call may leave out (None), such as DPO's and PPO's training snapshots. ``split_batches`` are the config
     fields holding a global batch that each worker takes its share of; ``divisible`` are global batch fields
     the trainer already splits itself (PPO), which only need to divide evenly. ``fsdp`` says whether the trainer
     is ready for FSDP: under FSDP its rank-0-only save must first gather the sharded weights on every rank
@@ -58,9 +59,15 @@ class Stage:
     config_class: str
     models: tuple[str, ...]
     outputs: Mapping[str, str] = field(default_factory=lambda: {"model_dir": "dir", "report_path": "file"})
+    optional_outputs: Mapping[str, str] = field(default_factory=dict)
     split_batches: tuple[str, ...] = ("batch_size", "eval_batch_size")
     divisible: tuple[str, ...] = ()
     fsdp: bool = False
+
+    def output_kinds(self, kwargs: Mapping[str, Any]) -> dict[str, str]:
+        """The outputs of one call: the required ones, and the optional ones it was given (not None)."""
+        given = {k: v for k, v in self.optional_outputs.items() if kwargs.get(k) is not None}
+        return {**self.outputs, **given}
 
     def load(self) -> tuple[Any, type]:
         module = importlib.import_module(self.module)
@@ -70,12 +77,19 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "sft": Stage("preftune.train.sft", "train_sft", "SFTConfig", models=("base_model",)),
     "reward": Stage("preftune.train.reward", "train_reward_model", "RewardConfig", models=("sft_model",)),
-    "dpo": Stage("preftune.train.dpo", "train_dpo", "DPOConfig", models=("sft_model",)),
+    "dpo": Stage(
+        "preftune.train.dpo",
+        "train_dpo",
+        "DPOConfig",
+        models=("sft_model",),
+        optional_outputs={"snapshot_dir": "dir"},
+    ),
     "ppo": Stage(
         "preftune.train.ppo",
         "train_ppo",
         "PPOConfig",
         models=("sft_model", "reward_model"),
+        optional_outputs={"snapshot_dir": "dir"},
         split_batches=(),
         divisible=("rollout_batch_size", "mini_batch_size"),
     ),
@@ -365,11 +379,10 @@ def prefetch(values: Sequence[Any]) -> None:
                 pending.append(parent)
 
 
-def _output_locals(stage: str, root: Path) -> dict[str, str]:
-    return {
-        name: str(root / ("model" if kind == "dir" else name))
-        for name, kind in stage_spec(stage).outputs.items()
-    }
+def _output_locals(stage: str, kwargs: Mapping[str, Any], root: Path) -> dict[str, str]:
+    """Local paths for the outputs a TrainJob's call names (each null in its JSON: the step's paths are not here)."""
+    spec = stage_spec(stage)
+    return {name: str(root / name) for name in (*spec.outputs, *spec.optional_outputs) if name in kwargs}
 
 
 def publish_outputs(
@@ -377,11 +390,11 @@ def publish_outputs(
 ) -> None:
     """Rank 0 of a TrainJob: copy the outputs to ``output_uri``; ``metrics.json`` last, as the done marker."""
     base = output_uri.rstrip("/")
-    for name, kind in stage_spec(stage).outputs.items():
+    for name, kind in stage_spec(stage).output_kinds(kwargs).items():
         local = Path(kwargs[name])
-        if kind == "dir":
+        if kind == "dir" and (local.is_dir() or name in stage_spec(stage).outputs):
             storage.upload_dir(local, f"{base}/{name}")
-        elif local.is_file():
+        elif kind == "file" and local.is_file():
             storage.write_bytes(f"{base}/{name}", local.read_bytes())
     storage.write_bytes(f"{base}/metrics.json", json.dumps(dict(metrics), sort_keys=True).encode("utf-8"))
 
@@ -399,7 +412,7 @@ def worker(spec: Mapping[str, Any], *, result: str | None = None, output_uri: st
             prefetch([kwargs.get(name) for name in stage_spec(stage).models])
     with tempfile.TemporaryDirectory(prefix=f"preftune-{stage}-out-") as tmp:
         if output_uri:
-            kwargs.update(_output_locals(stage, Path(tmp)))
+            kwargs.update(_output_locals(stage, kwargs, Path(tmp)))
         metrics = invoke(stage, config, kwargs)
         state.wait_for_everyone()
         if state.is_main_process:

@@ -589,11 +589,14 @@ def staging_uri(kwargs: Mapping[str, Any], stage: str) -> str:
 
 def job_kwargs(stage: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The stage's arguments as the job's pods can reach them: artifacts by URI, outputs left to the worker."""
-    outputs = stage_spec(stage).outputs
+    spec = stage_spec(stage)
+    outputs = spec.output_kinds(kwargs)
     out: dict[str, Any] = {}
     for name, value in kwargs.items():
         if name in outputs:
-            out[name] = None
+            out[name] = None  # the worker writes it locally, then publishes it under the staging prefix
+        elif name in spec.optional_outputs:
+            continue  # an optional output the step did not ask for
         elif is_artifact(value):
             if not str(value.uri).startswith("s3://"):
                 raise ValueError(
@@ -615,12 +618,18 @@ def collect_outputs(stage: str, kwargs: Mapping[str, Any], output_uri: str) -> d
         raise StageFailed(
             f"{stage}: the TrainJob completed but published no {base}/metrics.json (rank 0 did not finish)"
         ) from None
-    for name, kind in stage_spec(stage).outputs.items():
+    spec = stage_spec(stage)
+    for name, kind in spec.output_kinds(kwargs).items():
         value = kwargs[name]
         target = Path(value.path if is_artifact(value) else value)
         if kind == "dir":
             target.mkdir(parents=True, exist_ok=True)
-            storage.download(f"{base}/{name}/", target)
+            try:
+                storage.download(f"{base}/{name}/", target)
+            except FileNotFoundError:
+                if name in spec.outputs:
+                    raise StageFailed(f"{stage}: the TrainJob published no {name} under {base}") from None
+                log.info("%s: the TrainJob published no %s", stage, name)
         else:
             try:
                 data = storage.read_bytes(f"{base}/{name}")
