@@ -693,3 +693,38 @@ def test_optional_outputs_travel_only_when_asked(tmp_path: Path) -> None:
     (staging / "model_dir").rmdir()
     with pytest.raises(StageFailed, match="published no model_dir"):
         trainjob.collect_outputs("dpo", kwargs, str(staging))
+
+
+def test_a_cancelled_step_deletes_its_job(kube, s3, tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM to the step (a cancelled run, an evicted pod) while it waits: the job is deleted, the step exits."""
+    import signal
+
+    fake, client = kube
+    monkeypatch.setenv("KFP_POD_NAME", POD_NAME)
+    fake.statuses = [{"conditions": [_condition("Suspended", "Resumed")]}]
+
+    class NotHandled(Exception):
+        pass
+
+    def fallback(signum: int, frame: Any) -> None:  # only reached if the launcher installed no handler
+        raise NotHandled
+
+    previous = signal.signal(signal.SIGTERM, fallback)
+    handle = fake.handle
+
+    def handle_and_cancel(method: str, path: str, *args: Any) -> tuple[int, Any]:
+        answer = handle(method, path, *args)
+        if method == "GET" and fake.gets == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return answer
+
+    fake.handle = handle_and_cancel
+    try:
+        with pytest.raises(SystemExit) as info:
+            _launch(client, _s3_kwargs(s3, tmp_path), [], timeout_seconds=60, poll_seconds=0.05)
+        assert info.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is fallback, "the step's own SIGTERM handler is restored"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    (delete,) = fake.calls("DELETE")
+    assert delete["path"] == f"{JOBS}/{fake.job['metadata']['name']}"
