@@ -491,6 +491,38 @@ def list_files(uri: str) -> list[str]:
     raise FileNotFoundError(f"no such file or directory: {uri}")
 
 
+def list_dirs(uri: str) -> list[str]:
+    """Names of the immediate sub-directories of a local directory or s3 prefix, sorted; [] when it is absent."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        paginator = s3_client().get_paginator("list_objects_v2")
+        names: set[str] = set()
+        for page in paginator.paginate(Bucket=bucket, Prefix=_dir_prefix(key), Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                names.add(common["Prefix"][len(_dir_prefix(key)) :].rstrip("/"))
+        return sorted(n for n in names if n)
+    root = _local(uri)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a local directory or every object under an s3 prefix, its manifest first: a directory half
+    deleted is never taken for a complete one."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client()
+        prefix = _dir_prefix(key)
+        client.delete_object(Bucket=bucket, Key=prefix + MANIFEST)
+        keys = [obj["Key"] for obj in _s3_objects(bucket, prefix, client)]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        return
+    root = _local(uri)
+    (root / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def read_bytes(uri: str) -> bytes:
     """The whole content of one file (local or s3 object)."""
     if is_s3(uri):
