@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_config, make_policy_dir, write_jsonl
-from transformers import LlamaForSequenceClassification
+from tiny_models import make_counting_reward, make_policy_dir, write_jsonl
 
 from preftune import modeling
 from preftune.sampling import eos_ids_of
@@ -34,39 +33,6 @@ from preftune.train.ppo import (
 )
 
 CPU = torch.device("cpu")
-
-
-def make_counting_reward(policy_dir: str, out_dir: Path, target: int) -> str:
-    """A reward model whose score rises with the number of ``target`` tokens in the sequence."""
-    tok = modeling.load_tokenizer(policy_dir)
-    hidden = 32
-    config = make_config(
-        tok,
-        hidden_size=hidden,
-        intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=hidden,
-        num_labels=1,
-        initializer_range=0.02,
-    )
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
-    layer = model.model.layers[0]
-    with torch.no_grad():
-        layer.self_attn.q_proj.weight.zero_()  # uniform attention: each position sees the mean of its prefix
-        layer.self_attn.k_proj.weight.zero_()
-        layer.self_attn.v_proj.weight.copy_(torch.eye(hidden))
-        layer.self_attn.o_proj.weight.copy_(4.0 * torch.eye(hidden))
-        layer.mlp.down_proj.weight.zero_()
-        embeddings = model.model.embed_tokens.weight
-        embeddings.normal_()
-        direction = embeddings[target] / embeddings[target].norm()
-        model.score.weight.copy_(direction.unsqueeze(0) * 10.0 / math.sqrt(hidden))
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    tok.save_pretrained(str(out_dir))
-    return str(out_dir)
 
 
 def _prompt_rows(n: int) -> list[dict]:
@@ -113,7 +79,7 @@ def _config(**overrides) -> PPOConfig:
 METRICS = {
     "reward_first", "reward_last", "reward_gain", "kl_last", "kl_max", "entropy_last", "clip_fraction_mean",
     "value_loss_last", "explained_variance_last", "response_length_last", "iterations", "early_stops",
-    "kl_blowups", "train_seconds", "rollout_seconds", "rollout_tokens_per_second",
+    "kl_blowups", "train_seconds", "rollout_seconds", "rollout_tokens_per_second", "resumed_from_iteration",
 }  # fmt: skip
 
 
@@ -206,6 +172,30 @@ def test_rollouts_mask_after_eos_and_logprobs_match_unpadded_scoring(world: dict
     # policy == reference before any update (the fresh LoRA adapter is a no-op)
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
     assert rollout.scores.shape == (8,) and rollout.entropy.shape == rollout.logprobs.shape
+
+
+def test_packed_scoring_equals_one_sequence_per_row(world: dict[str, str]) -> None:
+    # Packing (several prompt + response sequences per row, block-diagonal mask) changes nothing PPO reads:
+    # old and reference log-probs, entropies, the critic's values and the reward model's scores.
+    config = _config(max_new_tokens=16, rollout_batch_size=8, use_lora=False)
+    policy, reference, critic, reward = _load_models(world["sft"], world["reward"], config)
+    with torch.no_grad():  # a policy and critic that differ from the reference and the reward model
+        for p in list(policy.parameters()) + list(critic.parameters()):
+            p.add_(0.02 * torch.randn_like(p))
+    tok = modeling.load_tokenizer(world["sft"])
+    prompts = load_prompts(world["prompts"])[:8]
+    ids = [tok(render_prompt(tok, m), add_special_tokens=False)["input_ids"] for m in prompts]
+    torch.manual_seed(0)
+    rollout = generate_rollout(policy, tok, prompts, ids, config, eos_ids_of(tok, policy), CPU)
+    filled = {}
+    for pack_length in (0, 64, 1024):
+        score_rollout(rollout, policy, reference, critic, reward, tok, _config(pack_length=pack_length))
+        filled[pack_length] = [rollout.logprobs, rollout.ref_logprobs, rollout.entropy, rollout.values]
+        filled[pack_length].append(rollout.scores)
+    assert not torch.equal(filled[0][0], filled[0][1])
+    for pack_length in (64, 1024):
+        for packed, alone in zip(filled[pack_length], filled[0], strict=True):
+            torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_max_approx_kl_stops_every_iteration_early(world: dict[str, str], tmp_path: Path) -> None:

@@ -7,13 +7,20 @@ model artifact with ``save_model_dir``; ``make_model_dir`` does all of that at o
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 # Every message ends with eos; the generation prompt opens the assistant turn.
 CHAT_TEMPLATE = (
@@ -120,3 +127,38 @@ def pair_rows(n: int) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def make_counting_reward(policy_dir: str, out_dir: Path, target: int) -> str:
+    """A reward model whose score rises with the number of ``target`` tokens in the sequence."""
+    from preftune import modeling
+
+    tok = modeling.load_tokenizer(policy_dir)
+    hidden = 32
+    config = make_config(
+        tok,
+        hidden_size=hidden,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=hidden,
+        num_labels=1,
+        initializer_range=0.02,
+    )
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        layer.self_attn.q_proj.weight.zero_()  # uniform attention: each position sees the mean of its prefix
+        layer.self_attn.k_proj.weight.zero_()
+        layer.self_attn.v_proj.weight.copy_(torch.eye(hidden))
+        layer.self_attn.o_proj.weight.copy_(4.0 * torch.eye(hidden))
+        layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        embeddings.normal_()
+        direction = embeddings[target] / embeddings[target].norm()
+        model.score.weight.copy_(direction.unsqueeze(0) * 10.0 / math.sqrt(hidden))
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    return str(out_dir)

@@ -185,8 +185,94 @@ def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+#: One part of a packed document: ``(token ids, branch, segment)``. Branch PROMPT is seen by every later part
+#: of its document; any other branch only by itself (answers that share a prompt but not each other). Segment
+#: ``>= 0`` marks the part's tokens as scored (the caller's sequence number); -1 = context only.
+Part = tuple[Sequence[int], int, int]
+
+
+def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 0) -> dict[str, torch.Tensor]:
+    """Pack documents into rows with no padding inside a row; the shared layout of every packed batch.
+
+    Documents are packed first-fit into rows of up to ``pack_length`` tokens (a longer one gets a row of its own;
+    0 = one document per row, right-padded to the longest). A document never sees another: the 4-D boolean
+    ``attention_mask`` ``(rows, 1, L, L)`` (True = may attend; SDPA takes it as it is) is causal within a
+    document, and a non-prompt part sees its document's prompt and itself only. ``position_ids`` restart at 0
+    for each document and, for a non-prompt part, where the prompt ends, so every token sees exactly the context
+    and positions it would have alone.
+
+    Returns, besides ``input_ids``, ``position_ids`` and ``attention_mask``, the scored tokens as flat lists:
+    ``target_row`` and ``target_src`` (the position whose output predicts the token: the previous one, or the
+    prompt's last for a part's first token; a part with no prompt before it is not scored at its first token),
+    ``target_ids``, ``target_segment`` and ``target_pos`` (the token's index within its part); ``doc_row`` and
+    ``doc_start`` (where each document begins) and ``tokens`` (real tokens in the batch).
+    """
+    lengths = [sum(len(ids) for ids, _, _ in d) for d in docs]
+    if pack_length > 0:
+        rows = _first_fit(lengths, max(pack_length, max(lengths)))
+    else:
+        rows = [[i] for i in range(len(docs))]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    group = torch.full(shape, -1, dtype=torch.long)
+    branch = torch.full(shape, -1, dtype=torch.long)
+    doc_row = [0] * len(docs)
+    doc_start = [0] * len(docs)
+    t_row: list[int] = []
+    t_src: list[int] = []
+    t_ids: list[int] = []
+    t_seg: list[int] = []
+    t_pos: list[int] = []
+    for r, row in enumerate(rows):
+        at = 0
+        for d in row:
+            start, prompt_end = at, at
+            doc_row[d], doc_start[d] = r, at
+            for ids, br, seg in docs[d]:
+                k = len(ids)
+                if not k:
+                    continue
+                input_ids[r, at : at + k] = torch.as_tensor(ids, dtype=torch.long)
+                group[r, at : at + k] = d
+                branch[r, at : at + k] = br
+                offset = 0 if br == PROMPT else prompt_end - start
+                position_ids[r, at : at + k] = torch.arange(offset, offset + k)
+                if br == PROMPT:
+                    prompt_end = at + k
+                elif seg >= 0:
+                    # The part's first token is predicted by the prompt's last token (none: not scored).
+                    first = 0 if prompt_end > start else 1
+                    srcs = [prompt_end - 1, *range(at, at + k - 1)]
+                    t_row.extend([r] * (k - first))
+                    t_src.extend(srcs[first:])
+                    t_ids.extend(ids[first:])
+                    t_seg.extend([seg] * (k - first))
+                    t_pos.extend(range(first, k))
+                at += k
+    same = group.unsqueeze(2) == group.unsqueeze(1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    visible = (branch.unsqueeze(1) == PROMPT) | (branch.unsqueeze(1) == branch.unsqueeze(2))
+    mask = same & causal & visible
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no all-masked softmax rows
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask.unsqueeze(1),
+        "target_row": torch.tensor(t_row, dtype=torch.long),
+        "target_src": torch.tensor(t_src, dtype=torch.long),
+        "target_ids": torch.tensor(t_ids, dtype=torch.long),
+        "target_segment": torch.tensor(t_seg, dtype=torch.long),
+        "target_pos": torch.tensor(t_pos, dtype=torch.long),
+        "doc_row": torch.tensor(doc_row, dtype=torch.long),
+        "doc_start": torch.tensor(doc_start, dtype=torch.long),
+        "tokens": torch.tensor(int(group.ge(0).sum()), dtype=torch.long),
+    }
+
+
 class PackedPairCollator:
-    """Packs B preference pairs into as few rows as fit, with no padding inside a row.
+    """Packs B preference pairs into as few rows as fit, with no padding inside a row (:func:`pack_documents`).
 
     Two independent levers, each ablatable:
 
@@ -197,12 +283,8 @@ class PackedPairCollator:
     - ``pack_length``: documents are packed first-fit into rows of up to this many tokens (a longer document gets
       a row of its own); 0 puts one document per row (right-padded to the longest).
 
-    Documents in a row never see each other: the collator builds the 4-D boolean attention mask
-    ``(rows, 1, L, L)`` (True = may attend) that SDPA takes directly, and per-document ``position_ids``. Instead of
-    labels it lists the scored tokens: ``target_row``, ``target_src`` (the position whose hidden state predicts
-    the token: the previous one, or the prompt's last token for an answer's first token), ``target_ids`` and
-    ``target_segment`` (``i`` for pair i's chosen answer, ``B + i`` for its rejected one). Also ``index``,
-    ``tokens`` (real tokens in the batch) and, when the features carry them, the reference log-probs.
+    Scored tokens have ``target_segment`` ``i`` for pair i's chosen answer and ``B + i`` for its rejected one.
+    Also ``index`` and, when the features carry them, the reference log-probs.
     """
 
     def __init__(self, tokenizer: Any, *, prefix_sharing: bool = True, pack_length: int = 0) -> None:
@@ -210,10 +292,9 @@ class PackedPairCollator:
         self.prefix_sharing = prefix_sharing
         self.pack_length = pack_length
 
-    def _documents(self, features: Sequence[dict[str, Any]]) -> list[list[tuple[list[int], int, int]]]:
-        """Each document as ``(token ids, branch, segment)`` parts; segment -1 is not scored."""
+    def _documents(self, features: Sequence[dict[str, Any]]) -> list[list[Part]]:
         n = len(features)
-        docs = []
+        docs: list[list[Part]] = []
         for i, f in enumerate(features):
             prompt = list(f["prompt_ids"])
             if self.prefix_sharing:
@@ -226,61 +307,26 @@ class PackedPairCollator:
         return docs
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        docs = self._documents(features)
-        lengths = [sum(len(ids) for ids, _, _ in d) for d in docs]
-        if self.pack_length > 0:
-            rows = _first_fit(lengths, max(self.pack_length, max(lengths)))
-        else:
-            rows = [[i] for i in range(len(docs))]
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        shape = (len(rows), width)
-        input_ids = torch.full(shape, self.pad, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
-        group = torch.full(shape, -1, dtype=torch.long)
-        branch = torch.full(shape, -1, dtype=torch.long)
-        t_row: list[int] = []
-        t_src: list[int] = []
-        t_ids: list[int] = []
-        t_seg: list[int] = []
-        for r, row in enumerate(rows):
-            at = 0
-            for d in row:
-                start, prompt_end = at, at
-                for ids, br, seg in docs[d]:
-                    k = len(ids)
-                    input_ids[r, at : at + k] = torch.tensor(ids, dtype=torch.long)
-                    group[r, at : at + k] = d
-                    branch[r, at : at + k] = br
-                    offset = 0 if br == PROMPT else prompt_end - start
-                    position_ids[r, at : at + k] = torch.arange(offset, offset + k)
-                    if br == PROMPT:
-                        prompt_end = at + k
-                    elif k:
-                        # The answer's first token is predicted by the prompt's last token (none: not scored).
-                        first = 0 if prompt_end > start else 1
-                        srcs = [prompt_end - 1] + list(range(at, at + k - 1))
-                        t_row.extend([r] * (k - first))
-                        t_src.extend(srcs[first:])
-                        t_ids.extend(ids[first:])
-                        t_seg.extend([seg] * (k - first))
-                    at += k
-        same = group.unsqueeze(2) == group.unsqueeze(1)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        visible = (branch.unsqueeze(1) == PROMPT) | (branch.unsqueeze(1) == branch.unsqueeze(2))
-        mask = same & causal & visible
-        mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no all-masked softmax rows
-        batch = {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "attention_mask": mask.unsqueeze(1),
-            "target_row": torch.tensor(t_row, dtype=torch.long),
-            "target_src": torch.tensor(t_src, dtype=torch.long),
-            "target_ids": torch.tensor(t_ids, dtype=torch.long),
-            "target_segment": torch.tensor(t_seg, dtype=torch.long),
-            "index": torch.tensor([f["index"] for f in features], dtype=torch.long),
-            "tokens": torch.tensor(int(group.ge(0).sum()), dtype=torch.long),
-        }
+        batch = pack_documents(self._documents(features), self.pad, self.pack_length)
+        batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
         if all("ref_chosen_logps" in f for f in features):
             batch["ref_chosen_logps"] = torch.tensor([f["ref_chosen_logps"] for f in features])
             batch["ref_rejected_logps"] = torch.tensor([f["ref_rejected_logps"] for f in features])
         return batch
+
+
+class PackedSFTCollator:
+    """Packs SFT examples into rows of up to ``pack_length`` tokens, no padding inside a row
+    (:func:`pack_documents`): one document ``prompt + completion`` per example, only the completion scored
+    (``target_segment`` = the example's place in the batch)."""
+
+    def __init__(self, tokenizer: Any, *, pack_length: int = 256) -> None:
+        self.pad = pad_id(tokenizer)
+        self.pack_length = pack_length
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        docs = [
+            [(list(f["prompt_ids"]), PROMPT, -1), (list(f["completion_ids"]), FIRST_ANSWER, i)]
+            for i, f in enumerate(features)
+        ]
+        return pack_documents(docs, self.pad, self.pack_length)

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from preftune import modeling, reports, storage
-from preftune.losses import DPO_LOSS_TYPES, dpo_loss, head_logprobs, sequence_logprobs, token_logprobs
+from preftune.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logprobs
 from preftune.train.batching import (
     PackedPairCollator,
     PairCollator,
@@ -34,6 +34,7 @@ from preftune.train.batching import (
     model_inputs,
     shifted,
 )
+from preftune.train.checkpoint import Checkpointer, LoopProgress
 from preftune.train.loop import (
     History,
     Meter,
@@ -47,6 +48,7 @@ from preftune.train.loop import (
     progress,
     ready_for_training,
 )
+from preftune.train.packed import scored_logprobs
 from preftune.train.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,16 @@ class DPOConfig:
             "(0 = none)."
         },
     )
+    checkpoint_uri: str = field(
+        default="",
+        metadata={
+            "help": "Where to keep resumable checkpoints (s3:// or a local path); a rerun resumes from the "
+            "newest complete one there (empty = none)."
+        },
+    )
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "Checkpoint every this many optimisation steps (0 = never)."}
+    )
     reference_cache_dir: str = field(
         default="",
         metadata={
@@ -185,30 +197,10 @@ def pair_logprobs(
         logits = model(**model_inputs(batch)).logits
         logps = sequence_logprobs(*shifted(batch, logits))
         return logps[:n], logps[n:]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    rows, src = batch["target_row"], batch["target_src"]
-    if fused_head:
-        # logits_to_keep=1: the model's own head runs on one position per row; the scored ones go through
-        # head_logprobs below, from the final (normed) hidden states.
-        out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        hidden = out.hidden_states[-1][rows, src]
-        head = _unwrap(model).get_output_embeddings()
-        if getattr(head, "bias", None) is not None:
-            raise ValueError("fused_head needs a bias-free LM head; set fused_head=False for this model")
-        token = head_logprobs(hidden, head.weight, batch["target_ids"], chunk_size)
-    else:
-        logits = model(**inputs, use_cache=False).logits[rows, src]
-        token = token_logprobs(logits.unsqueeze(0), batch["target_ids"].unsqueeze(0))[0]
+    token = scored_logprobs(model, batch, fused_head=fused_head, chunk_size=chunk_size)
     logps = torch.zeros(2 * n, dtype=torch.float32, device=token.device)
     logps = logps.index_add(0, batch["target_segment"], token)
     return logps[:n], logps[n:]
-
-
-def _unwrap(model: Any) -> Any:
-    """The model under DDP/FSDP/compile wrappers (PEFT models pass their head through)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
 
 
 def make_collator(tokenizer: Any, config: DPOConfig) -> Any:
@@ -456,23 +448,47 @@ def train_dpo(
         config.num_checkpoints,
         stage="dpo",
     )
+    loop = LoopProgress(
+        Checkpointer(config.checkpoint_uri, config.checkpoint_every, accelerator, stage="dpo"),
+        generator,
+        modules={"policy": model},
+        optimizers={"policy": optimizer},
+        schedulers={"policy": scheduler},
+    )
     history = History()
     history.log_eval(0, 0.0, _reference_summary(eval_features, config))
-    step, epoch = 0, 0
     window, epoch_meter, first = Meter(), Meter(), Meter()
+    resumed = loop.resume()
+    if resumed is not None:
+        history = History.from_state(resumed["history"])
+        window, epoch_meter, first = (
+            Meter.from_state(resumed[k]) for k in ("window", "epoch_meter", "first")
+        )
+        snapshots.keep_until(loop.step)
+
+    def loop_state() -> dict[str, Any]:
+        meters = {"window": window, "epoch_meter": epoch_meter, "first": first}
+        return {"history": history.state_dict(), **{k: m.state_dict() for k, m in meters.items()}}
+
     bar = progress(total_steps, "dpo", accelerator)
+    bar.update(loop.step)
     model.train()
     start = time.perf_counter()
-    while step < total_steps:
-        epoch += 1
-        epoch_meter = Meter()
-        for batch_number, batch in enumerate(train_loader, start=1):
+    while loop.step < total_steps:
+        fresh_epoch = loop.skip == 0
+        for batch_number, batch in loop.batches(train_loader, accelerator):
+            if batch_number == 1 and fresh_epoch:
+                epoch_meter = Meter()
+            loop.seen(batch)
             with accelerator.accumulate(model):
                 c, r = pair_logprobs(
                     model, batch, fused_head=config.fused_head, chunk_size=config.head_chunk_size
                 )
                 losses, chosen_rewards, rejected_rewards = _losses(config, c, r, batch)
                 loss = losses.mean()
+                loop.check_finite(
+                    loss, accelerator, batch_number, config.gradient_accumulation_steps, loop_state()
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -484,12 +500,13 @@ def train_dpo(
             pairs = float(gathered[0].numel())
             window.add(pairs, **values)
             epoch_meter.add(pairs, **values)
-            if step == 0:
+            if loop.step == 0:
                 first.add(pairs, loss=values["loss"])
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
-            step += 1
+            loop.stepped()
+            step = loop.step
             bar.update(1)
             if step % config.logging_steps == 0 or step == total_steps:
                 logged = window.means()
@@ -510,10 +527,12 @@ def train_dpo(
             if config.eval_steps > 0 and step % config.eval_steps == 0 and batch_number < len(train_loader):
                 history.log_eval(
                     step,
-                    epoch - 1 + batch_number / len(train_loader),
+                    loop.epoch - 1 + batch_number / len(train_loader),
                     _evaluate(model, eval_loader, accelerator, config),
                 )
-        history.log_eval(step, epoch, _evaluate(model, eval_loader, accelerator, config))
+            if loop.checkpointer.due(step):
+                loop.save(batch_number, loop_state())
+        history.log_eval(loop.step, loop.epoch, _evaluate(model, eval_loader, accelerator, config))
     bar.close()
     train_seconds = time.perf_counter() - start
 
@@ -526,9 +545,10 @@ def train_dpo(
         "eval_reward_margin": final_eval["reward_margin"],
         "eval_chosen_reward": final_eval["chosen_reward"],
         "eval_rejected_reward": final_eval["rejected_reward"],
-        "steps": float(step),
+        "steps": float(loop.step),
         "train_pairs": float(len(train_features)),
         "train_seconds": train_seconds,
+        "resumed_from_step": float(loop.resumed_from),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -541,7 +561,11 @@ def train_dpo(
             stage="dpo",
             parent_uri=sft_model_uri or sft_model,
             parameters=dataclasses.asdict(config),
-            data={"train_pairs": storage.sha256_of(train_pairs), "eval_pairs": storage.sha256_of(eval_pairs)},
+            data={
+                "train_pairs": storage.sha256_of(train_pairs),
+                "eval_pairs": storage.sha256_of(eval_pairs),
+                "data_order": loop.data_order,
+            },
             metrics=metrics,
             artifact_uri=model_uri,
         )

@@ -172,6 +172,15 @@ class Meter:
     def __bool__(self) -> bool:
         return bool(self.sums)
 
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {"sums": dict(self.sums), "weights": dict(self.weights)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Mapping[str, float]]) -> Meter:
+        meter = cls()
+        meter.sums, meter.weights = dict(state["sums"]), dict(state["weights"])
+        return meter
+
 
 @dataclasses.dataclass
 class History:
@@ -185,6 +194,13 @@ class History:
 
     def log_eval(self, step: int, epoch: float, values: Mapping[str, float]) -> None:
         self.eval.append({"step": float(step), "epoch": float(epoch), **values})
+
+    def state_dict(self) -> dict[str, list[dict[str, float]]]:
+        return {"train": list(self.train), "eval": list(self.eval)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, list[dict[str, float]]]) -> History:
+        return cls(train=list(state["train"]), eval=list(state["eval"]))
 
     def series(self, which: str, name: str) -> list[tuple[float, float]]:
         rows: Iterable[dict[str, float]] = self.train if which == "train" else self.eval
@@ -237,6 +253,7 @@ CONFIG_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
             "eval_steps",
             "pack_length",
             "num_checkpoints",
+            "checkpoint_every",
             "samples_shown",
             "margin_scale",
             "kl_coef",

@@ -39,8 +39,10 @@ that iteration's update, with a warning in the log and the report: the policy ha
 and further updates would only optimise the reward model's blind spots.
 
 Log-probabilities use the sampling distribution (logits / ``temperature``) for the policy and the reference
-alike; ``top_p`` truncation is not modelled (keep it 1 for an exact ratio). Position ids follow the attention mask,
-so left padding gives the same numbers as ``generate`` saw.
+alike; ``top_p`` truncation is not modelled (keep it 1 for an exact ratio). Scoring and updates run on packed
+rows (``pack_length``): each prompt + response without padding, isolated by a block-diagonal attention mask, with
+position ids from 0 as ``generate`` gave them, so every token sees what it saw when sampled; the LM head runs on
+response positions only (chunked, never the ``(tokens, vocab)`` logits of a batch in the update).
 """
 
 from __future__ import annotations
@@ -60,18 +62,17 @@ from preftune import modeling, reports, storage
 from preftune.data.records import to_messages
 from preftune.kl_control import KL_CONTROLLERS, make_kl_controller
 from preftune.losses import (
-    entropy_from_logits,
     gae,
     masked_moments,
     ppo_policy_loss,
     ppo_value_loss,
     shape_rewards,
-    token_logprobs,
     whiten,
 )
 from preftune.sampling import eos_ids_of, generation_config
 from preftune.templating import _prompt_keep, eos_id, pad_id, render_prompt
-from preftune.train.batching import DataError, read_rows
+from preftune.train.batching import FIRST_ANSWER, PROMPT, DataError, pack_documents, read_rows
+from preftune.train.checkpoint import Checkpointer, NonFiniteLossError, chain_digest, finite_everywhere
 from preftune.train.loop import (
     History,
     Meter,
@@ -83,7 +84,9 @@ from preftune.train.loop import (
     make_optimizer,
     progress,
     resolve_mixed_precision,
+    trainable_parameters,
 )
+from preftune.train.packed import fused_head_weight, packed_inputs, scored_hidden, scored_logprobs
 from preftune.train.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
@@ -184,6 +187,13 @@ class PPOConfig:
     forward_batch_size: int = field(
         default=32, metadata={"help": "Sequences per no-grad forward / generate batch during rollouts."}
     )
+    pack_length: int = field(
+        default=256,
+        metadata={
+            "help": "Scoring and updates pack prompt + response sequences into rows of up to this many tokens, "
+            "no padding, each isolated by the attention mask (0 = one sequence per row)."
+        },
+    )
     num_checkpoints: int = field(
         default=4,
         metadata={
@@ -199,6 +209,16 @@ class PPOConfig:
         default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    checkpoint_uri: str = field(
+        default="",
+        metadata={
+            "help": "Where to keep resumable checkpoints (s3:// or a local path); a rerun resumes from the "
+            "newest complete one there (empty = none)."
+        },
+    )
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "Checkpoint every this many iterations (0 = never)."}
+    )
 
 
 def _check(config: PPOConfig) -> None:
@@ -307,11 +327,6 @@ def _prompt_text(messages: Messages) -> str:
 # ------------------------------------------------------------------------------------------------------ models
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding, as ``generate`` computes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def _peft(model: Any) -> bool:
     from peft import PeftModel
 
@@ -357,27 +372,64 @@ class Rollout:
     prompts: list[Messages]
     texts: list[str]
     ended: torch.Tensor  # (B,) True where the response ended with eos
+    prompt_tokens: list[list[int]] = field(default_factory=list)  # each prompt's ids, unpadded
+    response_tokens: list[list[int]] = field(default_factory=list)  # each response up to its first eos
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
 
-    def inputs(self, rows: Any = slice(None)) -> dict[str, torch.Tensor]:
-        input_ids = torch.cat([self.query_ids[rows], self.response_ids[rows]], dim=1)
-        attention = torch.cat([self.query_mask[rows], self.response_mask[rows]], dim=1)
-        return {"input_ids": input_ids, "attention_mask": attention, "position_ids": _positions(attention)}
+    def packed(self, rows: list[int], pad: int, pack_length: int) -> dict[str, torch.Tensor]:
+        """The sequences ``rows`` (prompt + response, unpadded) packed by ``batching.pack_documents``; every
+        response token is scored. ``flat`` indexes each scored token in the flattened ``(B, R)`` tensors."""
+        docs = [
+            [(self.prompt_tokens[r], PROMPT, -1), (self.response_tokens[r], FIRST_ANSWER, k)]
+            for k, r in enumerate(rows)
+        ]
+        batch = pack_documents(docs, pad, pack_length)
+        width = self.response_ids.shape[1]
+        batch["flat"] = (
+            torch.tensor(rows, dtype=torch.long)[batch["target_segment"]] * width + batch["target_pos"]
+        )
+        device = self.response_ids.device
+        return {k: v.to(device) for k, v in batch.items()}
 
 
-def policy_response_logits(model: Any, inputs: dict[str, torch.Tensor], width: int, temperature: float):
-    """Logits (divided by ``temperature``) predicting each response token; ``width`` is the prompt width P."""
-    logits = model(**inputs, use_cache=False).logits
-    return logits[:, width - 1 : -1, :] / temperature
+def _logprobs_and_entropy(
+    model: Any, batch: dict[str, torch.Tensor], temperature: float, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of the sampled tokens of a packed batch under the sampling distribution
+    (logits / ``temperature``), no gradients; the LM head runs on response positions only, in chunks."""
+    targets = batch["target_ids"]
+    if fused:
+        hidden, weight = scored_hidden(model, batch), fused_head_weight(model)
+    else:
+        out = model(**packed_inputs(batch), use_cache=False).logits
+        hidden, weight = out[batch["target_row"], batch["target_src"]], None
+    logps, ents = [], []
+    for start in range(0, hidden.shape[0], _HEAD_CHUNK):
+        chunk = hidden[start : start + _HEAD_CHUNK]
+        logits = chunk @ weight.t() if weight is not None else chunk
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logps.append(logp.gather(-1, targets[start : start + _HEAD_CHUNK, None])[:, 0])
+        ents.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.cat(logps), torch.cat(ents)
 
 
-def critic_response_values(critic: Any, inputs: dict[str, torch.Tensor], width: int) -> torch.Tensor:
-    """The critic's value of the state before each response token (the position that predicts it)."""
-    return critic(**inputs)[:, width - 1 : -1]
+#: Scored positions whose vocabulary logits exist at once in the no-grad scoring pass.
+_HEAD_CHUNK = 1024
+
+
+def _response_values(critic: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The critic's value of the state before each response token (at the position that predicts it)."""
+    return critic(**packed_inputs(batch))[batch["target_row"], batch["target_src"]]
+
+
+def _scatter(flat: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    out = torch.zeros(shape.numel(), dtype=torch.float32, device=values.device)
+    out[flat] = values.float()
+    return out.view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------- rollouts
@@ -442,6 +494,8 @@ def generate_rollout(
         prompts=prompts,
         texts=[tokenizer.decode(b, skip_special_tokens=True) for b in bodies],
         ended=torch.tensor(ended, dtype=torch.bool, device=device),
+        prompt_tokens=[list(ids) for ids in prompt_ids],
+        response_tokens=[row[:n] for row, n in zip(responses, lengths, strict=True)],
     )
 
 
@@ -453,13 +507,16 @@ def score_responses(
     texts: list[str],
     batch_size: int,
     device: torch.device,
+    *,
+    pack_length: int = 256,
 ) -> torch.Tensor:
     """The reward model's score of each response, on its training input: rendered prompt + response + eos.
 
     The score head is read where a transformers sequence classifier pools, and so where the reward model was
     trained to score: the last token whose id differs from the model's ``config.pad_token_id`` (the closing eos
     when pad and eos differ, else the last response token). ``reward`` must be in its frozen state (adapter
-    disabled) when this is called.
+    disabled) when this is called. ``batch_size`` sequences at a time are packed into rows of up to
+    ``pack_length`` tokens (``batching.pack_documents``; 0 = one per row).
     """
     eos, pad = eos_id(tokenizer), pad_id(tokenizer)
     inner = reward.model.get_base_model() if _peft(reward.model) else reward.model
@@ -472,17 +529,11 @@ def score_responses(
         reads.append(max((k for k, token in enumerate(row) if token != pool_pad), default=len(row) - 1))
     scores = []
     for part in _chunks(len(rows), batch_size):
-        batch = rows[part]
-        width = max(len(r) for r in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(batch):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        values = reward(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
-        read = torch.tensor(reads[part], device=device)
-        scores.append(values[torch.arange(len(batch), device=device), read])
+        batch = pack_documents([[(row, PROMPT, -1)] for row in rows[part]], pad, pack_length)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        values = reward(**packed_inputs(batch))
+        read = batch["doc_start"] + torch.tensor(reads[part], device=device)
+        scores.append(values[batch["doc_row"], read])
     return torch.cat(scores)
 
 
@@ -496,35 +547,45 @@ def score_rollout(
     tokenizer: Any,
     config: PPOConfig,
 ) -> None:
-    """Fill in the rollout's old and reference log-probs, entropy, values and scores (no gradients)."""
+    """Fill in the rollout's old and reference log-probs, entropy, values and scores (no gradients).
+
+    Each chunk of ``forward_batch_size`` sequences is packed once (no padding) and goes through the policy, the
+    reference and the critic; the LM heads run on response positions only.
+    """
     device = rollout.query_ids.device
-    width = rollout.query_ids.shape[1]
     n = rollout.query_ids.shape[0]
-    logprobs, ref_logprobs, values, entropy = [], [], [], []
+    pad = pad_id(tokenizer)
+    shape = rollout.response_ids.shape
+    flat, logprobs, ref_logprobs, values, entropy = [], [], [], [], []
     policy.eval()
     critic.eval()
+    ref_model = policy if reference is None else reference
+    fused, ref_fused = fused_head_weight(policy) is not None, fused_head_weight(ref_model) is not None
     for part in _chunks(n, config.forward_batch_size):
-        inputs = rollout.inputs(part)
-        labels = rollout.response_ids[part]
-        logits = policy_response_logits(policy, inputs, width, config.temperature)
-        logprobs.append(token_logprobs(logits, labels))
-        entropy.append(entropy_from_logits(logits))
-        del logits
-        ref_model = policy if reference is None else reference
+        batch = rollout.packed(list(range(n))[part], pad, config.pack_length)
+        flat.append(batch["flat"])
+        lp, ent = _logprobs_and_entropy(policy, batch, config.temperature, fused)
+        logprobs.append(lp)
+        entropy.append(ent)
         with _adapter_off(policy) if reference is None else nullcontext():
-            ref_logits = policy_response_logits(ref_model, inputs, width, config.temperature)
-        ref_logprobs.append(token_logprobs(ref_logits, labels))
-        del ref_logits
-        values.append(critic_response_values(critic, inputs, width))
-    mask = rollout.response_mask.float()
-    rollout.logprobs = torch.cat(logprobs) * mask
-    rollout.ref_logprobs = torch.cat(ref_logprobs) * mask
-    rollout.entropy = torch.cat(entropy) * mask
-    rollout.values = torch.cat(values) * mask
+            # the policy's arithmetic: before any update the two agree bit for bit (KL exactly 0)
+            ref_logprobs.append(_logprobs_and_entropy(ref_model, batch, config.temperature, ref_fused)[0])
+        values.append(_response_values(critic, batch))
+    index = torch.cat(flat)
+    rollout.logprobs = _scatter(index, torch.cat(logprobs), shape)
+    rollout.ref_logprobs = _scatter(index, torch.cat(ref_logprobs), shape)
+    rollout.entropy = _scatter(index, torch.cat(entropy), shape)
+    rollout.values = _scatter(index, torch.cat(values), shape)
     scorer = critic if reward is None else reward
     with _adapter_off(critic) if reward is None else nullcontext():
         scores = score_responses(
-            scorer, tokenizer, rollout.prompts, rollout.texts, config.forward_batch_size, device
+            scorer,
+            tokenizer,
+            rollout.prompts,
+            rollout.texts,
+            config.forward_batch_size,
+            device,
+            pack_length=config.pack_length,
         )
     if config.missing_eos_penalty:
         scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
@@ -653,6 +714,10 @@ def train_ppo(
     if reference is not None:
         reference, reward = reference.to(device), reward.to(device)
     unwrapped_policy = accelerator.unwrap_model(policy)
+    fused_policy = fused_head_weight(policy) is not None
+    pad = pad_id(tokenizer)
+    # the trained weights only: clipping need not walk the frozen ones on every step
+    policy_params, critic_params = trainable_parameters(policy), trainable_parameters(critic)
     controller = make_kl_controller(config.kl_controller, config.kl_coef, config.target_kl, config.kl_horizon)
     reduce = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
 
@@ -672,11 +737,50 @@ def train_ppo(
     blowup_note = ""
     rollout_seconds, rollout_tokens = 0.0, 0
     all_clip: list[float] = []
+    data_order = ""
+    checkpointer = Checkpointer(config.checkpoint_uri, config.checkpoint_every, accelerator, stage="ppo")
+    trained = {
+        "modules": {"policy": policy, "critic": critic},
+        "optimizers": {"policy": policy_opt, "critic": critic_opt},
+    }
+    restored = checkpointer.restore(**trained)
+    if restored is not None:
+        state = restored.state
+        iteration, early_stops = restored.step, state["early_stops"]
+        rollout_seconds, rollout_tokens = state["rollout_seconds"], state["rollout_tokens"]
+        all_clip, data_order = state["all_clip"], state["data_order"]
+        history = History.from_state(state["history"])
+        samples = {int(k): v for k, v in state["samples"].items()}
+        controller.load_state_dict(state["controller"])
+        cycler.order = list(state["cycler_order"])
+        cycler.generator.set_state(restored.tensors["cycler"])
+        log.info("ppo: resumed from %s (iteration %d)", restored.uri, iteration)
+    resumed_from = iteration
+    snapshots.keep_until(iteration)
+
+    def save_checkpoint() -> str:
+        state = {
+            "early_stops": early_stops,
+            "rollout_seconds": rollout_seconds,
+            "rollout_tokens": rollout_tokens,
+            "all_clip": all_clip,
+            "data_order": data_order,
+            "history": history.state_dict(),
+            "samples": {str(k): v for k, v in samples.items()},
+            "controller": controller.state_dict(),
+            "cycler_order": cycler.order,
+        }
+        return checkpointer.save(
+            iteration, **trained, state=state, tensors={"cycler": cycler.generator.get_state()}
+        )
+
     bar = progress(config.iterations, "ppo", accelerator)
+    bar.update(iteration)
     start = time.perf_counter()
     while iteration < config.iterations:
         iteration += 1
         indices = cycler.take(per_process * accelerator.num_processes)
+        data_order = chain_digest(data_order, torch.tensor(indices))
         mine = indices[
             accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process
         ]
@@ -750,37 +854,44 @@ def train_ppo(
 
         meter = Meter()
         stopped = False
+        nonfinite: float | None = None
         ppo_steps = 0
-        width = rollout.query_ids.shape[1]
         n = rollout.query_ids.shape[0]
         mini = max(1, config.mini_batch_size // accelerator.num_processes)
+        # Flattened (B, R) views: a packed minibatch reads its scored tokens' entries through batch["flat"].
+        old_logprobs, old_values = rollout.logprobs.view(-1), rollout.values.view(-1)
+        flat_advantages, flat_returns = advantages.reshape(-1), returns.reshape(-1)
         policy.train()
         critic.train()
         for _ in range(config.ppo_epochs):
             order = torch.randperm(n).tolist()
             for start_row in range(0, n, mini):
-                rows = torch.tensor(order[start_row : start_row + mini], device=device)
-                inputs = rollout.inputs(rows)
-                row_mask = mask[rows]
-                logits = policy_response_logits(policy, inputs, width, config.temperature)
-                new_logprobs = token_logprobs(logits, rollout.response_ids[rows])
-                del logits
+                batch = rollout.packed(order[start_row : start_row + mini], pad, config.pack_length)
+                index = batch["flat"]
+                tokens = torch.ones_like(index, dtype=torch.float32)
+                new_logprobs = scored_logprobs(
+                    policy, batch, fused_head=fused_policy, temperature=config.temperature
+                )
                 policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
-                    new_logprobs, rollout.logprobs[rows], advantages[rows], row_mask, config.clip_range
+                    new_logprobs, old_logprobs[index], flat_advantages[index], tokens, config.clip_range
                 )
                 mean_kl = float(accelerator.reduce(approx_kl.detach(), "mean"))
                 if config.max_approx_kl > 0 and mean_kl > config.max_approx_kl:
                     stopped = True
                     meter.add(approx_kl=mean_kl)
                     break
-                new_values = critic_response_values(critic, inputs, width)
+                new_values = _response_values(critic, batch)
                 value_loss, value_clip = ppo_value_loss(
-                    new_values, rollout.values[rows], returns[rows], row_mask, config.clip_range_value
+                    new_values, old_values[index], flat_returns[index], tokens, config.clip_range_value
                 )
-                accelerator.backward(policy_loss + config.vf_coef * value_loss)
+                loss = policy_loss + config.vf_coef * value_loss
+                if not finite_everywhere(loss, accelerator):
+                    nonfinite, stopped = float(loss.detach()), True  # the update is not applied
+                    break
+                accelerator.backward(loss)
                 if config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                    accelerator.clip_grad_norm_(critic.parameters(), config.max_grad_norm)
+                    accelerator.clip_grad_norm_(policy_params, config.max_grad_norm)
+                    accelerator.clip_grad_norm_(critic_params, config.max_grad_norm)
                 policy_opt.step()
                 critic_opt.step()
                 policy_opt.zero_grad()
@@ -800,7 +911,18 @@ def train_ppo(
         controller.update(rollout_kl, config.rollout_batch_size)
         logged.update(meter.means())
         logged.update({"early_stop": float(stopped), "ppo_steps": float(ppo_steps)})
+        if nonfinite is not None:
+            logged["nonfinite_loss"] = 1.0
         history.log_train(iteration, logged)
+        if nonfinite is not None:
+            where = f"ppo: the loss is {nonfinite} in iteration {iteration} after {ppo_steps} updates (not applied)"
+            if not checkpointer.uri:
+                raise NonFiniteLossError(f"{where}; no checkpoint_uri is set, so nothing was saved")
+            uri = save_checkpoint()
+            raise NonFiniteLossError(
+                f"{where}; the policy and critic before that update are saved in {uri}. Lower the learning "
+                "rates, raise kl_coef, or clip scores (score_clip)"
+            )
         if snapshots.due(iteration):
             snapshots.save(
                 iteration,
@@ -810,6 +932,8 @@ def train_ppo(
                 parameters={**dataclasses.asdict(config), "reward_model": reward_model},
                 values=logged,
             )
+        if checkpointer.due(iteration) and iteration < config.iterations:
+            save_checkpoint()
         bar.update(1)
         bar.set_postfix(
             score=f"{score:.3f}", kl=f"{rollout_kl:.2f}", len=f"{length:.1f}", stop="y" if stopped else "n"
@@ -838,6 +962,7 @@ def train_ppo(
         "train_seconds": train_seconds,
         "rollout_seconds": rollout_seconds,
         "rollout_tokens_per_second": rollout_tokens / rollout_seconds if rollout_seconds > 0 else 0.0,
+        "resumed_from_iteration": float(resumed_from),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -850,7 +975,7 @@ def train_ppo(
             stage="ppo",
             parent_uri=sft_model_uri or sft_model,
             parameters={**dataclasses.asdict(config), "reward_model": reward_model},
-            data={"prompts": storage.sha256_of(prompts)},
+            data={"prompts": storage.sha256_of(prompts), "data_order": data_order},
             metrics=metrics,
             artifact_uri=model_uri,
         )

@@ -42,6 +42,7 @@ from preftune.losses import bradley_terry_loss, reward_regression_loss
 from preftune.scoring import reward_pad_id, rewards_from_batch
 from preftune.templating import eos_id
 from preftune.train.batching import DataError, PairCollator, load_pair_features, read_rows
+from preftune.train.checkpoint import Checkpointer, LoopProgress
 from preftune.train.loop import (
     History,
     Meter,
@@ -135,6 +136,16 @@ class RewardConfig:
         default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    checkpoint_uri: str = field(
+        default="",
+        metadata={
+            "help": "Where to keep resumable checkpoints (s3:// or a local path); a rerun resumes from the "
+            "newest complete one there (empty = none)."
+        },
+    )
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "Checkpoint every this many optimisation steps (0 = never)."}
+    )
 
 
 def _check(config: RewardConfig) -> None:
@@ -414,22 +425,52 @@ def train_reward_model(
     def evaluate() -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         return _evaluate(model, eval_loader, accelerator, config, len(eval_features))
 
-    history = History()
-    first_eval, first_chosen, first_rejected = evaluate()
-    history.log_eval(0, 0.0, first_eval)
-    step, epoch = 0, 0
-    window, epoch_meter = Meter(), Meter()
+    loop = LoopProgress(
+        Checkpointer(config.checkpoint_uri, config.checkpoint_every, accelerator, stage="reward"),
+        generator,
+        modules={"model": model},
+        optimizers={"model": optimizer},
+        schedulers={"model": scheduler},
+    )
+    resumed = loop.resume()
+    if resumed is None:
+        history = History()
+        first_eval, first_chosen, first_rejected = evaluate()
+        history.log_eval(0, 0.0, first_eval)
+        window, epoch_meter = Meter(), Meter()
+    else:
+        history = History.from_state(resumed["history"])
+        first_eval = resumed["first_eval"]
+        first_chosen, first_rejected = (torch.tensor(resumed[k]) for k in ("first_chosen", "first_rejected"))
+        window, epoch_meter = Meter.from_state(resumed["window"]), Meter.from_state(resumed["epoch_meter"])
     last_chosen, last_rejected = first_chosen, first_rejected
+
+    def loop_state() -> dict[str, Any]:
+        return {
+            "history": history.state_dict(),
+            "window": window.state_dict(),
+            "epoch_meter": epoch_meter.state_dict(),
+            "first_eval": first_eval,
+            "first_chosen": first_chosen.tolist(),
+            "first_rejected": first_rejected.tolist(),
+        }
+
     bar = progress(total_steps, "reward", accelerator)
+    bar.update(loop.step)
     model.train()
     start = time.perf_counter()
-    while step < total_steps:
-        epoch += 1
-        epoch_meter = Meter()
-        for batch_number, batch in enumerate(train_loader, start=1):
+    while loop.step < total_steps:
+        fresh_epoch = loop.skip == 0
+        for batch_number, batch in loop.batches(train_loader, accelerator):
+            if batch_number == 1 and fresh_epoch:
+                epoch_meter = Meter()
+            loop.seen(batch)
             with accelerator.accumulate(model):
                 chosen, rejected = pair_rewards(model, batch)
                 losses = pair_losses(config, chosen, rejected, batch)
+                loop.check_finite(
+                    losses, accelerator, batch_number, config.gradient_accumulation_steps, loop_state()
+                )
                 accelerator.backward(losses.mean())
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -444,7 +485,8 @@ def train_reward_model(
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
-            step += 1
+            loop.stepped()
+            step = loop.step
             bar.update(1)
             if step % config.logging_steps == 0 or step == total_steps:
                 logged = window.means()
@@ -455,9 +497,11 @@ def train_reward_model(
                 break
             if config.eval_steps > 0 and step % config.eval_steps == 0 and batch_number < len(train_loader):
                 values, _, _ = evaluate()
-                history.log_eval(step, epoch - 1 + batch_number / len(train_loader), values)
+                history.log_eval(step, loop.epoch - 1 + batch_number / len(train_loader), values)
+            if loop.checkpointer.due(step):
+                loop.save(batch_number, loop_state())
         values, last_chosen, last_rejected = evaluate()
-        history.log_eval(step, epoch, values)
+        history.log_eval(loop.step, loop.epoch, values)
     bar.close()
     train_seconds = time.perf_counter() - start
 
@@ -478,10 +522,11 @@ def train_reward_model(
         "eval_rejected_reward": final_eval["rejected_reward"],
         "eval_reward_mean": final_eval["reward_mean"],
         "eval_reward_std": final_eval["reward_std"],
-        "steps": float(step),
+        "steps": float(loop.step),
         "train_pairs": float(len(train_features)),
         "eval_pairs": float(len(eval_features)),
         "train_seconds": train_seconds,
+        "resumed_from_step": float(loop.resumed_from),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -494,7 +539,11 @@ def train_reward_model(
             stage="reward",
             parent_uri=sft_model_uri or sft_model,
             parameters={**dataclasses.asdict(config), "pad_token_id": reward_pad},
-            data={"train_pairs": storage.sha256_of(train_pairs), "eval_pairs": storage.sha256_of(eval_pairs)},
+            data={
+                "train_pairs": storage.sha256_of(train_pairs),
+                "eval_pairs": storage.sha256_of(eval_pairs),
+                "data_order": loop.data_order,
+            },
             metrics=metrics,
             artifact_uri=model_uri,
         )

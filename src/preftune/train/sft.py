@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from preftune import modeling, reports, storage
-from preftune.train.batching import IGNORE_INDEX, SFTCollator, load_sft_features, model_inputs
+from preftune.train.batching import (
+    IGNORE_INDEX,
+    PackedSFTCollator,
+    SFTCollator,
+    load_sft_features,
+    model_inputs,
+)
+from preftune.train.checkpoint import Checkpointer, LoopProgress
 from preftune.train.loop import (
     History,
     Meter,
@@ -32,6 +39,7 @@ from preftune.train.loop import (
     progress,
     ready_for_training,
 )
+from preftune.train.packed import fused_head_weight, scored_logprobs
 
 
 @dataclass
@@ -54,6 +62,20 @@ class SFTConfig:
     )
     max_length: int = field(
         default=256, metadata={"help": "Longest prompt + completion in tokens; prompts keep their end."}
+    )
+    pack_length: int = field(
+        default=256,
+        metadata={
+            "help": "Pack examples into rows of up to this many tokens, no padding, each example isolated by the "
+            "attention mask (0 = one right-padded example per row)."
+        },
+    )
+    fused_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Packed batches: apply the LM head to completion positions only, in chunks, never the "
+            "full-vocab logits."
+        },
     )
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -83,6 +105,16 @@ class SFTConfig:
         default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    checkpoint_uri: str = field(
+        default="",
+        metadata={
+            "help": "Where to keep resumable checkpoints (s3:// or a local path); a rerun resumes from the "
+            "newest complete one there (empty = none)."
+        },
+    )
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "Checkpoint every this many optimisation steps (0 = never)."}
+    )
 
 
 def completion_nll(
@@ -103,13 +135,42 @@ def completion_nll(
     return nll, (shift_labels != IGNORE_INDEX).sum()
 
 
-def _evaluate(model: Any, loader: DataLoader, accelerator: Any) -> dict[str, float]:
+def batch_nll(
+    model: Any, batch: dict[str, torch.Tensor], *, fused_head: bool = True, per_example: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion NLL of a batch and its token count (with ``per_example``, one of each per example):
+    a padded (:class:`SFTCollator`) batch through the model's logits, a packed (:class:`PackedSFTCollator`)
+    one through the completion positions only."""
+    if "target_ids" not in batch:
+        return completion_nll(model(**model_inputs(batch)).logits, batch, per_row=per_example)
+    logps = scored_logprobs(model, batch, fused_head=fused_head)
+    if not per_example:
+        return -logps.sum(), torch.tensor(logps.numel(), device=logps.device)
+    examples = int(batch["doc_row"].numel())
+    segments = batch["target_segment"]
+    nll = torch.zeros(examples, dtype=logps.dtype, device=logps.device).index_add(0, segments, -logps)
+    return nll, torch.bincount(segments, minlength=examples)
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens fed to the model."""
+    return int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
+
+
+def make_collator(tokenizer: Any, config: SFTConfig) -> Any:
+    """Packed rows when ``pack_length`` > 0, else one right-padded example per row."""
+    if config.pack_length > 0:
+        return PackedSFTCollator(tokenizer, pack_length=config.pack_length)
+    return SFTCollator(tokenizer)
+
+
+def _evaluate(model: Any, loader: DataLoader, accelerator: Any, fused_head: bool = True) -> dict[str, float]:
     model.eval()
     nll_sum = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
-            nll, n = completion_nll(model(**model_inputs(batch)).logits, batch, per_row=True)
+            nll, n = batch_nll(model, batch, fused_head=fused_head, per_example=True)
             # per example, so that under DDP the examples accelerate repeats to even out the last batch are
             # dropped (gather_for_metrics), not counted twice
             nll, n = accelerator.gather_for_metrics((nll.detach(), n))
@@ -157,7 +218,10 @@ def train_sft(
 
     model = ready_for_training(modeling.prepare_for_training(base_model, **lora_options(config)), config)
 
-    collator = SFTCollator(tokenizer)
+    collator = make_collator(tokenizer, config)
+    # A head the fused path cannot reproduce (a bias, soft-capped logits): the model's own head, at the scored
+    # positions.
+    fused = config.fused_head and fused_head_weight(model) is not None
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(
         train_features, batch_size=config.batch_size, shuffle=True, collate_fn=collator, generator=generator
@@ -172,36 +236,64 @@ def train_sft(
     )
     scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
 
-    history = History()
-    history.log_eval(0, 0.0, _evaluate(model, eval_loader, accelerator))
-    step, epoch, tokens_seen = 0, 0, 0
-    window, epoch_meter = Meter(), Meter()
+    loop = LoopProgress(
+        Checkpointer(config.checkpoint_uri, config.checkpoint_every, accelerator, stage="sft"),
+        generator,
+        modules={"model": model},
+        optimizers={"model": optimizer},
+        schedulers={"model": scheduler},
+    )
+    resumed = loop.resume()
+    if resumed is None:
+        history = History()
+        history.log_eval(0, 0.0, _evaluate(model, eval_loader, accelerator, fused))
+        window, epoch_meter, tokens_seen = Meter(), Meter(), 0
+    else:
+        history = History.from_state(resumed["history"])
+        window, epoch_meter = Meter.from_state(resumed["window"]), Meter.from_state(resumed["epoch_meter"])
+        tokens_seen = int(resumed["tokens_seen"])
+
+    def loop_state() -> dict[str, Any]:
+        return {
+            "history": history.state_dict(),
+            "window": window.state_dict(),
+            "epoch_meter": epoch_meter.state_dict(),
+            "tokens_seen": tokens_seen,
+        }
+
     bar = progress(total_steps, "sft", accelerator)
+    bar.update(loop.step)
     model.train()
     start = time.perf_counter()
-    while step < total_steps:
-        epoch += 1
-        epoch_meter = Meter()
-        for batch_number, batch in enumerate(train_loader, start=1):
+    while loop.step < total_steps:
+        fresh_epoch = loop.skip == 0
+        for batch_number, batch in loop.batches(train_loader, accelerator):
+            if batch_number == 1 and fresh_epoch:
+                epoch_meter = Meter()
+            loop.seen(batch)
             with accelerator.accumulate(model):
-                nll, n = completion_nll(model(**model_inputs(batch)).logits, batch)
+                nll, n = batch_nll(model, batch, fused_head=fused)
                 # the mean over the completion tokens of the whole (global) batch: DDP averages the ranks'
                 # gradients, so each rank scales its sum by world size / all ranks' tokens
                 totals = accelerator.reduce(torch.stack([nll.detach(), n.float()]), reduction="sum")
                 loss = nll * accelerator.num_processes / totals[1].clamp(min=1)
+                loop.check_finite(
+                    loss, accelerator, batch_number, config.gradient_accumulation_steps, loop_state()
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            tokens_seen += int(batch["attention_mask"].sum())
+            tokens_seen += batch_tokens(batch)
             batch_loss = float(totals[0] / totals[1].clamp(min=1))
             window.add(float(totals[1]), loss=batch_loss)
             epoch_meter.add(float(totals[1]), loss=batch_loss)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
-            step += 1
+            loop.stepped()
+            step = loop.step
             bar.update(1)
             if step % config.logging_steps == 0 or step == total_steps:
                 logged = window.means()
@@ -213,10 +305,12 @@ def train_sft(
             if config.eval_steps > 0 and step % config.eval_steps == 0 and batch_number < len(train_loader):
                 history.log_eval(
                     step,
-                    epoch - 1 + batch_number / len(train_loader),
-                    _evaluate(model, eval_loader, accelerator),
+                    loop.epoch - 1 + batch_number / len(train_loader),
+                    _evaluate(model, eval_loader, accelerator, fused),
                 )
-        history.log_eval(step, epoch, _evaluate(model, eval_loader, accelerator))
+            if loop.checkpointer.due(step):
+                loop.save(batch_number, loop_state())
+        history.log_eval(loop.step, loop.epoch, _evaluate(model, eval_loader, accelerator, fused))
     bar.close()
     train_seconds = time.perf_counter() - start
 
@@ -226,10 +320,11 @@ def train_sft(
         "train_loss": epoch_meter.means().get("loss", float("nan")),
         "eval_loss": final_eval["loss"],
         "eval_perplexity": final_eval["perplexity"],
-        "steps": float(step),
+        "steps": float(loop.step),
         "train_tokens": float(total_tokens),
         "train_seconds": train_seconds,
         "train_examples": float(len(train_features)),
+        "resumed_from_step": float(loop.resumed_from),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -242,7 +337,11 @@ def train_sft(
             stage="sft",
             parent_uri=base_model_uri or base_model,
             parameters=dataclasses.asdict(config),
-            data={"train": storage.sha256_of(train_data), "eval": storage.sha256_of(eval_data)},
+            data={
+                "train": storage.sha256_of(train_data),
+                "eval": storage.sha256_of(eval_data),
+                "data_order": loop.data_order,
+            },
             metrics=metrics,
             artifact_uri=model_uri,
         )

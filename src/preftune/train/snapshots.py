@@ -39,6 +39,16 @@ class Snapshots:
         self.saved: list[dict[str, Any]] = []
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
+            if (self.directory / INDEX_FILE).is_file():  # a retried step: what the interrupted try kept
+                self.saved = json.loads((self.directory / INDEX_FILE).read_text(encoding="utf-8"))[
+                    "snapshots"
+                ]
+            self._write_index()
+
+    def keep_until(self, step: int) -> None:
+        """Forget snapshots after ``step``: a run resumed there (0 = from scratch) takes them again."""
+        self.saved = [entry for entry in self.saved if entry["step"] <= step]
+        if self.directory is not None:
             self._write_index()
 
     def due(self, step: int) -> bool:
@@ -71,6 +81,7 @@ class Snapshots:
             metrics=values,
         )
         model.train(was_training)
+        self.saved = [e for e in self.saved if e["step"] != step]
         self.saved.append({"step": step, "path": name, "values": values or {}})
         self._write_index()
 

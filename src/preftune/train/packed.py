@@ -1,0 +1,81 @@
+"""Forward passes over packed batches (``batching.pack_documents``): outputs at the scored positions only.
+
+DPO, SFT and PPO all score some tokens of packed rows. These helpers run the model once and read its final
+hidden states where a scored token is predicted; with the fused head (``losses.head_logprobs``) the LM head then
+runs on those positions alone, in chunks, so the ``(tokens, vocab)`` logits of a whole batch never exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from preftune.losses import head_logprobs, token_logprobs
+
+#: The model inputs of a packed batch.
+INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def unwrap(model: Any) -> Any:
+    """The model under DDP/FSDP/compile wrappers (PEFT models pass their head through)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def packed_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The subset of a packed batch that goes into the model's forward."""
+    return {k: batch[k] for k in INPUT_KEYS}
+
+
+def fused_head_weight(model: Any) -> torch.Tensor | None:
+    """The LM head's weight when ``head_logprobs`` computes exactly what the model's own head would: a
+    bias-free linear head with no logit soft-capping (Llama-style models). None otherwise."""
+    head = unwrap(model).get_output_embeddings()
+    config = getattr(unwrap(model), "config", None)
+    if head is None or getattr(head, "bias", None) is not None or not isinstance(head.weight, torch.Tensor):
+        return None
+    if getattr(config, "final_logit_softcapping", None):
+        return None
+    return head.weight
+
+
+def scored_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final (normed) hidden states ``(scored tokens, hidden)`` of the positions that predict the targets.
+
+    ``logits_to_keep=1``: the model's own head runs on one position per row only.
+    """
+    out = model(**packed_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1][batch["target_row"], batch["target_src"]]
+
+
+def scored_logprobs(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    *,
+    fused_head: bool = True,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log-probability of every scored token of a packed batch ``(scored tokens,)``, float32.
+
+    ``fused_head``: the head only on the scored positions, in chunks of ``chunk_size`` (raises for a model whose
+    head it cannot reproduce, see :func:`fused_head_weight`); off: the model's full logits, read at those
+    positions. Logits are divided by ``temperature`` (the sampling distribution of PPO's rollouts).
+    """
+    targets = batch["target_ids"]
+    if fused_head:
+        weight = fused_head_weight(model)
+        if weight is None:
+            raise ValueError(
+                "fused_head needs a bias-free LM head without logit soft-capping; set fused_head=False"
+            )
+        hidden = scored_hidden(model, batch)
+        if temperature != 1.0:
+            hidden = hidden / temperature
+        return head_logprobs(hidden, weight, targets, chunk_size)
+    logits = model(**packed_inputs(batch), use_cache=False).logits[batch["target_row"], batch["target_src"]]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]
