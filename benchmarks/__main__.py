@@ -21,20 +21,31 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-# name -> (task, kwargs, goal ratio for tokens/s, goal for memory ratio or None, FLOPs multiplier of N per token)
+# name -> (task, kwargs, goal ratio for tokens/s or None, goal for memory ratio or None)
 FULL = {
     "dpo-lora": ("dpo", {"pairs": 512, "use_lora": True}, 1.5, 0.8),
     "dpo-full": ("dpo", {"pairs": 512, "use_lora": False}, 1.5, 0.8),
     "reward-lora": ("reward", {"pairs": 512, "use_lora": True}, 1.3, None),
     "sft-lora": ("sft", {"examples": 512, "use_lora": True}, 1.2, None),
     "dpo-full-20m": ("dpo", {"pairs": 128, "use_lora": False, "model": "20m"}, 1.5, 0.8),
+    # both sides with activation checkpointing (TRL's own default), the memory-saving setting
+    "dpo-full-20m-ckpt": (
+        "dpo",
+        {"pairs": 128, "use_lora": False, "model": "20m", "levers": {"gradient_checkpointing": True}},
+        1.5,
+        0.8,
+    ),
+    "ppo-lora": ("ppo", {"iterations": 8, "use_lora": True}, None, None),
 }
 QUICK = {
     "dpo-lora": ("dpo", {"pairs": 96, "use_lora": True}, 1.5, 0.8),
     "dpo-full": ("dpo", {"pairs": 96, "use_lora": False}, 1.5, 0.8),
     "reward-lora": ("reward", {"pairs": 96, "use_lora": True}, 1.3, None),
     "sft-lora": ("sft", {"examples": 96, "use_lora": True}, 1.2, None),
+    "ppo-lora": ("ppo", {"iterations": 2, "use_lora": True}, None, None),
 }
+#: PPO goals (issue 7): generation's share of an iteration, and our rollout against a bare generate.
+PPO_GENERATION_SHARE_GOAL, PPO_ROLLOUT_RATIO_GOAL = 0.7, 0.9
 #: DPO lever ablations (ours only), on the tiny model with LoRA.
 ABLATIONS = {
     "all levers (default)": {},
@@ -66,7 +77,29 @@ def worker(spec: dict[str, Any], timeout: int = 900) -> dict[str, Any]:
     raise RuntimeError(f"worker {spec} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def flops(task: str, r: dict[str, Any], ceiling: dict[str, Any]) -> float:
+def rollout_vs_generate(model: str, processes: int) -> dict[str, Any]:
+    """Our rollout's sampled tokens/s against a bare ``generate`` on the same batch: ``processes`` fresh workers,
+    each alternating the two 7 times; the median over all pairs."""
+    results = [
+        worker({"task": "ppo", "impl": "rollout", "model": model, "repeats": 7}) for _ in range(processes)
+    ]
+    ratios = [r for res in results for r in res["ratios"]]
+    out = {
+        "ratio": statistics.median(ratios),
+        "ours_tokens_per_s": statistics.median(r["ours_tokens_per_s"] for r in results),
+        "bare_tokens_per_s": statistics.median(r["bare_tokens_per_s"] for r in results),
+        "same_tokens": all(r["same_tokens"] for r in results),
+        "ratios": ratios,
+    }
+    print(
+        f"  ppo rollout vs bare generate: {out['ratio']:.2f}x ({out['ours_tokens_per_s']:.0f} vs "
+        f"{out['bare_tokens_per_s']:.0f} tok/s, same samples: {out['same_tokens']})",
+        flush=True,
+    )
+    return out
+
+
+def flops(task: str, r: dict[str, Any], ceiling: dict[str, Any]) -> float | None:
     """Model FLOPs of one run (no attention-score term): DPO 6·N (policy fwd+bwd) + 2·N (reference fwd) per
     useful token for the body, the LM head only on scored tokens; reward and SFT 6·N per useful token."""
     body = ceiling["matmul_params"] - ceiling["head_params"]
@@ -75,6 +108,8 @@ def flops(task: str, r: dict[str, Any], ceiling: dict[str, Any]) -> float:
         return 8.0 * body * r["useful_tokens"] + 8.0 * head * r["scored_tokens"]
     if task == "reward":
         return 6.0 * body * r["useful_tokens"]
+    if task == "ppo":
+        return None  # generation, four scoring passes and two trained models: no single-model MFU
     return 6.0 * (body + head) * r["useful_tokens"]
 
 
@@ -105,6 +140,8 @@ def main() -> None:
 
     rows = []
     for name, (task, kwargs, goal, mem_goal) in scenarios.items():
+        if task == "ppo":  # the cached reward model is built here, not inside a measured process
+            worker({"task": "ppo", "impl": "prepare", "model": kwargs.get("model", "tiny")})
         runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
         for i in range(args.repeats):
             for impl in ("ours", "trl") if i % 2 == 0 else ("trl", "ours"):
@@ -115,6 +152,12 @@ def main() -> None:
                 flush=True,
             )
         row = summarise(name, task, kwargs, goal, mem_goal, runs, ceilings[kwargs.get("model", "tiny")], gate)
+        if task == "ppo":
+            row["rollout"] = rollout_vs_generate(kwargs.get("model", "tiny"), 1 if args.quick else 3)
+            row["met"] = (
+                row["ours"]["generation_share"] >= PPO_GENERATION_SHARE_GOAL
+                and row["rollout"]["ratio"] >= PPO_ROLLOUT_RATIO_GOAL
+            )
         rows.append(row)
 
     ablations = []
@@ -156,16 +199,22 @@ def summarise(name, task, kwargs, goal, mem_goal, runs, ceiling, gate) -> dict[s
     for impl, results in runs.items():
         tps = [r["useful_tokens"] / r["seconds"] for r in results]
         units = results[0].get("pairs") or results[0].get("examples")
+        mfus = [flops(task, r, ceiling) for r in results]
         row[impl] = {
             "tokens_per_s": statistics.median(tps),
             "items_per_s": statistics.median(units / r["seconds"] for r in results),
             "seconds": statistics.median(r["seconds"] for r in results),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
-            "mfu": statistics.median(
-                flops(task, r, ceiling) / r["seconds"] / ceiling["ceiling_flops"] for r in results
+            "mfu": None
+            if None in mfus
+            else statistics.median(
+                f / r["seconds"] / ceiling["ceiling_flops"] for f, r in zip(mfus, results, strict=True)
             ),
             "all_tokens_per_s": tps,
         }
+        if task == "ppo":
+            for key in ("seconds_per_iteration", "generation_share"):
+                row[impl][key] = statistics.median(r[key] for r in results)
     gate_key = "dpo" if task == "dpo" else "reward" if task == "reward" else None
     row["correct"] = gate[gate_key]["ok"] if gate_key else None
     if row["correct"] is False:
@@ -176,7 +225,7 @@ def summarise(name, task, kwargs, goal, mem_goal, runs, ceiling, gate) -> dict[s
     row["goal_speedup"], row["goal_memory_ratio"] = goal, mem_goal
     row["met"] = (
         row["speedup"] is not None
-        and row["speedup"] >= goal
+        and (goal is None or row["speedup"] >= goal)
         and (mem_goal is None or row["memory_ratio"] <= mem_goal)
     )
     return row
@@ -188,16 +237,38 @@ def print_table(rows, ablations) -> None:
         f"{'ours RSS':>10}{'TRL RSS':>9}{'mem':>6}{'MFU ours':>9}{'MFU TRL':>9}  goal"
     )
     print("\n" + head + "\n" + "-" * len(head))
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
     for r in rows:
         speed = "REFUSED" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-        goal = f">={r['goal_speedup']}x" + (
-            f", mem<={r['goal_memory_ratio']}" if r["goal_memory_ratio"] else ""
-        )
+        if r["task"] == "ppo":
+            goal = f"gen share>={PPO_GENERATION_SHARE_GOAL:.0%}, rollout>={PPO_ROLLOUT_RATIO_GOAL}x"
+        else:
+            goal = f">={r['goal_speedup']}x" + (
+                f", mem<={r['goal_memory_ratio']}" if r["goal_memory_ratio"] else ""
+            )
         print(
             f"{r['scenario']:<14}{r['ours']['tokens_per_s']:>11.0f}{r['trl']['tokens_per_s']:>11.0f}{speed:>10}"
             f"{r['ours']['items_per_s']:>13.1f}{r['ours']['peak_rss_mb']:>10.0f}{r['trl']['peak_rss_mb']:>9.0f}"
-            f"{r['memory_ratio']:>6.2f}{r['ours']['mfu']:>9.1%}{r['trl']['mfu']:>9.1%}  {goal} "
+            f"{r['memory_ratio']:>6.2f}{pct(r['ours']['mfu']):>9}{pct(r['trl']['mfu']):>9}  {goal} "
             f"{'MET' if r['met'] else 'MISSED'}"
+        )
+    for r in rows:
+        if r["task"] != "ppo":
+            continue
+        ours, trl, rollout = r["ours"], r["trl"], r["rollout"]
+        print(
+            f"\n{r['scenario']} (TRL = RLOOTrainer; tok/s = sampled tokens per second of the training loop, "
+            "items = sampled sequences):\n"
+            f"  seconds per iteration  ours {ours['seconds_per_iteration']:.2f}  TRL "
+            f"{trl['seconds_per_iteration']:.2f}  ratio TRL/ours "
+            f"{trl['seconds_per_iteration'] / ours['seconds_per_iteration']:.2f}x\n"
+            f"  generation share       ours {ours['generation_share']:.1%}  TRL {trl['generation_share']:.1%}"
+            f"  (goal >= {PPO_GENERATION_SHARE_GOAL:.0%})\n"
+            f"  rollout vs bare generate {rollout['ratio']:.2f}x ({rollout['ours_tokens_per_s']:.0f} vs "
+            f"{rollout['bare_tokens_per_s']:.0f} tok/s; goal >= {PPO_ROLLOUT_RATIO_GOAL}x)"
         )
     if ablations:
         print("\nDPO levers (ours, tiny model, LoRA):")

@@ -99,6 +99,33 @@ def model_dir(name: str) -> str:
     return str(out)
 
 
+def reward_model_dir(name: str) -> str:
+    """A reward model for the PPO benchmark, built once into the cache: the benchmark model with a score head,
+    trained for one epoch (full weights, Bradley-Terry) on the first 256 bundled pairs by preftune's own trainer.
+
+    Both PPO and RLOO load this directory as their reward model, so its quality only shapes what the policies
+    learn to sample, never which side does more work.
+    """
+    out = CACHE / f"reward-{name}"
+    if (out / "model.safetensors").is_file():
+        return str(out)
+    import shutil
+    import tempfile
+
+    from preftune.train import reward
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-rm-", dir=CACHE if CACHE.is_dir() else None))
+    train = write_jsonl(tmp / "train.jsonl", pair_rows(256))
+    config = reward.RewardConfig(
+        epochs=1, use_lora=False, eval_steps=0, logging_steps=10**6, seed=0, mixed_precision="no"
+    )
+    reward.train_reward_model(model_dir(name), train, train, str(tmp / "model"), str(tmp / "r.html"), config)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp / "model", out) if not out.exists() else None
+    shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
 def param_counts(model: Any) -> dict[str, int]:
     """Parameters of the model: all (non-embedding matmul weights counted for FLOPs) and trainable."""
     total = sum(p.numel() for p in model.parameters())

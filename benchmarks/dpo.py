@@ -45,7 +45,7 @@ def run(
     result = (
         _ours(model_path, train, evalp, tmp, batch_size, use_lora, max_length, levers or {})
         if impl == "ours"
-        else _trl(model_path, train, tmp, batch_size, use_lora, max_length)
+        else _trl(model_path, train, tmp, batch_size, use_lora, max_length, levers or {})
     )
     result.update(counts)
     result["pairs"] = pairs
@@ -81,7 +81,7 @@ def _ours(model_path, train, evalp, tmp, batch_size, use_lora, max_length, lever
     }
 
 
-def _trl(model_path, train, tmp, batch_size, use_lora, max_length) -> dict[str, Any]:
+def _trl(model_path, train, tmp, batch_size, use_lora, max_length, levers) -> dict[str, Any]:
     import json
 
     from datasets import Dataset
@@ -130,6 +130,8 @@ def _trl(model_path, train, tmp, batch_size, use_lora, max_length) -> dict[str, 
         dataloader_num_workers=0,
         max_grad_norm=1.0,
         bf16=False,
+        # TRL defaults to activation checkpointing; both sides get the same setting (ours: off unless asked)
+        gradient_checkpointing=levers.get("gradient_checkpointing", False),
     )
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config

@@ -96,6 +96,7 @@ def run(
             dataloader_num_workers=0,
             max_grad_norm=1.0,
             bf16=False,
+            gradient_checkpointing=False,  # TRL's default is on; ours is off (set alike on both sides)
             center_rewards_coefficient=None,
         )
         trainer = RewardTrainer(

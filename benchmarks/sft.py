@@ -1,4 +1,5 @@
-"""SFT: preftune.train.sft.train_sft against TRL's SFTTrainer (packing on for TRL, as it offers it)."""
+"""SFT: preftune.train.sft.train_sft against TRL's SFTTrainer, packing on for both (padding-free, per-document
+attention on our side; TRL's default best-fit-decreasing packing with position ids that restart per document)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def run(
     batch_size: int = 16,
     use_lora: bool = True,
     max_length: int = 256,
+    levers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from preftune import modeling
     from preftune.train.batching import load_sft_features
@@ -45,6 +47,7 @@ def run(
             logging_steps=10**6,
             seed=0,
             mixed_precision="no",
+            **(levers or {}),
         )
         metrics = sft.train_sft(model_path, train, evalp, str(tmp / "out"), str(tmp / "r.html"), config)
         result = {"seconds": metrics["train_seconds"] - eval_timer.seconds, "steps": metrics["steps"]}
@@ -82,6 +85,7 @@ def run(
             dataloader_num_workers=0,
             max_grad_norm=1.0,
             bf16=False,
+            gradient_checkpointing=False,  # TRL's default is on; ours is off (set alike on both sides)
         )
         trainer = SFTTrainer(
             model=modeling.load_causal_lm(model_path),
