@@ -63,6 +63,10 @@ def dpo_pipeline(
     gate_max_kl: float = 10.0,
     gate_min_diversity_ratio: float = 0.8,
     gate_length_controlled: bool = True,
+    num_gpus: int = 0,
+    num_nodes: int = 1,
+    distributed_strategy: str = "ddp",
+    checkpoint_every: int = 50,
     seed: int = 0,
 ):
     """Align a language model with pairwise human preferences by DPO.
@@ -103,8 +107,14 @@ def dpo_pipeline(
         gate_min_diversity_ratio: Promote only when the candidate's distinct-2 is at least this share of the
             SFT model's (-1 = off).
         gate_length_controlled: Use the length-controlled win rate against the champion in the gate.
+        num_gpus: GPUs (worker processes) per training step; 0 = every GPU the step's pod has.
+        num_nodes: Nodes per training step; more than 1 runs each as a Kubeflow Trainer TrainJob.
+        distributed_strategy: ddp, or fsdp (sharded; refused by stages that do not support it yet).
+        checkpoint_every: Resumable checkpoint every this many optimisation steps in SFT, reward model and DPO
+            (0 = never); a retried step resumes from the newest one.
         seed: Seed for splits, initialisation, data order and sampling.
     """
+    scale = {"num_gpus": num_gpus, "num_nodes": num_nodes, "distributed_strategy": distributed_strategy}
     sft_rows = ingest_data(sft_data, eval_fraction, seed)
 
     sft = supervised_fine_tuning(
@@ -118,6 +128,7 @@ def dpo_pipeline(
         lora_r=lora_r,
         seed=seed,
         max_steps=sft_max_steps,
+        scale={**scale, "checkpoint_every": checkpoint_every},
     )
 
     pairs = import_pairs(
@@ -140,6 +151,8 @@ def dpo_pipeline(
         seed=seed,
         max_steps=dpo_max_steps,
         num_checkpoints=num_checkpoints,
+        checkpoint_every=checkpoint_every,
+        **scale,
     )
     training_step(policy.set_display_name("DPO"))
 

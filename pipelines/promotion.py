@@ -54,14 +54,16 @@ def evaluate_and_promote(
     )
     training_step(evaluation.set_display_name("Evaluate against SFT and champion"))
 
-    verdict = gate_op(
-        evaluation=evaluation.outputs["metrics"],
-        champion_uri=current.output,
-        min_win_rate_vs_champion=min_win_rate_vs_champion,
-        max_kl=max_kl,
-        min_diversity_ratio=min_diversity_ratio,
-        length_controlled=length_controlled,
-    ).set_display_name("Promotion gate")
+    verdict = data_step(
+        gate_op(
+            evaluation=evaluation.outputs["metrics"],
+            champion_uri=current.output,
+            min_win_rate_vs_champion=min_win_rate_vs_champion,
+            max_kl=max_kl,
+            min_diversity_ratio=min_diversity_ratio,
+            length_controlled=length_controlled,
+        ).set_display_name("Promotion gate")
+    )
     passed = dsl.If(verdict.outputs["Output"] == True, name="gate-passed")  # noqa: E712 - a KFP condition
     with passed, dsl.If(registry_uri != "", name="registry-set"):
         publish = promote_op(

@@ -29,6 +29,7 @@ PARAMETER_RULES = {
     "ppo_kl_controller": Rule(choices=("fixed", "adaptive")),
     "ppo_target_kl": Rule(low=0.0, low_inclusive=False),
     "ppo_max_kl": Rule(low=0.0, low_inclusive=False),
+    "ppo_checkpoint_every": Rule(low=0),
 }
 
 
@@ -80,6 +81,11 @@ def rlhf_pipeline(
     gate_max_kl: float = 10.0,
     gate_min_diversity_ratio: float = 0.8,
     gate_length_controlled: bool = True,
+    num_gpus: int = 0,
+    num_nodes: int = 1,
+    distributed_strategy: str = "ddp",
+    checkpoint_every: int = 50,
+    ppo_checkpoint_every: int = 4,
     seed: int = 0,
 ):
     """Align a language model with human feedback by RLHF (reward model + PPO).
@@ -127,8 +133,15 @@ def rlhf_pipeline(
         gate_min_diversity_ratio: Promote only when the candidate's distinct-2 is at least this share of the
             SFT model's (-1 = off).
         gate_length_controlled: Use the length-controlled win rate against the champion in the gate.
+        num_gpus: GPUs (worker processes) per training step; 0 = every GPU the step's pod has.
+        num_nodes: Nodes per training step; more than 1 runs each as a Kubeflow Trainer TrainJob.
+        distributed_strategy: ddp, or fsdp (sharded; refused by stages that do not support it yet).
+        checkpoint_every: Resumable checkpoint every this many optimisation steps in SFT, reward model and DPO
+            (0 = never); a retried step resumes from the newest one.
+        ppo_checkpoint_every: Resumable PPO checkpoint every this many iterations (0 = never).
         seed: Seed for splits, initialisation, data order and sampling.
     """
+    scale = {"num_gpus": num_gpus, "num_nodes": num_nodes, "distributed_strategy": distributed_strategy}
     sft_rows = ingest_data(sft_data, eval_fraction, seed)
     sft = supervised_fine_tuning(
         base_model,
@@ -141,6 +154,7 @@ def rlhf_pipeline(
         lora_r=lora_r,
         seed=seed,
         max_steps=sft_max_steps,
+        scale={**scale, "checkpoint_every": checkpoint_every},
     )
     pairs = import_pairs(
         preference_data, eval_fraction, seed, preference_format, since, max_rejected_fraction
@@ -159,6 +173,8 @@ def rlhf_pipeline(
         lora_r=lora_r,
         seed=seed,
         max_steps=reward_max_steps,
+        checkpoint_every=checkpoint_every,
+        **scale,
     )
     training_step(reward.set_display_name("Reward model"))
 
@@ -180,7 +196,9 @@ def rlhf_pipeline(
         use_lora=use_lora,
         lora_r=lora_r,
         num_checkpoints=num_checkpoints,
+        checkpoint_every=ppo_checkpoint_every,
         seed=seed,
+        **scale,
     )
     training_step(policy.set_display_name("PPO"))
 

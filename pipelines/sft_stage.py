@@ -18,6 +18,10 @@ SHARED_RULES = {
     "sft_batch_size": Rule(low=1),
     "eval_max_new_tokens": Rule(low=1),
     "eval_max_prompts": Rule(low=1),
+    "num_gpus": Rule(low=0),
+    "num_nodes": Rule(low=1),
+    "distributed_strategy": Rule(choices=("ddp", "fsdp")),
+    "checkpoint_every": Rule(low=0),
 }
 
 
@@ -33,8 +37,12 @@ def supervised_fine_tuning(
     lora_r: int,
     seed: int,
     max_steps: int,
+    scale: dict,
 ) -> dsl.PipelineTask:
-    """SFT on the ingested rows; its model is the reference of every later stage."""
+    """SFT on the ingested rows; its model is the reference of every later stage.
+
+    ``scale`` holds the settings every training step shares (GPUs, nodes, strategy, checkpoint interval).
+    """
     task = sft_op(
         base_model=base_model,
         train_data=sft_rows.outputs["train_data"],
@@ -47,5 +55,6 @@ def supervised_fine_tuning(
         lora_r=lora_r,
         seed=seed,
         max_steps=max_steps,
+        **scale,
     )
     return training_step(task.set_display_name("Supervised fine-tuning"))

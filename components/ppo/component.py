@@ -30,6 +30,12 @@ def ppo(
     use_lora: bool = True,
     lora_r: int = 16,
     num_checkpoints: int = 4,
+    checkpoint_every: int = 4,
+    checkpoint_uri: str = "",
+    num_gpus: int = 0,
+    num_nodes: int = 1,
+    distributed_strategy: str = "ddp",
+    trainjob_runtime: str = "torch-distributed",
     seed: int = 0,
 ):
     """Optimise the SFT policy against the reward model with PPO, penalising KL divergence from the SFT model.
@@ -71,9 +77,18 @@ def ppo(
         lora_r: LoRA rank.
         num_checkpoints: Intermediate policies kept in ``checkpoints``, evenly spaced over training, for the
             evaluate step's reward-vs-KL chart (0 = none).
+        checkpoint_every: Write a resumable checkpoint every this many PPO iterations (0 = never).
+        checkpoint_uri: Where checkpoints go (s3:// or a local path); empty = next to the model output, so a
+            retried pod finds and resumes from them.
+        num_gpus: Worker processes (one per GPU) in this step, started with torchrun; 0 = every GPU the pod has.
+        num_nodes: Nodes to train on; more than 1 runs the step as a Kubeflow Trainer TrainJob.
+        distributed_strategy: ddp (a replica per GPU) or fsdp (sharded; not supported by this stage yet).
+        trainjob_runtime: The Kubeflow Trainer runtime a multi-node TrainJob uses.
         seed: Seed for initialisation, prompt order and sampling.
     """
-    from preftune.train.ppo import PPOConfig, train_ppo
+    from preftune.distributed import Scale, run_stage
+    from preftune.train.checkpoint import default_checkpoint_uri
+    from preftune.train.ppo import PPOConfig
 
     config = PPOConfig(
         iterations=iterations,
@@ -94,18 +109,28 @@ def ppo(
         lora_r=lora_r,
         lora_alpha=2 * lora_r,
         num_checkpoints=num_checkpoints,
+        checkpoint_every=checkpoint_every,
+        checkpoint_uri=checkpoint_uri or default_checkpoint_uri(model.uri),
         seed=seed,
     )
-    result = train_ppo(
-        sft_model.path,
-        reward_model.path,
-        prompts.path,
-        model.path,
-        report.path,
+    scale = Scale(
+        num_gpus=num_gpus,
+        num_nodes=num_nodes,
+        strategy=distributed_strategy,
+        trainjob_runtime=trainjob_runtime,
+    )
+    result = run_stage(
+        "ppo",
         config,
+        scale=scale,
+        sft_model=sft_model,
+        reward_model=reward_model,
+        prompts=prompts,
+        model_dir=model,
+        report_path=report,
         sft_model_uri=sft_model.uri,
         model_uri=model.uri,
-        snapshot_dir=checkpoints.path,
+        snapshot_dir=checkpoints,
     )
     for name, value in result.items():
         metrics.log_metric(name, value)

@@ -22,6 +22,12 @@ def reward_model(
     max_length: int = 256,
     use_lora: bool = True,
     lora_r: int = 16,
+    checkpoint_every: int = 100,
+    checkpoint_uri: str = "",
+    num_gpus: int = 0,
+    num_nodes: int = 1,
+    distributed_strategy: str = "ddp",
+    trainjob_runtime: str = "torch-distributed",
     seed: int = 0,
     max_steps: int = -1,
 ):
@@ -51,10 +57,19 @@ def reward_model(
         max_length: Longest tokenised prompt + response.
         use_lora: Train a LoRA adapter (and the full score head) instead of all weights.
         lora_r: LoRA rank.
+        checkpoint_every: Write a resumable checkpoint every this many optimisation steps (0 = never).
+        checkpoint_uri: Where checkpoints go (s3:// or a local path); empty = next to the model output, so a
+            retried pod finds and resumes from them.
+        num_gpus: Worker processes (one per GPU) in this step, started with torchrun; 0 = every GPU the pod has.
+        num_nodes: Nodes to train on; more than 1 runs the step as a Kubeflow Trainer TrainJob.
+        distributed_strategy: ddp (a replica per GPU) or fsdp (sharded; not supported by this stage yet).
+        trainjob_runtime: The Kubeflow Trainer runtime a multi-node TrainJob uses.
         seed: Seed for the score head's initialisation and data order.
         max_steps: Stop after this many optimisation steps (-1 = run all epochs).
     """
-    from preftune.train.reward import RewardConfig, train_reward_model
+    from preftune.distributed import Scale, run_stage
+    from preftune.train.checkpoint import default_checkpoint_uri
+    from preftune.train.reward import RewardConfig
 
     config = RewardConfig(
         objective=objective,
@@ -66,16 +81,26 @@ def reward_model(
         use_lora=use_lora,
         lora_r=lora_r,
         lora_alpha=2 * lora_r,
+        checkpoint_every=checkpoint_every,
+        checkpoint_uri=checkpoint_uri or default_checkpoint_uri(model.uri),
         seed=seed,
         max_steps=max_steps,
     )
-    result = train_reward_model(
-        sft_model.path,
-        train_pairs.path,
-        eval_pairs.path,
-        model.path,
-        report.path,
+    scale = Scale(
+        num_gpus=num_gpus,
+        num_nodes=num_nodes,
+        strategy=distributed_strategy,
+        trainjob_runtime=trainjob_runtime,
+    )
+    result = run_stage(
+        "reward",
         config,
+        scale=scale,
+        sft_model=sft_model,
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs,
+        model_dir=model,
+        report_path=report,
         sft_model_uri=sft_model.uri,
         model_uri=model.uri,
     )

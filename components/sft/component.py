@@ -20,6 +20,12 @@ def sft(
     max_length: int = 256,
     use_lora: bool = True,
     lora_r: int = 16,
+    checkpoint_every: int = 100,
+    checkpoint_uri: str = "",
+    num_gpus: int = 0,
+    num_nodes: int = 1,
+    distributed_strategy: str = "ddp",
+    trainjob_runtime: str = "torch-distributed",
     seed: int = 0,
     max_steps: int = -1,
 ):
@@ -41,10 +47,19 @@ def sft(
         max_length: Longest tokenised prompt + completion; longer prompts keep their end.
         use_lora: Train a LoRA adapter instead of all weights.
         lora_r: LoRA rank.
+        checkpoint_every: Write a resumable checkpoint every this many optimisation steps (0 = never).
+        checkpoint_uri: Where checkpoints go (s3:// or a local path); empty = next to the model output, so a
+            retried pod finds and resumes from them.
+        num_gpus: Worker processes (one per GPU) in this step, started with torchrun; 0 = every GPU the pod has.
+        num_nodes: Nodes to train on; more than 1 runs the step as a Kubeflow Trainer TrainJob.
+        distributed_strategy: ddp (a replica per GPU) or fsdp (sharded; not supported by this stage yet).
+        trainjob_runtime: The Kubeflow Trainer runtime a multi-node TrainJob uses.
         seed: Seed for initialisation and data order.
         max_steps: Stop after this many optimisation steps (-1 = run all epochs).
     """
-    from preftune.train.sft import SFTConfig, train_sft
+    from preftune.distributed import Scale, run_stage
+    from preftune.train.checkpoint import default_checkpoint_uri
+    from preftune.train.sft import SFTConfig
 
     config = SFTConfig(
         epochs=epochs,
@@ -54,16 +69,26 @@ def sft(
         use_lora=use_lora,
         lora_r=lora_r,
         lora_alpha=2 * lora_r,
+        checkpoint_every=checkpoint_every,
+        checkpoint_uri=checkpoint_uri or default_checkpoint_uri(model.uri),
         seed=seed,
         max_steps=max_steps,
     )
-    result = train_sft(
-        base_model,
-        train_data.path,
-        eval_data.path,
-        model.path,
-        report.path,
+    scale = Scale(
+        num_gpus=num_gpus,
+        num_nodes=num_nodes,
+        strategy=distributed_strategy,
+        trainjob_runtime=trainjob_runtime,
+    )
+    result = run_stage(
+        "sft",
         config,
+        scale=scale,
+        base_model=base_model,
+        train_data=train_data,
+        eval_data=eval_data,
+        model_dir=model,
+        report_path=report,
         base_model_uri=base_model,
         model_uri=model.uri,
     )

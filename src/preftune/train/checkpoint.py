@@ -327,3 +327,11 @@ class LoopProgress:
                 "check the data of this batch, or use bf16/fp32 instead of fp16"
             )
         raise NonFiniteLossError(f"{where}; no checkpoint_uri is set, so nothing was saved")
+
+
+def default_checkpoint_uri(model_uri: str) -> str:
+    """Where a training step keeps its checkpoints when none is given: next to its model output.
+
+    A KFP task keeps its output URIs when it is retried, so the retried pod finds the checkpoints there.
+    """
+    return model_uri.rstrip("/") + "-checkpoints"
