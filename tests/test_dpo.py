@@ -61,7 +61,7 @@ def test_dpo_starts_at_ln2_and_learns_the_preference(
     assert set(metrics) == {
         "first_step_loss", "train_loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin",
         "eval_chosen_reward", "eval_rejected_reward", "steps", "train_pairs", "train_seconds",
-        "resumed_from_step",
+        "resumed_from_step", "stage_seconds", "peak_memory_mb", "train_tokens",
     }  # fmt: skip
     assert metrics["resumed_from_step"] == 0
     # Step 0: policy == reference (dropout off), so h = 0 and the sigmoid loss is -log sigmoid(0) = ln 2.

@@ -80,6 +80,7 @@ METRICS = {
     "reward_first", "reward_last", "reward_gain", "kl_last", "kl_max", "entropy_last", "clip_fraction_mean",
     "value_loss_last", "explained_variance_last", "response_length_last", "iterations", "early_stops",
     "kl_blowups", "train_seconds", "rollout_seconds", "rollout_tokens_per_second", "resumed_from_iteration",
+    "stage_seconds", "peak_memory_mb", "train_tokens",
 }  # fmt: skip
 
 

@@ -24,6 +24,7 @@ METRICS = {
     "eval_accuracy", "first_eval_accuracy", "eval_mean_margin", "eval_loss", "first_eval_loss", "train_loss",
     "eval_chosen_reward", "eval_rejected_reward", "eval_reward_mean", "eval_reward_std", "steps",
     "train_pairs", "eval_pairs", "train_seconds", "resumed_from_step",
+    "stage_seconds", "peak_memory_mb", "train_tokens",
 }  # fmt: skip
 
 

@@ -52,7 +52,7 @@ def test_sft_lowers_loss_and_saves_artifact(base: str, tmp_path: Path, use_lora:
 
     assert set(metrics) == {
         "train_loss", "eval_loss", "eval_perplexity", "steps", "train_tokens", "train_seconds", "train_examples",
-        "resumed_from_step",
+        "resumed_from_step", "stage_seconds", "peak_memory_mb",
     }  # fmt: skip
     assert metrics["steps"] == 12  # 16 examples / batch 4 = 4 steps x 3 epochs
     assert metrics["train_examples"] == 16

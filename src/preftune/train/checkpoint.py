@@ -223,6 +223,16 @@ def chain_digest(previous: str, data: torch.Tensor) -> str:
     return hashlib.sha256(previous.encode("ascii") + tensor.numpy().tobytes()).hexdigest()
 
 
+def batch_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens of a training batch: a packed batch counts its own, a padded one its mask."""
+    if "tokens" in batch:
+        return int(batch["tokens"])
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the last good state was checkpointed first."""
 
@@ -263,6 +273,8 @@ class LoopProgress:
         self.resumed_from = 0
         self.data_order = ""
         self._pending = ""  # fingerprint including batches of an unfinished accumulation window
+        self.tokens = 0  # this process's tokens in completed optimiser steps
+        self._pending_tokens = 0
         self._epoch_start = generator.get_state()
 
     def resume(self) -> dict[str, Any] | None:
@@ -273,6 +285,7 @@ class LoopProgress:
         state = restored.state
         self.step, self.epoch, self.skip = restored.step, int(state["epoch"]) - 1, int(state["batch"])
         self.data_order = self._pending = state["data_order"]
+        self.tokens = self._pending_tokens = int(state.get("tokens", 0))
         self.generator.set_state(restored.tensors["epoch_generator"])
         self.resumed_from = restored.step
         log.info("%s: resumed from %s (step %d)", self.checkpointer.stage, restored.uri, restored.step)
@@ -288,11 +301,13 @@ class LoopProgress:
 
     def seen(self, batch: Mapping[str, torch.Tensor]) -> None:
         self._pending = chain_digest(self._pending, batch["input_ids"])
+        self._pending_tokens += batch_tokens(batch)
 
     def stepped(self) -> None:
         """An optimiser step completed: its batches are now part of the recorded data order."""
         self.step += 1
         self.data_order = self._pending
+        self.tokens = self._pending_tokens
 
     def save(self, batch_number: int, extra: Mapping[str, Any]) -> str:
         state = {

@@ -47,6 +47,7 @@ from preftune.train.loop import (
     plan_steps,
     progress,
     ready_for_training,
+    resource_metrics,
 )
 from preftune.train.packed import scored_logprobs
 from preftune.train.snapshots import Snapshots
@@ -398,6 +399,7 @@ def train_dpo(
         whose chosen implicit reward beats the rejected one), ``eval_reward_margin``, ``eval_chosen_reward``,
         ``eval_rejected_reward``, ``steps``, ``train_pairs``, ``train_seconds``.
     """
+    began = time.perf_counter()
     _check(config)
     modeling.set_seed(config.seed)
     accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
@@ -549,6 +551,7 @@ def train_dpo(
         "train_pairs": float(len(train_features)),
         "train_seconds": train_seconds,
         "resumed_from_step": float(loop.resumed_from),
+        **resource_metrics(began, accelerator, loop.tokens),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

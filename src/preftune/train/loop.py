@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -205,6 +206,23 @@ class History:
     def series(self, which: str, name: str) -> list[tuple[float, float]]:
         rows: Iterable[dict[str, float]] = self.train if which == "train" else self.eval
         return [(r["step"], r[name]) for r in rows if name in r]
+
+
+def resource_metrics(began: float, accelerator: Accelerator, tokens: int) -> dict[str, float]:
+    """What a stage cost: seconds since ``began`` (the whole stage, loading and saving included), this process's
+    peak memory (GPU when there is one, else resident memory) and the tokens every process trained on."""
+    import resource
+
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    total = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), "sum")
+    return {
+        "stage_seconds": time.perf_counter() - began,
+        "peak_memory_mb": float(peak),
+        "train_tokens": float(total),
+    }
 
 
 def config_rows(config: Any) -> list[dict[str, Any]]:

@@ -84,6 +84,7 @@ from preftune.train.loop import (
     make_optimizer,
     progress,
     resolve_mixed_precision,
+    resource_metrics,
     trainable_parameters,
 )
 from preftune.train.packed import fused_head_weight, packed_inputs, scored_hidden, scored_logprobs
@@ -685,6 +686,7 @@ def train_ppo(
         stopped on kl_blowup), ``train_seconds``, ``rollout_seconds`` (time in generation) and
         ``rollout_tokens_per_second`` (sampled tokens per second of generation).
     """
+    began = time.perf_counter()
     _check(config)
     prompt_rows = load_prompts(prompts)  # bad input fails before any model is loaded
     modeling.set_seed(config.seed)
@@ -735,7 +737,7 @@ def train_ppo(
     samples: dict[int, list[dict[str, Any]]] = {}
     iteration, early_stops, blowups = 0, 0, 0
     blowup_note = ""
-    rollout_seconds, rollout_tokens = 0.0, 0
+    rollout_seconds, rollout_tokens, train_tokens = 0.0, 0, 0
     all_clip: list[float] = []
     data_order = ""
     checkpointer = Checkpointer(config.checkpoint_uri, config.checkpoint_every, accelerator, stage="ppo")
@@ -748,6 +750,7 @@ def train_ppo(
         state = restored.state
         iteration, early_stops = restored.step, state["early_stops"]
         rollout_seconds, rollout_tokens = state["rollout_seconds"], state["rollout_tokens"]
+        train_tokens = state["train_tokens"]
         all_clip, data_order = state["all_clip"], state["data_order"]
         history = History.from_state(state["history"])
         samples = {int(k): v for k, v in state["samples"].items()}
@@ -763,6 +766,7 @@ def train_ppo(
             "early_stops": early_stops,
             "rollout_seconds": rollout_seconds,
             "rollout_tokens": rollout_tokens,
+            "train_tokens": train_tokens,
             "all_clip": all_clip,
             "data_order": data_order,
             "history": history.state_dict(),
@@ -792,6 +796,7 @@ def train_ppo(
         )
         rollout_seconds += time.perf_counter() - t0
         rollout_tokens += int(rollout.response_mask.sum())
+        train_tokens += int(rollout.query_mask.sum() + rollout.response_mask.sum())  # no padding
         # no gradients here: the modules under DDP's wrapper, whose adapters can be switched off for the
         # reference and the reward
         score_rollout(
@@ -963,6 +968,7 @@ def train_ppo(
         "rollout_seconds": rollout_seconds,
         "rollout_tokens_per_second": rollout_tokens / rollout_seconds if rollout_seconds > 0 else 0.0,
         "resumed_from_iteration": float(resumed_from),
+        **resource_metrics(began, accelerator, train_tokens),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -55,6 +55,7 @@ from preftune.train.loop import (
     plan_steps,
     progress,
     ready_for_training,
+    resource_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -386,6 +387,7 @@ def train_reward_model(
         ``eval_reward_mean`` and ``eval_reward_std`` (over all held-out responses: a scale for PPO),
         ``steps``, ``train_pairs``, ``eval_pairs``, ``train_seconds``.
     """
+    began = time.perf_counter()
     _check(config)
     modeling.set_seed(config.seed)
     accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
@@ -527,6 +529,7 @@ def train_reward_model(
         "eval_pairs": float(len(eval_features)),
         "train_seconds": train_seconds,
         "resumed_from_step": float(loop.resumed_from),
+        **resource_metrics(began, accelerator, loop.tokens),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -38,6 +38,7 @@ from preftune.train.loop import (
     plan_steps,
     progress,
     ready_for_training,
+    resource_metrics,
 )
 from preftune.train.packed import fused_head_weight, scored_logprobs
 
@@ -152,11 +153,6 @@ def batch_nll(
     return nll, torch.bincount(segments, minlength=examples)
 
 
-def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens fed to the model."""
-    return int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
-
-
 def make_collator(tokenizer: Any, config: SFTConfig) -> Any:
     """Packed rows when ``pack_length`` > 0, else one right-padded example per row."""
     if config.pack_length > 0:
@@ -207,8 +203,10 @@ def train_sft(
     Returns:
         Metrics: ``train_loss`` (mean over the last epoch's completion tokens), ``eval_loss``,
         ``eval_perplexity``, ``steps``, ``train_tokens`` (non-padding tokens fed to the model),
-        ``train_seconds``, ``train_examples``.
+        ``train_seconds``, ``train_examples``, ``resumed_from_step``, ``stage_seconds`` (the whole stage),
+        ``peak_memory_mb``.
     """
+    began = time.perf_counter()
     check_config(config)
     modeling.set_seed(config.seed)
     accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
@@ -247,18 +245,16 @@ def train_sft(
     if resumed is None:
         history = History()
         history.log_eval(0, 0.0, _evaluate(model, eval_loader, accelerator, fused))
-        window, epoch_meter, tokens_seen = Meter(), Meter(), 0
+        window, epoch_meter = Meter(), Meter()
     else:
         history = History.from_state(resumed["history"])
         window, epoch_meter = Meter.from_state(resumed["window"]), Meter.from_state(resumed["epoch_meter"])
-        tokens_seen = int(resumed["tokens_seen"])
 
     def loop_state() -> dict[str, Any]:
         return {
             "history": history.state_dict(),
             "window": window.state_dict(),
             "epoch_meter": epoch_meter.state_dict(),
-            "tokens_seen": tokens_seen,
         }
 
     bar = progress(total_steps, "sft", accelerator)
@@ -285,7 +281,6 @@ def train_sft(
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            tokens_seen += batch_tokens(batch)
             batch_loss = float(totals[0] / totals[1].clamp(min=1))
             window.add(float(totals[1]), loss=batch_loss)
             epoch_meter.add(float(totals[1]), loss=batch_loss)
@@ -315,16 +310,15 @@ def train_sft(
     train_seconds = time.perf_counter() - start
 
     final_eval = history.eval[-1]
-    total_tokens = accelerator.reduce(torch.tensor(float(tokens_seen), device=accelerator.device), "sum")
     metrics = {
         "train_loss": epoch_meter.means().get("loss", float("nan")),
         "eval_loss": final_eval["loss"],
         "eval_perplexity": final_eval["perplexity"],
         "steps": float(loop.step),
-        "train_tokens": float(total_tokens),
         "train_seconds": train_seconds,
         "train_examples": float(len(train_features)),
         "resumed_from_step": float(loop.resumed_from),
+        **resource_metrics(began, accelerator, loop.tokens),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
