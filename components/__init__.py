@@ -5,6 +5,7 @@
 
 from preftune.components.champion.component import champion as champion_op
 from preftune.components.collect.component import collect as collect_op
+from preftune.components.compare.component import compare as compare_op
 from preftune.components.dpo.component import dpo as dpo_op
 from preftune.components.evaluate.component import evaluate as evaluate_op
 from preftune.components.fingerprint.component import fingerprint as fingerprint_op
@@ -30,11 +31,13 @@ COMPONENTS = {
     "champion": champion_op,
     "promote": promote_op,
     "collect": collect_op,
+    "compare": compare_op,
 }
 
 __all__ = [
     "champion_op",
     "collect_op",
+    "compare_op",
     "gate_op",
     "promote_op",
     "COMPONENTS",

@@ -15,6 +15,7 @@ def evaluate(
     metrics: Output[Metrics],
     report: Output[HTML],
     generations: Output[Dataset],
+    frontier: Output[Dataset],
     judge: Input[Model] = None,
     checkpoints: Input[Model] = None,
     judge_uri: str = "",
@@ -45,12 +46,14 @@ def evaluate(
         report: Side-by-side generations and metrics (HTML).
         generations: The generations (JSONL rows: prompt, candidate, reference, and champion when there is
             one; with a judge also each model's reward, e.g. candidate_reward).
+        frontier: The reward-vs-KL points (JSONL: label, step, kl, kl_per_token, reward or
+            implicit_reward_accuracy, mean_length): the reference, each checkpoint and the final candidate.
         judge: Optional reward model (for example the reward_model step's output) that scores the responses of
             every model to each prompt; leave unset to skip.
         checkpoints: Optional intermediate policies of the training step (its checkpoints output): each becomes
             a point of the reward-vs-KL chart.
-        judge_uri: Optional URI of a reward model to judge with (s3://, a local directory or a hub id), for
-            pipelines without a reward model step; use either judge or judge_uri.
+        judge_uri: Optional URI of a reward model to judge with (s3://, a local directory or a hub id); when set
+            it judges instead of ``judge`` (an independent judge for pipelines that train their own).
         champion_uri: URI of the current champion (the champion step's output); empty when there is none. The
             champion answers the same prompts; with a judge the candidate's win rate against it is reported.
         max_new_tokens: Longest generated response, in tokens.
@@ -62,9 +65,6 @@ def evaluate(
     """
     from preftune.evaluation import EvalConfig
     from preftune.evaluation import evaluate as run_evaluate
-
-    if judge and judge_uri:
-        raise ValueError("evaluate: give the judge as an artifact (judge) or a URI (judge_uri), not both")
 
     config = EvalConfig(
         max_new_tokens=max_new_tokens,
@@ -82,9 +82,10 @@ def evaluate(
         generations.path,
         report.path,
         config,
-        judge=judge.path if judge else (judge_uri or None),
+        judge=judge_uri or (judge.path if judge else None),
         champion=champion_uri or None,
         checkpoints=checkpoints.path if checkpoints else None,
+        frontier_path=frontier.path,
     )
     for name, value in result.items():
         metrics.log_metric(name, value)

@@ -135,6 +135,18 @@ pairs.outputs["train_pairs"], pairs.outputs["eval_pairs"]  # -> dpo_op / reward 
     eval_prompts="s3://my-bucket/eval_prompts.jsonl",
     eval_pairs=pairs.outputs["eval_pairs"],
 )""",
+    "compare": """compare_op(
+    sft_metrics=sft.outputs["metrics"],
+    dpo_metrics=dpo.outputs["metrics"],
+    reward_metrics=reward.outputs["metrics"],
+    ppo_metrics=ppo.outputs["metrics"],
+    dpo_evaluation=dpo_eval.outputs["metrics"],
+    rlhf_evaluation=ppo_eval.outputs["metrics"],
+    dpo_generations=dpo_eval.outputs["generations"],
+    rlhf_generations=ppo_eval.outputs["generations"],
+    dpo_frontier=dpo_eval.outputs["frontier"],
+    rlhf_frontier=ppo_eval.outputs["frontier"],
+)""",
 }
 
 

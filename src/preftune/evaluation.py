@@ -456,6 +456,7 @@ def evaluate(
     judge: str | None = None,
     champion: str | None = None,
     checkpoints: str | None = None,
+    frontier_path: str | None = None,
 ) -> dict[str, float]:
     """Compare a candidate model with its reference (and the champion); write generations and an HTML report.
 
@@ -475,6 +476,8 @@ def evaluate(
             ``lc_win_rate_vs_champion`` compare the candidate with it.
         checkpoints: Optional snapshot directory of the training step (preftune.train.snapshots): each snapshot
             becomes a point of the reward-vs-KL chart.
+        frontier_path: Where to write the reward-vs-KL points as JSONL (``label``, ``step``, ``kl``, ``reward``
+            or ``implicit_reward_accuracy``, ...), for comparisons across runs and methods.
 
     Returns:
         Flat metrics: see the module docstring for each name's definition.
@@ -584,6 +587,8 @@ def evaluate(
     )
     metrics["frontier_points"] = float(len(points))
     write_jsonl(generations_path, rows)
+    if frontier_path:
+        write_jsonl(frontier_path, points)
     reports.write(
         report_path,
         _report(

@@ -502,7 +502,9 @@ def list_dirs(uri: str) -> list[str]:
                 names.add(common["Prefix"][len(_dir_prefix(key)) :].rstrip("/"))
         return sorted(n for n in names if n)
     root = _local(uri)
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
+    return (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
+    )
 
 
 def remove_tree(uri: str) -> None:

@@ -1,0 +1,220 @@
+"""RLHF or DPO, measured on your data: one SFT model, both methods from it in parallel, one judge for both."""
+
+from kfp import dsl
+
+from preftune import platform
+from preftune.components import compare_op, dpo_op, evaluate_op, ppo_op, reward_model_op
+from preftune.pipelines.cluster import data_step, training_step
+from preftune.pipelines.data import import_pairs, ingest_data
+from preftune.pipelines.dpo import PARAMETER_RULES as DPO_RULES
+from preftune.pipelines.rlhf import PARAMETER_RULES as RLHF_RULES
+from preftune.pipelines.sft_stage import supervised_fine_tuning
+
+PIPELINE_NAME = "preftune-compare"
+
+#: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts.
+PARAMETER_RULES = {**DPO_RULES, **RLHF_RULES}
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="RLHF or DPO? Train both from one SFT model on the same feedback, evaluate both on the same "
+    "held-out prompts with the same judge, and report cost, reward, win rates (against SFT and head to head), "
+    "KL, diversity and a verdict.",
+)
+def compare_pipeline(
+    base_model: str = "examples/tiny-llama",
+    sft_data: str = "examples/data/sft.jsonl",
+    preference_data: str = "examples/data/preferences.jsonl",
+    eval_prompts: str = "examples/data/eval_prompts.jsonl",
+    preference_format: str = "auto",
+    since: str = "",
+    max_rejected_fraction: float = 0.5,
+    use_lora: bool = True,
+    lora_r: int = 16,
+    max_length: int = 256,
+    eval_fraction: float = 0.1,
+    sft_epochs: int = 2,
+    sft_learning_rate: float = 2e-3,
+    sft_batch_size: int = 16,
+    sft_max_steps: int = -1,
+    dpo_epochs: int = 1,
+    dpo_learning_rate: float = 2e-4,
+    dpo_batch_size: int = 16,
+    dpo_beta: float = 0.1,
+    dpo_loss: str = "sigmoid",
+    dpo_max_steps: int = -1,
+    reward_objective: str = "pairwise",
+    reward_epochs: int = 1,
+    reward_learning_rate: float = 1e-3,
+    reward_max_steps: int = -1,
+    ppo_iterations: int = 16,
+    ppo_rollout_batch_size: int = 32,
+    ppo_learning_rate: float = 1e-3,
+    ppo_max_new_tokens: int = 32,
+    ppo_kl_coef: float = 0.05,
+    ppo_max_kl: float = 20.0,
+    num_checkpoints: int = 4,
+    eval_max_new_tokens: int = 48,
+    eval_max_prompts: int = 64,
+    judge_model: str = "",
+    num_gpus: int = 0,
+    num_nodes: int = 1,
+    distributed_strategy: str = "ddp",
+    checkpoint_every: int = 50,
+    seed: int = 0,
+):
+    """Train DPO and RLHF from the same SFT model and compare them on the same prompts under one judge.
+
+    Args:
+        base_model: Base model: a Hugging Face hub id, a local directory or an s3:// URI.
+        sft_data: URI of supervised fine-tuning data (jsonl, parquet or csv; file, directory or s3:// prefix).
+        preference_data: URI of human feedback: pairwise, ranked lists, scalar ratings, thumbs or Label Studio.
+        eval_prompts: URI of held-out prompts for evaluation (JSONL rows with a prompt).
+        preference_format: Feedback format: auto, pairwise, ranked, rating, binary or labelstudio.
+        since: Only read date partitions (date=YYYY-MM-DD) from this day on; empty reads everything.
+        max_rejected_fraction: Fail the import when more than this share of feedback rows is rejected.
+        use_lora: Train LoRA adapters instead of all weights, in every stage.
+        lora_r: LoRA rank.
+        max_length: Longest tokenised prompt + response.
+        eval_fraction: Share of SFT examples and of preference prompts held out for evaluation.
+        sft_epochs: SFT passes over the training data.
+        sft_learning_rate: SFT peak learning rate.
+        sft_batch_size: SFT examples per optimisation step.
+        sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
+        dpo_epochs: DPO passes over the training pairs.
+        dpo_learning_rate: DPO peak learning rate.
+        dpo_batch_size: DPO pairs per optimisation step.
+        dpo_beta: DPO beta: strength of the pull towards the SFT reference.
+        dpo_loss: DPO loss type: sigmoid, ipo or hinge.
+        dpo_max_steps: Stop DPO after this many steps (-1 = all epochs).
+        reward_objective: pairwise (Bradley-Terry on preferences) or regression (on normalised rating scores).
+        reward_epochs: Reward model passes over the training pairs.
+        reward_learning_rate: Reward model peak learning rate.
+        reward_max_steps: Stop reward model training after this many steps (-1 = all epochs).
+        ppo_iterations: PPO rounds of rollouts and updates.
+        ppo_rollout_batch_size: Prompts sampled per PPO iteration.
+        ppo_learning_rate: Policy and critic learning rate.
+        ppo_max_new_tokens: Most tokens per sampled response during PPO.
+        ppo_kl_coef: KL penalty per token against the SFT model.
+        ppo_max_kl: KL bound per response: PPO stops, keeping the last good policy, when rollouts pass it.
+        num_checkpoints: Intermediate policies of each method scored for the reward-vs-KL chart.
+        eval_max_new_tokens: Longest generated response in evaluation, in tokens.
+        eval_max_prompts: Evaluate at most this many held-out prompts.
+        judge_model: Reward model URI judging both methods; empty = the RLHF branch's reward model (which
+            favours PPO, as the report says).
+        num_gpus: GPUs (worker processes) per training step; 0 = every GPU the step's pod has.
+        num_nodes: Nodes per training step; more than 1 runs each as a Kubeflow Trainer TrainJob.
+        distributed_strategy: ddp, or fsdp (sharded; refused by stages that do not support it yet).
+        checkpoint_every: Resumable checkpoint every this many optimisation steps in SFT, reward model and DPO.
+        seed: Seed for splits, initialisation, data order and sampling.
+    """
+    scale = {"num_gpus": num_gpus, "num_nodes": num_nodes, "distributed_strategy": distributed_strategy}
+    sft_rows = ingest_data(sft_data, eval_fraction, seed)
+    sft = supervised_fine_tuning(
+        base_model,
+        sft_rows,
+        epochs=sft_epochs,
+        learning_rate=sft_learning_rate,
+        batch_size=sft_batch_size,
+        max_length=max_length,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        seed=seed,
+        max_steps=sft_max_steps,
+        scale={**scale, "checkpoint_every": checkpoint_every},
+    )
+    pairs = import_pairs(
+        preference_data, eval_fraction, seed, preference_format, since, max_rejected_fraction
+    )
+
+    # --- DPO branch
+    dpo = dpo_op(
+        sft_model=sft.outputs["model"],
+        train_pairs=pairs.outputs["train_pairs"],
+        eval_pairs=pairs.outputs["eval_pairs"],
+        beta=dpo_beta,
+        loss_type=dpo_loss,
+        epochs=dpo_epochs,
+        learning_rate=dpo_learning_rate,
+        batch_size=dpo_batch_size,
+        max_length=max_length,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        seed=seed,
+        max_steps=dpo_max_steps,
+        num_checkpoints=num_checkpoints,
+        checkpoint_every=checkpoint_every,
+        **scale,
+    )
+    training_step(dpo.set_display_name("DPO"))
+
+    # --- RLHF branch, in parallel with DPO from the same SFT model
+    reward = reward_model_op(
+        sft_model=sft.outputs["model"],
+        train_pairs=pairs.outputs["train_pairs"],
+        eval_pairs=pairs.outputs["eval_pairs"],
+        objective=reward_objective,
+        epochs=reward_epochs,
+        learning_rate=reward_learning_rate,
+        max_length=max_length,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        seed=seed,
+        max_steps=reward_max_steps,
+        checkpoint_every=checkpoint_every,
+        **scale,
+    )
+    training_step(reward.set_display_name("Reward model"))
+    ppo = ppo_op(
+        sft_model=sft.outputs["model"],
+        reward_model=reward.outputs["model"],
+        prompts=pairs.outputs["train_pairs"],
+        iterations=ppo_iterations,
+        rollout_batch_size=ppo_rollout_batch_size,
+        learning_rate=ppo_learning_rate,
+        max_new_tokens=ppo_max_new_tokens,
+        kl_coef=ppo_kl_coef,
+        max_kl=ppo_max_kl,
+        use_lora=use_lora,
+        lora_r=lora_r,
+        num_checkpoints=num_checkpoints,
+        seed=seed,
+        **scale,
+    )
+    training_step(ppo.set_display_name("PPO"))
+
+    # --- both policies, the same prompts, seed and judge
+    evaluations = {}
+    for method, policy in (("dpo", dpo), ("rlhf", ppo)):
+        evaluation = evaluate_op(
+            candidate=policy.outputs["model"],
+            reference=sft.outputs["model"],
+            eval_prompts=eval_prompts,
+            eval_pairs=pairs.outputs["eval_pairs"],
+            checkpoints=policy.outputs["checkpoints"],
+            judge=reward.outputs["model"],
+            judge_uri=judge_model,  # when set, it judges instead of the RLHF reward model
+            max_new_tokens=eval_max_new_tokens,
+            beta=dpo_beta,
+            max_prompts=eval_max_prompts,
+            seed=seed,
+        )
+        evaluations[method] = training_step(evaluation.set_display_name(f"Evaluate {method.upper()}"))
+
+    comparison = compare_op(
+        sft_metrics=sft.outputs["metrics"],
+        dpo_metrics=dpo.outputs["metrics"],
+        reward_metrics=reward.outputs["metrics"],
+        ppo_metrics=ppo.outputs["metrics"],
+        dpo_evaluation=evaluations["dpo"].outputs["metrics"],
+        rlhf_evaluation=evaluations["rlhf"].outputs["metrics"],
+        dpo_generations=evaluations["dpo"].outputs["generations"],
+        rlhf_generations=evaluations["rlhf"].outputs["generations"],
+        dpo_frontier=evaluations["dpo"].outputs["frontier"],
+        rlhf_frontier=evaluations["rlhf"].outputs["frontier"],
+        gpus_per_step=platform.accelerator_count(),
+        num_nodes=num_nodes,
+        judge_model=judge_model,
+    )
+    data_step(comparison.set_display_name("Compare RLHF and DPO"))

@@ -1,0 +1,92 @@
+"""End to end: `preftune run compare` through kfp.local, DPO and RLHF from one SFT model, judged alike."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from preftune.modeling import read_lineage
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PREFTUNE = str(Path(sys.executable).parent / "preftune")
+FIGURES = (
+    "wall_seconds", "gpu_hours", "train_tokens", "peak_memory_mb", "judge_reward", "win_rate_vs_sft",
+    "lc_win_rate_vs_sft", "kl_to_sft", "distinct_2", "diversity_ratio_vs_sft", "mean_length",
+)  # fmt: skip
+
+
+def _slice(src: Path, dest: Path, rows: int) -> str:
+    lines = src.read_text(encoding="utf-8").splitlines()[:rows]
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("e2e-compare")
+    params = {
+        "sft_data": _slice(EXAMPLES / "data" / "sft.jsonl", tmp / "sft.jsonl", 400),
+        "preference_data": _slice(EXAMPLES / "data" / "preferences.jsonl", tmp / "prefs.jsonl", 480),
+        "eval_prompts": _slice(EXAMPLES / "data" / "eval_prompts.jsonl", tmp / "prompts.jsonl", 12),
+        "eval_fraction": 0.2,
+        "sft_max_steps": 30,
+        "dpo_max_steps": 20,
+        "dpo_learning_rate": 1e-3,
+        "reward_max_steps": 30,
+        "ppo_iterations": 6,
+        "ppo_rollout_batch_size": 16,
+        "num_checkpoints": 2,
+        "eval_max_prompts": 12,
+        "eval_max_new_tokens": 24,
+    }
+    argv = [PREFTUNE, "run", "compare", "--pipeline-root", str(tmp / "runs")]
+    for name, value in params.items():
+        argv += ["--param", f"{name}={value}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = list((tmp / "runs").glob("preftune-compare-*"))
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_both_branches_ran_from_the_same_sft_model(compare_run: dict) -> None:
+    steps = compare_run["steps"]
+    assert compare_run["status"] == "SUCCEEDED"
+    assert {"sft", "dpo", "reward-model", "ppo", "evaluate", "evaluate-2", "compare"} <= set(steps)
+    assert all(step["status"] == "SUCCEEDED" for step in steps.values())
+    sft = steps["sft"]["artifacts"]["model"]
+    for stage in ("dpo", "reward-model", "ppo"):
+        assert read_lineage(steps[stage]["artifacts"]["model"])["parent"] == sft, stage
+    # both evaluations: the same prompts, the same reference and judge (the RLHF reward model)
+    rows = [
+        [json.loads(x) for x in Path(steps[e]["artifacts"]["generations"]).read_text().splitlines()]
+        for e in ("evaluate", "evaluate-2")
+    ]
+    assert [r["prompt"] for r in rows[0]] == [r["prompt"] for r in rows[1]] and len(rows[0]) == 12
+    assert [r["reference"] for r in rows[0]] == [
+        r["reference"] for r in rows[1]
+    ]  # same seed: same SFT answers
+    # the same judge: the SFT answers get the same rewards (up to float noise from how texts were batched)
+    assert [r["reference_reward"] for r in rows[0]] == pytest.approx(
+        [r["reference_reward"] for r in rows[1]], abs=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_the_report_has_every_figure_for_both_methods(compare_run: dict) -> None:
+    comparison = compare_run["steps"]["compare"]
+    metrics = comparison["metrics"]
+    for figure in FIGURES:
+        for method in ("dpo", "rlhf"):
+            assert f"{method}_{figure}" in metrics, f"{method}_{figure}"
+    assert metrics["rlhf_wall_seconds"] > 0 and metrics["dpo_train_tokens"] > 0
+    assert metrics["dpo_win_rate_vs_rlhf"] + metrics["rlhf_win_rate_vs_dpo"] == pytest.approx(1.0)
+    assert metrics["head_to_head_prompts"] == 12
+    html = Path(comparison["artifacts"]["report"]).read_text(encoding="utf-8")
+    for section in ("Verdict", "Side by side", "Head to head under the judge", "Reward vs KL over training"):
+        assert section in html
+    assert "favours RLHF" in html  # no independent judge was given
