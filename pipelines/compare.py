@@ -9,11 +9,9 @@ from preftune.pipelines.data import import_pairs, ingest_data
 from preftune.pipelines.dpo import PARAMETER_RULES as DPO_RULES
 from preftune.pipelines.rlhf import PARAMETER_RULES as RLHF_RULES
 from preftune.pipelines.sft_stage import supervised_fine_tuning
+from preftune.runner import pipeline_parameters
 
 PIPELINE_NAME = "preftune-compare"
-
-#: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts.
-PARAMETER_RULES = {**DPO_RULES, **RLHF_RULES}
 
 
 @dsl.pipeline(
@@ -218,3 +216,12 @@ def compare_pipeline(
         judge_model=judge_model,
     )
     data_step(comparison.set_display_name("Compare RLHF and DPO"))
+
+
+#: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts: the DPO and
+#: RLHF pipelines' rules for the parameters this pipeline shares with them.
+PARAMETER_RULES = {
+    name: rule
+    for name, rule in {**DPO_RULES, **RLHF_RULES}.items()
+    if name in pipeline_parameters(compare_pipeline)
+}

@@ -76,6 +76,8 @@ def test_unknown_parameter_lists_the_valid_ones() -> None:
         ("dpo_beta=high", "expects float"),
         ("use_lora=maybe", "use true or false"),
         ("seed", "NAME=VALUE"),
+        ("sft_data=gs://bucket/sft.jsonl", "parameter 'sft_data': unsupported URI 'gs://bucket/sft.jsonl'"),
+        ("registry_uri=http://example.com/registry", "use one of: local path, file://, s3://"),
     ],
 )
 def test_bad_values_get_clear_messages(item: str, expected: str) -> None:

@@ -77,6 +77,13 @@ def parse_value(param: Parameter, raw: str) -> Any:
             f"parameter {param.name!r} expects {param.type}, got {raw!r}"
             + (" (use true or false)" if param.type == "bool" else "")
         ) from None
+    if "://" in text:  # a location: refuse a scheme no step could read before anything runs
+        from preftune import storage
+
+        try:
+            storage.check_uri(text)
+        except ValueError as exc:
+            raise ParameterError(f"parameter {param.name!r}: {exc}") from None
     return raw
 
 
