@@ -220,9 +220,17 @@ def test_service_account_role_and_binding_fit_together() -> None:
     (cm_rule,) = [r for r in rules if "configmaps" in r["resources"]]
     assert set(cm_rule["resourceNames"]) == {"kfp-launcher", S3_CONFIG}
     assert set(cm_rule["verbs"]) <= {"get", "list", "watch"}
-    # Argo's executor reports outputs; the Kubeflow Trainer launcher (next) submits TrainJobs
+    # Argo's executor reports outputs
     assert any(r["apiGroups"] == ["argoproj.io"] and "workflowtaskresults" in r["resources"] for r in rules)
-    assert any(r["apiGroups"] == ["trainer.kubeflow.org"] and "trainjobs" in r["resources"] for r in rules)
+    # TrainJobs are the multi-node launcher's alone: its own Role, bound to the same service account
+    assert not any("trainer.kubeflow.org" in r["apiGroups"] for r in rules)
+    (launcher_role, binding) = _docs(K8S / "trainjob-launcher-rbac.yaml")
+    assert any(
+        r["apiGroups"] == ["trainer.kubeflow.org"] and r["resources"] == ["trainjobs"]
+        for r in launcher_role["rules"]
+    )
+    assert binding["roleRef"]["name"] == launcher_role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == "preftune-pipeline-runner"
 
 
 # --- Terraform --------------------------------------------------------------------------------------------------
