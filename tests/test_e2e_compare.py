@@ -3,35 +3,26 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from e2e import bundled_slice, run_cli
 
 from preftune.modeling import read_lineage
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-PREFTUNE = str(Path(sys.executable).parent / "preftune")
 FIGURES = (
     "wall_seconds", "gpu_hours", "train_tokens", "peak_memory_mb", "judge_reward", "win_rate_vs_sft",
     "lc_win_rate_vs_sft", "kl_to_sft", "distinct_2", "diversity_ratio_vs_sft", "mean_length",
 )  # fmt: skip
 
 
-def _slice(src: Path, dest: Path, rows: int) -> str:
-    lines = src.read_text(encoding="utf-8").splitlines()[:rows]
-    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(dest)
-
-
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("e2e-compare")
     params = {
-        "sft_data": _slice(EXAMPLES / "data" / "sft.jsonl", tmp / "sft.jsonl", 400),
-        "preference_data": _slice(EXAMPLES / "data" / "preferences.jsonl", tmp / "prefs.jsonl", 480),
-        "eval_prompts": _slice(EXAMPLES / "data" / "eval_prompts.jsonl", tmp / "prompts.jsonl", 12),
+        "sft_data": bundled_slice("sft.jsonl", tmp / "sft.jsonl", 400),
+        "preference_data": bundled_slice("preferences.jsonl", tmp / "prefs.jsonl", 480),
+        "eval_prompts": bundled_slice("eval_prompts.jsonl", tmp / "prompts.jsonl", 12),
         "eval_fraction": 0.2,
         "sft_max_steps": 30,
         "dpo_max_steps": 20,
@@ -43,13 +34,7 @@ def compare_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "eval_max_prompts": 12,
         "eval_max_new_tokens": 24,
     }
-    argv = [PREFTUNE, "run", "compare", "--pipeline-root", str(tmp / "runs")]
-    for name, value in params.items():
-        argv += ["--param", f"{name}={value}"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (run_dir,) = list((tmp / "runs").glob("preftune-compare-*"))
-    return json.loads((run_dir / "summary.json").read_text())
+    return run_cli("compare", params, tmp / "runs")
 
 
 @pytest.mark.slow

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from e2e import bundled_slice, run_cli
 
 from preftune.modeling import load_causal_lm, load_tokenizer
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-PREFTUNE = str(Path(sys.executable).parent / "preftune")
-
-
-def _slice(src: Path, dest: Path, rows: int) -> str:
-    lines = src.read_text(encoding="utf-8").splitlines()[:rows]
-    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(dest)
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +18,9 @@ def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One small but real DPO pipeline run, shared by the assertions below."""
     tmp = tmp_path_factory.mktemp("e2e-dpo")
     params = {
-        "sft_data": _slice(EXAMPLES / "data" / "sft.jsonl", tmp / "sft.jsonl", 400),
-        "preference_data": _slice(EXAMPLES / "data" / "preferences.jsonl", tmp / "prefs.jsonl", 480),
-        "eval_prompts": _slice(EXAMPLES / "data" / "eval_prompts.jsonl", tmp / "prompts.jsonl", 12),
+        "sft_data": bundled_slice("sft.jsonl", tmp / "sft.jsonl", 400),
+        "preference_data": bundled_slice("preferences.jsonl", tmp / "prefs.jsonl", 480),
+        "eval_prompts": bundled_slice("eval_prompts.jsonl", tmp / "prompts.jsonl", 12),
         "eval_fraction": 0.2,
         "sft_max_steps": 30,
         "dpo_max_steps": 30,
@@ -40,15 +30,7 @@ def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "registry_uri": str(tmp / "registry"),
         "model_name": "policy",
     }
-    argv = [PREFTUNE, "run", "dpo", "--pipeline-root", str(tmp / "runs")]
-    for name, value in params.items():
-        argv += ["--param", f"{name}={value}"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    run_dirs = list((tmp / "runs").glob("preftune-dpo-*"))
-    assert len(run_dirs) == 1
-    assert str(run_dirs[0]) in done.stdout, "the run directory is printed"
-    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    summary = run_cli("dpo", params, tmp / "runs")
     summary["registry"] = str(tmp / "registry")
     return summary
 

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from e2e import bundled_slice, run_cli
 
 from preftune.modeling import load_reward_model, load_tokenizer
 from preftune.scoring import score_texts
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-PREFTUNE = str(Path(sys.executable).parent / "preftune")
 MAX_KL = 12.0
-
-
-def _slice(src: Path, dest: Path, rows: int) -> str:
-    lines = src.read_text(encoding="utf-8").splitlines()[:rows]
-    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(dest)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +17,9 @@ def rlhf_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One small but real RLHF pipeline run, shared by the assertions below."""
     tmp = tmp_path_factory.mktemp("e2e-rlhf")
     params = {
-        "sft_data": _slice(EXAMPLES / "data" / "sft.jsonl", tmp / "sft.jsonl", 600),
-        "preference_data": _slice(EXAMPLES / "data" / "preferences.jsonl", tmp / "prefs.jsonl", 800),
-        "eval_prompts": _slice(EXAMPLES / "data" / "eval_prompts.jsonl", tmp / "prompts.jsonl", 24),
+        "sft_data": bundled_slice("sft.jsonl", tmp / "sft.jsonl", 600),
+        "preference_data": bundled_slice("preferences.jsonl", tmp / "prefs.jsonl", 800),
+        "eval_prompts": bundled_slice("eval_prompts.jsonl", tmp / "prompts.jsonl", 24),
         "eval_fraction": 0.15,
         "sft_max_steps": 60,
         "reward_max_steps": 60,
@@ -41,13 +29,7 @@ def rlhf_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "eval_max_new_tokens": 32,
         "registry_uri": str(tmp / "registry"),
     }
-    argv = [PREFTUNE, "run", "rlhf", "--pipeline-root", str(tmp / "runs")]
-    for name, value in params.items():
-        argv += ["--param", f"{name}={value}"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (run_dir,) = list((tmp / "runs").glob("preftune-rlhf-*"))
-    return json.loads((run_dir / "summary.json").read_text())
+    return run_cli("rlhf", params, tmp / "runs")
 
 
 @pytest.mark.slow
