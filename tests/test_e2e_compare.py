@@ -24,15 +24,15 @@ def compare_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "preference_data": bundled_slice("preferences.jsonl", tmp / "prefs.jsonl", 480),
         "eval_prompts": bundled_slice("eval_prompts.jsonl", tmp / "prompts.jsonl", 12),
         "eval_fraction": 0.2,
-        "sft_max_steps": 30,
-        "dpo_max_steps": 20,
+        "sft_max_steps": 20,
+        "dpo_max_steps": 12,
         "dpo_learning_rate": 1e-3,
-        "reward_max_steps": 30,
-        "ppo_iterations": 6,
+        "reward_max_steps": 20,
+        "ppo_iterations": 4,
         "ppo_rollout_batch_size": 16,
-        "num_checkpoints": 2,
-        "eval_max_prompts": 12,
-        "eval_max_new_tokens": 24,
+        "num_checkpoints": 1,
+        "eval_max_prompts": 8,
+        "eval_max_new_tokens": 16,
     }
     return run_cli("compare", params, tmp / "runs")
 
@@ -51,7 +51,7 @@ def test_both_branches_ran_from_the_same_sft_model(compare_run: dict) -> None:
         [json.loads(x) for x in Path(steps[e]["artifacts"]["generations"]).read_text().splitlines()]
         for e in ("evaluate", "evaluate-2")
     ]
-    assert [r["prompt"] for r in rows[0]] == [r["prompt"] for r in rows[1]] and len(rows[0]) == 12
+    assert [r["prompt"] for r in rows[0]] == [r["prompt"] for r in rows[1]] and len(rows[0]) == 8
     assert [r["reference"] for r in rows[0]] == [
         r["reference"] for r in rows[1]
     ]  # same seed: same SFT answers
@@ -70,7 +70,7 @@ def test_the_report_has_every_figure_for_both_methods(compare_run: dict) -> None
             assert f"{method}_{figure}" in metrics, f"{method}_{figure}"
     assert metrics["rlhf_wall_seconds"] > 0 and metrics["dpo_train_tokens"] > 0
     assert metrics["dpo_win_rate_vs_rlhf"] + metrics["rlhf_win_rate_vs_dpo"] == pytest.approx(1.0)
-    assert metrics["head_to_head_prompts"] == 12
+    assert metrics["head_to_head_prompts"] == 8
     html = Path(comparison["artifacts"]["report"]).read_text(encoding="utf-8")
     for section in ("Verdict", "Side by side", "Head to head under the judge", "Reward vs KL over training"):
         assert section in html
