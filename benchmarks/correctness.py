@@ -3,7 +3,9 @@
 Same weights, same pairs, same token ids. The policy is made to differ from the reference first (the LoRA
 adapter gets random non-zero weights), so the comparison is not the trivial ln 2 of step 0. TRL's number comes
 from its own trainer code path: ``DPOTrainer._compute_loss`` on a batch from its ``DataCollatorForPreference``,
-one pair at a time (its loss is a batch mean), with its reference computed inline (adapter disabled).
+one pair at a time (its loss is a batch mean), with its reference computed inline (adapter disabled). The
+reward model's losses are checked on the batches its trainer trains on by default (packed, prefix-shared pairs)
+and on 2B padded rows, against ``RewardTrainer.compute_loss`` on TRL's own collated pairs.
 """
 
 from __future__ import annotations
@@ -136,10 +138,18 @@ def reward_gate(n_pairs: int = 8, model: str = "tiny") -> dict[str, Any]:
         rm.score.weight.copy_(torch.randn(rm.score.weight.shape, generator=generator) * 0.5)
     rm.eval()
     features = reward.load_reward_features(rows_path, tokenizer, 256, need_scores=False)
-    collator = reward.RewardCollator(tokenizer, rm.config.pad_token_id)
-    batch = collator(features)
+    # The trainer's default batches (packed rows, one prompt + chosen + rejected document per pair, read at each
+    # answer's pooling position): what the benchmark's reward runs train on. Also the 2B padded rows (levers off).
+    config = reward.RewardConfig()
+    packed = reward.make_collator(tokenizer, config, rm.config.pad_token_id)(features)
+    padded = reward.RewardCollator(tokenizer, rm.config.pad_token_id)(features)
+    if "score_pos" not in packed or packed["input_ids"].shape[0] >= len(features):
+        raise RuntimeError(
+            "the reward trainer's default batches are not packed: the gate would not check them"
+        )
     with torch.no_grad():
-        c, r = reward.pair_rewards(rm, batch)
+        c, r = reward.pair_rewards(rm, packed)
+        c_padded, r_padded = reward.pair_rewards(rm, padded)
     from preftune.losses import bradley_terry_loss
 
     ours = bradley_terry_loss(c, r)
@@ -163,14 +173,18 @@ def reward_gate(n_pairs: int = 8, model: str = "tiny") -> dict[str, Any]:
         for a, b in seqs:
             inputs = trainer.data_collator([{"chosen_ids": a, "rejected_ids": b}])
             theirs.append(float(trainer.compute_loss(trainer.model, inputs)))
-    ours_pairs = reward.pair_losses(reward.RewardConfig(), c, r, batch)  # the trainer's own loss path
+    ours_pairs = reward.pair_losses(config, c, r, packed)  # the trainer's own loss path
+    ours_padded = reward.pair_losses(config, c_padded, r_padded, padded)
     theirs_t = torch.tensor(theirs, dtype=torch.float64)
-    diff = max(
-        float((ours.double() - theirs_t).abs().max()), float((ours_pairs.double() - theirs_t).abs().max())
-    )
+    diffs = {
+        name: float((losses.double() - theirs_t).abs().max())
+        for name, losses in (("bradley_terry", ours), ("packed", ours_pairs), ("padded", ours_padded))
+    }
+    diff = max(diffs.values())
     return {
         "max_abs_diff": diff,
         "ok": diff <= TOLERANCE,
+        "paths": diffs,
         "ours": [float(x) for x in ours_pairs],
         "trl": theirs,
     }

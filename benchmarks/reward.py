@@ -21,6 +21,7 @@ def run(
     batch_size: int = 16,
     use_lora: bool = True,
     max_length: int = 256,
+    levers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     model_path = common.model_dir(model)
     tmp = Path(tempfile.mkdtemp(prefix="bench-rm-"))
@@ -42,6 +43,7 @@ def run(
             logging_steps=10**6,
             seed=0,
             mixed_precision="no",
+            **(levers or {}),
         )
         metrics = reward.train_reward_model(
             model_path, train, evalp, str(tmp / "out"), str(tmp / "r.html"), config

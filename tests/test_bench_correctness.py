@@ -31,3 +31,7 @@ def test_reward_loss_matches_trl_on_model_batches() -> None:
     gate = correctness.reward_gate(n_pairs=6)
     assert gate["ok"], gate
     assert gate["max_abs_diff"] <= 1e-5
+    # Both the packed, prefix-shared batches the trainer uses by default and the 2B padded rows were checked.
+    assert set(gate["paths"]) == {"bradley_terry", "packed", "padded"}
+    assert all(d <= 1e-5 for d in gate["paths"].values())
+    assert len(set(gate["trl"])) > 1  # the random head tells the pairs apart: not a constant ln 2

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import tiny_models
+import torch
 from tiny_models import BAD, GOOD, make_policy_dir, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -13,10 +14,17 @@ from preftune import modeling
 from preftune.scoring import score_sequences, score_texts
 from preftune.train.batching import DataError
 from preftune.train.reward import (
+    PackedRewardCollator,
+    RewardCollator,
     RewardConfig,
     bucket_rows,
+    load_reward_features,
+    make_collator,
     margin_bucket,
     margin_thresholds,
+    pair_losses,
+    pair_rewards,
+    score_position,
     train_reward_model,
 )
 
@@ -265,11 +273,169 @@ def test_pairs_without_scores_train_pairwise(sft: str, tmp_path: Path) -> None:
 
 
 def test_config_rejects_nonsense(sft: str, pairs: str, tmp_path: Path) -> None:
-    for bad, match in (({"objective": "ranking"}, "objective"), ({"margin_scale": -1.0}, "margin_scale")):
+    for bad, match in (
+        ({"objective": "ranking"}, "objective"),
+        ({"margin_scale": -1.0}, "margin_scale"),
+        ({"pack_length": -1}, "pack_length"),
+    ):
         with pytest.raises(ValueError, match=match):
             train_reward_model(
                 sft, pairs, pairs, str(tmp_path / "m"), str(tmp_path / "r.html"), _config(**bad)
             )
+
+
+# --- packed, prefix-shared pairs -------------------------------------------------------------------------------
+
+#: (prefix_sharing, pack_length): the default; one pair per row; two documents per pair, packed; rows shorter
+#: than a pair (each pair then gets a row of its own).
+LEVERS = [(True, 256), (True, 0), (False, 256), (True, 16)]
+
+
+def _scoring_model(sft: str, use_lora: bool):  # noqa: ANN202
+    """The reward model as training starts (a random score head), LoRA's zero-initialised B moved by seeded noise
+    so that the adapter changes the hidden states too."""
+    model = modeling.prepare_reward_model(sft, use_lora=use_lora)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def _pool_pad(model) -> int:  # noqa: ANN001
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).config.pad_token_id
+
+
+def _rewards_losses_grads(model, batch, config: RewardConfig):  # noqa: ANN001, ANN202
+    model.zero_grad()
+    chosen, rejected = pair_rewards(model, batch)
+    losses = pair_losses(config, chosen, rejected, batch)
+    losses.mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return torch.cat([chosen, rejected]).detach(), losses.detach(), grads
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+@pytest.mark.parametrize(("prefix_sharing", "pack_length"), LEVERS)
+def test_packed_rewards_equal_one_sequence_per_row(
+    sft: str, pairs: str, use_lora: bool, prefix_sharing: bool, pack_length: int
+) -> None:
+    """Packed / prefix-shared batches give the 2B padded rows' rewards, losses (both objectives) and gradients."""
+    model = _scoring_model(sft, use_lora)
+    tokenizer = modeling.load_tokenizer(sft)
+    features = load_reward_features(pairs, tokenizer, 48, need_scores=True)
+    pool = _pool_pad(model)
+    padded = RewardCollator(tokenizer, pool)(features)
+    packed = PackedRewardCollator(tokenizer, pool, prefix_sharing=prefix_sharing, pack_length=pack_length)(
+        features
+    )
+    if pack_length == 256:
+        assert packed["input_ids"].shape[0] < len(features)  # several pairs share a row
+    for objective in ("pairwise", "regression"):
+        config = RewardConfig(objective=objective)
+        want_rewards, want_losses, want_grads = _rewards_losses_grads(model, padded, config)
+        rewards, losses, grads = _rewards_losses_grads(model, packed, config)
+        assert torch.allclose(rewards, want_rewards, atol=1e-5, rtol=0)
+        assert want_rewards.std() > 0.1  # not a trivial agreement on a constant
+        assert torch.allclose(losses, want_losses, atol=1e-5, rtol=0)
+        for name, grad in want_grads.items():
+            assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), name
+    # The prompt runs once per pair: the batch holds the prompt, both answers and nothing else.
+    once = sum(len(f["prompt_ids"]) * (1 if prefix_sharing else 2) for f in features)
+    answers = sum(len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features)
+    assert int(packed["tokens"]) == once + answers
+
+
+@pytest.mark.parametrize("pad", ["<pad>", None])
+def test_packed_rewards_are_read_where_the_saved_model_scores(
+    tmp_path: Path, pairs: str, pad: str | None
+) -> None:
+    """Training reads each answer's score at the token preftune.scoring reads when it scores that text alone: the
+    closing eos, or the last response token when the tokenizer pads with eos."""
+    sft = make_policy_dir(tmp_path / "sft", pad=pad)
+    model = _scoring_model(sft, use_lora=False)
+    tokenizer = modeling.load_tokenizer(sft)
+    pool = _pool_pad(model)
+    assert (pool == tokenizer.eos_token_id) is (pad is None)
+    features = load_reward_features(pairs, tokenizer, 48, need_scores=False)
+    batch = make_collator(tokenizer, RewardConfig(), pool)(features)
+    with torch.no_grad():
+        chosen, rejected = pair_rewards(model, batch)
+    texts = [f["prompt_ids"] + f[k] for k in ("chosen_ids", "rejected_ids") for f in features]
+    alone = score_sequences(model, texts, batch_size=1)
+    assert torch.cat([chosen, rejected]).tolist() == pytest.approx(alone, abs=1e-5)
+    eos_at = [len(t) - 1 for t in texts]
+    assert [score_position(t, pool) for t in texts] == (eos_at if pad else [k - 1 for k in eos_at])
+
+
+def test_a_read_inside_the_prompt_stays_there(sft: str) -> None:
+    """An answer made only of pad ids is pooled at the prompt's last token (as transformers pools it); with the
+    prompt shared, the rejected answer's read must not be shifted past the chosen tokens."""
+    model = _scoring_model(sft, use_lora=False)
+    tokenizer = modeling.load_tokenizer(sft)
+    pool, eos = _pool_pad(model), tokenizer.eos_token_id
+    prompt = tokenizer("question 1", add_special_tokens=False)["input_ids"]
+    answer = tokenizer("no.", add_special_tokens=False)["input_ids"]
+    features = [
+        {
+            "index": 0,
+            "prompt_ids": prompt,
+            "chosen_ids": answer + [eos],
+            "rejected_ids": [pool],
+            "margin": 1.0,
+        },
+        {
+            "index": 1,
+            "prompt_ids": prompt,
+            "chosen_ids": [pool, pool],
+            "rejected_ids": answer + [eos],
+            "margin": 0.0,
+        },
+    ]
+    assert score_position(prompt + [pool], pool) == len(prompt) - 1
+    with torch.no_grad():
+        want = torch.cat(pair_rewards(model, RewardCollator(tokenizer, pool)(features)))
+        for prefix_sharing in (True, False):
+            collator = PackedRewardCollator(tokenizer, pool, prefix_sharing=prefix_sharing)
+            got = torch.cat(pair_rewards(model, collator(features)))
+            assert torch.allclose(got, want, atol=1e-5, rtol=0), prefix_sharing
+    # pair 1's chosen and pair 0's rejected are both read at the prompt's last token
+    assert float(want[2]) == pytest.approx(float(want[1]), abs=1e-6)
+
+
+def test_packed_training_follows_the_padded_trajectory(sft: str, pairs: str, tmp_path: Path) -> None:
+    """The whole loop with the levers on trains the same model as with 2B padded rows, on fewer tokens."""
+    runs = {}
+    for name, levers in {"packed": {}, "padded": {"prefix_sharing": False, "pack_length": 0}}.items():
+        out = tmp_path / name
+        config = _config(epochs=1, **levers)
+        runs[name] = train_reward_model(sft, pairs, pairs, str(out), str(out) + ".html", config)
+    packed, padded = runs["packed"], runs["padded"]
+    for key in ("first_eval_loss", "eval_loss", "train_loss", "eval_mean_margin", "eval_reward_std"):
+        assert packed[key] == pytest.approx(padded[key], abs=1e-4), key
+    assert packed["train_loss"] < packed["first_eval_loss"]  # it did train
+    tokenizer = modeling.load_tokenizer(sft)
+    features = load_reward_features(pairs, tokenizer, 48, need_scores=False)
+    prompts = sum(len(f["prompt_ids"]) for f in features)
+    answers = sum(len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features)
+    assert packed["train_tokens"] == prompts + answers  # each prompt once
+    assert padded["train_tokens"] == 2 * prompts + answers
+
+
+def test_a_rerun_resumes_packed_training_from_its_newest_checkpoint(
+    sft: str, pairs: str, tmp_path: Path
+) -> None:
+    """A retried run (same config, same checkpoint_uri) continues from the newest checkpoint to the same model."""
+    config = _config(checkpoint_uri=str(tmp_path / "checkpoints"), checkpoint_every=5)  # 12 steps: 5 and 10
+    whole = train_reward_model(sft, pairs, pairs, str(tmp_path / "a"), str(tmp_path / "a.html"), config)
+    retried = train_reward_model(sft, pairs, pairs, str(tmp_path / "b"), str(tmp_path / "b.html"), config)
+    assert whole["resumed_from_step"] == 0 and retried["resumed_from_step"] == 10
+    for key in ("steps", "eval_loss", "train_loss", "eval_mean_margin", "eval_accuracy", "first_eval_loss"):
+        assert retried[key] == pytest.approx(whole[key], abs=1e-6), key
+    a = json.loads((tmp_path / "a" / "lineage.json").read_text())["data"]["data_order"]
+    b = json.loads((tmp_path / "b" / "lineage.json").read_text())["data"]["data_order"]
+    assert a == b  # the same batches, in the same order
 
 
 # --- the KFP components, run for real through kfp.local -------------------------------------------------------

@@ -79,3 +79,34 @@ def scored_logprobs(
     if temperature != 1.0:
         logits = logits / temperature
     return token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]
+
+
+def classifier_head(model: Any) -> torch.nn.Module:
+    """The score head of a sequence classifier (``score``; under PEFT the ``modules_to_save`` wrapper, which
+    runs the trained copy)."""
+    inner = unwrap(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    head = getattr(inner, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise ValueError(f"{type(inner).__name__} has no 'score' head to read per-position outputs from")
+    return head
+
+
+def classifier_outputs_at(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A sequence classifier's outputs ``(reads, labels)`` at the packed positions ``batch["score_row"]``,
+    ``batch["score_pos"]``, from one forward over the packed rows.
+
+    A transformers classifier applies its head to every position, then pools the rightmost non-pad token of a
+    row; a packed row holds many documents, so the per-position outputs are taken from the head itself (a
+    forward hook) and read where each document would have been pooled alone. The forward still goes through
+    ``model`` (and so through a DDP wrapper's gradient bookkeeping); the head's arithmetic is the model's own.
+    """
+    captured: list[torch.Tensor] = []
+    handle = classifier_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(**packed_inputs(batch), use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the score head ran {len(captured)} times in one forward; expected once")
+    return captured[0][batch["score_row"], batch["score_pos"]]

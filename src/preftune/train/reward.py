@@ -14,7 +14,14 @@ Two objectives:
 - ``regression``: MSE between each response's reward and its normalised score (``scores`` on pairs made from
   scalar ratings, docs/contracts.md). A pair without scores is an error naming its file and row.
 
-Chosen and rejected answers of a batch go through the model together (2B rows, one forward pass).
+Chosen and rejected answers of a batch go through the model together, in one forward pass. By default
+(``prefix_sharing``, ``pack_length``) a pair is one document ``prompt + chosen + rejected`` whose rejected tokens
+attend to the prompt but not to the chosen ones, with position ids restarting after the prompt (so the prompt
+runs once, not twice), and documents are packed into rows of up to ``pack_length`` tokens with a block mask
+(preftune.train.batching.pack_documents: no padding). Each answer's score is then read at the packed position
+of the token where the classifier pools ``prompt + answer`` scored alone (:func:`score_position`), so training,
+evaluation and the saved model's later scoring (preftune.scoring) read the same token of the same context. With
+both levers off, the batch is 2B right-padded rows pooled by the classifier itself.
 
 Held-out metrics (on the eval pairs, whatever the objective): ``eval_accuracy`` (share of pairs with
 r_chosen > r_rejected; a tie is not a win), ``eval_mean_margin`` (mean r_chosen - r_rejected) and
@@ -40,8 +47,16 @@ from torch.utils.data import DataLoader
 from preftune import modeling, reports, storage
 from preftune.losses import bradley_terry_loss, reward_regression_loss
 from preftune.scoring import reward_pad_id, rewards_from_batch
-from preftune.templating import eos_id
-from preftune.train.batching import DataError, PairCollator, load_pair_features, read_rows
+from preftune.templating import eos_id, pad_id
+from preftune.train.batching import (
+    PROMPT,
+    DataError,
+    PairCollator,
+    Part,
+    load_pair_features,
+    pack_documents,
+    read_rows,
+)
 from preftune.train.checkpoint import Checkpointer, LoopProgress
 from preftune.train.loop import (
     History,
@@ -57,6 +72,7 @@ from preftune.train.loop import (
     ready_for_training,
     resource_metrics,
 )
+from preftune.train.packed import classifier_outputs_at
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +163,18 @@ class RewardConfig:
     checkpoint_every: int = field(
         default=0, metadata={"help": "Checkpoint every this many optimisation steps (0 = never)."}
     )
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Run each prompt once for both answers (one prompt+chosen+rejected sequence, masked)."
+        },
+    )
+    pack_length: int = field(
+        default=256,
+        metadata={
+            "help": "Pack pairs into rows of up to this many tokens, no padding (0 = one pair per row)."
+        },
+    )
 
 
 def _check(config: RewardConfig) -> None:
@@ -154,6 +182,10 @@ def _check(config: RewardConfig) -> None:
     if config.objective not in OBJECTIVES:
         raise ValueError(
             f"RewardConfig.objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}"
+        )
+    if config.pack_length < 0:
+        raise ValueError(
+            f"RewardConfig.pack_length must be >= 0 (0 = one pair per row), got {config.pack_length}"
         )
     if not (math.isfinite(config.margin_scale) and config.margin_scale >= 0):
         raise ValueError(
@@ -235,12 +267,99 @@ class RewardCollator:
         return batch
 
 
+def score_position(ids: Sequence[int], pool_pad: int) -> int:
+    """Where a transformers sequence classifier reads the score of the token sequence ``ids``: the rightmost
+    token whose id is not ``pool_pad`` (its ``config.pad_token_id``), 0 when there is none.
+
+    The closing eos when the model pads with another id; the last response token when it pads with eos. Right
+    padding appends only ``pool_pad``, so this is also the position pooled in any padded batch.
+    """
+    return max((k for k, token in enumerate(ids) if token != pool_pad), default=0)
+
+
+class PackedRewardCollator:
+    """Packs B preference pairs into rows with no padding inside a row (:func:`batching.pack_documents`), and
+    says where each answer's score is read: ``score_row`` / ``score_pos`` (2B,), chosen answers first.
+
+    - ``prefix_sharing``: a pair is one document ``prompt + chosen + rejected``; the rejected tokens see the
+      prompt, not the chosen answer, and their position ids restart after the prompt, so each answer's hidden
+      states are those of ``prompt + answer`` alone while the prompt runs once. Off: two documents per pair.
+    - ``pack_length``: documents packed first-fit into rows of up to this many tokens (0 = one per row).
+
+    The read position is :func:`score_position` of ``prompt + answer`` mapped into the packed row: the token
+    the classifier pools when the saved model scores that text alone. Also ``index``, ``margin``, ``scores``
+    and ``tokens`` (real tokens in the batch) as :class:`RewardCollator`.
+    """
+
+    def __init__(
+        self, tokenizer: Any, pool_pad: int, *, prefix_sharing: bool = True, pack_length: int = 256
+    ) -> None:
+        self.pad = pad_id(tokenizer)  # fills the rows' tails; never read
+        self.pool_pad = pool_pad
+        self.prefix_sharing = prefix_sharing
+        self.pack_length = pack_length
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        docs: list[list[Part]] = []
+        # (document, offset in it) of each answer's read position
+        chosen_reads: list[tuple[int, int]] = []
+        rejected_reads: list[tuple[int, int]] = []
+        for f in features:
+            prompt, chosen, rejected = list(f["prompt_ids"]), list(f["chosen_ids"]), list(f["rejected_ids"])
+            at_c = score_position(prompt + chosen, self.pool_pad)
+            at_r = score_position(prompt + rejected, self.pool_pad)
+            if self.prefix_sharing:
+                # rejected's tokens sit after chosen's in the document; a read inside the prompt stays there
+                skip = len(chosen) if at_r >= len(prompt) else 0
+                chosen_reads.append((len(docs), at_c))
+                rejected_reads.append((len(docs), at_r + skip))
+                docs.append([(prompt, PROMPT, -1), (chosen, 1, -1), (rejected, 2, -1)])
+            else:
+                chosen_reads.append((len(docs), at_c))
+                rejected_reads.append((len(docs) + 1, at_r))
+                docs.extend([[(prompt + chosen, PROMPT, -1)], [(prompt + rejected, PROMPT, -1)]])
+        reads = chosen_reads + rejected_reads
+        batch = pack_documents(docs, self.pad, self.pack_length)
+        which = torch.tensor([d for d, _ in reads], dtype=torch.long)
+        offset = torch.tensor([k for _, k in reads], dtype=torch.long)
+        batch["score_row"] = batch["doc_row"][which]
+        batch["score_pos"] = batch["doc_start"][which] + offset
+        for key in ("target_row", "target_src", "target_ids", "target_segment", "target_pos"):
+            del batch[key]  # nothing goes through an LM head
+        batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
+        if all("score_chosen" in f for f in features):
+            scores = [f["score_chosen"] for f in features] + [f["score_rejected"] for f in features]
+            batch["scores"] = torch.tensor(scores, dtype=torch.float32)
+        return batch
+
+
+def make_collator(tokenizer: Any, config: RewardConfig, pool_pad: int) -> Any:
+    """The pair collator the config asks for: packed / prefix-shared, or 2B right-padded rows (pooled by the
+    classifier) when both levers are off. ``pool_pad`` is the id the reward model pools by."""
+    if not config.prefix_sharing and config.pack_length <= 0:
+        return RewardCollator(tokenizer, pool_pad)
+    return PackedRewardCollator(
+        tokenizer, pool_pad, prefix_sharing=config.prefix_sharing, pack_length=config.pack_length
+    )
+
+
 # ------------------------------------------------------------------------------------------------- the objective
 
 
 def pair_rewards(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the chosen and the rejected answers, from one forward pass over the 2B rows."""
-    rewards = rewards_from_batch(model, batch["input_ids"], batch["attention_mask"])
+    """Rewards of the chosen and the rejected answers, from one forward pass: over the packed rows of a
+    :class:`PackedRewardCollator` batch (read at ``score_row`` / ``score_pos``), or over the 2B padded rows of
+    a :class:`RewardCollator` batch (pooled by the classifier)."""
+    if "score_pos" in batch:
+        outputs = classifier_outputs_at(model, batch)
+        if outputs.shape[-1] != 1:
+            raise ValueError(
+                f"a reward model has one output (num_labels=1); this one has {outputs.shape[-1]}"
+            )
+        rewards = outputs.squeeze(-1)
+    else:
+        rewards = rewards_from_batch(model, batch["input_ids"], batch["attention_mask"])
     n = batch["index"].numel()
     return rewards[:n], rewards[n:]
 
@@ -409,7 +528,7 @@ def train_reward_model(
         )
     ready_for_training(model, config)
 
-    collator = RewardCollator(tokenizer, reward_pad)
+    collator = make_collator(tokenizer, config, reward_pad)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(
