@@ -11,9 +11,11 @@ import argparse
 import json
 import os
 import platform
+import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,17 +58,80 @@ ABLATIONS = {
 }
 
 
-def worker(spec: dict[str, Any], timeout: int = 900) -> dict[str, Any]:
-    env = {
+def _env() -> dict[str, str]:
+    return {
         **os.environ,
         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": os.environ.get("PREFTUNE_BENCH_THREADS", "1"),
     }
+
+
+def side(spec: dict[str, Any]) -> str:
+    """Whose libraries a measurement runs on: TRL's runs and the gate (which runs both) on TRL's side."""
+    return "trl" if spec["impl"] in ("trl", "both") else "ours"
+
+
+class ForkServer:
+    """One side's ``benchmarks.forkserver`` parent: imports once, forks a fresh child per measurement."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.forkserver", name],
+            cwd=ROOT,
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+
+    def _line(self, timeout: float) -> str:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"{self.name} fork server stopped or hung:\n{self.log.read()[-3000:]}")
+        return line.rstrip("\n")
+
+    def run(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if not hasattr(self, "ready"):
+            while self._line(timeout) != "READY":
+                pass
+            self.ready = True
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        kind, _, payload = self._line(timeout).partition(" ")
+        if kind != "RESULT":
+            failure = json.loads(payload)
+            raise RuntimeError(f"worker {spec} failed (rc {failure['status']}):\n{failure['log']}")
+        return json.loads(payload)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+#: Fork servers by side, when ``--fork`` is on (started on first use).
+SERVERS: dict[str, ForkServer] = {}
+FORK = False
+
+
+def worker(spec: dict[str, Any], timeout: int = 900) -> dict[str, Any]:
+    """One measurement in a fresh process: forked from that side's fork server (``--fork``), or started as
+    ``python -m benchmarks.worker`` (imports paid in every process)."""
+    if FORK:
+        name = side(spec)
+        if name not in SERVERS:
+            SERVERS[name] = ForkServer(name)
+        return SERVERS[name].run(spec, timeout)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
         cwd=ROOT,
-        env=env,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -119,12 +184,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument(
+        "--fork",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fork each measurement from a parent that imported that side's libraries once (default: on with "
+        "--quick, off for the full run, where every measurement is a plain `python -m benchmarks.worker`)",
+    )
     args = parser.parse_args()
+    global FORK
+    FORK = args.quick if args.fork is None else args.fork
+    if FORK:  # both parents import at once, one per core, while nothing is measured yet
+        SERVERS.update({name: ForkServer(name) for name in ("ours", "trl")})
+    try:
+        run(args)
+    finally:
+        for server in SERVERS.values():
+            server.close()
+
+
+def run(args: argparse.Namespace) -> None:
     scenarios = QUICK if args.quick else FULL
     if args.only:
         scenarios = {k: v for k, v in scenarios.items() if k in args.only.split(",")}
-    started = time.time()
-
+    started, load_start = time.time(), os.getloadavg()
+    print(
+        f"load average {load_start[0]:.2f}; fresh process per run: "
+        f"{'forked from a per-side parent that imported its libraries once' if FORK else 'python -m'}",
+        flush=True,
+    )
     print("correctness gate (fp32, identical model batches) ...", flush=True)
     gate = {k: v for k, v in worker({"task": "correctness", "impl": "both"}).items() if isinstance(v, dict)}
     for name, g in gate.items():
@@ -148,7 +236,7 @@ def main() -> None:
                 runs[impl].append(worker({"task": task, "impl": impl, **kwargs}))
             print(
                 f"  {name}: run {i + 1}/{args.repeats} ours {runs['ours'][-1]['seconds']:.2f}s "
-                f"trl {runs['trl'][-1]['seconds']:.2f}s",
+                f"trl {runs['trl'][-1]['seconds']:.2f}s  [{time.time() - started:.0f}s elapsed]",
                 flush=True,
             )
         row = summarise(name, task, kwargs, goal, mem_goal, runs, ceilings[kwargs.get("model", "tiny")], gate)
@@ -175,12 +263,15 @@ def main() -> None:
 
     out = {
         "quick": args.quick,
+        "forked": FORK,
         "repeats": args.repeats,
         "threads": int(os.environ.get("PREFTUNE_BENCH_THREADS", "1")),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "load_average_start": load_start[0],
+            "load_average_end": os.getloadavg()[0],
         },
         "gate": gate,
         "ceilings": ceilings,

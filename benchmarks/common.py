@@ -17,12 +17,16 @@ CACHE = Path(os.environ.get("PREFTUNE_BENCH_CACHE", ROOT / ".bench-cache"))
 
 
 def set_threads() -> int:
-    """Pin torch's intra-op threads (PREFTUNE_BENCH_THREADS, default 2) so ours and TRL get the same."""
+    """Pin torch's intra-op threads (PREFTUNE_BENCH_THREADS, default 1) so ours and TRL get the same.
+
+    Idempotent: a child forked from a parent that already pinned them (benchmarks.forkserver) keeps them.
+    """
     import torch
 
     n = int(os.environ.get("PREFTUNE_BENCH_THREADS", "1"))
     torch.set_num_threads(n)
-    torch.set_num_interop_threads(1)
+    if torch.get_num_interop_threads() != 1:  # settable once per process, before any inter-op work
+        torch.set_num_interop_threads(1)
     return n
 
 

@@ -8,18 +8,24 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from typing import Any
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the measurement ``spec`` (``task``, ``impl`` and the task's keyword arguments) in this process."""
     from benchmarks import common
 
+    spec = dict(spec)
     threads = common.set_threads()
     module = importlib.import_module(f"benchmarks.{spec.pop('task')}")
     result = module.run(spec.pop("impl"), **spec)
     result["peak_rss_mb"] = common.peak_rss_mb()
     result["threads"] = threads
-    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    print("RESULT " + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)
 
 
 if __name__ == "__main__":
