@@ -385,7 +385,12 @@ def _frontier_points(
     """Reference, each snapshot, then the final candidate, on the same prompts and seed."""
     if judge is None and pairs is None:
         return []
-    common = {"judge": judge, "pairs": pairs, "pad_id": templating.pad_id(tokenizer)}
+    # with a judge the chart plots reward, so the snapshots' implicit-reward accuracy is not worth a pass
+    common = {
+        "judge": judge,
+        "pairs": pairs if judge is None else None,
+        "pad_id": templating.pad_id(tokenizer),
+    }
     points = []
     if judge is not None:  # the reference's implicit rewards are 0 by definition: only a judge can place it
         points.append(
