@@ -404,6 +404,27 @@ def test_a_read_inside_the_prompt_stays_there(sft: str) -> None:
     assert float(want[2]) == pytest.approx(float(want[1]), abs=1e-6)
 
 
+def test_packed_rows_are_filled_evenly() -> None:
+    """As many rows as first fit needs, but evenly filled: the batch is as wide as its tokens need, not as wide
+    as pack_length, and every document still sees only itself, from position 0."""
+    from preftune.train.batching import PROMPT, pack_documents
+
+    lengths = [40] * 5 + [10] * 6  # first fit into 100: rows of 100, 100 and 60 tokens -> 300 positions
+    docs = [[(list(range(1, n + 1)), PROMPT, -1)] for n in lengths]
+    batch = pack_documents(docs, 0, 100)
+    rows, width = batch["input_ids"].shape
+    assert rows == 3 and width == 90  # 5 documents of 40 in 3 rows: one row holds two, so 90 is the least
+    assert int(batch["tokens"]) == sum(lengths)
+    for d, n in enumerate(lengths):
+        row, start = int(batch["doc_row"][d]), int(batch["doc_start"][d])
+        assert batch["input_ids"][row, start : start + n].tolist() == list(range(1, n + 1))
+        assert batch["position_ids"][row, start : start + n].tolist() == list(range(n))
+        mask = batch["attention_mask"][row, 0]
+        block = mask[start : start + n, start : start + n]
+        assert torch.equal(block, torch.ones(n, n, dtype=torch.bool).tril())
+        assert int(mask[start : start + n].sum()) == n * (n + 1) // 2  # nothing outside its own document
+
+
 def test_packed_training_follows_the_padded_trajectory(sft: str, pairs: str, tmp_path: Path) -> None:
     """The whole loop with the levers on trains the same model as with 2B padded rows, on fewer tokens."""
     runs = {}

@@ -185,6 +185,23 @@ def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def _balanced(lengths: Sequence[int], rows: int, capacity: int) -> list[list[int]] | None:
+    """The items spread over ``rows`` bins, each to the least-filled bin so far (longest first); None when a
+    bin would exceed ``capacity``.
+
+    A batch tensor is as wide as its fullest row, so first fit's full rows and short last row pad every row but
+    one up to the full width (about a quarter of the positions on 16 bundled pairs in rows of 256); with the
+    same number of rows, evenly filled, nearly every position holds a token.
+    """
+    bins: list[list[int]] = [[] for _ in range(rows)]
+    loads = [0] * rows
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        b = min(range(rows), key=loads.__getitem__)
+        bins[b].append(i)
+        loads[b] += lengths[i]
+    return [sorted(b) for b in bins] if max(loads) <= capacity else None
+
+
 #: One part of a packed document: ``(token ids, branch, segment)``. Branch PROMPT is seen by every later part
 #: of its document; any other branch only by itself (answers that share a prompt but not each other). Segment
 #: ``>= 0`` marks the part's tokens as scored (the caller's sequence number); -1 = context only.
@@ -194,8 +211,9 @@ Part = tuple[Sequence[int], int, int]
 def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 0) -> dict[str, torch.Tensor]:
     """Pack documents into rows with no padding inside a row; the shared layout of every packed batch.
 
-    Documents are packed first-fit into rows of up to ``pack_length`` tokens (a longer one gets a row of its own;
-    0 = one document per row, right-padded to the longest). A document never sees another: the 4-D boolean
+    Documents are packed into as few rows of up to ``pack_length`` tokens as first fit needs (a longer one gets a
+    row of its own; 0 = one document per row, right-padded to the longest), then spread evenly over those rows
+    when that fits (:func:`_balanced`), so the batch is about as wide as its tokens need and not wider. A document never sees another: the 4-D boolean
     ``attention_mask`` ``(rows, 1, L, L)`` (True = may attend; SDPA takes it as it is) is causal within a
     document, and a non-prompt part sees its document's prompt and itself only. ``position_ids`` restart at 0
     for each document and, for a non-prompt part, where the prompt ends, so every token sees exactly the context
@@ -209,7 +227,9 @@ def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 
     """
     lengths = [sum(len(ids) for ids, _, _ in d) for d in docs]
     if pack_length > 0:
-        rows = _first_fit(lengths, max(pack_length, max(lengths)))
+        capacity = max(pack_length, max(lengths))
+        rows = _first_fit(lengths, capacity)
+        rows = _balanced(lengths, len(rows), capacity) or rows
     else:
         rows = [[i] for i in range(len(docs))]
     width = max(sum(lengths[i] for i in row) for row in rows)
