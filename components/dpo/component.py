@@ -84,6 +84,7 @@ def dpo(
         use_lora=use_lora,
         lora_r=lora_r,
         lora_alpha=2 * lora_r,
+        num_checkpoints=num_checkpoints,
         checkpoint_every=checkpoint_every,
         checkpoint_uri=checkpoint_uri or default_checkpoint_uri(model.uri),
         seed=seed,
