@@ -51,6 +51,7 @@ def test_summary_of_a_successful_run(tmp_path: Path) -> None:
         "check-rows": SUCCEEDED,
         "after-check": SUCCEEDED,
     }
+    assert list(steps) == ["make-rows", "check-rows", "after-check"]  # in the order they ran
     assert steps["make-rows"]["metrics"] == {"rows": 4}
     assert steps["check-rows"]["metrics"] == {"lines": 4}
     assert steps["check-rows"]["display_name"] == "Check the rows"
@@ -67,5 +68,6 @@ def test_summary_of_a_failed_run(tmp_path: Path) -> None:
     assert steps["make-rows"]["status"] == SUCCEEDED
     assert steps["check-rows"]["status"] == FAILED
     assert steps["after-check"]["status"] == NOT_RUN
+    assert list(steps) == ["make-rows", "check-rows", "after-check"]  # what never ran comes last
     assert steps["check-rows"]["metrics"] == {}
     assert (Path(summary["run_dir"]) / "summary.json").is_file()

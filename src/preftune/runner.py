@@ -174,6 +174,7 @@ def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, 
     executors = spec.get("deploymentSpec", {}).get("executors", {})
     steps: dict[str, dict[str, Any]] = {}
     importers: dict[str, dict[str, Any]] = {}
+    ended: dict[str, float] = {}  # when each task's directory last changed: the order the run went in
 
     def visit(dag: dict[str, Any], conditional: bool = False) -> None:
         for task_name, task in dag.get("tasks", {}).items():
@@ -194,6 +195,10 @@ def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, 
                 status = FAILED
             else:
                 status = SKIPPED if conditional else NOT_RUN
+            if status != SUCCEEDED:
+                ended[task_name] = task_dir.stat().st_mtime if task_dir.is_dir() else float("inf")
+            else:
+                ended[task_name] = output_file.stat().st_mtime
             kinds = {
                 name: out["artifactType"]["schemaTitle"]
                 for name, out in comp.get("outputDefinitions", {}).get("artifacts", {}).items()
@@ -221,7 +226,9 @@ def _task_summaries(spec: dict[str, Any], run_dir: Path) -> dict[str, dict[str, 
 
     visit(spec.get("root", {}).get("dag", {}))
     _add_importers(importers, steps, spec)
-    return steps
+    # importers run before the tasks that read them; tasks that never ran come last, by name
+    order = sorted(steps, key=lambda name: (ended.get(name, float("-inf")), name))
+    return {name: steps[name] for name in order}
 
 
 def _add_importers(
