@@ -30,4 +30,6 @@ def run_cli(pipeline: str, params: Mapping[str, Any], root: Path, *, timeout: in
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_dir,) = list(root.glob(f"preftune-{pipeline}-*"))
     assert str(run_dir) in done.stdout, "the run directory is printed"
-    return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary["printed"] = done.stdout  # what the user saw (not part of summary.json)
+    return summary

@@ -75,3 +75,14 @@ def test_the_report_has_every_figure_for_both_methods(compare_run: dict) -> None
     for section in ("Verdict", "Side by side", "Head to head under the judge", "Reward vs KL over training"):
         assert section in html
     assert "favours RLHF" in html  # no independent judge was given
+
+
+@pytest.mark.slow
+def test_the_verdict_is_an_output_and_printed(compare_run: dict) -> None:
+    sentences = compare_run["steps"]["compare"]["outputs"]["Output"].splitlines()
+    assert len(sentences) >= 3 and any("head to head" in s or "prefers" in s for s in sentences), sentences
+    printed = compare_run["printed"]
+    for sentence in sentences:
+        assert sentence in printed
+    assert "rlhf_win_rate_vs_dpo = " in printed  # the compare step's headline metrics
+    assert printed.count(" win_rate_vs_reference = ") == 2  # both evaluations' headlines (not lc_...)

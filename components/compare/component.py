@@ -23,7 +23,7 @@ def compare(
     gpus_per_step: int = 1,
     num_nodes: int = 1,
     judge_model: str = "",
-):
+) -> str:
     """Compare the DPO policy and the RLHF (reward model + PPO) policy trained from the same SFT model.
 
     Both must have been evaluated on the same prompts with the same seed and judge. Reports per method the wall
@@ -48,8 +48,12 @@ def compare(
         num_nodes: Nodes each training step runs on, for GPU-hours.
         judge_model: The independent judge both evaluations used, if any; empty means the judge was the RLHF
             branch's own reward model, and the verdict then warns that it favours RLHF.
+
+    Returns:
+        The verdict, one sentence per line (also at the top of the report), for the run's log and summary.
     """
     from preftune.comparison import compare as run_compare
+    from preftune.comparison import verdict
 
     result = run_compare(
         training={
@@ -70,3 +74,4 @@ def compare(
     )
     for name, value in result.items():
         metrics.log_metric(name, value)
+    return "\n".join(verdict(result, judge_is_rlhf_reward_model=not judge_model))

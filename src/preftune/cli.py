@@ -35,7 +35,9 @@ HEADLINE_METRICS = {
         "frontier_points",
     ],
     "promote": ["version"],
+    "compare": ["rlhf_win_rate_vs_dpo", "dpo_win_rate_vs_rlhf", "head_to_head_ties", "head_to_head_prompts"],
 }
+HEADLINE_METRICS["evaluate-2"] = HEADLINE_METRICS["evaluate"]  # the compare pipeline's second evaluation
 
 
 def _parameter_help(pipeline: Any) -> str:

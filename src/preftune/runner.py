@@ -322,6 +322,10 @@ def _decision_lines(decision: Any) -> list[str]:
     return lines + [f"              - {reason}" for reason in verdict.get("reasons", [])]
 
 
+#: Steps whose string output is a verdict in sentences, printed under the step.
+VERDICT_STEPS = {"compare"}
+
+
 def format_summary(summary: Mapping[str, Any], headline: Mapping[str, list[str]] | None = None) -> str:
     """A short human-readable account of a run: each step's status and its headline metrics."""
     lines = [f"{summary['pipeline']}: {summary['status']} in {summary['duration_seconds']:.0f}s"]
@@ -333,6 +337,8 @@ def format_summary(summary: Mapping[str, Any], headline: Mapping[str, list[str]]
             if key in metrics:
                 lines.append(f"              {key} = {metrics[key]:.4g}")
         lines += _decision_lines(step.get("outputs", {}).get("decision"))
+        if name in VERDICT_STEPS and isinstance(step.get("outputs", {}).get("Output"), str):
+            lines += [f"              {sentence}" for sentence in step["outputs"]["Output"].splitlines()]
     lines.append(f"run directory: {summary['run_dir']}")
     lines.append(f"summary:       {Path(summary['run_dir']) / 'summary.json'}")
     return "\n".join(lines)
