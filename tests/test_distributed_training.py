@@ -72,6 +72,20 @@ def _install_recorders(trace: dict[str, list]) -> None:
         return out
 
     ppo.whiten = record_whiten
+    generate_rollout = ppo.generate_rollout
+
+    def record_rollout(*args, **kwargs):
+        import hashlib
+
+        state = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+        every = [state]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, state)
+        trace["sampler"].append(every)
+        return generate_rollout(*args, **kwargs)
+
+    ppo.generate_rollout = record_rollout
 
 
 def _worker_main(argv: list[str]) -> int:
@@ -80,7 +94,7 @@ def _worker_main(argv: list[str]) -> int:
 
     for pair in argv:
         spec, result = pair.split(":")
-        trace: dict[str, list] = {"train": [], "eval": [], "whiten": []}
+        trace: dict[str, list] = {"train": [], "eval": [], "whiten": [], "sampler": []}
         _install_recorders(trace)
         distributed.main(["worker", "--spec", spec, "--result", result])
         if os.environ.get("RANK", "0") == "0":
@@ -102,10 +116,11 @@ def run_in_process(
     from preftune.distributed import Scale, run_stage
     from preftune.train import loop, ppo
 
-    trace: dict[str, list] = {"train": [], "eval": [], "whiten": []}
+    trace: dict[str, list] = {"train": [], "eval": [], "whiten": [], "sampler": []}
     monkeypatch.setattr(loop.History, "log_train", loop.History.log_train)
     monkeypatch.setattr(loop.History, "log_eval", loop.History.log_eval)
     monkeypatch.setattr(ppo, "whiten", ppo.whiten)
+    monkeypatch.setattr(ppo, "generate_rollout", ppo.generate_rollout)
     _install_recorders(trace)
     metrics = run_stage(stage, config, scale=Scale(num_gpus=1), **kwargs)
     return metrics, trace
@@ -369,3 +384,7 @@ def test_ppo_on_two_processes_whitens_across_ranks(root, two) -> None:
     assert abs(kls[0]) < 1e-5 and max(abs(k) for k in kls[1:]) > 1e-3
     lineage = json.loads((root / "two" / "ppo" / "model" / "lineage.json").read_text())
     assert lineage["stage"] == "ppo"
+    # every rank samples from its own random stream, from the first rollout on (not the same draws on
+    # different prompts)
+    first = trace["sampler"][0]
+    assert len(first) == WORKERS and len(set(first)) == WORKERS
