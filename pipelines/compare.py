@@ -3,10 +3,12 @@
 from kfp import dsl
 
 from preftune import platform
-from preftune.components import compare_op, dpo_op, evaluate_op, ppo_op, reward_model_op
-from preftune.pipelines.cluster import data_step, training_step
+from preftune.components import compare_op
+from preftune.pipelines.alignment import dpo_step, ppo_step, reward_model_step
+from preftune.pipelines.cluster import data_step
 from preftune.pipelines.data import import_pairs, ingest_data
 from preftune.pipelines.dpo import PARAMETER_RULES as DPO_RULES
+from preftune.pipelines.promotion import evaluate_policy
 from preftune.pipelines.rlhf import PARAMETER_RULES as RLHF_RULES
 from preftune.pipelines.sft_stage import supervised_fine_tuning
 from preftune.runner import pipeline_parameters
@@ -127,10 +129,9 @@ def compare_pipeline(
     )
 
     # --- DPO branch
-    dpo = dpo_op(
-        sft_model=sft.outputs["model"],
-        train_pairs=pairs.outputs["train_pairs"],
-        eval_pairs=pairs.outputs["eval_pairs"],
+    dpo = dpo_step(
+        sft,
+        pairs,
         beta=dpo_beta,
         loss_type=dpo_loss,
         epochs=dpo_epochs,
@@ -145,13 +146,11 @@ def compare_pipeline(
         checkpoint_every=checkpoint_every,
         **scale,
     )
-    training_step(dpo.set_display_name("DPO"))
 
     # --- RLHF branch, in parallel with DPO from the same SFT model
-    reward = reward_model_op(
-        sft_model=sft.outputs["model"],
-        train_pairs=pairs.outputs["train_pairs"],
-        eval_pairs=pairs.outputs["eval_pairs"],
+    reward = reward_model_step(
+        sft,
+        pairs,
         objective=reward_objective,
         epochs=reward_epochs,
         learning_rate=reward_learning_rate,
@@ -163,11 +162,10 @@ def compare_pipeline(
         checkpoint_every=checkpoint_every,
         **scale,
     )
-    training_step(reward.set_display_name("Reward model"))
-    ppo = ppo_op(
-        sft_model=sft.outputs["model"],
-        reward_model=reward.outputs["model"],
-        prompts=pairs.outputs["train_pairs"],
+    ppo = ppo_step(
+        sft,
+        reward,
+        pairs,
         iterations=ppo_iterations,
         rollout_batch_size=ppo_rollout_batch_size,
         learning_rate=ppo_learning_rate,
@@ -180,25 +178,23 @@ def compare_pipeline(
         seed=seed,
         **scale,
     )
-    training_step(ppo.set_display_name("PPO"))
 
     # --- both policies, the same prompts, seed and judge
     evaluations = {}
     for method, policy in (("dpo", dpo), ("rlhf", ppo)):
-        evaluation = evaluate_op(
-            candidate=policy.outputs["model"],
-            reference=sft.outputs["model"],
+        evaluations[method] = evaluate_policy(
+            policy,
+            sft,
+            pairs,
+            f"Evaluate {method.upper()}",
             eval_prompts=eval_prompts,
-            eval_pairs=pairs.outputs["eval_pairs"],
-            checkpoints=policy.outputs["checkpoints"],
-            judge=reward.outputs["model"],
+            judge=reward,
             judge_uri=judge_model,  # when set, it judges instead of the RLHF reward model
             max_new_tokens=eval_max_new_tokens,
             beta=dpo_beta,
             max_prompts=eval_max_prompts,
             seed=seed,
         )
-        evaluations[method] = training_step(evaluation.set_display_name(f"Evaluate {method.upper()}"))
 
     comparison = compare_op(
         sft_metrics=sft.outputs["metrics"],

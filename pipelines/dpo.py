@@ -2,8 +2,7 @@
 
 from kfp import dsl
 
-from preftune.components import dpo_op
-from preftune.pipelines.cluster import training_step
+from preftune.pipelines.alignment import dpo_step
 from preftune.pipelines.data import import_pairs, ingest_data
 from preftune.pipelines.promotion import PROMOTION_RULES, evaluate_and_promote
 from preftune.pipelines.sft_stage import SHARED_RULES, supervised_fine_tuning
@@ -135,10 +134,9 @@ def dpo_pipeline(
         preference_data, eval_fraction, seed, preference_format, since, max_rejected_fraction
     )
 
-    policy = dpo_op(
-        sft_model=sft.outputs["model"],
-        train_pairs=pairs.outputs["train_pairs"],
-        eval_pairs=pairs.outputs["eval_pairs"],
+    policy = dpo_step(
+        sft,
+        pairs,
         beta=dpo_beta,
         loss_type=dpo_loss,
         label_smoothing=dpo_label_smoothing,
@@ -154,7 +152,6 @@ def dpo_pipeline(
         checkpoint_every=checkpoint_every,
         **scale,
     )
-    training_step(policy.set_display_name("DPO"))
 
     evaluate_and_promote(
         policy,

@@ -1,5 +1,7 @@
 """The tail both pipelines share: evaluate against the SFT model and the champion, gate, promote."""
 
+from typing import Any
+
 from kfp import dsl
 
 from preftune.components import champion_op, evaluate_op, gate_op, promote_op
@@ -8,6 +10,33 @@ from preftune.runner import Rule
 
 #: Value rules of the evaluation and promotion parameters.
 PROMOTION_RULES = {"num_checkpoints": Rule(low=0)}
+
+
+def evaluate_policy(
+    policy: dsl.PipelineTask,
+    sft: dsl.PipelineTask,
+    pairs: dsl.PipelineTask,
+    display_name: str,
+    *,
+    judge: dsl.PipelineTask | None = None,
+    judge_uri: str | None = None,
+    **settings: Any,
+) -> dsl.PipelineTask:
+    """The evaluate step of a trained policy against its SFT model, on the held-out pairs, with its training
+    snapshots; ``judge`` is a reward model step of the pipeline, ``judge_uri`` one given by URI (which wins when
+    set); ``settings`` are the evaluate component's other parameters."""
+    judged: dict[str, Any] = {} if judge is None else {"judge": judge.outputs["model"]}
+    if judge_uri is not None:
+        judged["judge_uri"] = judge_uri
+    evaluation = evaluate_op(
+        candidate=policy.outputs["model"],
+        reference=sft.outputs["model"],
+        eval_pairs=pairs.outputs["eval_pairs"],
+        checkpoints=policy.outputs["checkpoints"],
+        **judged,
+        **settings,
+    )
+    return training_step(evaluation.set_display_name(display_name))
 
 
 def evaluate_and_promote(
@@ -38,21 +67,20 @@ def evaluate_and_promote(
         champion_op(registry_uri=registry_uri, model_name=model_name).set_display_name("Current champion")
     )
     current.set_caching_options(False)  # the champion moves between runs: always look it up
-    judged = {"judge": judge.outputs["model"]} if judge is not None else {"judge_uri": judge_uri}
-    evaluation = evaluate_op(
-        candidate=policy.outputs["model"],
-        reference=sft.outputs["model"],
+    evaluation = evaluate_policy(
+        policy,
+        sft,
+        pairs,
+        "Evaluate against SFT and champion",
+        judge=judge,
+        judge_uri=None if judge is not None else judge_uri,
         eval_prompts=eval_prompts,
-        eval_pairs=pairs.outputs["eval_pairs"],
-        checkpoints=policy.outputs["checkpoints"],
         champion_uri=current.output,
         max_new_tokens=max_new_tokens,
         beta=beta,
         max_prompts=max_prompts,
         seed=seed,
-        **judged,
     )
-    training_step(evaluation.set_display_name("Evaluate against SFT and champion"))
 
     verdict = data_step(
         gate_op(

@@ -2,8 +2,7 @@
 
 from kfp import dsl
 
-from preftune.components import ppo_op, reward_model_op
-from preftune.pipelines.cluster import training_step
+from preftune.pipelines.alignment import ppo_step, reward_model_step
 from preftune.pipelines.data import import_pairs, ingest_data
 from preftune.pipelines.promotion import PROMOTION_RULES, evaluate_and_promote
 from preftune.pipelines.sft_stage import SHARED_RULES, supervised_fine_tuning
@@ -160,10 +159,9 @@ def rlhf_pipeline(
         preference_data, eval_fraction, seed, preference_format, since, max_rejected_fraction
     )
 
-    reward = reward_model_op(
-        sft_model=sft.outputs["model"],
-        train_pairs=pairs.outputs["train_pairs"],
-        eval_pairs=pairs.outputs["eval_pairs"],
+    reward = reward_model_step(
+        sft,
+        pairs,
         objective=reward_objective,
         use_margin=reward_use_margin,
         epochs=reward_epochs,
@@ -176,12 +174,11 @@ def rlhf_pipeline(
         checkpoint_every=checkpoint_every,
         **scale,
     )
-    training_step(reward.set_display_name("Reward model"))
 
-    policy = ppo_op(
-        sft_model=sft.outputs["model"],
-        reward_model=reward.outputs["model"],
-        prompts=pairs.outputs["train_pairs"],
+    policy = ppo_step(
+        sft,
+        reward,
+        pairs,
         iterations=ppo_iterations,
         rollout_batch_size=ppo_rollout_batch_size,
         ppo_epochs=ppo_epochs,
@@ -200,7 +197,6 @@ def rlhf_pipeline(
         seed=seed,
         **scale,
     )
-    training_step(policy.set_display_name("PPO"))
 
     evaluate_and_promote(
         policy,
