@@ -213,11 +213,11 @@ def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 
 
     Documents are packed into as few rows of up to ``pack_length`` tokens as first fit needs (a longer one gets a
     row of its own; 0 = one document per row, right-padded to the longest), then spread evenly over those rows
-    when that fits (:func:`_balanced`), so the batch is about as wide as its tokens need and not wider. A document never sees another: the 4-D boolean
-    ``attention_mask`` ``(rows, 1, L, L)`` (True = may attend; SDPA takes it as it is) is causal within a
-    document, and a non-prompt part sees its document's prompt and itself only. ``position_ids`` restart at 0
-    for each document and, for a non-prompt part, where the prompt ends, so every token sees exactly the context
-    and positions it would have alone.
+    when that fits (:func:`_balanced`), so the batch is about as wide as its tokens need and not wider. A
+    document never sees another: the 4-D boolean ``attention_mask`` ``(rows, 1, L, L)`` (True = may attend;
+    SDPA takes it as it is) is causal within a document, and a non-prompt part sees its document's prompt and
+    itself only. ``position_ids`` restart at 0 for each document and, for a non-prompt part, where the prompt
+    ends, so every token sees exactly the context and positions it would have alone.
 
     Returns, besides ``input_ids``, ``position_ids`` and ``attention_mask``, the scored tokens as flat lists:
     ``target_row`` and ``target_src`` (the position whose output predicts the token: the previous one, or the

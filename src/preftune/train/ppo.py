@@ -748,7 +748,7 @@ def train_ppo(
     if accelerator.process_index > 0:
         # every rank was seeded alike so that they start from the same weights; from here each samples from its
         # own stream (rank 0 keeps the one-process stream), or they would reuse the same draws on their prompts
-        torch.manual_seed(config.seed + accelerator.process_index)
+        modeling.set_seed(config.seed + accelerator.process_index)
     restored = checkpointer.restore(**trained)  # a resumed rank gets its own stream back
     if restored is not None:
         state = restored.state
