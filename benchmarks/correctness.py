@@ -23,7 +23,7 @@ def _perturbed_model(model_path: str, seed: int = 0) -> Any:
     """The model with every weight nudged by seeded noise: a policy that differs from its reference."""
     import torch
 
-    from preftune import modeling
+    from preftune.model import modeling
     from preftune.train.loop import disable_dropout
 
     model = modeling.load_causal_lm(model_path)
@@ -42,8 +42,8 @@ def dpo_gate(n_pairs: int = 8, beta: float = 0.1, model: str = "tiny") -> dict[s
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
 
-    from preftune import modeling
-    from preftune.losses import dpo_loss
+    from preftune.model import modeling
+    from preftune.model.losses import dpo_loss
     from preftune.train import dpo
     from preftune.train.batching import load_pair_features
     from preftune.train.loop import disable_dropout, make_accelerator
@@ -68,7 +68,7 @@ def dpo_gate(n_pairs: int = 8, beta: float = 0.1, model: str = "tiny") -> dict[s
     ours, _, _ = dpo_loss(c, r, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=beta)
 
     # TRL: the same token ids through its collator and its loss path.
-    from preftune.templating import render_prompt
+    from preftune.model.templating import render_prompt
 
     rows = common.pair_rows(n_pairs)  # TRL's trainer needs a dataset to start; the batches below bypass it
     data = Dataset.from_list(
@@ -125,7 +125,7 @@ def reward_gate(n_pairs: int = 8, model: str = "tiny") -> dict[str, Any]:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from preftune import modeling
+    from preftune.model import modeling
     from preftune.train import reward
 
     model_path = common.model_dir(model)
@@ -150,7 +150,7 @@ def reward_gate(n_pairs: int = 8, model: str = "tiny") -> dict[str, Any]:
     with torch.no_grad():
         c, r = reward.pair_rewards(rm, packed)
         c_padded, r_padded = reward.pair_rewards(rm, padded)
-    from preftune.losses import bradley_terry_loss
+    from preftune.model.losses import bradley_terry_loss
 
     ours = bradley_terry_loss(c, r)
 

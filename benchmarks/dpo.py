@@ -13,7 +13,7 @@ LEARNING_RATE = 1e-3
 
 
 def _features(model: str, rows_path: str, max_length: int) -> list[dict[str, Any]]:
-    from preftune import modeling
+    from preftune.model import modeling
     from preftune.train.batching import load_pair_features
 
     return load_pair_features(rows_path, modeling.load_tokenizer(model), max_length)
@@ -88,8 +88,8 @@ def _trl(model_path, train, tmp, batch_size, use_lora, max_length, levers) -> di
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from preftune import modeling
-    from preftune.templating import render_prompt
+    from preftune.model import modeling
+    from preftune.model.templating import render_prompt
 
     tokenizer = modeling.load_tokenizer(model_path)
     model = modeling.load_causal_lm(model_path)

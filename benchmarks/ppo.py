@@ -120,7 +120,7 @@ def _trl(model_path, reward_path, rows, tmp, iterations, use_lora) -> dict[str, 
     from peft import LoraConfig
     from trl import RLOOConfig, RLOOTrainer
 
-    from preftune import modeling
+    from preftune.model import modeling
 
     counts = {"seconds": 0.0, "tokens": 0}
 
@@ -188,8 +188,8 @@ def _rollout(model_path, reward_path, rows, repeats) -> dict[str, Any]:
     """Our rollout (prompt batching, generate, eos masking, decoding) against bare ``generate`` on its batch."""
     import torch
 
-    from preftune import modeling
-    from preftune.templating import _prompt_keep, render_prompt
+    from preftune.model import modeling
+    from preftune.model.templating import _prompt_keep, render_prompt
     from preftune.train import ppo
 
     config = _config(True, 1, {})

@@ -54,8 +54,8 @@ def run(
         from peft import LoraConfig
         from trl import RewardConfig, RewardTrainer
 
-        from preftune import modeling
-        from preftune.templating import render_prompt
+        from preftune.model import modeling
+        from preftune.model.templating import render_prompt
 
         tokenizer = modeling.load_tokenizer(model_path)
         rm = modeling.prepare_reward_model(model_path, use_lora=False)

@@ -23,7 +23,7 @@ def run(
     max_length: int = 256,
     levers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from preftune import modeling
+    from preftune.model import modeling
     from preftune.train.batching import load_sft_features
 
     model_path = common.model_dir(model)
@@ -56,7 +56,7 @@ def run(
         from peft import LoraConfig
         from trl import SFTConfig, SFTTrainer
 
-        from preftune.templating import render_prompt
+        from preftune.model.templating import render_prompt
 
         tokenizer = modeling.load_tokenizer(model_path)
         rows = [json.loads(line) for line in Path(train).read_text().splitlines()]

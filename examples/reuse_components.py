@@ -79,7 +79,7 @@ def main() -> None:
         compiler.Compiler().compile(judge_pipeline, args.compile)
         print(f"wrote {args.compile}")
         return
-    from preftune.runner import format_summary, run_pipeline
+    from preftune.orchestration.runner import format_summary, run_pipeline
 
     model = str(HERE / "tiny-llama")
     summary = run_pipeline(

@@ -1,13 +1,13 @@
 """How each task runs on a Kubeflow cluster: GPUs, node pool, credentials, shared memory, retries, timeouts.
 
-Settings are fixed at compile time (see preftune.platform and `preftune compile --help`). The local runner
+Settings are fixed at compile time (see preftune.launch.platform and `preftune compile --help`). The local runner
 ignores all of them, so the same pipeline runs on a laptop.
 """
 
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
-from preftune import platform
+from preftune.launch import platform
 
 
 def use_object_storage(task: PipelineTask) -> PipelineTask:

@@ -2,8 +2,9 @@
 
 from kfp import dsl
 
-from preftune import platform
 from preftune.components import compare_op
+from preftune.launch import platform
+from preftune.orchestration.runner import pipeline_parameters
 from preftune.pipelines.alignment import dpo_step, ppo_step, reward_model_step
 from preftune.pipelines.cluster import data_step
 from preftune.pipelines.data import import_pairs, ingest_data
@@ -11,7 +12,6 @@ from preftune.pipelines.dpo import PARAMETER_RULES as DPO_RULES
 from preftune.pipelines.promotion import evaluate_policy
 from preftune.pipelines.rlhf import PARAMETER_RULES as RLHF_RULES
 from preftune.pipelines.sft_stage import supervised_fine_tuning
-from preftune.runner import pipeline_parameters
 
 PIPELINE_NAME = "preftune-compare"
 

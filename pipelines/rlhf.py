@@ -2,11 +2,11 @@
 
 from kfp import dsl
 
+from preftune.orchestration.runner import Rule
 from preftune.pipelines.alignment import ppo_step, reward_model_step
 from preftune.pipelines.data import import_pairs, ingest_data
 from preftune.pipelines.promotion import PROMOTION_RULES, evaluate_and_promote
 from preftune.pipelines.sft_stage import SHARED_RULES, supervised_fine_tuning
-from preftune.runner import Rule
 
 PIPELINE_NAME = "preftune-rlhf"
 

@@ -3,8 +3,8 @@
 from kfp import dsl
 
 from preftune.components import sft_op
+from preftune.orchestration.runner import Rule
 from preftune.pipelines.cluster import training_step
-from preftune.runner import Rule
 
 #: Value rules of the parameters every pipeline shares (data, SFT, evaluation).
 SHARED_RULES = {

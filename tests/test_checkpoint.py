@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from tiny_models import make_model, make_tokenizer
 
-from preftune import storage
+from preftune.io import storage
 from preftune.train.checkpoint import Checkpointer
 from preftune.train.loop import make_optimizer, make_scheduler
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from preftune import cli
+from preftune.orchestration import cli
+from preftune.orchestration.runner import (
+    ParameterError,
+    parse_assignments,
+    pipeline_parameters,
+    resolve_arguments,
+)
 from preftune.pipelines import PIPELINES, RULES
-from preftune.runner import ParameterError, parse_assignments, pipeline_parameters, resolve_arguments
 
 DPO = PIPELINES["dpo"]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from preftune import compilation, platform
+from preftune.launch import platform
+from preftune.orchestration import compilation
 
 ROOT = compilation.source_root()
 PIPELINE_FILES = sorted((ROOT / "pipelines").glob("*.yaml"))

@@ -7,10 +7,12 @@ import pytest
 from kfp import dsl, local
 from kfp.dsl import Model
 
-from preftune import collect, runner, storage
 from preftune.components.collect.component import collect as collect_op
 from preftune.data.preferences import import_preferences
 from preftune.data.records import read_jsonl
+from preftune.eval import collect
+from preftune.io import storage
+from preftune.orchestration import runner
 
 TINY = str(runner.project_root() / "examples" / "tiny-llama")
 PROMPTS = [

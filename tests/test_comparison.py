@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from preftune.comparison import compare, head_to_head, verdict
+from preftune.eval.comparison import compare, head_to_head, verdict
 
 TRAINING = {
     "sft": {"stage_seconds": 30.0, "train_tokens": 1000.0, "peak_memory_mb": 500.0},

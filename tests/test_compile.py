@@ -9,8 +9,8 @@ import pytest
 import yaml
 from kfp.components import load_component_from_file
 
-from preftune import cli, compilation
 from preftune.components import COMPONENTS
+from preftune.orchestration import cli, compilation
 from preftune.pipelines import PIPELINES
 
 ROOT = compilation.source_root()

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import preftune.distributed
+import preftune.launch.distributed
 from components.dpo.component import dpo
 from components.ppo.component import ppo
 from components.reward_model.component import reward_model
@@ -45,7 +45,7 @@ def start(component, tmp_path, monkeypatch: pytest.MonkeyPatch, **overrides: obj
         seen.update(stage=stage, config=config, scale=scale, kwargs=kwargs)
         raise Started
 
-    monkeypatch.setattr(preftune.distributed, "run_stage", fake_run_stage)
+    monkeypatch.setattr(preftune.launch.distributed, "run_stage", fake_run_stage)
     signature = inspect.signature(component.python_func)
     arguments: dict = {}
     for name, parameter in signature.parameters.items():

@@ -7,7 +7,7 @@ import pytest
 from kfp import dsl, local
 from kfp.components import load_component_from_file
 
-from preftune import compilation
+from preftune.orchestration import compilation
 
 ROOT = compilation.source_root()
 EXAMPLES = ROOT / "examples"
@@ -83,7 +83,7 @@ def training_components(sft_data: str, preference_data: str, eval_prompts: str, 
 
 @pytest.mark.slow
 def test_training_components_run_locally_inside_a_pipeline(tmp_path: Path) -> None:
-    from preftune.runner import run_pipeline
+    from preftune.orchestration.runner import run_pipeline
 
     params = {
         "sft_data": _slice(EXAMPLES / "data" / "sft.jsonl", tmp_path / "sft.jsonl", 64),

@@ -1,4 +1,4 @@
-"""The stage launcher (preftune.distributed): how wide a step runs, and what every worker is told.
+"""The stage launcher (preftune.launch.distributed): how wide a step runs, and what every worker is told.
 
 Runs on CPU. One test starts real torchrun workers (2 gloo processes) on bad data to check that a worker's error
 reaches the step as its message; the multi-process training equivalence tests are in test_distributed_training.py.
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from tiny_models import make_model_dir, make_tokenizer, write_jsonl
 
-from preftune import distributed
-from preftune.distributed import Scale, StageFailed, run_stage
+from preftune.launch import distributed
+from preftune.launch.distributed import Scale, StageFailed, run_stage
 from preftune.train.ppo import PPOConfig
 from preftune.train.sft import SFTConfig
 
@@ -93,7 +93,7 @@ def test_torchrun_command_runs_this_module_as_worker() -> None:
     cmd = distributed.torchrun_command(4, ["--spec", "s.json"])
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert "--nproc-per-node=4" in cmd
-    assert cmd[cmd.index("--module") + 1 :] == ["preftune.distributed", "worker", "--spec", "s.json"]
+    assert cmd[cmd.index("--module") + 1 :] == ["preftune.launch.distributed", "worker", "--spec", "s.json"]
 
 
 @pytest.mark.parametrize(

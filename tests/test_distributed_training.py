@@ -2,7 +2,7 @@
 DDP) follow the loss trajectory of 1 process with the same global batch; PPO on 2 processes completes, whitening advantages with
 the moments of the whole rollout batch.
 
-The 2-process runs go through the production worker (``preftune.distributed.main``) under torchrun with the
+The 2-process runs go through the production worker (``preftune.launch.distributed.main``) under torchrun with the
 command ``distributed.torchrun_command`` builds; the only difference is that torchrun starts this file, which
 records every logged training row and evaluation (and, for PPO, the whitened advantages of every rank) before
 handing over to that worker. The 1-process reference runs in the test process through ``run_stage``.
@@ -90,7 +90,7 @@ def _install_recorders(trace: dict[str, list]) -> None:
 
 def _worker_main(argv: list[str]) -> int:
     """What torchrun runs in each process: the production worker once per ``SPEC:RESULT`` pair, recorded."""
-    from preftune import distributed
+    from preftune.launch import distributed
 
     for pair in argv:
         spec, result = pair.split(":")
@@ -113,7 +113,7 @@ def run_in_process(
     stage: str, config: Any, monkeypatch: pytest.MonkeyPatch, **kwargs: Any
 ) -> tuple[dict, dict]:
     """1 process, through run_stage, with the recorders; returns (metrics, trace)."""
-    from preftune.distributed import Scale, run_stage
+    from preftune.launch.distributed import Scale, run_stage
     from preftune.train import loop, ppo
 
     trace: dict[str, list] = {"train": [], "eval": [], "whiten": [], "sampler": []}
@@ -130,7 +130,7 @@ def run_workers(calls: dict[str, tuple[Any, dict[str, Any]]], tmp: Path) -> dict
     """One torchrun launch of ``WORKERS`` CPU processes (gloo) running each stage call in turn through the
     production worker (one launch, so the workers import torch and transformers once); per stage returns
     (metrics, trace)."""
-    from preftune import distributed
+    from preftune.launch import distributed
 
     pairs = []
     for stage, (config, kwargs) in calls.items():
@@ -140,7 +140,7 @@ def run_workers(calls: dict[str, tuple[Any, dict[str, Any]]], tmp: Path) -> dict
         pairs.append(f"{spec}:{tmp / f'{stage}.metrics.json'}")
     cmd = distributed.torchrun_command(WORKERS, pairs)
     at = cmd.index("--module")
-    cmd[at : at + 3] = [__file__]  # this file instead of `--module preftune.distributed worker`
+    cmd[at : at + 3] = [__file__]  # this file instead of `--module preftune.launch.distributed worker`
     env = {**os.environ, **distributed.worker_env("ddp", cpu=True), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"workers failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
@@ -181,7 +181,7 @@ def make_reward_dir(policy_dir: str, out: Path) -> str:
     import torch
     from transformers import LlamaForSequenceClassification
 
-    from preftune import modeling
+    from preftune.model import modeling
 
     tok = modeling.load_tokenizer(policy_dir)
     torch.manual_seed(1)

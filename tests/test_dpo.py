@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import make_policy_dir, pair_rows, write_jsonl
 
-from preftune import modeling
+from preftune.model import modeling
 from preftune.train.batching import PairCollator, load_pair_features
 from preftune.train.dpo import DPOConfig, pair_logprobs, score_reference, train_dpo
 from preftune.train.loop import make_accelerator

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from e2e import bundled_slice, run_cli
 
-from preftune.modeling import read_lineage
+from preftune.model.modeling import read_lineage
 
 FIGURES = (
     "wall_seconds", "gpu_hours", "train_tokens", "peak_memory_mb", "judge_reward", "win_rate_vs_sft",

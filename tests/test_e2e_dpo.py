@@ -10,7 +10,7 @@ import pytest
 import torch
 from e2e import bundled_slice, run_cli
 
-from preftune.modeling import load_causal_lm, load_tokenizer
+from preftune.model.modeling import load_causal_lm, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_snapshots_become_the_reward_vs_kl_path(dpo_run: dict) -> None:
 
 @pytest.mark.slow
 def test_first_run_becomes_the_champion(dpo_run: dict) -> None:
-    from preftune import registry
+    from preftune.io import registry
 
     decision = json.loads(dpo_run["steps"]["gate"]["outputs"]["decision"])
     assert dpo_run["steps"]["gate"]["outputs"]["Output"] is True

@@ -6,8 +6,8 @@ import pytest
 import torch
 from e2e import bundled_slice, run_cli
 
-from preftune.modeling import load_reward_model, load_tokenizer
-from preftune.scoring import score_texts
+from preftune.model.modeling import load_reward_model, load_tokenizer
+from preftune.model.scoring import score_texts
 
 MAX_KL = 12.0
 

@@ -1,4 +1,4 @@
-"""Tests of preftune.evaluation on tiny random Llama models built offline."""
+"""Tests of preftune.eval.evaluation on tiny random Llama models built offline."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import torch
 from tiny_models import make_model, make_tokenizer, save_model_dir
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from preftune.evaluation import (
+from preftune.eval.evaluation import (
     EvalConfig,
     distinct_n,
     evaluate,
     judge_metrics,
 )
-from preftune.judge import Judge
-from preftune.sampling import generate_responses
+from preftune.eval.judge import Judge
+from preftune.model.sampling import generate_responses
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
@@ -423,7 +423,7 @@ def snapshots(tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     """Two snapshots on the way from the reference to the candidate (weights interpolated), as training keeps."""
     from transformers import AutoModelForCausalLM
 
-    from preftune.modeling import load_tokenizer
+    from preftune.model.modeling import load_tokenizer
     from preftune.train.snapshots import Snapshots
 
     root = tmp_path_factory.mktemp("snapshots")

@@ -8,12 +8,12 @@ import pytest
 from kfp import dsl
 from kfp.dsl import Metrics, Model, Output
 
-from preftune import registry
 from preftune.components.champion.component import champion as champion_op
 from preftune.components.gate.component import gate as gate_op
 from preftune.components.promote.component import promote as promote_op
-from preftune.gate import decide, run_gate
-from preftune.runner import SKIPPED, SUCCEEDED, format_summary, run_pipeline
+from preftune.eval.gate import decide, run_gate
+from preftune.io import registry
+from preftune.orchestration.runner import SKIPPED, SUCCEEDED, format_summary, run_pipeline
 
 THRESHOLDS = {"min_win_rate_vs_champion": 0.5, "max_kl": 5.0, "min_diversity_ratio": 0.8}
 GOOD = {

@@ -19,7 +19,8 @@ import pytest
 import torch
 from s3_server import S3Bucket
 
-from preftune import modeling, registry, storage
+from preftune.io import registry, storage
+from preftune.model import modeling
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny-llama"
@@ -216,7 +217,7 @@ def test_the_custom_code_trap_is_armed(tmp_path: Path) -> None:
     marker = tmp_path / "remote-code-ran"
     model = _with_custom_code(tmp_path, marker)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    code = f"from preftune.modeling import load_tokenizer\nload_tokenizer({str(model)!r}, trust_remote_code=True)"
+    code = f"from preftune.model.modeling import load_tokenizer\nload_tokenizer({str(model)!r}, trust_remote_code=True)"
     subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300, check=False)
     assert marker.exists()
 
@@ -351,22 +352,22 @@ def _out_of_range(rule: tuple[float | None, bool, float | None, bool]) -> list[f
 
 
 def _stage_checks() -> dict[type, object]:
-    from preftune.evaluation import EvalConfig
-    from preftune.train import dpo, ppo, reward
-    from preftune.train.loop import check_config
-    from preftune.train.sft import SFTConfig
+    from preftune.config import dpo, ppo, reward
+    from preftune.config.evaluate import EvalConfig
+    from preftune.config.fields import check_config
+    from preftune.config.sft import SFTConfig
 
     return {
         SFTConfig: check_config,  # what train_sft runs first
-        dpo.DPOConfig: dpo._check,
-        reward.RewardConfig: reward._check,
-        ppo.PPOConfig: ppo._check,
+        dpo.DPOConfig: dpo.validate,
+        reward.RewardConfig: reward.validate,
+        ppo.PPOConfig: ppo.validate,
         EvalConfig: lambda config: None,  # checks itself on construction
     }
 
 
 def test_out_of_range_numbers_are_refused_with_the_field_name() -> None:
-    from preftune.train.loop import CONFIG_RANGES
+    from preftune.config.fields import CONFIG_RANGES
 
     tried = 0
     for cls, check in _stage_checks().items():

@@ -1,4 +1,4 @@
-"""preftune.losses against arithmetic done by hand, and against TRL's DPO loss on random batches."""
+"""preftune.model.losses against arithmetic done by hand, and against TRL's DPO loss on random batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preftune.losses import dpo_loss, sequence_logprobs, token_logprobs
+from preftune.model.losses import dpo_loss, sequence_logprobs, token_logprobs
 
 LN2 = math.log(2)  # 0.693147...
 

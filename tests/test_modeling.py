@@ -12,7 +12,8 @@ import pytest
 import torch
 from tiny_models import make_model_dir, make_tokenizer
 
-from preftune import modeling, storage
+from preftune.io import storage
+from preftune.model import modeling
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21]])
 
@@ -126,7 +127,7 @@ def test_hub_id_resolves_through_the_hugging_face_cache(base_dir: Path, tmp_path
     (refs / "main").write_text("0123abc")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     code = (
-        "from preftune.modeling import load_causal_lm, load_tokenizer, resolve\n"
+        "from preftune.model.modeling import load_causal_lm, load_tokenizer, resolve\n"
         "assert resolve('acme/tiny-chat') == 'acme/tiny-chat'\n"
         "m = load_causal_lm('acme/tiny-chat'); t = load_tokenizer('acme/tiny-chat')\n"
         "print(type(m).__name__, t.eos_token)\n"

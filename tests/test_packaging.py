@@ -7,8 +7,8 @@ import ast
 import pytest
 import tomllib
 
-from preftune import compilation
 from preftune.components import COMPONENTS
+from preftune.orchestration import compilation
 
 ROOT = compilation.source_root()
 FOLDERS = sorted(p.name for p in (ROOT / "components").iterdir() if (p / "component.py").is_file())

@@ -15,15 +15,15 @@ import pytest
 import torch
 from tiny_models import make_counting_reward, make_policy_dir, write_jsonl
 
-from preftune import modeling
-from preftune.sampling import eos_ids_of
-from preftune.templating import render_prompt
+from preftune.config.ppo import validate
+from preftune.model import modeling
+from preftune.model.sampling import eos_ids_of
+from preftune.model.templating import render_prompt
 from preftune.train.batching import DataError
 from preftune.train.ppo import (
     PPOConfig,
     TokenValueModel,
     _adapter_off,
-    _check,
     _load_models,
     generate_rollout,
     load_prompts,
@@ -233,8 +233,8 @@ def test_load_prompts_dedupes_and_names_bad_rows(tmp_path: Path) -> None:
 
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="PPOConfig.kl_controller"):
-        _check(_config(kl_controller="pid"))
+        validate(_config(kl_controller="pid"))
     with pytest.raises(ValueError, match="mini_batch_size"):
-        _check(_config(mini_batch_size=64))
+        validate(_config(mini_batch_size=64))
     with pytest.raises(ValueError, match="top_p"):
-        _check(_config(top_p=0.0))
+        validate(_config(top_p=0.0))

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from preftune.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
-from preftune.losses import (
+from preftune.model.losses import (
     entropy_from_logits,
     gae,
     masked_mean,
@@ -18,6 +17,7 @@ from preftune.losses import (
     shape_rewards,
     whiten,
 )
+from preftune.train.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 
 approx = pytest.approx
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from preftune import registry
-from preftune.gate import decide
+from preftune.eval.gate import decide
+from preftune.io import registry
 
 FILES = {
     "config.json": b'{"model_type": "llama"}',
@@ -49,7 +49,7 @@ def registry_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def _files_of(uri: str, tmp_path: Path, name: str) -> dict[str, bytes]:
-    from preftune import storage
+    from preftune.io import storage
 
     dest = storage.download(uri, tmp_path / name)
     return {p.relative_to(dest).as_posix(): p.read_bytes() for p in Path(dest).rglob("*") if p.is_file()}
@@ -178,7 +178,7 @@ def test_verification_catches_a_corrupted_upload(s3, tmp_path: Path, monkeypatch
 
 _KILL_SCRIPT = """
 import sys, time
-from preftune import registry
+from preftune.io import registry
 name = sys.argv[4]
 real = getattr(registry, name)
 count = 0
@@ -268,7 +268,8 @@ def test_adapter_candidate_is_merged_into_full_weights(tmp_path: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from preftune import modeling, runner
+    from preftune.model import modeling
+    from preftune.orchestration import runner
 
     base = str(runner.project_root() / "examples" / "tiny-llama")
     model = modeling.load_causal_lm(base)

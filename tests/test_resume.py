@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import make_counting_reward, make_policy_dir, pair_rows, write_jsonl
 
-from preftune import storage
+from preftune.io import storage
 
 WORKER = str(Path(__file__).with_name("resume_worker.py"))
 DEADLINE = 300  # seconds any one run may take on a loaded 2-core machine

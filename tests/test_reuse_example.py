@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from preftune.runner import run_pipeline
+from preftune.orchestration.runner import run_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

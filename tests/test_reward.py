@@ -1,4 +1,4 @@
-"""Tests of preftune.train.reward and preftune.scoring on tiny random Llamas built offline (seconds on CPU)."""
+"""Tests of preftune.train.reward and preftune.model.scoring on tiny random Llamas built offline (seconds on CPU)."""
 
 import json
 import math
@@ -10,8 +10,8 @@ import torch
 from tiny_models import BAD, GOOD, make_policy_dir, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from preftune import modeling
-from preftune.scoring import score_sequences, score_texts
+from preftune.model import modeling
+from preftune.model.scoring import score_sequences, score_texts
 from preftune.train.batching import DataError
 from preftune.train.reward import (
     PackedRewardCollator,
@@ -351,7 +351,7 @@ def test_packed_rewards_equal_one_sequence_per_row(
 def test_packed_rewards_are_read_where_the_saved_model_scores(
     tmp_path: Path, pairs: str, pad: str | None
 ) -> None:
-    """Training reads each answer's score at the token preftune.scoring reads when it scores that text alone: the
+    """Training reads each answer's score at the token preftune.model.scoring reads when it scores that text alone: the
     closing eos, or the last response token when the tokenizer pads with eos."""
     sft = make_policy_dir(tmp_path / "sft", pad=pad)
     model = _scoring_model(sft, use_lora=False)

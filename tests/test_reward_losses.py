@@ -1,4 +1,4 @@
-"""Reward-model losses (preftune.losses): hand-worked values, margins, and TRL's RewardTrainer loss."""
+"""Reward-model losses (preftune.model.losses): hand-worked values, margins, and TRL's RewardTrainer loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preftune.losses import bradley_terry_loss, reward_regression_loss
+from preftune.model.losses import bradley_terry_loss, reward_regression_loss
 
 CHOSEN = torch.tensor([2.0, 0.0, -1.0])
 REJECTED = torch.tensor([1.0, 0.0, 1.0])

@@ -6,7 +6,7 @@ from pathlib import Path
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
 
-from preftune.runner import FAILED, NOT_RUN, SUCCEEDED, format_summary, run_pipeline
+from preftune.orchestration.runner import FAILED, NOT_RUN, SUCCEEDED, format_summary, run_pipeline
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_models import make_model_dir, make_tokenizer, write_jsonl
 
-from preftune import modeling
+from preftune.model import modeling
 from preftune.train.batching import DataError
 from preftune.train.sft import SFTConfig, train_sft
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from s3_server import S3Bucket
 
-from preftune import storage
+from preftune.io import storage
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -169,7 +169,7 @@ def test_download_refuses_keys_escaping_dest(s3: S3Bucket, tmp_path: Path, bad_k
 def test_fingerprint_follows_the_data_not_the_uri(tmp_path: Path) -> None:
     import os
 
-    from preftune.storage import fingerprint
+    from preftune.io.storage import fingerprint
 
     data = tmp_path / "data"
     data.mkdir()
@@ -185,7 +185,7 @@ def test_fingerprint_follows_the_data_not_the_uri(tmp_path: Path) -> None:
 
 
 def test_fingerprint_of_an_s3_prefix(s3) -> None:  # noqa: ANN001
-    from preftune.storage import fingerprint
+    from preftune.io.storage import fingerprint
 
     s3.put("daily/date=2026-11-01/a.jsonl", '{"x": 1}\n')
     first = fingerprint(s3.uri("daily"))

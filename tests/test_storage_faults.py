@@ -14,7 +14,8 @@ import torch
 from fault_proxy import KINDS, FaultPlan, FaultProxy
 from s3_server import S3Bucket, s3_bucket
 
-from preftune import modeling, storage
+from preftune.io import storage
+from preftune.model import modeling
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny-llama"
 

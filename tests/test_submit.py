@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from preftune import kfp_api
+from preftune.orchestration import kfp_api
 
 PACKAGE = kfp_api.pipeline_package("dpo")
 

@@ -6,7 +6,7 @@ import pytest
 import tiny_models
 from transformers import PreTrainedTokenizerFast
 
-from preftune.templating import render_prompt, tokenize_example, tokenize_pair
+from preftune.model.templating import render_prompt, tokenize_example, tokenize_pair
 from preftune.train.batching import IGNORE_INDEX, PairCollator, SFTCollator
 
 USER = [{"role": "user", "content": "what colour is the sky?"}]

@@ -1,4 +1,4 @@
-"""Multi-node launcher (preftune.trainjob): the TrainJob it renders, and its submit / wait / collect logic.
+"""Multi-node launcher (preftune.launch.trainjob): the TrainJob it renders, and its submit / wait / collect logic.
 
 The rendered TrainJob is compared with ``tests/golden/trainjob-sft.yaml`` (``PREFTUNE_UPDATE_GOLDEN=1`` rewrites
 it), validated against the TrainJob CRD's openAPIV3 schema of Kubeflow Trainer v2.3.0 vendored in
@@ -30,8 +30,9 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv
 
-from preftune import storage, trainjob
-from preftune.distributed import Scale, StageFailed, run_stage
+from preftune.io import storage
+from preftune.launch import trainjob
+from preftune.launch.distributed import Scale, StageFailed, run_stage
 from preftune.train.sft import SFTConfig
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -142,7 +143,7 @@ def render_sft(tmp: Path, *, num_nodes: int = 2, strategy: str = "ddp") -> dict[
     kwargs = sft_kwargs(tmp)
     settings = trainjob.settings_from_pod(step_pod(), accelerator_type="nvidia.com/gpu")
     out = trainjob.staging_uri(kwargs, "sft")
-    from preftune.distributed import call_json, config_dict, per_worker_config
+    from preftune.launch.distributed import call_json, config_dict, per_worker_config
 
     call = call_json(
         "sft",
@@ -212,7 +213,7 @@ def test_rendered_trainjob_carries_the_step(tmp_path: Path) -> None:
         "kind": "ClusterTrainingRuntime",
     }
     assert trainer["image"] == "registry.example.com/preftune:0.1.0"
-    assert trainer["command"] == ["torchrun", "--module", "preftune.distributed"]
+    assert trainer["command"] == ["torchrun", "--module", "preftune.launch.distributed"]
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
     assert trainer["resourcesPerNode"]["limits"] == {"cpu": "16", "memory": "120Gi", "nvidia.com/gpu": 8}
     # the stage call: inputs by URI, outputs left to the worker, the global batch of 32 split over 16 workers
@@ -618,7 +619,7 @@ def test_worker_publishes_what_the_launcher_collects(s3, tmp_path: Path) -> None
     """A 1-process worker with --output-uri (what each TrainJob node runs) and collect_outputs, end to end."""
     from tiny_models import make_model_dir, make_tokenizer
 
-    from preftune import distributed
+    from preftune.launch import distributed
 
     answers = ["the sky is blue.", "two plus two is four."]
     rows = [

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from preftune.winrate import length_controlled_win_rate, outcomes, win_rate
+from preftune.eval.winrate import length_controlled_win_rate, outcomes, win_rate
 
 
 def test_outcomes_and_win_rate_by_hand() -> None:

@@ -131,7 +131,7 @@ def pair_rows(n: int) -> list[dict]:
 
 def make_counting_reward(policy_dir: str, out_dir: Path, target: int) -> str:
     """A reward model whose score rises with the number of ``target`` tokens in the sequence."""
-    from preftune import modeling
+    from preftune.model import modeling
 
     tok = modeling.load_tokenizer(policy_dir)
     hidden = 32

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -20,7 +20,7 @@ def champion(registry_uri: str, model_name: str) -> str:
     Returns:
         The champion's URI, or an empty string before the first promotion.
     """
-    from preftune.registry import resolve_champion
+    from preftune.io.registry import resolve_champion
 
     if not registry_uri.strip():
         print("no registry configured: no champion to compare with, nothing will be promoted")

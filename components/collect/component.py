@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Input, Metrics, Model, Output
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -42,7 +42,7 @@ def collect(
     Returns:
         The URI of the batch folder, <out_uri>/<batch_id>.
     """
-    from preftune.collect import collect as run_collect
+    from preftune.eval.collect import collect as run_collect
 
     manifest = run_collect(
         model.path,

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -52,8 +52,8 @@ def compare(
     Returns:
         The verdict, one sentence per line (also at the top of the report), for the run's log and summary.
     """
-    from preftune.comparison import compare as run_compare
-    from preftune.comparison import verdict
+    from preftune.eval.comparison import compare as run_compare
+    from preftune.eval.comparison import verdict
 
     result = run_compare(
         training={

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -69,7 +69,7 @@ def dpo(
         seed: Seed for initialisation and data order.
         max_steps: Stop after this many optimisation steps (-1 = run all epochs).
     """
-    from preftune.distributed import Scale, run_stage
+    from preftune.launch.distributed import Scale, run_stage
     from preftune.train.checkpoint import default_checkpoint_uri
     from preftune.train.dpo import DPOConfig
 

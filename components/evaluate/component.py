@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -63,8 +63,8 @@ def evaluate(
         max_prompts: Evaluate at most this many prompts.
         seed: Sampling seed, the same for both models.
     """
-    from preftune.evaluation import EvalConfig
-    from preftune.evaluation import evaluate as run_evaluate
+    from preftune.eval.evaluation import EvalConfig
+    from preftune.eval.evaluation import evaluate as run_evaluate
 
     config = EvalConfig(
         max_new_tokens=max_new_tokens,

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -19,6 +19,6 @@ def fingerprint(source: str) -> str:
     Returns:
         A 32-hex-digit fingerprint of the data's listing.
     """
-    from preftune.storage import fingerprint as data_fingerprint
+    from preftune.io.storage import fingerprint as data_fingerprint
 
     return data_fingerprint(source)

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Input, Metrics, Output
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -43,7 +43,7 @@ def gate(
     """
     import json
 
-    from preftune.gate import run_gate
+    from preftune.eval.gate import run_gate
 
     result = run_gate(
         dict(evaluation.metadata),

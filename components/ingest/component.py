@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Metrics, Output
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -86,7 +86,7 @@ def ppo(
         trainjob_runtime: The Kubeflow Trainer runtime a multi-node TrainJob uses.
         seed: Seed for initialisation, prompt order and sampling.
     """
-    from preftune.distributed import Scale, run_stage
+    from preftune.launch.distributed import Scale, run_stage
     from preftune.train.checkpoint import default_checkpoint_uri
     from preftune.train.ppo import PPOConfig
 

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Input, Metrics, Model, Output
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -38,7 +38,7 @@ def promote(
     """
     import json
 
-    from preftune.registry import promote as publish
+    from preftune.io.registry import promote as publish
 
     verdict = json.loads(decision)
     pointer = publish(

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from preftune.platform import runtime_image
+from preftune.launch.platform import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -43,7 +43,7 @@ def reward_model(
         train_pairs: Training pairs from the preference import step.
         eval_pairs: Held-out pairs from the preference import step.
         model: The reward model (a LoRA adapter with its score head, stacked on the SFT model, or full
-            sequence-classification weights); loads with preftune.modeling.load_reward_model.
+            sequence-classification weights); loads with preftune.model.modeling.load_reward_model.
         metrics: Held-out pair accuracy (before and after training), mean reward margin, accuracy by margin
             bucket, losses, reward mean and spread.
         report: Training curves and accuracy by margin bucket (HTML).
@@ -67,7 +67,7 @@ def reward_model(
         seed: Seed for the score head's initialisation and data order.
         max_steps: Stop after this many optimisation steps (-1 = run all epochs).
     """
-    from preftune.distributed import Scale, run_stage
+    from preftune.launch.distributed import Scale, run_stage
     from preftune.train.checkpoint import default_checkpoint_uri
     from preftune.train.reward import RewardConfig
 

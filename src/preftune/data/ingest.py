@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from preftune import reports
 from preftune.data import readers, records, validation
 from preftune.data.readers import DataFormatError
+from preftune.report import html as reports
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune import reports
 from preftune.data import formats, labelstudio, pairing, readers, records, validation
 from preftune.data.formats import Observation, RankedList
 from preftune.data.ingest import READ_REASONS, metric_name, prompt_key, split_groups
 from preftune.data.readers import DataFormatError
+from preftune.report import html as reports
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from preftune import storage
+from preftune.io import storage
 
 log = logging.getLogger(__name__)
 

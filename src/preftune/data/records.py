@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from preftune import storage
 from preftune.data.readers import DataFormatError, RawRow, _kind, parse_jsonl
+from preftune.io import storage
 
 ROLES = ("system", "user", "assistant")
 SFT_FIELDS = ("prompt", "completion", "messages")

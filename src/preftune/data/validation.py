@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune import reports
 from preftune.data.records import text_length
+from preftune.report import html as reports
 
 log = logging.getLogger(__name__)
 

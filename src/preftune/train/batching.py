@@ -1,7 +1,7 @@
 """From contract JSONL rows to padded training batches.
 
 SFT rows (``prompt`` messages + ``completion``) and preference pairs (``prompt`` + ``chosen`` + ``rejected``)
-are tokenised once up front (preftune.templating), then collated into right-padded batches. Right padding keeps
+are tokenised once up front (preftune.model.templating), then collated into right-padded batches. Right padding keeps
 every real token at the position it would have alone, so a sequence's log-probability does not depend on the
 other sequences in its batch; that is what lets DPO reuse reference log-probabilities computed in another pass.
 
@@ -19,7 +19,7 @@ import torch
 
 from preftune.data.readers import DataFormatError
 from preftune.data.records import read_artifact_rows
-from preftune.templating import pad_id, tokenize_example, tokenize_pair
+from preftune.model.templating import pad_id, tokenize_example, tokenize_pair
 
 IGNORE_INDEX = -100
 

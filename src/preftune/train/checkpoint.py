@@ -13,7 +13,7 @@ A checkpoint is ``<uri>/step-<N>/`` holding:
 - ``rng.json``: every process's Python, NumPy, torch and CUDA random states, and named generator states (the
   data order of the current epoch);
 - ``state.json``: the loop's own position and logs (step, epoch, batch, history, meters, ...);
-- the storage manifest, written last (preftune.storage.upload_dir): a checkpoint without it is incomplete and
+- the storage manifest, written last (preftune.io.storage.upload_dir): a checkpoint without it is incomplete and
   ignored, so a kill in the middle of a save never resumes from half a checkpoint.
 
 Only the main process writes; every process restores. The newest ``keep`` complete checkpoints are kept.
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from preftune import storage
+from preftune.io import storage
 
 PREFIX = "step-"
 log = logging.getLogger(__name__)

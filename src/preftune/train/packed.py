@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from preftune.losses import head_logprobs, token_logprobs
+from preftune.model.losses import head_logprobs, token_logprobs
 
 #: The model inputs of a packed batch.
 INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")

@@ -2,8 +2,8 @@
 
 The reward model is the SFT model with a sequence-classification head (``num_labels=1``), so it reads text
 exactly as the policy writes it: the chat-template-rendered prompt, the response, and eos (the same tokens as
-DPO, preftune.templating.tokenize_pair). It reads its score at the last non-padding token; batches are
-right-padded with the model's own ``config.pad_token_id`` (see preftune.scoring), the id it has again when the
+DPO, preftune.model.templating.tokenize_pair). It reads its score at the last non-padding token; batches are
+right-padded with the model's own ``config.pad_token_id`` (see preftune.model.scoring), the id it has again when the
 artifact is loaded, so that training and scoring read the same token.
 
 Two objectives:
@@ -20,7 +20,7 @@ attend to the prompt but not to the chosen ones, with position ids restarting af
 runs once, not twice), and documents are packed into rows of up to ``pack_length`` tokens with a block mask
 (preftune.train.batching.pack_documents: no padding). Each answer's score is then read at the packed position
 of the token where the classifier pools ``prompt + answer`` scored alone (:func:`score_position`), so training,
-evaluation and the saved model's later scoring (preftune.scoring) read the same token of the same context. With
+evaluation and the saved model's later scoring (preftune.model.scoring) read the same token of the same context. With
 both levers off, the batch is 2B right-padded rows pooled by the classifier itself.
 
 Held-out metrics (on the eval pairs, whatever the objective): ``eval_accuracy`` (share of pairs with
@@ -38,16 +38,18 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from preftune import modeling, reports, storage
-from preftune.losses import bradley_terry_loss, reward_regression_loss
-from preftune.scoring import reward_pad_id, rewards_from_batch
-from preftune.templating import eos_id, pad_id
+from preftune.config.reward import RewardConfig, validate
+from preftune.io import storage
+from preftune.model import modeling
+from preftune.model.losses import bradley_terry_loss, reward_regression_loss
+from preftune.model.scoring import reward_pad_id, rewards_from_batch
+from preftune.model.templating import eos_id, pad_id
+from preftune.report import html as reports
 from preftune.train.batching import (
     PROMPT,
     DataError,
@@ -61,7 +63,6 @@ from preftune.train.checkpoint import Checkpointer, LoopProgress
 from preftune.train.loop import (
     History,
     Meter,
-    check_config,
     config_rows,
     lora_options,
     make_accelerator,
@@ -76,121 +77,7 @@ from preftune.train.packed import classifier_outputs_at
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES: tuple[str, ...] = ("pairwise", "regression")
 BUCKETS: tuple[str, ...] = ("none", "low", "mid", "high")
-
-
-@dataclass
-class RewardConfig:
-    """Hyper-parameters of reward-model training.
-
-    The defaults train the bundled tiny model's reward head on the bundled pairs in about a minute on 2 CPU
-    cores. For billion-parameter models lower ``learning_rate`` (LoRA: about 1e-4; full fine-tuning: about
-    1e-5) and keep ``epochs`` at 1: reward models overfit quickly.
-    """
-
-    epochs: int = field(
-        default=1, metadata={"help": "Passes over the training pairs (ignored when max_steps > 0)."}
-    )
-    learning_rate: float = field(
-        default=1e-3, metadata={"help": "Peak learning rate (warm-up, then linear decay)."}
-    )
-    objective: str = field(
-        default="pairwise",
-        metadata={
-            "help": "pairwise (Bradley-Terry on chosen vs rejected) or regression (MSE on pair scores)."
-        },
-    )
-    use_margin: bool = field(
-        default=True,
-        metadata={
-            "help": "Pairwise: subtract each pair's margin inside the sigmoid (Llama 2's margin loss)."
-        },
-    )
-    margin_scale: float = field(
-        default=1.0, metadata={"help": "Multiplier applied to the data's margins before they enter the loss."}
-    )
-    batch_size: int = field(
-        default=16, metadata={"help": "Pairs per forward pass on each device (2x sequences)."}
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Forward passes per optimisation step (effective batch = batch x this)."}
-    )
-    max_length: int = field(
-        default=256, metadata={"help": "Longest prompt + answer in tokens; prompts keep their end."}
-    )
-    use_lora: bool = field(
-        default=True,
-        metadata={"help": "Train a LoRA adapter (plus the full score head) on the merged SFT model."},
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: str = field(
-        default="", metadata={"help": "Comma-separated module names for LoRA; empty = all linear layers."}
-    )
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps spent warming up the rate."})
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = no clipping)."})
-    seed: int = field(default=0, metadata={"help": "Seed for the score head, initialisation and data order."})
-    max_steps: int = field(
-        default=-1, metadata={"help": "Stop after this many optimisation steps (-1 = epochs)."}
-    )
-    logging_steps: int = field(default=5, metadata={"help": "Log training metrics every this many steps."})
-    eval_steps: int = field(
-        default=25, metadata={"help": "Also evaluate every this many steps (0 = only after each epoch)."}
-    )
-    eval_batch_size: int = field(default=32, metadata={"help": "Pairs per forward pass when evaluating."})
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Turn off dropout so both answers of a pair are scored alike."}
-    )
-    mixed_precision: str = field(
-        default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16."}
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    checkpoint_uri: str = field(
-        default="",
-        metadata={
-            "help": "Where to keep resumable checkpoints (s3:// or a local path); a rerun resumes from the "
-            "newest complete one there (empty = none)."
-        },
-    )
-    checkpoint_every: int = field(
-        default=0, metadata={"help": "Checkpoint every this many optimisation steps (0 = never)."}
-    )
-    prefix_sharing: bool = field(
-        default=True,
-        metadata={
-            "help": "Run each prompt once for both answers (one prompt+chosen+rejected sequence, masked)."
-        },
-    )
-    pack_length: int = field(
-        default=256,
-        metadata={
-            "help": "Pack pairs into rows of up to this many tokens, no padding (0 = one pair per row)."
-        },
-    )
-
-
-def _check(config: RewardConfig) -> None:
-    check_config(config)
-    if config.objective not in OBJECTIVES:
-        raise ValueError(
-            f"RewardConfig.objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}"
-        )
-    if config.pack_length < 0:
-        raise ValueError(
-            f"RewardConfig.pack_length must be >= 0 (0 = one pair per row), got {config.pack_length}"
-        )
-    if not (math.isfinite(config.margin_scale) and config.margin_scale >= 0):
-        raise ValueError(
-            f"RewardConfig.margin_scale must be a finite number >= 0, got {config.margin_scale!r}"
-        )
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -250,7 +137,7 @@ class RewardCollator:
     and ``scores`` (2B,) when every pair of the batch has scores.
 
     Padding positions hold ``pad_id``: the id the reward model pools by (its ``config.pad_token_id``), so
-    training reads each score at the same token as preftune.scoring does later on the saved model.
+    training reads each score at the same token as preftune.model.scoring does later on the saved model.
     """
 
     def __init__(self, tokenizer: Any, pad_id: int) -> None:
@@ -507,7 +394,7 @@ def train_reward_model(
         ``steps``, ``train_pairs``, ``eval_pairs``, ``train_seconds``.
     """
     began = time.perf_counter()
-    _check(config)
+    validate(config)
     modeling.set_seed(config.seed)
     accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
     tokenizer = modeling.load_tokenizer(sft_model, trust_remote_code=config.trust_remote_code)

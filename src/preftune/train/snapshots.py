@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from preftune import modeling
+from preftune.model import modeling
 
 INDEX_FILE = "index.json"
 

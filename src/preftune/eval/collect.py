@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from preftune import storage
 from preftune.data import readers, records
+from preftune.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,9 @@ def sample_responses(
     """K sampled responses per prompt: each prompt repeated K times in left-padded, seeded batches."""
     import torch
 
-    from preftune.modeling import load_causal_lm, load_tokenizer
-    from preftune.sampling import generate_responses
-    from preftune.templating import render_prompt
+    from preftune.model.modeling import load_causal_lm, load_tokenizer
+    from preftune.model.sampling import generate_responses
+    from preftune.model.templating import render_prompt
 
     tokenizer = load_tokenizer(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

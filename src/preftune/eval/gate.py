@@ -142,7 +142,7 @@ def decide(
 
 def render_report(decision: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
     """The gate's HTML report: the verdict, each check against its threshold, and every metric it saw."""
-    from preftune import reports
+    from preftune.report import html as reports
 
     verdict = "PROMOTE" if decision["promote"] else "DO NOT PROMOTE"
     rows = [{k: c[k] for k in ("name", "value", "threshold", "passed", "reason")} for c in decision["checks"]]
@@ -168,7 +168,7 @@ def run_gate(
 ) -> dict[str, Any]:
     """Decide, write the HTML report, and return the decision with the metrics it was taken on (which the
     promote step records in the registry). A non-empty ``champion_uri`` makes the champion comparison required."""
-    from preftune import reports
+    from preftune.report import html as reports
 
     decision = decide(
         metrics,

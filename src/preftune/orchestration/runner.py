@@ -78,7 +78,7 @@ def parse_value(param: Parameter, raw: str) -> Any:
             + (" (use true or false)" if param.type == "bool" else "")
         ) from None
     if "://" in text:  # a location: refuse a scheme no step could read before anything runs
-        from preftune import storage
+        from preftune.io import storage
 
         try:
             storage.check_uri(text)
@@ -131,7 +131,7 @@ def parse_assignments(
 
 def project_root() -> Path | None:
     """The source checkout preftune runs from, when there is one (it holds the bundled examples)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     return root if (root / "examples").is_dir() else None
 
 

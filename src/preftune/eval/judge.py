@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from preftune.modeling import load_reward_model, load_tokenizer, resolve
-from preftune.scoring import score_texts
+from preftune.model.modeling import load_reward_model, load_tokenizer, resolve
+from preftune.model.scoring import score_texts
 
 Messages = list[dict[str, str]]
 

@@ -19,8 +19,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from preftune.config.dpo import DPO_LOSS_TYPES
+
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

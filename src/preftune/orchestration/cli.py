@@ -9,8 +9,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from preftune import __version__, kfp_api, platform
+from preftune import __version__
 from preftune.data import import_command
+from preftune.launch import platform
+from preftune.orchestration import kfp_api
 
 #: Metrics printed after a local run, by pipeline task name.
 HEADLINE_METRICS = {
@@ -41,7 +43,7 @@ HEADLINE_METRICS["evaluate-2"] = HEADLINE_METRICS["evaluate"]  # the compare pip
 
 
 def _parameter_help(pipeline: Any) -> str:
-    from preftune.runner import pipeline_parameters
+    from preftune.orchestration.runner import pipeline_parameters
 
     lines = ["pipeline parameters (set with --param NAME=VALUE):", ""]
     for p in pipeline_parameters(pipeline).values():
@@ -172,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from preftune.orchestration.runner import ParameterError, format_summary, parse_assignments, run_pipeline
     from preftune.pipelines import PIPELINES, RULES
-    from preftune.runner import ParameterError, format_summary, parse_assignments, run_pipeline
 
     pipeline = PIPELINES[args.pipeline]
     try:
@@ -190,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from preftune import compilation
+    from preftune.orchestration import compilation
 
     root = Path(args.root).resolve() if args.root else None
     if args.check:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-KL_CONTROLLERS = ("fixed", "adaptive")
+from preftune.config.ppo import KL_CONTROLLERS
 
 
 class FixedKLController:

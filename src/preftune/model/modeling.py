@@ -49,7 +49,7 @@ def resolve(ref: str) -> str:
         mounted = Path("/s3") / ref[len("s3://") :]
         if mounted.is_dir():  # the KFP launcher already copied this artifact into the pod
             return str(mounted)
-        from preftune import storage
+        from preftune.io import storage
 
         return str(storage.local_path(ref))
     if ref.startswith("file://"):
@@ -361,7 +361,7 @@ def model_card(lineage: dict[str, Any]) -> str:
     stage = lineage["stage"]
     loader = "load_reward_model" if stage == "reward" else "load_causal_lm"
     load = (
-        f"from preftune.modeling import {loader}\n"
+        f"from preftune.model.modeling import {loader}\n"
         f"model = {loader}('<this directory>')  # merges the adapter chain below"
     )
     if lineage.get("adapter"):

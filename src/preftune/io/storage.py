@@ -22,7 +22,7 @@ Object stores time out, throttle and drop connections, and processes die half-wa
   file and a directory, links in the destination leading out, and links in a source directory leading out of
   it (or to directories) are refused before the first byte is written.
 
-The manifest format is shared with :mod:`preftune.registry`, whose versions are directories of the same kind.
+The manifest format is shared with :mod:`preftune.io.registry`, whose versions are directories of the same kind.
 """
 
 from __future__ import annotations

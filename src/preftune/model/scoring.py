@@ -1,12 +1,12 @@
 """Score responses with a reward model: one scalar per (prompt, response).
 
-A reward model is a one-label ``AutoModelForSequenceClassification`` (see preftune.modeling.load_reward_model).
+A reward model is a one-label ``AutoModelForSequenceClassification`` (see preftune.model.modeling.load_reward_model).
 It reads its score at the last token that is not padding: transformers finds that token as the rightmost
 position whose id differs from ``model.config.pad_token_id``. So the text a reward model scores is exactly what
 it was trained on, and batches are right-padded with that same id:
 
 - the prompt rendered by the chat template up to the assistant turn, then the response, then eos (the same
-  tokens as preftune.templating.tokenize_example, the same as reward-model and DPO training);
+  tokens as preftune.model.templating.tokenize_example, the same as reward-model and DPO training);
 - when the pad id differs from eos (the bundled model), the score is read at the eos closing the response;
   when a tokenizer pads with its eos, at the last response token (training and scoring agree either way).
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from preftune import templating
+from preftune.model import templating
 
 PromptLike = str | Sequence[Mapping[str, str]]
 
@@ -99,7 +99,7 @@ def score_texts(
     """Reward of each response to its prompt under a reward model, in input order.
 
     Args:
-        model: A one-label sequence classifier (``preftune.modeling.load_reward_model``).
+        model: A one-label sequence classifier (``preftune.model.modeling.load_reward_model``).
         tokenizer: Its tokenizer (with a chat template).
         prompts: Plain-text prompts (one user message each) or lists of chat messages.
         responses: One response text per prompt (the assistant's answer, without eos).

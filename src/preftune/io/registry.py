@@ -23,7 +23,7 @@ A version is *visible* only when its ``_COMPLETE.json`` manifest exists; every l
 A crash before step 4 leaves the old champion in place and no visible new version; the next promotion takes the
 next free number. Leftover staging or partial version files are inert; :func:`remove_partials` deletes them.
 
-S3 primitives that :mod:`preftune.storage` does not offer (delimited listing, server-side copy, conditional put,
+S3 primitives that :mod:`preftune.io.storage` does not offer (delimited listing, server-side copy, conditional put,
 batch delete) are implemented here with boto3.
 """
 
@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from preftune import storage
+from preftune.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ def _assemble(candidate: str, bundle: Path, merge_adapters: bool) -> bool:
     if not source.is_dir():
         raise FileNotFoundError(f"candidate model {candidate!r} is not a directory")
     if merge_adapters and (source / "adapter_config.json").is_file():
-        from preftune.modeling import load_causal_lm, load_tokenizer
+        from preftune.model.modeling import load_causal_lm, load_tokenizer
 
         model = load_causal_lm(str(source))
         model.save_pretrained(str(bundle), safe_serialization=True)

@@ -5,7 +5,7 @@ With one process the function runs right here, in the component's own process, a
 the workers are started by torchrun (``torch.distributed.run``), each running this module's ``worker`` entry
 point on the same stage and arguments; accelerate inside the trainers sees the torchrun environment and
 sets up DDP (or FSDP, through its FSDP plugin's environment settings), and gloo on CPU-only machines. With
-more than one node, :mod:`preftune.trainjob` hands the same call to a Kubeflow Trainer TrainJob, whose
+more than one node, :mod:`preftune.launch.trainjob` hands the same call to a Kubeflow Trainer TrainJob, whose
 torch-distributed runtime runs torchrun on every node. Nothing here launches processes by hand or talks to
 ``torch.distributed`` directly: torchrun and accelerate do that.
 
@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune import platform, storage
+from preftune.io import storage
+from preftune.launch import platform
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def torchrun_command(nproc: int, worker_args: Sequence[str]) -> list[str]:
         "--nnodes=1",
         f"--nproc-per-node={nproc}",
         "--module",
-        "preftune.distributed",
+        "preftune.launch.distributed",
         "worker",
         *worker_args,
     ]
@@ -277,7 +278,7 @@ def run_stage(stage: str, config: Any, *, scale: Scale | None = None, **kwargs: 
             "rank 0 alone, which under FSDP needs the sharded weights gathered on every rank first; use 'ddp'"
         )
     if scale.num_nodes > 1:
-        from preftune import trainjob
+        from preftune.launch import trainjob
 
         return trainjob.run_stage_as_trainjob(stage, values, kwargs, scale)
     nproc = processes_per_node(scale)
@@ -363,7 +364,7 @@ def prefetch(values: Sequence[Any]) -> None:
     Called by each node's local rank 0 before the other ranks start, so that eight workers of a node do not
     download one model eight times, or replace a cache entry another worker is reading.
     """
-    from preftune import modeling
+    from preftune.model import modeling
 
     pending = [v for v in values if isinstance(v, str) and v.startswith("s3://")]
     seen: set[str] = set()
@@ -433,8 +434,8 @@ def _record_error(result: str | None, exc: BaseException) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m preftune.distributed worker ...``: what torchrun runs in every worker process."""
-    parser = argparse.ArgumentParser(prog="python -m preftune.distributed", description=main.__doc__)
+    """``python -m preftune.launch.distributed worker ...``: what torchrun runs in every worker process."""
+    parser = argparse.ArgumentParser(prog="python -m preftune.launch.distributed", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="run one stage in this torchrun worker")
     source = w.add_mutually_exclusive_group(required=True)

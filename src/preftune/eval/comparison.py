@@ -18,9 +18,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from preftune import reports
 from preftune.data.records import read_artifact_rows
-from preftune.winrate import length_controlled_win_rate, win_rate
+from preftune.eval.winrate import length_controlled_win_rate, win_rate
+from preftune.report import html as reports
 
 log = logging.getLogger(__name__)
 

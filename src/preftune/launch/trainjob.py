@@ -1,7 +1,7 @@
 """Multi-node training: hand a pipeline step's stage to a Kubeflow Trainer TrainJob and wait for it.
 
 The step (a KFP pod) renders a ``trainer.kubeflow.org/v1alpha1`` TrainJob on the ``torch-distributed`` runtime
-with the step's own image, the same stage call (see :mod:`preftune.distributed`), the step's GPU count per node,
+with the step's own image, the same stage call (see :mod:`preftune.launch.distributed`), the step's GPU count per node,
 node selector, tolerations, service account and object-store environment; submits it; follows its status
 conditions into the step log until it completes, fails or runs out of time; then copies what the job's rank 0
 published to object storage into the step's output artifacts, so the rest of the pipeline sees an ordinary
@@ -31,8 +31,9 @@ from typing import Any
 
 import requests
 
-from preftune import platform, storage
-from preftune.distributed import (
+from preftune.io import storage
+from preftune.launch import platform
+from preftune.launch.distributed import (
     Scale,
     StageFailed,
     call_json,
@@ -378,7 +379,7 @@ def render_trainjob(
         metadata["ownerReferences"] = [dict(settings.owner)]
     trainer: dict[str, Any] = {
         "image": settings.image,
-        "command": ["torchrun", "--module", "preftune.distributed"],
+        "command": ["torchrun", "--module", "preftune.launch.distributed"],
         "args": ["worker", "--output-uri", output_uri, "--spec-json", call],
         "env": env,
         "numNodes": num_nodes,

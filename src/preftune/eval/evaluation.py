@@ -26,17 +26,17 @@ Definitions (also shown in the report):
 - ``diversity_ratio_vs_reference``: ``distinct_2_candidate / distinct_2_reference`` (absent when the reference
   has no bigrams): below 1 the candidate repeats itself more than the model it started from.
 - With a judge (a reward model): each displayed response is scored by it (prompt rendered with the judge's own
-  chat template, response, eos; preftune.scoring.score_texts). ``judge_reward_<model>`` is the mean reward of
+  chat template, response, eos; preftune.model.scoring.score_texts). ``judge_reward_<model>`` is the mean reward of
   a model's responses; ``win_rate_vs_<model>`` (reference, champion) is the share of prompts where the
   candidate's reward is higher, a tie counting half; ``lc_win_rate_vs_<model>`` is the length-controlled win
-  rate (preftune.winrate: the win probability at equal response length in words, from a logistic model of the
+  rate (preftune.eval.winrate: the win probability at equal response length in words, from a logistic model of the
   outcome on the length difference) with ``length_coefficient_vs_<model>`` the fitted effect of length;
   ``judge_ties_vs_<model>`` counts prompts whose rewards are equal (identical responses are scored once, so they
   always tie). Each generations row then also carries ``<model>_reward``.
 - With a champion (the registry's current model): it answers the same prompts with the same settings;
   ``distinct_*_champion`` and ``mean_length_champion`` describe it, and with a judge the candidate is compared
   with it as above.
-- With training snapshots: ``frontier_points`` counts the points of the reward-vs-KL chart (preftune.frontier).
+- With training snapshots: ``frontier_points`` counts the points of the reward-vs-KL chart (preftune.eval.frontier).
 """
 
 from __future__ import annotations
@@ -44,75 +44,27 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from preftune import reports, templating
+from preftune.config.evaluate import EvalConfig
 from preftune.data.readers import RawRow
 from preftune.data.records import completion_text, read_artifact_rows, to_messages, write_jsonl
-from preftune.frontier import frontier_chart, frontier_rows, measure_point
-from preftune.judge import Judge, check_reward_model
-from preftune.modeling import load_causal_lm, load_tokenizer, read_lineage, resolve
-from preftune.sampling import Generations, PairScorer, eos_ids_of, estimate_kl, generate_responses
-from preftune.templating import render_prompt
+from preftune.eval.frontier import frontier_chart, frontier_rows, measure_point
+from preftune.eval.judge import Judge, check_reward_model
+from preftune.eval.winrate import length_controlled_win_rate, win_rate
+from preftune.model import templating
+from preftune.model.modeling import load_causal_lm, load_tokenizer, read_lineage, resolve
+from preftune.model.sampling import Generations, PairScorer, eos_ids_of, estimate_kl, generate_responses
+from preftune.model.templating import render_prompt
+from preftune.report import html as reports
 from preftune.train.snapshots import read_index
-from preftune.winrate import length_controlled_win_rate, win_rate
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
-
-
-@dataclass
-class EvalConfig:
-    """Settings of one evaluation run (the evaluate component exposes each field as a parameter)."""
-
-    max_new_tokens: int = field(default=48, metadata={"help": "Most tokens generated per response."})
-    temperature: float = field(
-        default=0.7,
-        metadata={
-            "help": "Sampling temperature of the displayed generations (0 = greedy). Same for both models."
-        },
-    )
-    top_p: float = field(
-        default=0.9, metadata={"help": "Nucleus sampling threshold of the displayed generations (1 = off)."}
-    )
-    seed: int = field(
-        default=0,
-        metadata={"help": "Random seed; both models sample with it, so differences come from the models."},
-    )
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "DPO beta scaling the implicit rewards on the held-out preference pairs."},
-    )
-    max_prompts: int = field(default=64, metadata={"help": "Evaluate on at most this many held-out prompts."})
-    batch_size: int = field(
-        default=16, metadata={"help": "Prompts (or sequences) per forward/generate batch."}
-    )
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            problems.append("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            problems.append("top_p must be in (0, 1]")
-        if self.beta <= 0:
-            problems.append("beta must be > 0")
-        if self.max_prompts < 1:
-            problems.append("max_prompts must be >= 1")
-        if self.batch_size < 1:
-            problems.append("batch_size must be >= 1")
-        if self.seed < 0:
-            problems.append("seed must be >= 0")
-        for name in ("temperature", "top_p", "beta"):
-            if not abs(getattr(self, name)) < float("inf"):  # NaN passes every comparison above
-                problems.append(f"{name} must be a finite number")
-        if problems:
-            raise ValueError("EvalConfig: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------------- diversity

@@ -227,8 +227,8 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace, command: str) -> tuple[Any, Path, str, dict[str, Any]] | int:
+    from preftune.orchestration.runner import ParameterError, parse_assignments
     from preftune.pipelines import PIPELINES, RULES
-    from preftune.runner import ParameterError, parse_assignments
 
     pipeline = PIPELINES[args.pipeline]
     try:

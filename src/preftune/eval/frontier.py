@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from preftune import reports
-from preftune.judge import Judge
-from preftune.sampling import Generations, PairScorer, estimate_kl, generate_responses
+from preftune.eval.judge import Judge
+from preftune.model.sampling import Generations, PairScorer, estimate_kl, generate_responses
+from preftune.report import html as reports
 
 Messages = list[dict[str, str]]
 

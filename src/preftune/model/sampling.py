@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from preftune import templating
-from preftune.losses import sequence_logprobs
-from preftune.modeling import set_seed
-from preftune.templating import tokenize_pair
+from preftune.model import templating
+from preftune.model.losses import sequence_logprobs
+from preftune.model.modeling import set_seed
+from preftune.model.templating import tokenize_pair
 
 Messages = list[dict[str, str]]
 
