@@ -18,11 +18,13 @@ REGISTRY ?= $(PIPELINE_ROOT)/registry
 
 .PHONY: venv tools demo test lint compile bench clean
 
-$(STAMP): pyproject.toml
+# The runtime dependencies install at the versions the image pins (containers/requirements.lock), so a fresh
+# machine tests exactly what the image carries and what components/*/metadata.yaml says was verified.
+$(STAMP): pyproject.toml containers/requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test]" --constraint containers/requirements.lock
 	touch $(STAMP)
 
 $(TOOLS_STAMP):

@@ -193,7 +193,7 @@ def _rollout(model_path, reward_path, rows, repeats) -> dict[str, Any]:
     from preftune.train import ppo
 
     config = _config(True, 1, {})
-    policy, _, _, _ = ppo._load_models(model_path, reward_path, config)
+    policy, _, _, _ = ppo.load_models(model_path, reward_path, config)
     tokenizer = modeling.load_tokenizer(model_path)
     eos_ids = [tokenizer.eos_token_id]
     declared = policy.generation_config.eos_token_id

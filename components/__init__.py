@@ -35,16 +35,18 @@ COMPONENTS = {
 }
 
 __all__ = [
+    "COMPONENTS",
     "champion_op",
     "collect_op",
     "compare_op",
-    "gate_op",
-    "promote_op",
-    "COMPONENTS",
     "dpo_op",
     "evaluate_op",
     "fingerprint_op",
+    "gate_op",
     "ingest_op",
+    "ppo_op",
     "preference_import_op",
+    "promote_op",
+    "reward_model_op",
     "sft_op",
 ]

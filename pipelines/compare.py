@@ -4,13 +4,10 @@ from kfp import dsl
 
 from preftune.components import compare_op
 from preftune.launch import platform
-from preftune.orchestration.runner import pipeline_parameters
 from preftune.pipelines.alignment import dpo_step, ppo_step, reward_model_step
 from preftune.pipelines.cluster import data_step
 from preftune.pipelines.data import import_pairs, ingest_data
-from preftune.pipelines.dpo import PARAMETER_RULES as DPO_RULES
 from preftune.pipelines.promotion import evaluate_policy
-from preftune.pipelines.rlhf import PARAMETER_RULES as RLHF_RULES
 from preftune.pipelines.sft_stage import supervised_fine_tuning
 
 PIPELINE_NAME = "preftune-compare"
@@ -32,6 +29,7 @@ def compare_pipeline(
     max_rejected_fraction: float = 0.5,
     use_lora: bool = True,
     lora_r: int = 16,
+    lora_alpha: int = 32,
     max_length: int = 256,
     eval_fraction: float = 0.1,
     sft_epochs: int = 2,
@@ -76,15 +74,18 @@ def compare_pipeline(
         max_rejected_fraction: Fail the import when more than this share of feedback rows is rejected.
         use_lora: Train LoRA adapters instead of all weights, in every stage.
         lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_r).
         max_length: Longest tokenised prompt + response.
         eval_fraction: Share of SFT examples and of preference prompts held out for evaluation.
         sft_epochs: SFT passes over the training data.
         sft_learning_rate: SFT peak learning rate.
-        sft_batch_size: SFT examples per optimisation step.
+        sft_batch_size: SFT examples per batch, summed over all worker processes (one batch per optimisation
+            step).
         sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
         dpo_epochs: DPO passes over the training pairs.
         dpo_learning_rate: DPO peak learning rate.
-        dpo_batch_size: DPO pairs per optimisation step.
+        dpo_batch_size: DPO pairs per batch, summed over all worker processes (one batch per optimisation
+            step).
         dpo_beta: DPO beta: strength of the pull towards the SFT reference.
         dpo_loss: DPO loss type: sigmoid, ipo or hinge.
         dpo_max_steps: Stop DPO after this many steps (-1 = all epochs).
@@ -120,6 +121,7 @@ def compare_pipeline(
         max_length=max_length,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         seed=seed,
         max_steps=sft_max_steps,
         scale={**scale, "checkpoint_every": checkpoint_every},
@@ -140,6 +142,7 @@ def compare_pipeline(
         max_length=max_length,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         seed=seed,
         max_steps=dpo_max_steps,
         num_checkpoints=num_checkpoints,
@@ -157,6 +160,7 @@ def compare_pipeline(
         max_length=max_length,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         seed=seed,
         max_steps=reward_max_steps,
         checkpoint_every=checkpoint_every,
@@ -174,6 +178,7 @@ def compare_pipeline(
         max_kl=ppo_max_kl,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         num_checkpoints=num_checkpoints,
         seed=seed,
         **scale,
@@ -212,12 +217,3 @@ def compare_pipeline(
         judge_model=judge_model,
     )
     data_step(comparison.set_display_name("Compare RLHF and DPO"))
-
-
-#: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts: the DPO and
-#: RLHF pipelines' rules for the parameters this pipeline shares with them.
-PARAMETER_RULES = {
-    name: rule
-    for name, rule in {**DPO_RULES, **RLHF_RULES}.items()
-    if name in pipeline_parameters(compare_pipeline)
-}

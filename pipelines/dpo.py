@@ -2,25 +2,12 @@
 
 from kfp import dsl
 
-from preftune.orchestration.runner import Rule
 from preftune.pipelines.alignment import dpo_step
 from preftune.pipelines.data import import_pairs, ingest_data
-from preftune.pipelines.promotion import PROMOTION_RULES, evaluate_and_promote
-from preftune.pipelines.sft_stage import SHARED_RULES, supervised_fine_tuning
+from preftune.pipelines.promotion import evaluate_and_promote
+from preftune.pipelines.sft_stage import supervised_fine_tuning
 
 PIPELINE_NAME = "preftune-dpo"
-
-#: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts.
-PARAMETER_RULES = {
-    **SHARED_RULES,
-    **PROMOTION_RULES,
-    "dpo_loss": Rule(choices=("sigmoid", "ipo", "hinge")),
-    "dpo_beta": Rule(low=0.0, low_inclusive=False),
-    "dpo_label_smoothing": Rule(low=0.0, high=0.5),
-    "dpo_epochs": Rule(low=1),
-    "dpo_learning_rate": Rule(low=0.0, low_inclusive=False),
-    "dpo_batch_size": Rule(low=1),
-}
 
 
 @dsl.pipeline(
@@ -39,6 +26,7 @@ def dpo_pipeline(
     max_rejected_fraction: float = 0.5,
     use_lora: bool = True,
     lora_r: int = 16,
+    lora_alpha: int = 32,
     max_length: int = 256,
     eval_fraction: float = 0.1,
     sft_epochs: int = 2,
@@ -80,18 +68,21 @@ def dpo_pipeline(
         max_rejected_fraction: Fail the import when more than this share of feedback rows is rejected.
         use_lora: Train LoRA adapters instead of all weights, in SFT and DPO.
         lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_r).
         max_length: Longest tokenised prompt + response.
         eval_fraction: Share of SFT examples and of preference prompts held out for evaluation.
         sft_epochs: SFT passes over the training data.
         sft_learning_rate: SFT peak learning rate.
-        sft_batch_size: SFT examples per optimisation step.
+        sft_batch_size: SFT examples per batch, summed over all worker processes (one batch per optimisation
+            step).
         sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
         dpo_epochs: DPO passes over the training pairs.
         dpo_learning_rate: DPO peak learning rate.
-        dpo_batch_size: DPO pairs per optimisation step.
+        dpo_batch_size: DPO pairs per batch, summed over all worker processes (one batch per optimisation
+            step).
         dpo_beta: DPO beta: strength of the pull towards the SFT reference.
         dpo_loss: DPO loss type: sigmoid, ipo or hinge.
-        dpo_label_smoothing: Assumed share of flipped preference labels, 0 to 0.5.
+        dpo_label_smoothing: Assumed share of flipped preference labels (conservative DPO; sigmoid loss only).
         dpo_max_steps: Stop DPO after this many steps (-1 = all epochs).
         num_checkpoints: Intermediate DPO policies kept and scored by evaluation (reward-vs-KL chart).
         eval_max_new_tokens: Longest generated response in evaluation, in tokens.
@@ -125,6 +116,7 @@ def dpo_pipeline(
         max_length=max_length,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         seed=seed,
         max_steps=sft_max_steps,
         scale={**scale, "checkpoint_every": checkpoint_every},
@@ -146,6 +138,7 @@ def dpo_pipeline(
         max_length=max_length,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         seed=seed,
         max_steps=dpo_max_steps,
         num_checkpoints=num_checkpoints,

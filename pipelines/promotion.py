@@ -5,11 +5,7 @@ from typing import Any
 from kfp import dsl
 
 from preftune.components import champion_op, evaluate_op, gate_op, promote_op
-from preftune.orchestration.runner import Rule
 from preftune.pipelines.cluster import data_step, training_step
-
-#: Value rules of the evaluation and promotion parameters.
-PROMOTION_RULES = {"num_checkpoints": Rule(low=0)}
 
 
 def evaluate_policy(

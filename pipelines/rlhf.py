@@ -2,34 +2,12 @@
 
 from kfp import dsl
 
-from preftune.orchestration.runner import Rule
 from preftune.pipelines.alignment import ppo_step, reward_model_step
 from preftune.pipelines.data import import_pairs, ingest_data
-from preftune.pipelines.promotion import PROMOTION_RULES, evaluate_and_promote
-from preftune.pipelines.sft_stage import SHARED_RULES, supervised_fine_tuning
+from preftune.pipelines.promotion import evaluate_and_promote
+from preftune.pipelines.sft_stage import supervised_fine_tuning
 
 PIPELINE_NAME = "preftune-rlhf"
-
-#: Values accepted beyond each parameter's type, checked by `preftune run` before anything starts.
-PARAMETER_RULES = {
-    **SHARED_RULES,
-    **PROMOTION_RULES,
-    "reward_objective": Rule(choices=("pairwise", "regression")),
-    "reward_epochs": Rule(low=1),
-    "reward_learning_rate": Rule(low=0.0, low_inclusive=False),
-    "ppo_iterations": Rule(low=1),
-    "ppo_rollout_batch_size": Rule(low=1),
-    "ppo_epochs": Rule(low=1),
-    "ppo_learning_rate": Rule(low=0.0, low_inclusive=False),
-    "ppo_max_new_tokens": Rule(low=1),
-    "ppo_temperature": Rule(low=0.0, low_inclusive=False),
-    "ppo_top_p": Rule(low=0.0, high=1.0, low_inclusive=False),
-    "ppo_kl_coef": Rule(low=0.0),
-    "ppo_kl_controller": Rule(choices=("fixed", "adaptive")),
-    "ppo_target_kl": Rule(low=0.0, low_inclusive=False),
-    "ppo_max_kl": Rule(low=0.0, low_inclusive=False),
-    "ppo_checkpoint_every": Rule(low=0),
-}
 
 
 @dsl.pipeline(
@@ -49,6 +27,7 @@ def rlhf_pipeline(
     max_rejected_fraction: float = 0.5,
     use_lora: bool = True,
     lora_r: int = 16,
+    lora_alpha: int = 32,
     max_length: int = 256,
     eval_fraction: float = 0.1,
     sft_epochs: int = 2,
@@ -99,11 +78,13 @@ def rlhf_pipeline(
         max_rejected_fraction: Fail the import when more than this share of feedback rows is rejected.
         use_lora: Train LoRA adapters instead of all weights, in SFT, the reward model and PPO.
         lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_r).
         max_length: Longest tokenised prompt + response in SFT and reward model training.
         eval_fraction: Share of SFT examples and of preference prompts held out for evaluation.
         sft_epochs: SFT passes over the training data.
         sft_learning_rate: SFT peak learning rate.
-        sft_batch_size: SFT examples per optimisation step.
+        sft_batch_size: SFT examples per batch, summed over all worker processes (one batch per optimisation
+            step).
         sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
         reward_objective: pairwise (Bradley-Terry on preferences) or regression (on normalised rating scores).
         reward_use_margin: Use each pair's margin (rank gap, score difference) in the Bradley-Terry loss.
@@ -151,6 +132,7 @@ def rlhf_pipeline(
         max_length=max_length,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         seed=seed,
         max_steps=sft_max_steps,
         scale={**scale, "checkpoint_every": checkpoint_every},
@@ -169,6 +151,7 @@ def rlhf_pipeline(
         max_length=max_length,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         seed=seed,
         max_steps=reward_max_steps,
         checkpoint_every=checkpoint_every,
@@ -192,6 +175,7 @@ def rlhf_pipeline(
         max_kl=ppo_max_kl,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         num_checkpoints=num_checkpoints,
         checkpoint_every=ppo_checkpoint_every,
         seed=seed,

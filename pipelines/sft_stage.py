@@ -3,26 +3,7 @@
 from kfp import dsl
 
 from preftune.components import sft_op
-from preftune.orchestration.runner import Rule
 from preftune.pipelines.cluster import training_step
-
-#: Value rules of the parameters every pipeline shares (data, SFT, evaluation).
-SHARED_RULES = {
-    "eval_fraction": Rule(low=0.0, high=0.5),
-    "preference_format": Rule(choices=("auto", "pairwise", "ranked", "rating", "binary", "labelstudio")),
-    "max_rejected_fraction": Rule(low=0.0, high=1.0),
-    "lora_r": Rule(low=1),
-    "max_length": Rule(low=16),
-    "sft_epochs": Rule(low=1),
-    "sft_learning_rate": Rule(low=0.0, low_inclusive=False),
-    "sft_batch_size": Rule(low=1),
-    "eval_max_new_tokens": Rule(low=1),
-    "eval_max_prompts": Rule(low=1),
-    "num_gpus": Rule(low=0),
-    "num_nodes": Rule(low=1),
-    "distributed_strategy": Rule(choices=("ddp", "fsdp")),
-    "checkpoint_every": Rule(low=0),
-}
 
 
 def supervised_fine_tuning(
@@ -35,6 +16,7 @@ def supervised_fine_tuning(
     max_length: int,
     use_lora: bool,
     lora_r: int,
+    lora_alpha: int,
     seed: int,
     max_steps: int,
     scale: dict,
@@ -53,6 +35,7 @@ def supervised_fine_tuning(
         max_length=max_length,
         use_lora=use_lora,
         lora_r=lora_r,
+        lora_alpha=lora_alpha,
         seed=seed,
         max_steps=max_steps,
         **scale,

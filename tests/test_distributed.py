@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from tiny_models import make_model_dir, make_tokenizer, write_jsonl
 
-from preftune.launch import distributed
+from preftune.launch import distributed, stages
 from preftune.launch.distributed import Scale, StageFailed, run_stage
 from preftune.train.ppo import PPOConfig
 from preftune.train.sft import SFTConfig
@@ -48,20 +48,20 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_global_batches_are_split_among_workers_or_refused() -> None:
-    config = distributed.config_dict(SFTConfig(batch_size=16, eval_batch_size=32))
-    assert distributed.per_worker_config("sft", config, 1) == config
-    split = distributed.per_worker_config("sft", config, 8)
+    config = stages.config_dict(SFTConfig(batch_size=16, eval_batch_size=32))
+    assert stages.per_worker_config("sft", config, 1) == config
+    split = stages.per_worker_config("sft", config, 8)
     assert (split["batch_size"], split["eval_batch_size"]) == (2, 4)
     assert {k: v for k, v in split.items() if "batch_size" not in k} == {
         k: v for k, v in config.items() if "batch_size" not in k
     }
     with pytest.raises(ValueError, match=r"batch_size=16 does not divide among 3 worker processes"):
-        distributed.per_worker_config("sft", config, 3)
+        stages.per_worker_config("sft", config, 3)
     # PPO divides its rollout and minibatches itself: checked, not changed
-    ppo = distributed.config_dict(PPOConfig(rollout_batch_size=32, mini_batch_size=8))
-    assert distributed.per_worker_config("ppo", ppo, 4) == ppo
+    ppo = stages.config_dict(PPOConfig(rollout_batch_size=32, mini_batch_size=8))
+    assert stages.per_worker_config("ppo", ppo, 4) == ppo
     with pytest.raises(ValueError, match="mini_batch_size=8 does not divide among 16"):
-        distributed.per_worker_config("ppo", ppo, 16)
+        stages.per_worker_config("ppo", ppo, 16)
 
 
 def test_processes_per_node() -> None:
@@ -74,9 +74,9 @@ def test_processes_per_node() -> None:
 
 
 def test_worker_env_is_accelerates_own_configuration() -> None:
-    assert distributed.worker_env("ddp", cpu=False) == {}
-    assert distributed.worker_env("ddp", cpu=True) == {"ACCELERATE_USE_CPU": "true"}
-    fsdp = distributed.worker_env("fsdp", cpu=False)
+    assert stages.worker_env("ddp", cpu=False) == {}
+    assert stages.worker_env("ddp", cpu=True) == {"ACCELERATE_USE_CPU": "true"}
+    fsdp = stages.worker_env("fsdp", cpu=False)
     assert fsdp["ACCELERATE_USE_FSDP"] == "true" and fsdp["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
     # what accelerate's FSDP plugin makes of it
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -112,7 +112,7 @@ def test_bad_scale_is_refused(scale: Scale, message: str, tmp_path: Path) -> Non
 
 def test_fsdp_is_refused_until_the_trainers_gather_weights_to_save(tmp_path: Path) -> None:
     kwargs = {"model_dir": str(tmp_path / "m"), "report_path": str(tmp_path / "r")}
-    for stage in distributed.STAGES:
+    for stage in stages.STAGES:
         with pytest.raises(ValueError, match=f"'fsdp' is not supported by the {stage} trainer yet"):
             run_stage(stage, SFTConfig(), scale=Scale(num_gpus=2, strategy="fsdp"), **kwargs)
 

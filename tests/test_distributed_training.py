@@ -45,7 +45,8 @@ def _install_recorders(trace: dict[str, list]) -> None:
     """Record History rows (all trainers log through it) and, for PPO, every rank's whitened advantages."""
     import torch
 
-    from preftune.train import loop, ppo
+    from preftune.train import loop
+    from preftune.train.ppo import advantages, trainer
 
     log_train, log_eval = loop.History.log_train, loop.History.log_eval
 
@@ -58,7 +59,7 @@ def _install_recorders(trace: dict[str, list]) -> None:
         return log_eval(self, step, epoch, values)
 
     loop.History.log_train, loop.History.log_eval = record_train, record_eval
-    whiten = ppo.whiten
+    whiten = advantages.whiten
 
     def record_whiten(x, mask, *args, **kwargs):
         out = whiten(x, mask, *args, **kwargs)
@@ -71,8 +72,8 @@ def _install_recorders(trace: dict[str, list]) -> None:
         trace["whiten"].append({"cross_rank": kwargs.get("reduce") is not None, "ranks": every})
         return out
 
-    ppo.whiten = record_whiten
-    generate_rollout = ppo.generate_rollout
+    advantages.whiten = record_whiten
+    generate_rollout = trainer.generate_rollout
 
     def record_rollout(*args, **kwargs):
         import hashlib
@@ -85,7 +86,7 @@ def _install_recorders(trace: dict[str, list]) -> None:
         trace["sampler"].append(every)
         return generate_rollout(*args, **kwargs)
 
-    ppo.generate_rollout = record_rollout
+    trainer.generate_rollout = record_rollout
 
 
 def _worker_main(argv: list[str]) -> int:
@@ -114,13 +115,14 @@ def run_in_process(
 ) -> tuple[dict, dict]:
     """1 process, through run_stage, with the recorders; returns (metrics, trace)."""
     from preftune.launch.distributed import Scale, run_stage
-    from preftune.train import loop, ppo
+    from preftune.train import loop
+    from preftune.train.ppo import advantages, trainer
 
     trace: dict[str, list] = {"train": [], "eval": [], "whiten": [], "sampler": []}
     monkeypatch.setattr(loop.History, "log_train", loop.History.log_train)
     monkeypatch.setattr(loop.History, "log_eval", loop.History.log_eval)
-    monkeypatch.setattr(ppo, "whiten", ppo.whiten)
-    monkeypatch.setattr(ppo, "generate_rollout", ppo.generate_rollout)
+    monkeypatch.setattr(advantages, "whiten", advantages.whiten)
+    monkeypatch.setattr(trainer, "generate_rollout", trainer.generate_rollout)
     _install_recorders(trace)
     metrics = run_stage(stage, config, scale=Scale(num_gpus=1), **kwargs)
     return metrics, trace

@@ -15,7 +15,12 @@ from preftune.eval.gate import decide, run_gate
 from preftune.io import registry
 from preftune.orchestration.runner import SKIPPED, SUCCEEDED, format_summary, run_pipeline
 
-THRESHOLDS = {"min_win_rate_vs_champion": 0.5, "max_kl": 5.0, "min_diversity_ratio": 0.8}
+THRESHOLDS = {
+    "min_win_rate_vs_champion": 0.5,
+    "max_kl": 5.0,
+    "min_diversity_ratio": 0.8,
+    "length_controlled": False,
+}
 GOOD = {
     "win_rate_vs_champion": 0.6,
     "kl_candidate_reference": 2.0,
@@ -71,12 +76,12 @@ def test_length_controlled_gate_sees_through_longer_answers() -> None:
     # the judge prefers the candidate 0.6 of the time, but at equal length it would lose
     metrics = {**GOOD, "lc_win_rate_vs_champion": 0.42}
     assert decide(metrics, **THRESHOLDS, has_champion=True)["promote"] is True
-    decision = decide(metrics, **THRESHOLDS, has_champion=True, length_controlled=True)
+    decision = decide(metrics, **{**THRESHOLDS, "length_controlled": True}, has_champion=True)
     assert decision["promote"] is False
     check = _check(decision, "lc_win_rate_vs_champion")
     assert check["value"] == 0.42 and "0.42 < 0.5" in check["reason"]
     # a champion exists but the evaluation had no judge: the reason says what to do
-    missing = decide(GOOD, **THRESHOLDS, has_champion=True, length_controlled=True)
+    missing = decide(GOOD, **{**THRESHOLDS, "length_controlled": True}, has_champion=True)
     assert missing["promote"] is False
     assert "give it a judge" in _check(missing, "lc_win_rate_vs_champion")["reason"]
 

@@ -341,49 +341,43 @@ def test_unsupported_schemes_are_refused_at_every_entry_point(uri: str, tmp_path
 # ----------------------------------------------------------------------------------------------- numbers
 
 
-def _out_of_range(rule: tuple[float | None, bool, float | None, bool]) -> list[float]:
-    low, low_in, high, high_in = rule
-    values = [math.nan, math.inf]
-    if low is not None:
-        values.append(low - 1 if low_in else low)
-    if high is not None:
-        values.append(high + 1 if high_in else high)
+def _out_of_range(field: dataclasses.Field) -> list[object]:
+    """NaN, infinity, and the nearest values outside the range the field's metadata declares."""
+    from preftune.config.fields import bounds_of, choices_of
+
+    if choices_of(field):
+        return ["no-such-choice"]
+    values: list[object] = [math.nan, math.inf]
+    bounds = bounds_of(field)
+    whole = isinstance(field.default, int)  # None (an optional bound) ranges over floats
+    if bounds is not None and bounds.low is not None:
+        below = bounds.low - 1 if whole else math.nextafter(bounds.low, -math.inf)
+        values.append(below if bounds.low_inclusive else bounds.low)
+    if bounds is not None and bounds.high is not None:
+        above = bounds.high + 1 if whole else math.nextafter(bounds.high, math.inf)
+        values.append(above if bounds.high_inclusive else bounds.high)
     return values
 
 
 def _stage_checks() -> dict[type, object]:
-    from preftune.config import dpo, ppo, reward
-    from preftune.config.evaluate import EvalConfig
-    from preftune.config.fields import check_config
-    from preftune.config.sft import SFTConfig
+    from preftune.config.components import VALIDATORS
 
-    return {
-        SFTConfig: check_config,  # what train_sft runs first
-        dpo.DPOConfig: dpo.validate,
-        reward.RewardConfig: reward.validate,
-        ppo.PPOConfig: ppo.validate,
-        EvalConfig: lambda config: None,  # checks itself on construction
-    }
+    return VALIDATORS  # every config and the validate its stage runs first (EvalConfig also on construction)
 
 
 def test_out_of_range_numbers_are_refused_with_the_field_name() -> None:
-    from preftune.config.fields import CONFIG_RANGES
-
     tried = 0
     for cls, check in _stage_checks().items():
         check(cls())  # the defaults are in range
         for field in dataclasses.fields(cls):
-            rule = CONFIG_RANGES.get(field.name)
-            if rule is None:
-                continue
-            values = _out_of_range(rule)
-            if cls.__name__ == "EvalConfig" and isinstance(getattr(cls(), field.name), int):
-                values = [v for v in values if math.isfinite(v)]  # its integers come typed from KFP
-            for value in values:
-                with pytest.raises(ValueError, match=field.name):
+            numeric = isinstance(field.default, int | float) and not isinstance(field.default, bool)
+            if not (numeric or "bounds" in field.metadata or "choices" in field.metadata):
+                continue  # flags and free text
+            for value in _out_of_range(field):
+                with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field.name} must be"):
                     check(cls(**{field.name: value}))
                 tried += 1
-    assert tried > 150
+    assert tried > 250
 
 
 def test_a_bad_number_fails_before_anything_is_read_or_written(tmp_path: Path) -> None:

@@ -23,9 +23,9 @@ from preftune.train.batching import DataError
 from preftune.train.ppo import (
     PPOConfig,
     TokenValueModel,
-    _adapter_off,
-    _load_models,
+    adapter_off,
     generate_rollout,
+    load_models,
     load_prompts,
     score_responses,
     score_rollout,
@@ -110,7 +110,7 @@ def test_ppo_raises_the_reward_and_saves_a_loadable_policy(world: dict[str, str]
 
 def test_reference_and_reward_are_the_adapter_disabled_models(world: dict[str, str]) -> None:
     config = _config()
-    policy, reference, critic, reward = _load_models(world["sft"], world["reward"], config)
+    policy, reference, critic, reward = load_models(world["sft"], world["reward"], config)
     assert reference is None and reward is None  # with LoRA one copy serves both roles
     with torch.no_grad():  # move the adapters away from their no-op initialisation
         for name, p in list(policy.named_parameters()) + list(critic.named_parameters()):
@@ -124,11 +124,11 @@ def test_reference_and_reward_are_the_adapter_disabled_models(world: dict[str, s
     with torch.no_grad():
         sft_logits = sft(input_ids=ids).logits
         assert not torch.allclose(policy(input_ids=ids).logits, sft_logits)
-        with _adapter_off(policy):
+        with adapter_off(policy):
             assert torch.equal(policy(input_ids=ids).logits, sft_logits)
         expected = frozen(ids, mask, positions)
         assert not torch.allclose(critic(ids, mask, positions), expected)
-        with _adapter_off(critic):  # restores the LoRA-free backbone and the original score head
+        with adapter_off(critic):  # restores the LoRA-free backbone and the original score head
             assert torch.equal(critic(ids, mask, positions), expected)
             # the score is read where the HF classifier pools: its own output on the same tokens
             tok = modeling.load_tokenizer(world["sft"])
@@ -146,7 +146,7 @@ def test_reference_and_reward_are_the_adapter_disabled_models(world: dict[str, s
 
 def test_rollouts_mask_after_eos_and_logprobs_match_unpadded_scoring(world: dict[str, str]) -> None:
     config = _config(max_new_tokens=16, rollout_batch_size=8)
-    policy, reference, critic, reward = _load_models(world["sft"], world["reward"], config)
+    policy, reference, critic, reward = load_models(world["sft"], world["reward"], config)
     tok = modeling.load_tokenizer(world["sft"])
     prompts = load_prompts(world["prompts"])[:8]
     prompts[0] = [{"role": "user", "content": "a much longer question with many words so padding is needed"}]
@@ -179,7 +179,7 @@ def test_packed_scoring_equals_one_sequence_per_row(world: dict[str, str]) -> No
     # Packing (several prompt + response sequences per row, block-diagonal mask) changes nothing PPO reads:
     # old and reference log-probs, entropies, the critic's values and the reward model's scores.
     config = _config(max_new_tokens=16, rollout_batch_size=8, use_lora=False)
-    policy, reference, critic, reward = _load_models(world["sft"], world["reward"], config)
+    policy, reference, critic, reward = load_models(world["sft"], world["reward"], config)
     with torch.no_grad():  # a policy and critic that differ from the reference and the reward model
         for p in list(policy.parameters()) + list(critic.parameters()):
             p.add_(0.02 * torch.randn_like(p))

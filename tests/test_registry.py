@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from preftune.eval.gate import decide
-from preftune.io import registry
+from preftune.io import registry, storage
 
 FILES = {
     "config.json": b'{"model_type": "llama"}',
@@ -29,7 +29,12 @@ GOOD = {
     "distinct_2_candidate": 0.5,
     "distinct_2_reference": 0.5,
 }
-THRESHOLDS = {"min_win_rate_vs_champion": 0.5, "max_kl": 5.0, "min_diversity_ratio": 0.8}
+THRESHOLDS = {
+    "min_win_rate_vs_champion": 0.5,
+    "max_kl": 5.0,
+    "min_diversity_ratio": 0.8,
+    "length_controlled": False,
+}
 
 
 def make_candidate(path: Path, tag: str = "a") -> str:
@@ -49,8 +54,6 @@ def registry_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def _files_of(uri: str, tmp_path: Path, name: str) -> dict[str, bytes]:
-    from preftune.io import storage
-
     dest = storage.download(uri, tmp_path / name)
     return {p.relative_to(dest).as_posix(): p.read_bytes() for p in Path(dest).rglob("*") if p.is_file()}
 
@@ -108,18 +111,32 @@ def test_promotion_only_when_the_gate_passes(registry_uri: str, tmp_path: Path) 
     assert pointer["version"] == 1 and pointer["decision"]["promote"] is True
 
 
-def _fail_after(monkeypatch: pytest.MonkeyPatch, name: str, count: int) -> None:
-    """Make registry.<name> (one file upload or copy) raise after ``count`` calls, like a crash mid-transfer."""
-    real = getattr(registry, name)
+#: One file's transfer while a promotion stages or commits: (storage module, function).
+S3_UPLOAD, LOCAL_COPY, S3_COPY = ("s3", "send"), ("transfers", "fetch"), ("s3", "copy_object")
+
+
+def _staging_hook(registry_uri: str) -> tuple[str, str]:
+    return S3_UPLOAD if registry_uri.startswith("s3://") else LOCAL_COPY
+
+
+def _fail_after(monkeypatch: pytest.MonkeyPatch, hook: tuple[str, str], count: int) -> None:
+    """Make one storage transfer into the registry raise after ``count`` calls, like a crash mid-transfer.
+
+    Only transfers that involve the staging area count (the candidate's copy into the local bundle goes
+    through the same functions and is left alone).
+    """
+    module = getattr(storage, hook[0])
+    real = getattr(module, hook[1])
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
-        if calls["n"] >= count:
-            raise ConnectionError("connection reset mid-promotion")
-        calls["n"] += 1
+        if ".staging" in " ".join(map(str, args)):
+            if calls["n"] >= count:
+                raise ConnectionError("connection reset mid-promotion")
+            calls["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(registry, name, flaky)
+    monkeypatch.setattr(module, hook[1], flaky)
 
 
 def test_interrupted_upload_leaves_the_champion_and_no_visible_version(
@@ -127,7 +144,7 @@ def test_interrupted_upload_leaves_the_champion_and_no_visible_version(
 ) -> None:
     registry.promote(make_candidate(tmp_path / "a", "a"), registry_uri, "policy", GOOD)
     with monkeypatch.context() as patch:
-        _fail_after(patch, "_upload_file" if registry_uri.startswith("s3://") else "_copy_file", 2)
+        _fail_after(patch, _staging_hook(registry_uri), 2)
         with pytest.raises(ConnectionError):
             registry.promote(make_candidate(tmp_path / "b", "b"), registry_uri, "policy", GOOD)
     assert registry.current_champion(registry_uri, "policy")["version"] == 1
@@ -144,7 +161,7 @@ def test_s3_copy_interrupted_before_the_manifest_leaves_no_visible_version(
     uri = s3.uri("registry")
     registry.promote(make_candidate(tmp_path / "a", "a"), uri, "policy", GOOD)
     with monkeypatch.context() as patch:
-        _fail_after(patch, "_copy_object", 3)  # v2/ gets 3 files, then the copy dies
+        _fail_after(patch, S3_COPY, 3)  # v2/ gets 3 files, then the copy dies
         with pytest.raises(ConnectionError):
             registry.promote(make_candidate(tmp_path / "b", "b"), uri, "policy", GOOD)
     assert s3.list_keys("registry/policy/v2/")  # a partial version is there ...
@@ -162,41 +179,60 @@ def test_s3_copy_interrupted_before_the_manifest_leaves_no_visible_version(
 
 def test_verification_catches_a_corrupted_upload(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = s3.uri("registry")
-    real = registry._upload_file
+    real = storage.s3.send
 
-    def corrupting(client, path, bucket, key):
-        real(client, path, bucket, key)
+    def corrupting(client, path, bucket, key, info):
+        real(client, path, bucket, key, info)
         if key.endswith("model.safetensors"):
             client.put_object(Bucket=bucket, Key=key, Body=b"truncated")
 
-    monkeypatch.setattr(registry, "_upload_file", corrupting)
+    monkeypatch.setattr(storage.s3, "send", corrupting)
     with pytest.raises(registry.RegistryError, match="model.safetensors"):
         registry.promote(make_candidate(tmp_path / "a"), uri, "policy", GOOD)
     assert registry.current_champion(uri, "policy") is None
     assert not s3.list_keys("registry/policy/.staging/")  # the failed staging upload was cleaned up
 
 
+def test_s3_racing_promotions_cannot_both_claim_a_version(
+    s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = s3.uri("registry")
+    real = storage.copy_dir
+
+    def racing(src: str, dest: str, files: dict) -> None:
+        real(src, dest, files)
+        storage.write_bytes(f"{dest}/{registry.MANIFEST}", b'{"files": {}}')  # the other promotion won
+
+    monkeypatch.setattr(storage, "copy_dir", racing)
+    with pytest.raises(registry.RegistryError, match="committed by another promotion"):
+        registry.promote(make_candidate(tmp_path / "a"), uri, "policy", GOOD)
+    assert registry.current_champion(uri, "policy") is None
+    assert not s3.list_keys("registry/policy/.staging/")
+
+
 _KILL_SCRIPT = """
 import sys, time
-from preftune.io import registry
-name = sys.argv[4]
-real = getattr(registry, name)
+from preftune.io import registry, storage
+module = getattr(storage, sys.argv[4])
+name = sys.argv[5]
+real = getattr(module, name)
 count = 0
 def slow(*args, **kwargs):
     global count
-    real(*args, **kwargs)
-    count += 1
-    print(f"transferred {count}", flush=True)
-    if count >= 2:
-        time.sleep(60)
-setattr(registry, name, slow)
+    result = real(*args, **kwargs)
+    if ".staging" in " ".join(map(str, args)):
+        count += 1
+        print(f"transferred {count}", flush=True)
+        if count >= 2:
+            time.sleep(60)
+    return result
+setattr(module, name, slow)
 registry.promote(sys.argv[1], sys.argv[2], sys.argv[3], {"kl_candidate_reference": 1.0})
 """
 
 
 def test_promotion_killed_with_sigkill_leaves_the_champion(registry_uri: str, tmp_path: Path) -> None:
     registry.promote(make_candidate(tmp_path / "a", "a"), registry_uri, "policy", GOOD)
-    hook = "_upload_file" if registry_uri.startswith("s3://") else "_copy_file"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -205,7 +241,7 @@ def test_promotion_killed_with_sigkill_leaves_the_champion(registry_uri: str, tm
             make_candidate(tmp_path / "b", "b"),
             registry_uri,
             "policy",
-            hook,
+            *_staging_hook(registry_uri),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -268,6 +304,7 @@ def test_adapter_candidate_is_merged_into_full_weights(tmp_path: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from preftune.eval import promotion
     from preftune.model import modeling
     from preftune.orchestration import runner
 
@@ -283,7 +320,11 @@ def test_adapter_candidate_is_merged_into_full_weights(tmp_path: Path) -> None:
     )
     assert modeling.is_adapter(str(adapter_dir))
 
-    pointer = registry.promote(str(adapter_dir), str(tmp_path / "registry"), "policy", GOOD)
+    with pytest.raises(registry.RegistryError, match="LoRA adapter"):  # the registry alone cannot merge
+        registry.promote(str(adapter_dir), str(tmp_path / "registry"), "policy", GOOD)
+    assert registry.list_versions(str(tmp_path / "registry"), "policy") == []
+
+    pointer = promotion.promote(str(adapter_dir), str(tmp_path / "registry"), "policy", GOOD)
     version = Path(pointer["uri"])
     assert not (version / "adapter_config.json").exists()
     assert (version / "model.safetensors").is_file() and (version / "tokenizer.json").is_file()

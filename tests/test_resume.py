@@ -143,7 +143,8 @@ def test_a_nan_loss_stops_dpo_after_checkpointing_the_last_good_step(
     world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from preftune.train import dpo
-    from preftune.train.checkpoint import Checkpointer, NonFiniteLossError
+    from preftune.train.checkpoint import Checkpointer
+    from preftune.train.engine import NonFiniteLossError
 
     real, calls = dpo._losses, {"n": 0}
 
@@ -179,16 +180,18 @@ def test_a_nan_loss_stops_ppo_without_applying_it(
     world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from preftune.train import ppo
-    from preftune.train.checkpoint import Checkpointer, NonFiniteLossError
+    from preftune.train.checkpoint import Checkpointer
+    from preftune.train.engine import NonFiniteLossError
+    from preftune.train.ppo import update
 
-    real, calls = ppo.ppo_policy_loss, {"n": 0}
+    real, calls = update.ppo_policy_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         loss, clip, approx = real(*args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 7 else loss), clip, approx
 
-    monkeypatch.setattr(ppo, "ppo_policy_loss", poisoned)
+    monkeypatch.setattr(update, "ppo_policy_loss", poisoned)
     ckpt = tmp_path / "checkpoints"
     config = ppo.PPOConfig(**{**PPO, "checkpoint_every": 100, "checkpoint_uri": str(ckpt)})
     # 16 rollouts / minibatch 8 x 4 PPO epochs = 4 updates an iteration: call 7 is iteration 2's third

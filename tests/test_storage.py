@@ -192,3 +192,64 @@ def test_fingerprint_of_an_s3_prefix(s3) -> None:  # noqa: ANN001
     assert first == fingerprint(s3.uri("daily/"))
     s3.put("daily/date=2026-11-02/a.jsonl", '{"x": 2}\n')
     assert fingerprint(s3.uri("daily")) != first
+
+
+@pytest.fixture(params=["local", "s3"])
+def root_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3").uri("store")
+
+
+def test_exists_sees_files_and_non_empty_directories(root_uri: str, tmp_path: Path) -> None:
+    assert not storage.exists(f"{root_uri}/d")
+    storage.write_bytes(f"{root_uri}/d/sub/x.txt", b"x")
+    assert storage.exists(f"{root_uri}/d") and storage.exists(f"{root_uri}/d/sub/x.txt")
+    assert not storage.exists(f"{root_uri}/d/su")  # a prefix of a name is not a directory
+    if not root_uri.startswith("s3://"):
+        (Path(root_uri) / "empty").mkdir()
+        assert not storage.exists(f"{root_uri}/empty")
+
+
+def test_create_only_writes_never_replace(root_uri: str) -> None:
+    uri = f"{root_uri}/claims/v1.json"
+    storage.write_bytes(uri, b"first", create_only=True)
+    with pytest.raises(storage.AlreadyExistsError):
+        storage.write_bytes(uri, b"second", create_only=True)
+    assert storage.read_bytes(uri) == b"first"
+    storage.write_bytes(uri, b"replaced")  # a plain write still replaces
+    assert storage.read_bytes(uri) == b"replaced"
+    if not root_uri.startswith("s3://"):
+        assert sorted(p.name for p in Path(root_uri, "claims").iterdir()) == ["v1.json"]  # no temporary left
+
+
+def test_copy_dir_copies_exactly_the_listed_files_and_checks_the_result(
+    root_uri: str, tmp_path: Path
+) -> None:
+    files = _make_tree(tmp_path / "src")
+    storage.upload_dir(tmp_path / "src", f"{root_uri}/a", manifest=False)
+    infos = storage.inventory(tmp_path / "src")
+    storage.copy_dir(f"{root_uri}/a", f"{root_uri}/b", infos)
+    assert _tree(Path(storage.download(f"{root_uri}/b", tmp_path / "back"))) == files
+    assert storage.read_manifest(f"{root_uri}/b") is None  # the caller writes the manifest, if it wants one
+
+    storage.write_bytes(f"{root_uri}/c/intruder.txt", b"another writer")
+    with pytest.raises(storage.IntegrityError, match="intruder.txt: unexpected file"):
+        storage.copy_dir(f"{root_uri}/a", f"{root_uri}/c", infos)
+    wrong = dict(infos, **{"a.txt": storage.FileInfo(5, "0" * 64, "0" * 32)})
+    with pytest.raises(storage.IntegrityError):
+        storage.copy_dir(f"{root_uri}/a", f"{root_uri}/d", wrong)
+
+
+def test_copy_dir_stays_within_one_store(s3: S3Bucket, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="within one store"):
+        storage.copy_dir(str(tmp_path), s3.uri("x"), {})
+
+
+def test_the_wheel_ships_the_storage_package() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "preftune.io.storage" in pyproject["tool"]["setuptools"]["packages"], (
+        'add "preftune.io.storage" to [tool.setuptools] packages in pyproject.toml'
+    )

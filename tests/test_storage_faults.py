@@ -122,8 +122,10 @@ def test_transfers_resume_file_by_file(
 
 
 def _die_after(monkeypatch: pytest.MonkeyPatch, name: str, count: int) -> None:
-    """Make ``storage.<name>`` (one file's transfer) fail after ``count`` calls, like a killed process."""
-    real = getattr(storage, name)
+    """Make one file's transfer (``storage.s3.send`` for S3 uploads, ``storage.transfers.fetch`` for local copies)
+    fail after ``count`` calls, like a killed process."""
+    module = storage.s3 if name == "send" else storage.transfers
+    real = getattr(module, name)
     calls = {"n": 0}
 
     def dying(*args: object, **kwargs: object) -> object:
@@ -132,7 +134,7 @@ def _die_after(monkeypatch: pytest.MonkeyPatch, name: str, count: int) -> None:
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(storage, name, dying)
+    monkeypatch.setattr(module, name, dying)
 
 
 @pytest.mark.parametrize("where", ["s3", "local"])
@@ -141,7 +143,7 @@ def test_an_interrupted_upload_is_never_complete_and_resumes(
 ) -> None:
     uri = s3.uri("ckpt/step-10") if where == "s3" else str(tmp_path / "ckpt" / "step-10")
     with monkeypatch.context() as patch:
-        _die_after(patch, "_send" if where == "s3" else "_fetch", 3)
+        _die_after(patch, "send" if where == "s3" else "fetch", 3)
         with pytest.raises(KeyboardInterrupt):
             storage.upload_dir(model_dir, uri)
     assert storage.read_manifest(uri) is None
@@ -166,7 +168,7 @@ def test_rewriting_a_directory_takes_its_manifest_away_first(
     storage.upload_dir(model_dir, uri)
     (model_dir / "config.json").write_text('{"changed": true}')
     with monkeypatch.context() as patch:
-        _die_after(patch, "_send", 0)
+        _die_after(patch, "send", 0)
         with pytest.raises(KeyboardInterrupt):
             storage.upload_dir(model_dir, uri)
     assert storage.read_manifest(uri) is None  # old files and new ones may be mixed now: not complete

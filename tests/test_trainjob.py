@@ -31,7 +31,7 @@ import yaml
 from kubernetes_validate import utils as kv
 
 from preftune.io import storage
-from preftune.launch import trainjob
+from preftune.launch import stages, trainjob
 from preftune.launch.distributed import Scale, StageFailed, run_stage
 from preftune.train.sft import SFTConfig
 
@@ -143,7 +143,7 @@ def render_sft(tmp: Path, *, num_nodes: int = 2, strategy: str = "ddp") -> dict[
     kwargs = sft_kwargs(tmp)
     settings = trainjob.settings_from_pod(step_pod(), accelerator_type="nvidia.com/gpu")
     out = trainjob.staging_uri(kwargs, "sft")
-    from preftune.launch.distributed import call_json, config_dict, per_worker_config
+    from preftune.launch.stages import call_json, config_dict, per_worker_config
 
     call = call_json(
         "sft",
@@ -637,9 +637,9 @@ def test_worker_publishes_what_the_launcher_collects(s3, tmp_path: Path) -> None
     config = SFTConfig(epochs=1, batch_size=4, eval_batch_size=4, max_length=32, logging_steps=1)
     staging = s3.uri("root/run-1/sft/exec-7/trainjob")
     spec = json.loads(
-        distributed.call_json(
+        stages.call_json(
             "sft",
-            distributed.config_dict(config),
+            stages.config_dict(config),
             {
                 "base_model": s3.uri("models/base"),
                 "train_data": train,

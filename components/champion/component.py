@@ -18,7 +18,7 @@ def champion(registry_uri: str, model_name: str) -> str:
         model_name: Name of the model in the registry.
 
     Returns:
-        The champion's URI, or an empty string before the first promotion.
+        Output: The champion's URI, or an empty string before the first promotion.
     """
     from preftune.io.registry import resolve_champion
 

@@ -30,7 +30,6 @@ def collect(
         model: The policy to sample from (for example the current champion or the newest candidate).
         prompts: URI of prompts to answer (rows with a prompt: text or chat messages; jsonl, csv or parquet).
         out_uri: Where batches go: s3://bucket/prefix or a local directory.
-        metrics: Counts of prompts, responses, Label Studio tasks and empty responses.
         k: Responses sampled per prompt (at least 2).
         max_new_tokens: Longest response, in tokens.
         temperature: Sampling temperature (above 0, so the K responses differ).
@@ -40,7 +39,8 @@ def collect(
         max_prompts: Use at most this many prompts (0 = all).
 
     Returns:
-        The URI of the batch folder, <out_uri>/<batch_id>.
+        metrics: Counts of prompts, responses, Label Studio tasks and empty responses.
+        Output: The URI of the batch folder, <out_uri>/<batch_id>.
     """
     from preftune.eval.collect import collect as run_collect
 

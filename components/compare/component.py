@@ -40,8 +40,6 @@ def compare(
         rlhf_evaluation: Metrics of the PPO policy's evaluation against the SFT model, same prompts and judge.
         dpo_generations: The DPO evaluation's generations (with per-prompt judge rewards).
         rlhf_generations: The PPO evaluation's generations (with per-prompt judge rewards).
-        metrics: Every figure of both methods (``dpo_*``, ``rlhf_*``) and the head-to-head win rates.
-        report: The comparison: verdict, side-by-side table, charts, answers to the same prompts (HTML).
         dpo_frontier: The DPO evaluation's reward-vs-KL points.
         rlhf_frontier: The PPO evaluation's reward-vs-KL points.
         gpus_per_step: GPUs each training step requests (compile-time setting), for GPU-hours.
@@ -50,7 +48,10 @@ def compare(
             branch's own reward model, and the verdict then warns that it favours RLHF.
 
     Returns:
-        The verdict, one sentence per line (also at the top of the report), for the run's log and summary.
+        metrics: Every figure of both methods (``dpo_*``, ``rlhf_*``) and the head-to-head win rates.
+        report: The comparison: verdict, side-by-side table, charts, answers to the same prompts (HTML).
+        Output: The verdict, one sentence per line (also at the top of the report), for the run's log and
+            summary.
     """
     from preftune.eval.comparison import compare as run_compare
     from preftune.eval.comparison import verdict

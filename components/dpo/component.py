@@ -3,10 +3,13 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
+from preftune.config.components import documented
 from preftune.launch.platform import runtime_image
 
 
+# The parameters that set DPOConfig and ScaleConfig fields are documented from those fields' metadata.
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
+@documented("dpo")
 def dpo(
     sft_model: Input[Model],
     train_pairs: Input[Dataset],
@@ -24,6 +27,7 @@ def dpo(
     max_length: int = 256,
     use_lora: bool = True,
     lora_r: int = 16,
+    lora_alpha: int = 32,
     num_checkpoints: int = 4,
     checkpoint_every: int = 100,
     checkpoint_uri: str = "",
@@ -43,63 +47,26 @@ def dpo(
         sft_model: The SFT model; it is both the starting policy and the frozen reference.
         train_pairs: Training pairs from the preference import step.
         eval_pairs: Held-out pairs from the preference import step.
+
+    Returns:
         model: The DPO policy (a LoRA adapter stacked on the SFT model, or full weights).
         metrics: Loss (first step and final), reward accuracy, reward margin and implicit rewards on eval pairs.
+        report: Training curves (HTML).
         checkpoints: Intermediate policies (``step-<N>/`` model directories and ``index.json``), for the
             evaluate step's reward-vs-KL chart.
-        report: Training curves (HTML).
-        beta: Strength of the pull towards the reference (higher = stay closer).
-        loss_type: sigmoid (the DPO paper), ipo or hinge.
-        label_smoothing: Assumed share of flipped preference labels (conservative DPO), 0 to 0.5.
-        epochs: Passes over the training pairs.
-        learning_rate: Peak learning rate (linear warm-up and decay).
-        batch_size: Pairs per optimisation step.
-        max_length: Longest tokenised prompt + response.
-        use_lora: Train a LoRA adapter instead of all weights.
-        lora_r: LoRA rank.
-        num_checkpoints: Intermediate policies kept in ``checkpoints``, evenly spaced over training, for the
-            evaluate step's reward-vs-KL chart (0 = none).
-        checkpoint_every: Write a resumable checkpoint every this many optimisation steps (0 = never).
-        checkpoint_uri: Where checkpoints go (s3:// or a local path); empty = next to the model output, so a
-            retried pod finds and resumes from them.
-        num_gpus: Worker processes (one per GPU) in this step, started with torchrun; 0 = every GPU the pod has.
-        num_nodes: Nodes to train on; more than 1 runs the step as a Kubeflow Trainer TrainJob.
-        distributed_strategy: ddp (a replica per GPU) or fsdp (sharded; not supported by this stage yet).
-        trainjob_runtime: The Kubeflow Trainer runtime a multi-node TrainJob uses.
-        seed: Seed for initialisation and data order.
-        max_steps: Stop after this many optimisation steps (-1 = run all epochs).
     """
+    from preftune.config.components import configs_from
+
+    config, scale = configs_from("dpo", locals())
+
     from preftune.launch.distributed import Scale, run_stage
     from preftune.train.checkpoint import default_checkpoint_uri
-    from preftune.train.dpo import DPOConfig
 
-    config = DPOConfig(
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        max_length=max_length,
-        use_lora=use_lora,
-        lora_r=lora_r,
-        lora_alpha=2 * lora_r,
-        num_checkpoints=num_checkpoints,
-        checkpoint_every=checkpoint_every,
-        checkpoint_uri=checkpoint_uri or default_checkpoint_uri(model.uri),
-        seed=seed,
-        max_steps=max_steps,
-    )
-    scale = Scale(
-        num_gpus=num_gpus,
-        num_nodes=num_nodes,
-        strategy=distributed_strategy,
-        trainjob_runtime=trainjob_runtime,
-    )
+    config.checkpoint_uri = config.checkpoint_uri or default_checkpoint_uri(model.uri)
     result = run_stage(
         "dpo",
         config,
-        scale=scale,
+        scale=Scale(**scale.launch_arguments()),
         sft_model=sft_model,
         train_pairs=train_pairs,
         eval_pairs=eval_pairs,

@@ -3,10 +3,13 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
+from preftune.config.components import documented
 from preftune.launch.platform import runtime_image
 
 
+# The parameters that set EvalConfig fields are documented from those fields' metadata.
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
+@documented("evaluate")
 def evaluate(
     candidate: Input[Model],
     reference: Input[Model],
@@ -40,14 +43,6 @@ def evaluate(
         reference: The reference policy (the SFT model).
         eval_prompts: URI of held-out prompts (JSONL rows with a ``prompt``: text or chat messages).
         eval_pairs: Held-out preference pairs from the preference import step.
-        metrics: KL, implicit-reward accuracy and margin, perplexities, distinct-1/2, diversity ratio and
-            lengths; with a judge also mean rewards per model, the candidate's win rates (ties count half) and
-            length-controlled win rates against the reference and the champion, and the tie counts.
-        report: Side-by-side generations and metrics (HTML).
-        generations: The generations (JSONL rows: prompt, candidate, reference, and champion when there is
-            one; with a judge also each model's reward, e.g. candidate_reward).
-        frontier: The reward-vs-KL points (JSONL: label, step, kl, kl_per_token, reward or
-            implicit_reward_accuracy, mean_length): the reference, each checkpoint and the final candidate.
         judge: Optional reward model (for example the reward_model step's output) that scores the responses of
             every model to each prompt; leave unset to skip.
         checkpoints: Optional intermediate policies of the training step (its checkpoints output): each becomes
@@ -56,24 +51,23 @@ def evaluate(
             it judges instead of ``judge`` (an independent judge for pipelines that train their own).
         champion_uri: URI of the current champion (the champion step's output); empty when there is none. The
             champion answers the same prompts; with a judge the candidate's win rate against it is reported.
-        max_new_tokens: Longest generated response, in tokens.
-        temperature: Sampling temperature of the displayed generations.
-        top_p: Nucleus sampling threshold of the displayed generations.
-        beta: The DPO beta used for implicit rewards.
-        max_prompts: Evaluate at most this many prompts.
-        seed: Sampling seed, the same for both models.
+
+    Returns:
+        metrics: KL, implicit-reward accuracy and margin, perplexities, distinct-1/2, diversity ratio and
+            lengths; with a judge also mean rewards per model, the candidate's win rates (ties count half) and
+            length-controlled win rates against the reference and the champion, and the tie counts.
+        report: Side-by-side generations and metrics (HTML).
+        generations: The generations (JSONL rows: prompt, candidate, reference, and champion when there is
+            one; with a judge also each model's reward, e.g. candidate_reward).
+        frontier: The reward-vs-KL points (JSONL: label, step, kl, kl_per_token, reward or
+            implicit_reward_accuracy, mean_length): the reference, each checkpoint and the final candidate.
     """
-    from preftune.eval.evaluation import EvalConfig
+    from preftune.config.components import configs_from
+
+    (config,) = configs_from("evaluate", locals())
+
     from preftune.eval.evaluation import evaluate as run_evaluate
 
-    config = EvalConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        beta=beta,
-        max_prompts=max_prompts,
-        seed=seed,
-    )
     result = run_evaluate(
         candidate.path,
         reference.path,

@@ -17,7 +17,7 @@ def fingerprint(source: str) -> str:
         source: URI of the data: a file, a directory, or an s3:// object or prefix.
 
     Returns:
-        A 32-hex-digit fingerprint of the data's listing.
+        Output: A 32-hex-digit fingerprint of the data's listing.
     """
     from preftune.io.storage import fingerprint as data_fingerprint
 

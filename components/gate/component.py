@@ -3,10 +3,13 @@
 from kfp import dsl
 from kfp.dsl import HTML, Input, Metrics, Output
 
+from preftune.config.components import documented
 from preftune.launch.platform import runtime_image
 
 
+# The thresholds are GateConfig's fields, documented from their metadata.
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
+@documented("gate")
 def gate(
     evaluation: Input[Metrics],
     report: Output[HTML],
@@ -26,33 +29,26 @@ def gate(
         evaluation: Metrics of the evaluate step: kl_candidate_reference, distinct_2_candidate,
             distinct_2_reference and, once a champion exists, win_rate_vs_champion (or its length-controlled
             lc_win_rate_vs_champion).
+        champion_uri: URI of the current champion (the champion step's output); when set, win_rate_vs_champion
+            is required. Empty means there is no champion yet.
+
+    Returns:
         report: The decision: each check with its value and threshold, and every metric (HTML).
         decision: The decision as JSON: promote, reasons, checks, champion_uri and the metrics it was taken on
             (the promote step records it in the registry).
-        champion_uri: URI of the current champion (the champion step's output); when set, win_rate_vs_champion
-            is required. Empty means there is no champion yet.
-        min_win_rate_vs_champion: Lowest acceptable share of prompts where the judge prefers the candidate over
-            the champion (ties count half).
-        max_kl: Highest acceptable KL(candidate || reference) per response, in nats.
-        min_diversity_ratio: Lowest acceptable distinct-2 of the candidate divided by that of the reference.
-        length_controlled: Check the length-controlled win rate against the champion (lc_win_rate_vs_champion),
-            so a candidate cannot win by answering longer; false checks the raw win rate.
-
-    Returns:
-        True when every check passed (promote), False otherwise.
+        Output: True when every check passed (promote), False otherwise.
     """
+    from preftune.config.components import configs_from
+
+    (thresholds,) = configs_from("gate", locals())
+
+    import dataclasses
     import json
 
     from preftune.eval.gate import run_gate
 
     result = run_gate(
-        dict(evaluation.metadata),
-        report.path,
-        min_win_rate_vs_champion=min_win_rate_vs_champion,
-        max_kl=max_kl,
-        min_diversity_ratio=min_diversity_ratio,
-        champion_uri=champion_uri,
-        length_controlled=length_controlled,
+        dict(evaluation.metadata), report.path, champion_uri=champion_uri, **dataclasses.asdict(thresholds)
     )
     with open(decision, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(result))

@@ -3,10 +3,13 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Metrics, Output
 
+from preftune.config.components import documented
 from preftune.launch.platform import runtime_image
 
 
+# The parameters that set IngestConfig fields are documented from those fields' metadata.
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
+@documented("ingest")
 def ingest(
     source: str,
     train_data: Output[Dataset],
@@ -27,18 +30,22 @@ def ingest(
 
     Args:
         source: URI of the SFT data: a jsonl, parquet or csv file, a directory, or an s3:// file or prefix.
+        source_fingerprint: Identity of the data behind ``source`` (set by the pipeline from the fingerprint
+            step); it only changes the cache key, so the step reruns when the data changes.
+
+    Returns:
         train_data: Training examples (JSONL, one normalised example per line).
         eval_data: Held-out examples (JSONL).
         rejected_rows: Rows that failed validation, each with its file, row number and reasons (JSONL).
         report: Validation report (HTML) with every expectation and samples of rejected rows.
         metrics: Row counts: input, train, eval, rejected, and rejections by reason.
-        eval_fraction: Share of examples held out for evaluation (0 to 0.5).
-        seed: Seed of the train/eval split; the same seed and data always give the same split.
-        min_chars: Shortest accepted prompt or completion, in characters.
-        max_chars: Longest accepted prompt or completion, in characters.
-        source_fingerprint: Identity of the data behind ``source`` (set by the pipeline from the fingerprint
-            step); it only changes the cache key, so the step reruns when the data changes.
     """
+    from preftune.config.components import configs_from
+
+    (config,) = configs_from("ingest", locals())
+
+    import dataclasses
+
     from preftune.data.ingest import ingest as run_ingest
 
     result = run_ingest(
@@ -47,10 +54,7 @@ def ingest(
         eval_data.path,
         rejected_rows.path,
         report.path,
-        eval_fraction=eval_fraction,
-        seed=seed,
-        min_chars=min_chars,
-        max_chars=max_chars,
+        **dataclasses.asdict(config),
     )
     for name, value in result.items():
         metrics.log_metric(name, value)

@@ -3,10 +3,14 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
+from preftune.config.components import documented
 from preftune.launch.platform import runtime_image
 
 
+# The parameters that set PPOConfig and ScaleConfig fields are documented from those fields' metadata; max_kl
+# sets kl_blowup, learning_rate also the critic's, and rollout_batch_size the minibatch (preftune.config.components).
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
+@documented("ppo")
 def ppo(
     sft_model: Input[Model],
     reward_model: Input[Model],
@@ -29,6 +33,7 @@ def ppo(
     max_kl: float = 20.0,
     use_lora: bool = True,
     lora_r: int = 16,
+    lora_alpha: int = 32,
     num_checkpoints: int = 4,
     checkpoint_every: int = 4,
     checkpoint_uri: str = "",
@@ -50,79 +55,29 @@ def ppo(
         reward_model: The reward model; it scores responses and initialises the critic (value model).
         prompts: Rows with a prompt (text or chat messages), e.g. the preference import's train pairs;
             duplicate prompts are used once.
+
+    Returns:
         model: The PPO policy (a LoRA adapter stacked on the SFT model, or full weights).
         metrics: Mean reward score of the first and last iterations and its gain, KL to the SFT model (last and
             max), entropy, clip fraction, value loss, explained variance, response length, early stops, KL
             blow-ups and timings.
-        checkpoints: Intermediate policies (``step-<N>/`` model directories and ``index.json``), for the
-            evaluate step's reward-vs-KL chart.
         report: Curves of every logged quantity per iteration and sample responses of the first and last
             iterations (HTML).
-        iterations: Rollout and update rounds.
-        rollout_batch_size: Prompts sampled (one response each) per iteration.
-        ppo_epochs: Passes over each iteration's rollouts (minibatches of 8 sequences, or fewer when the batch is smaller).
-        learning_rate: Policy and critic learning rate (constant).
-        max_new_tokens: Most tokens sampled per response.
-        temperature: Sampling temperature; log-probabilities use the same temperature.
-        top_p: Nucleus sampling threshold (1 = off, which keeps the PPO ratio exact).
-        kl_coef: KL penalty per token (the starting value for the adaptive controller).
-        kl_controller: fixed, or adaptive (moves kl_coef so the KL per response tracks target_kl).
-        target_kl: Adaptive controller: wanted KL to the SFT model per response, in nats.
-        max_approx_kl: Stop an iteration's PPO updates once the policy has moved this far (approximate KL per
-            token) from the one that sampled the rollouts; 0 = never.
-        max_kl: The KL bound: when the rollouts' KL to the SFT model (per response, in nats) passes it, training
-            stops before that iteration's update, keeps the last good policy and says so in the report.
-        use_lora: Train LoRA adapters (policy and critic) instead of all weights; full fine-tuning holds frozen
-            copies of the SFT and reward models besides the trained ones.
-        lora_r: LoRA rank.
-        num_checkpoints: Intermediate policies kept in ``checkpoints``, evenly spaced over training, for the
-            evaluate step's reward-vs-KL chart (0 = none).
-        checkpoint_every: Write a resumable checkpoint every this many PPO iterations (0 = never).
-        checkpoint_uri: Where checkpoints go (s3:// or a local path); empty = next to the model output, so a
-            retried pod finds and resumes from them.
-        num_gpus: Worker processes (one per GPU) in this step, started with torchrun; 0 = every GPU the pod has.
-        num_nodes: Nodes to train on; more than 1 runs the step as a Kubeflow Trainer TrainJob.
-        distributed_strategy: ddp (a replica per GPU) or fsdp (sharded; not supported by this stage yet).
-        trainjob_runtime: The Kubeflow Trainer runtime a multi-node TrainJob uses.
-        seed: Seed for initialisation, prompt order and sampling.
+        checkpoints: Intermediate policies (``step-<N>/`` model directories and ``index.json``), for the
+            evaluate step's reward-vs-KL chart.
     """
+    from preftune.config.components import configs_from
+
+    config, scale = configs_from("ppo", locals())
+
     from preftune.launch.distributed import Scale, run_stage
     from preftune.train.checkpoint import default_checkpoint_uri
-    from preftune.train.ppo import PPOConfig
 
-    config = PPOConfig(
-        iterations=iterations,
-        rollout_batch_size=rollout_batch_size,
-        mini_batch_size=min(8, rollout_batch_size),
-        ppo_epochs=ppo_epochs,
-        learning_rate=learning_rate,
-        critic_learning_rate=learning_rate,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        kl_coef=kl_coef,
-        kl_controller=kl_controller,
-        target_kl=target_kl,
-        max_approx_kl=max_approx_kl,
-        kl_blowup=max_kl,
-        use_lora=use_lora,
-        lora_r=lora_r,
-        lora_alpha=2 * lora_r,
-        num_checkpoints=num_checkpoints,
-        checkpoint_every=checkpoint_every,
-        checkpoint_uri=checkpoint_uri or default_checkpoint_uri(model.uri),
-        seed=seed,
-    )
-    scale = Scale(
-        num_gpus=num_gpus,
-        num_nodes=num_nodes,
-        strategy=distributed_strategy,
-        trainjob_runtime=trainjob_runtime,
-    )
+    config.checkpoint_uri = config.checkpoint_uri or default_checkpoint_uri(model.uri)
     result = run_stage(
         "ppo",
         config,
-        scale=scale,
+        scale=Scale(**scale.launch_arguments()),
         sft_model=sft_model,
         reward_model=reward_model,
         prompts=prompts,

@@ -3,10 +3,13 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Metrics, Output
 
+from preftune.config.components import documented
 from preftune.launch.platform import runtime_image
 
 
+# The parameters that set PreferenceImportConfig fields are documented from those fields' metadata.
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
+@documented("preference_import")
 def preference_import(
     source: str,
     train_pairs: Output[Dataset],
@@ -37,25 +40,22 @@ def preference_import(
 
     Args:
         source: URI of the feedback: a jsonl, json, parquet or csv file, a directory, or an s3:// file or prefix.
+        source_fingerprint: Identity of the data behind ``source`` (set by the pipeline from the fingerprint
+            step); it only changes the cache key, so the step reruns when the data changes.
+
+    Returns:
         train_pairs: Training pairs (JSONL: prompt messages, chosen, rejected, margin, meta; scores for ratings).
         eval_pairs: Held-out pairs (JSONL), split by prompt.
         rejected_rows: Rows that gave no accepted pair, each with its file, row number, reasons and detail (JSONL).
         report: Validation report (HTML): great-expectations results, rejections by reason, warnings.
         metrics: Rows in / used / rejected, pairs train / eval, and rejections by reason.
-        format: Feedback format: auto (recognised per file), pairwise, ranked, rating, binary or labelstudio.
-        ranked_pairs: Ranked lists: all (every better response over every worse one) or adjacent (consecutive rank levels only).
-        min_score_gap: Ratings: smallest difference of normalised (z-score) ratings that makes a pair.
-        max_pairs_per_prompt: Ratings and binary feedback: most pairs made per prompt (0 = no cap), chosen by seed.
-        since: Only read date=YYYY-MM-DD partitions on or after this day (YYYY-MM-DD); empty reads everything.
-        max_rejected_fraction: Fail the step when a larger share of input rows is rejected (0 to 1).
-        truncation_chars: Report the share of pairs whose prompt plus answer exceed this many characters (0 = off).
-        eval_fraction: Share of prompts held out for evaluation (0 to 0.5).
-        seed: Seed of the train/eval split and of pair capping.
-        min_chars: Shortest accepted prompt or response, in characters.
-        max_chars: Longest accepted prompt or response, in characters.
-        source_fingerprint: Identity of the data behind ``source`` (set by the pipeline from the fingerprint
-            step); it only changes the cache key, so the step reruns when the data changes.
     """
+    from preftune.config.components import configs_from
+
+    (config,) = configs_from("preference_import", locals())
+
+    import dataclasses
+
     from preftune.data.preferences import RejectedFractionError, import_preferences
 
     try:
@@ -65,17 +65,7 @@ def preference_import(
             eval_pairs.path,
             rejected_rows.path,
             report.path,
-            format=format,
-            ranked_pairs=ranked_pairs,
-            min_score_gap=min_score_gap,
-            max_pairs_per_prompt=max_pairs_per_prompt,
-            since=since,
-            max_rejected_fraction=max_rejected_fraction,
-            truncation_chars=truncation_chars,
-            eval_fraction=eval_fraction,
-            seed=seed,
-            min_chars=min_chars,
-            max_chars=max_chars,
+            **dataclasses.asdict(config),
         )
     except RejectedFractionError as err:
         for name, value in err.metrics.items():

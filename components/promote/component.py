@@ -28,17 +28,17 @@ def promote(
             <registry_uri>/<model_name>/v<N>/.
         model_name: Name of the model in the registry (letters, digits, '.', '_', '-').
         decision: The gate step's decision output (JSON); its metrics are recorded with the version.
-        metrics: The new version number and the metrics it was promoted on.
         run_id: Identifier of the pipeline run, recorded with the version (pass dsl.PIPELINE_JOB_ID_PLACEHOLDER).
         merge_adapters: Merge a LoRA adapter chain into full weights, so the version does not depend on the
             run's intermediate artifacts.
 
     Returns:
-        The URI of the new version, <registry_uri>/<model_name>/v<N>.
+        metrics: The new version number and the metrics it was promoted on.
+        Output: The URI of the new version, <registry_uri>/<model_name>/v<N>.
     """
     import json
 
-    from preftune.io.registry import promote as publish
+    from preftune.eval.promotion import promote as publish
 
     verdict = json.loads(decision)
     pointer = publish(

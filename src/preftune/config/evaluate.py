@@ -2,54 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from preftune.config.fields import check, param
 
 
 @dataclass
 class EvalConfig:
-    """Settings of one evaluation run (the evaluate component exposes each field as a parameter)."""
+    """Settings of one evaluation run; it checks itself on construction."""
 
-    max_new_tokens: int = field(default=48, metadata={"help": "Most tokens generated per response."})
-    temperature: float = field(
-        default=0.7,
-        metadata={
-            "help": "Sampling temperature of the displayed generations (0 = greedy). Same for both models."
-        },
+    max_new_tokens: int = param(48, "Longest generated response, in tokens.", low=1)
+    temperature: float = param(
+        0.7,
+        "Sampling temperature of the displayed generations (0 = greedy), the same for every model.",
+        low=0,
     )
-    top_p: float = field(
-        default=0.9, metadata={"help": "Nucleus sampling threshold of the displayed generations (1 = off)."}
+    top_p: float = param(
+        0.9,
+        "Nucleus sampling threshold of the displayed generations (1 = off).",
+        low=0,
+        high=1,
+        low_inclusive=False,
     )
-    seed: int = field(
-        default=0,
-        metadata={"help": "Random seed; both models sample with it, so differences come from the models."},
+    seed: int = param(
+        0, "Sampling seed; every model samples with it, so differences come from the models.", low=0
     )
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "DPO beta scaling the implicit rewards on the held-out preference pairs."},
+    beta: float = param(
+        0.1,
+        "The DPO beta scaling the implicit rewards on the held-out preference pairs.",
+        low=0,
+        low_inclusive=False,
     )
-    max_prompts: int = field(default=64, metadata={"help": "Evaluate on at most this many held-out prompts."})
-    batch_size: int = field(
-        default=16, metadata={"help": "Prompts (or sequences) per forward/generate batch."}
-    )
+    max_prompts: int = param(64, "Evaluate at most this many held-out prompts.", low=1)
+    batch_size: int = param(16, "Prompts (or sequences) per forward / generate batch.", low=1)
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            problems.append("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            problems.append("top_p must be in (0, 1]")
-        if self.beta <= 0:
-            problems.append("beta must be > 0")
-        if self.max_prompts < 1:
-            problems.append("max_prompts must be >= 1")
-        if self.batch_size < 1:
-            problems.append("batch_size must be >= 1")
-        if self.seed < 0:
-            problems.append("seed must be >= 0")
-        for name in ("temperature", "top_p", "beta"):
-            if not abs(getattr(self, name)) < float("inf"):  # NaN passes every comparison above
-                problems.append(f"{name} must be a finite number")
-        if problems:
-            raise ValueError("EvalConfig: " + "; ".join(problems))
+        validate(self)
+
+
+def validate(config: EvalConfig) -> None:
+    """Refuse out-of-range settings before any model is loaded."""
+    check(config)

@@ -1,106 +1,139 @@
-"""The parameter surface shared by every stage's config: allowed ranges and the checks that enforce them."""
+"""The parameter surface: each config field carries its help, default and allowed values in its metadata.
+
+Fields are declared with :func:`param`; :func:`check` enforces what the metadata allows (ranges, choices, finite
+numbers) for any config, so each stage's ``validate`` adds only its cross-field rules. The components, `preftune
+run` and the component READMEs read the same metadata (:mod:`preftune.config.components`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 
 
-#: Allowed ranges of numeric config fields, by field name, for every config that has the field:
-#: ``(low, low_inclusive, high, high_inclusive)``, None for no bound. Every numeric value must also be finite.
-_AT_LEAST_ONE = (1, True, None, False)
+def _number(value: float) -> str:
+    return f"{value:g}"
 
 
-_NON_NEGATIVE = (0, True, None, False)
+@dataclass(frozen=True)
+class Bounds:
+    """A numeric range; None is no bound on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and self.high_inclusive)
+
+    def text(self) -> str:
+        """``>= 1``, ``> 0``, ``<= 1`` or ``in [0, 0.5)``."""
+        if self.high is None:
+            return f"{'>=' if self.low_inclusive else '>'} {_number(self.low)}"
+        if self.low is None:
+            return f"{'<=' if self.high_inclusive else '<'} {_number(self.high)}"
+        return (
+            f"in {'[' if self.low_inclusive else '('}{_number(self.low)}, {_number(self.high)}"
+            f"{']' if self.high_inclusive else ')'}"
+        )
 
 
-_POSITIVE = (0, False, None, False)
+def param(
+    default: Any,
+    help: str,  # noqa: A002  (the metadata key every reader uses)
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    choices: Iterable[str] = (),
+    accepts: str = "",
+) -> Any:
+    """A config field with its help, default and allowed values: a range, a closed set of choices, or
+    ``accepts``, a rule in words that the stage's validate enforces (a date's shape, say)."""
+    metadata: dict[str, Any] = {"help": help}
+    if accepts:
+        metadata["accepts"] = accepts
+    if low is not None or high is not None:
+        metadata["bounds"] = Bounds(low, high, low_inclusive, high_inclusive)
+    if choices:
+        metadata["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-CONFIG_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    **dict.fromkeys(
-        (
-            "batch_size",
-            "eval_batch_size",
-            "gradient_accumulation_steps",
-            "max_length",
-            "logging_steps",
-            "lora_r",
-            "head_chunk_size",
-            "iterations",
-            "rollout_batch_size",
-            "mini_batch_size",
-            "ppo_epochs",
-            "max_prompt_length",
-            "max_new_tokens",
-            "forward_batch_size",
-            "kl_horizon",
-            "max_prompts",
-        ),
-        _AT_LEAST_ONE,
-    ),
-    **dict.fromkeys(
-        ("learning_rate", "critic_learning_rate", "lora_alpha", "beta", "clip_range", "clip_range_value"),
-        _POSITIVE,
-    ),
-    **dict.fromkeys(
-        (
-            "weight_decay",
-            "max_grad_norm",
-            "eval_steps",
-            "pack_length",
-            "num_checkpoints",
-            "checkpoint_every",
-            "samples_shown",
-            "margin_scale",
-            "kl_coef",
-            "vf_coef",
-            "max_approx_kl",
-            "kl_blowup",
-            "missing_eos_penalty",
-            "temperature",
-            "seed",
-        ),
-        _NON_NEGATIVE,
-    ),
-    "target_kl": _POSITIVE,
-    "score_clip": _POSITIVE,
-    "lora_dropout": (0, True, 1, False),
-    "warmup_ratio": (0, True, 1, False),
-    "label_smoothing": (0, True, 0.5, False),
-    "top_p": (0, False, 1, True),
-    "gamma": (0, True, 1, True),
-    "lam": (0, True, 1, True),
-}
+def help_of(field: dataclasses.Field) -> str:
+    return field.metadata.get("help", "")
 
 
-def _range_text(low: float | None, low_in: bool, high: float | None, high_in: bool) -> str:
-    if high is None:
-        return f"{'>=' if low_in else '>'} {low}"
-    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+def bounds_of(field: dataclasses.Field) -> Bounds | None:
+    return field.metadata.get("bounds")
 
 
-def check_config(config: Any) -> None:
-    """Reject out-of-range settings before any model is loaded, naming the field (``SFTConfig.lora_r must be
-    >= 1, got 0``): the ranges in :data:`CONFIG_RANGES` for every field the config has, finite numbers only,
-    and ``epochs >= 1`` unless ``max_steps`` sets the length. Stage-specific rules stay in each stage's check."""
-    name = type(config).__name__
+def choices_of(field: dataclasses.Field) -> tuple[str, ...]:
+    return field.metadata.get("choices", ())
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def allowed(field: dataclasses.Field) -> str:
+    """What a field accepts, in words (empty for flags and free text)."""
+    if field.metadata.get("accepts"):
+        return field.metadata["accepts"]
+    if choices_of(field):
+        return "one of " + ", ".join(choices_of(field))
+    bounds = bounds_of(field)
+    if bounds is not None:
+        return bounds.text()
+    return "a finite number" if is_number(field.default) else ""
+
+
+class ConfigError(ValueError):
+    """A config value the stage refuses; ``fields`` names the fields involved, so a caller can point at the
+    parameters that set them."""
+
+    def __init__(self, message: str, fields: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+def refuse(config: Any, fields: str | tuple[str, ...], message: str) -> ConfigError:
+    """The error of a cross-field rule, prefixed with the config's name: ``raise refuse(config, ...)``."""
+    names = (fields,) if isinstance(fields, str) else fields
+    return ConfigError(f"{type(config).__name__}.{message}", names)
+
+
+def check_field(config: Any, field: dataclasses.Field) -> None:
+    """Refuse a value outside what the field's metadata allows, naming config, field, range and value."""
+    value = getattr(config, field.name)
+    if value is None or isinstance(value, bool):
+        return  # an optional setting that is off, or a flag
+    choices = choices_of(field)
+    if choices and value not in choices:
+        raise refuse(config, field.name, f"{field.name} must be {allowed(field)}, got {value!r}")
+    if not is_number(value):
+        return
+    if not math.isfinite(value):
+        raise refuse(config, field.name, f"{field.name} must be a finite number, got {value!r}")
+    bounds = bounds_of(field)
+    if bounds is not None and not bounds.admits(value):
+        raise refuse(config, field.name, f"{field.name} must be {bounds.text()}, got {value!r}")
+
+
+def check(config: Any) -> None:
+    """Every field against its metadata, in declaration order, before any model or data is loaded."""
     for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue  # flags, text, and None (an optional bound that is off)
-        rule = CONFIG_RANGES.get(field.name)
-        if not math.isfinite(value):
-            raise ValueError(f"{name}.{field.name} must be a finite number, got {value!r}")
-        if rule is None:
-            continue
-        low, low_in, high, high_in = rule
-        if (low is not None and (value < low or (value == low and not low_in))) or (
-            high is not None and (value > high or (value == high and not high_in))
-        ):
-            raise ValueError(f"{name}.{field.name} must be {_range_text(*rule)}, got {value!r}")
-    if hasattr(config, "epochs") and getattr(config, "max_steps", -1) <= 0 and config.epochs < 1:
-        raise ValueError(f"{name}.epochs must be >= 1 when max_steps is not set, got {config.epochs!r}")
+        check_field(config, field)
+
+
+#: The name train.loop re-exports.
+check_config = check

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-from preftune.config.fields import MIXED_PRECISION_CHOICES, check_config
+from preftune.config import shared
+from preftune.config.fields import check, param, refuse
 
 KL_CONTROLLERS = ("fixed", "adaptive")
+
+
+def _positive(default: float | None, help: str) -> Any:  # noqa: A002
+    return param(default, help, low=0, low_inclusive=False)
 
 
 @dataclass
@@ -19,172 +25,106 @@ class PPOConfig:
     of a real answer (128 to 512), and consider the adaptive controller with ``target_kl`` around 6.
     """
 
-    iterations: int = field(default=16, metadata={"help": "Rollout + update rounds."})
-    rollout_batch_size: int = field(
-        default=32, metadata={"help": "Prompts sampled (one response each) per iteration."}
+    iterations: int = param(16, "Rollout and update rounds.", low=1)
+    rollout_batch_size: int = param(
+        32, "Prompts sampled (one response each) per iteration, summed over all worker processes.", low=1
     )
-    mini_batch_size: int = field(default=8, metadata={"help": "Sequences per PPO optimisation step."})
-    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each iteration's rollouts."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Policy learning rate (constant)."})
-    critic_learning_rate: float = field(
-        default=1e-3, metadata={"help": "Critic (value model) learning rate."}
+    mini_batch_size: int = param(
+        8, "Sequences per PPO optimisation step, summed over all worker processes.", low=1
     )
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."}
+    ppo_epochs: int = param(2, "Passes over each iteration's rollouts.", low=1)
+    learning_rate: float = _positive(1e-3, "Policy learning rate (constant).")
+    critic_learning_rate: float = _positive(1e-3, "Critic (value model) learning rate (constant).")
+    weight_decay: float = shared.weight_decay()
+    max_grad_norm: float = shared.max_grad_norm("Gradient clipping norm, per model (0 = no clipping).")
+    max_prompt_length: int = param(
+        128, "Longest rendered prompt in tokens; longer prompts keep their end.", low=1
     )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradient clipping norm, per model (0 = no clipping)."}
+    max_new_tokens: int = param(32, "Most tokens sampled per response.", low=1)
+    temperature: float = _positive(1.0, "Sampling temperature; log-probabilities use the same temperature.")
+    top_p: float = param(
+        1.0,
+        "Nucleus sampling threshold (1 = off, which keeps the PPO ratio exact).",
+        low=0,
+        high=1,
+        low_inclusive=False,
     )
-    max_prompt_length: int = field(
-        default=128, metadata={"help": "Longest rendered prompt in tokens; longer prompts keep their end."}
+    kl_coef: float = param(
+        0.05, "KL penalty per token against the reference (the starting value when adaptive).", low=0
     )
-    max_new_tokens: int = field(default=32, metadata={"help": "Most tokens sampled per response."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature (> 0); log-probs use the same temperature."}
+    kl_controller: str = param(
+        "fixed",
+        "fixed, or adaptive (moves kl_coef so the KL per response tracks target_kl; Ziegler et al. 2019).",
+        choices=KL_CONTROLLERS,
     )
-    top_p: float = field(
-        default=1.0, metadata={"help": "Nucleus sampling threshold (1 = off, the exact choice)."}
+    target_kl: float = _positive(
+        6.0, "Adaptive controller: wanted KL to the reference per response, in nats."
     )
-    kl_coef: float = field(
-        default=0.05, metadata={"help": "KL penalty per token (initial value for the adaptive controller)."}
+    kl_horizon: int = param(
+        10000, "Adaptive controller: sequences over which the KL error is corrected.", low=1
     )
-    kl_controller: str = field(
-        default="fixed", metadata={"help": "fixed, or adaptive (Ziegler et al. 2019: track target_kl)."}
+    gamma: float = param(1.0, "Discount factor over response tokens.", low=0, high=1)
+    lam: float = param(0.95, "GAE lambda (bias / variance trade-off).", low=0, high=1)
+    clip_range: float = _positive(0.2, "PPO ratio clip: 1 +- this.")
+    clip_range_value: float = _positive(
+        0.2, "Value clip: new values stay within +- this of the rollout values."
     )
-    target_kl: float = field(
-        default=6.0, metadata={"help": "Adaptive controller: wanted KL per response (nats)."}
+    vf_coef: float = param(
+        0.1, "Weight of the value loss in the summed loss (scales the critic's gradient).", low=0
     )
-    kl_horizon: int = field(
-        default=10000, metadata={"help": "Adaptive controller: sequences over which the error is corrected."}
+    whiten_advantages: bool = param(
+        True, "Normalise advantages to mean 0, variance 1 over each rollout batch."
     )
-    gamma: float = field(default=1.0, metadata={"help": "Discount factor over response tokens."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda (bias / variance trade-off)."})
-    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip: 1 +- this."})
-    clip_range_value: float = field(
-        default=0.2, metadata={"help": "Value clip: new values stay within +- this of the rollout values."}
+    score_clip: float | None = _positive(None, "Clip reward-model scores to +- this (None = no clipping).")
+    missing_eos_penalty: float = param(
+        0.0, "Subtracted from the score of responses cut at max_new_tokens without eos.", low=0
     )
-    vf_coef: float = field(
-        default=0.1,
-        metadata={"help": "Weight of the value loss in the summed loss (scales the critic's gradient)."},
+    max_approx_kl: float = param(
+        0.1,
+        "Stop an iteration's PPO updates once the policy has moved this far (approximate KL per token) from the "
+        "one that sampled the rollouts (0 = never).",
+        low=0,
     )
-    whiten_advantages: bool = field(
-        default=True, metadata={"help": "Normalise advantages to mean 0, variance 1 over each rollout batch."}
+    kl_blowup: float = param(
+        20.0,
+        "The KL bound: when the rollouts' KL to the reference (per response, in nats) passes it, training stops "
+        "before that iteration's update and keeps the last good policy, saying so in the report (0 = never).",
+        low=0,
     )
-    score_clip: float | None = field(
-        default=None, metadata={"help": "Clip reward-model scores to +- this (None = no clipping)."}
+    use_lora: bool = param(
+        True,
+        "Train LoRA adapters (policy and critic) instead of all weights; full fine-tuning holds frozen copies "
+        "of the SFT and reward models besides the trained ones.",
     )
-    missing_eos_penalty: float = field(
-        default=0.0,
-        metadata={"help": "Subtracted from the score of responses cut at max_new_tokens without eos."},
+    lora_r: int = shared.lora_r("LoRA rank (policy and critic).")
+    lora_alpha: int = shared.lora_alpha()
+    lora_dropout: float = shared.lora_dropout()
+    lora_target_modules: str = shared.lora_target_modules()
+    forward_batch_size: int = param(
+        32, "Sequences per no-grad forward / generate batch during rollouts.", low=1
     )
-    max_approx_kl: float = field(
-        default=0.1,
-        metadata={
-            "help": "Stop an iteration's PPO updates once the approx. KL to the rollout policy passes this "
-            "(per token; 0 = never)."
-        },
+    pack_length: int = param(
+        256,
+        "Scoring and updates pack prompt + response sequences into rows of up to this many tokens, no padding, "
+        "each isolated by the attention mask (0 = one sequence per row).",
+        low=0,
     )
-    kl_blowup: float = field(
-        default=20.0,
-        metadata={"help": "Stop training when the rollout KL per response passes this (nats; 0 = never)."},
-    )
-    use_lora: bool = field(
-        default=True, metadata={"help": "LoRA adapters on the policy and the critic (else full fine-tuning)."}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (policy and critic)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(
-        default=0.0, metadata={"help": "Dropout on the LoRA branch (off by default)."}
-    )
-    lora_target_modules: str = field(
-        default="", metadata={"help": "Comma-separated module names for LoRA; empty = all linear layers."}
-    )
-    forward_batch_size: int = field(
-        default=32, metadata={"help": "Sequences per no-grad forward / generate batch during rollouts."}
-    )
-    pack_length: int = field(
-        default=256,
-        metadata={
-            "help": "Scoring and updates pack prompt + response sequences into rows of up to this many tokens, "
-            "no padding, each isolated by the attention mask (0 = one sequence per row)."
-        },
-    )
-    num_checkpoints: int = field(
-        default=4,
-        metadata={
-            "help": "Intermediate policy snapshots kept, evenly spaced over the iterations, for evaluation's "
-            "reward-vs-KL path (0 = none)."
-        },
-    )
-    samples_shown: int = field(
-        default=8, metadata={"help": "Responses of the first and last iterations shown in the report."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for initialisation, prompt order and sampling."})
-    mixed_precision: str = field(
-        default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    checkpoint_uri: str = field(
-        default="",
-        metadata={
-            "help": "Where to keep resumable checkpoints (s3:// or a local path); a rerun resumes from the "
-            "newest complete one there (empty = none)."
-        },
-    )
-    checkpoint_every: int = field(
-        default=0, metadata={"help": "Checkpoint every this many iterations (0 = never)."}
-    )
+    num_checkpoints: int = shared.num_checkpoints()
+    samples_shown: int = param(8, "Responses of the first and last iterations shown in the report.", low=0)
+    seed: int = shared.seed("Seed for initialisation, prompt order and sampling.")
+    mixed_precision: str = shared.mixed_precision()
+    trust_remote_code: bool = shared.trust_remote_code()
+    checkpoint_uri: str = shared.checkpoint_uri()
+    checkpoint_every: int = shared.checkpoint_every(4, "iterations")
 
 
 def validate(config: PPOConfig) -> None:
-    name = type(config).__name__
-    positive = (
-        "iterations",
-        "rollout_batch_size",
-        "mini_batch_size",
-        "ppo_epochs",
-        "learning_rate",
-        "critic_learning_rate",
-        "max_prompt_length",
-        "max_new_tokens",
-        "temperature",
-        "clip_range",
-        "clip_range_value",
-        "forward_batch_size",
-        "lora_r",
-    )
-    for key in positive:
-        if not getattr(config, key) > 0:
-            raise ValueError(f"{name}.{key} must be positive, got {getattr(config, key)!r}")
-    non_negative = (
-        "kl_coef",
-        "vf_coef",
-        "max_approx_kl",
-        "kl_blowup",
-        "missing_eos_penalty",
-        "samples_shown",
-        "num_checkpoints",
-    )
-    for key in non_negative:
-        if getattr(config, key) < 0:
-            raise ValueError(f"{name}.{key} must be >= 0, got {getattr(config, key)!r}")
-    if not 0 < config.top_p <= 1:
-        raise ValueError(f"{name}.top_p must be in (0, 1], got {config.top_p!r}")
-    if not 0 <= config.gamma <= 1 or not 0 <= config.lam <= 1:
-        raise ValueError(f"{name}.gamma and .lam must be in [0, 1], got {config.gamma!r}, {config.lam!r}")
-    if config.kl_controller not in KL_CONTROLLERS:
-        raise ValueError(
-            f"{name}.kl_controller must be one of {', '.join(KL_CONTROLLERS)}, got {config.kl_controller!r}"
-        )
-    if config.score_clip is not None and config.score_clip <= 0:
-        raise ValueError(f"{name}.score_clip must be positive or None, got {config.score_clip!r}")
+    """Refuse out-of-range settings before any model is loaded."""
+    check(config)
     if config.mini_batch_size > config.rollout_batch_size:
-        raise ValueError(
-            f"{name}.mini_batch_size ({config.mini_batch_size}) is larger than rollout_batch_size "
-            f"({config.rollout_batch_size})"
+        raise refuse(
+            config,
+            ("mini_batch_size", "rollout_batch_size"),
+            f"mini_batch_size ({config.mini_batch_size}) is larger than rollout_batch_size "
+            f"({config.rollout_batch_size})",
         )
-    if config.mixed_precision not in MIXED_PRECISION_CHOICES:
-        raise ValueError(
-            f"{name}.mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {config.mixed_precision!r}"
-        )
-    check_config(config)  # the ranges every config shares: finite numbers, LoRA, weight decay, ...

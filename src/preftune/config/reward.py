@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from preftune.config.fields import check_config
+from preftune.config import shared
+from preftune.config.fields import check, param
 
 OBJECTIVES: tuple[str, ...] = ("pairwise", "regression")
 
@@ -19,105 +19,50 @@ class RewardConfig:
     1e-5) and keep ``epochs`` at 1: reward models overfit quickly.
     """
 
-    epochs: int = field(
-        default=1, metadata={"help": "Passes over the training pairs (ignored when max_steps > 0)."}
+    epochs: int = shared.epochs(1, "training pairs")
+    learning_rate: float = shared.learning_rate(1e-3)
+    objective: str = param(
+        "pairwise",
+        "pairwise (Bradley-Terry on chosen vs rejected) or regression (MSE on the pairs' normalised scores, for "
+        "pairs made from scalar ratings).",
+        choices=OBJECTIVES,
     )
-    learning_rate: float = field(
-        default=1e-3, metadata={"help": "Peak learning rate (warm-up, then linear decay)."}
+    use_margin: bool = param(
+        True,
+        "Pairwise: require the chosen answer to win by each pair's margin (rank gap, score difference) when the "
+        "data gives one (Llama 2's margin loss).",
     )
-    objective: str = field(
-        default="pairwise",
-        metadata={
-            "help": "pairwise (Bradley-Terry on chosen vs rejected) or regression (MSE on pair scores)."
-        },
+    margin_scale: float = param(
+        1.0, "Multiplier applied to the data's margins before they enter the loss.", low=0
     )
-    use_margin: bool = field(
-        default=True,
-        metadata={
-            "help": "Pairwise: subtract each pair's margin inside the sigmoid (Llama 2's margin loss)."
-        },
-    )
-    margin_scale: float = field(
-        default=1.0, metadata={"help": "Multiplier applied to the data's margins before they enter the loss."}
-    )
-    batch_size: int = field(
-        default=16, metadata={"help": "Pairs per forward pass on each device (2x sequences)."}
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Forward passes per optimisation step (effective batch = batch x this)."}
-    )
-    max_length: int = field(
-        default=256, metadata={"help": "Longest prompt + answer in tokens; prompts keep their end."}
-    )
-    use_lora: bool = field(
-        default=True,
-        metadata={"help": "Train a LoRA adapter (plus the full score head) on the merged SFT model."},
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: str = field(
-        default="", metadata={"help": "Comma-separated module names for LoRA; empty = all linear layers."}
-    )
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps spent warming up the rate."})
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = no clipping)."})
-    seed: int = field(default=0, metadata={"help": "Seed for the score head, initialisation and data order."})
-    max_steps: int = field(
-        default=-1, metadata={"help": "Stop after this many optimisation steps (-1 = epochs)."}
-    )
-    logging_steps: int = field(default=5, metadata={"help": "Log training metrics every this many steps."})
-    eval_steps: int = field(
-        default=25, metadata={"help": "Also evaluate every this many steps (0 = only after each epoch)."}
-    )
-    eval_batch_size: int = field(default=32, metadata={"help": "Pairs per forward pass when evaluating."})
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Turn off dropout so both answers of a pair are scored alike."}
-    )
-    mixed_precision: str = field(
-        default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16."}
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    checkpoint_uri: str = field(
-        default="",
-        metadata={
-            "help": "Where to keep resumable checkpoints (s3:// or a local path); a rerun resumes from the "
-            "newest complete one there (empty = none)."
-        },
-    )
-    checkpoint_every: int = field(
-        default=0, metadata={"help": "Checkpoint every this many optimisation steps (0 = never)."}
-    )
-    prefix_sharing: bool = field(
-        default=True,
-        metadata={
-            "help": "Run each prompt once for both answers (one prompt+chosen+rejected sequence, masked)."
-        },
-    )
-    pack_length: int = field(
-        default=256,
-        metadata={
-            "help": "Pack pairs into rows of up to this many tokens, no padding (0 = one pair per row)."
-        },
+    batch_size: int = shared.batch_size("Pairs (2 sequences each)")
+    gradient_accumulation_steps: int = shared.gradient_accumulation_steps()
+    max_length: int = shared.max_length("answer")
+    use_lora: bool = param(True, "Train a LoRA adapter (plus the full score head) instead of all weights.")
+    lora_r: int = shared.lora_r()
+    lora_alpha: int = shared.lora_alpha()
+    lora_dropout: float = shared.lora_dropout()
+    lora_target_modules: str = shared.lora_target_modules()
+    warmup_ratio: float = shared.warmup_ratio(0.1)
+    weight_decay: float = shared.weight_decay()
+    max_grad_norm: float = shared.max_grad_norm()
+    seed: int = shared.seed("Seed for the score head's initialisation and data order.")
+    max_steps: int = shared.max_steps()
+    logging_steps: int = shared.logging_steps()
+    eval_steps: int = shared.eval_steps(25)
+    eval_batch_size: int = shared.eval_batch_size("Pairs")
+    disable_dropout: bool = param(True, "Turn off dropout so both answers of a pair are scored alike.")
+    mixed_precision: str = shared.mixed_precision()
+    gradient_checkpointing: bool = shared.gradient_checkpointing()
+    trust_remote_code: bool = shared.trust_remote_code()
+    checkpoint_uri: str = shared.checkpoint_uri()
+    checkpoint_every: int = shared.checkpoint_every()
+    prefix_sharing: bool = shared.prefix_sharing()
+    pack_length: int = param(
+        256, "Pack pairs into rows of up to this many tokens, no padding (0 = one pair per row).", low=0
     )
 
 
 def validate(config: RewardConfig) -> None:
-    check_config(config)
-    if config.objective not in OBJECTIVES:
-        raise ValueError(
-            f"RewardConfig.objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}"
-        )
-    if config.pack_length < 0:
-        raise ValueError(
-            f"RewardConfig.pack_length must be >= 0 (0 = one pair per row), got {config.pack_length}"
-        )
-    if not (math.isfinite(config.margin_scale) and config.margin_scale >= 0):
-        raise ValueError(
-            f"RewardConfig.margin_scale must be a finite number >= 0, got {config.margin_scale!r}"
-        )
+    """Refuse out-of-range settings before any model is loaded."""
+    check(config)

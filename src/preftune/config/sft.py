@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from preftune.config.fields import check_config
+from preftune.config import shared
+from preftune.config.fields import check, param
 
 
 @dataclass
@@ -15,73 +16,41 @@ class SFTConfig:
     billion-parameter models lower ``learning_rate`` (LoRA: about 1e-4 to 2e-4; full fine-tuning: about 1e-5).
     """
 
-    epochs: int = field(
-        default=2, metadata={"help": "Passes over the training data (ignored when max_steps > 0)."}
+    epochs: int = shared.epochs(2, "training data")
+    learning_rate: float = shared.learning_rate(2e-3)
+    batch_size: int = shared.batch_size("Examples")
+    gradient_accumulation_steps: int = shared.gradient_accumulation_steps()
+    max_length: int = shared.max_length("completion")
+    pack_length: int = param(
+        256,
+        "Pack examples into rows of up to this many tokens, no padding, each example isolated by the attention "
+        "mask (0 = one right-padded example per row).",
+        low=0,
     )
-    learning_rate: float = field(
-        default=2e-3, metadata={"help": "Peak learning rate (warm-up, then linear decay)."}
+    fused_head: bool = param(
+        True,
+        "Packed batches: apply the LM head to completion positions only, in chunks, never the full-vocab logits.",
     )
-    batch_size: int = field(default=16, metadata={"help": "Examples per forward pass on each device."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Forward passes per optimisation step (effective batch = batch x this)."}
-    )
-    max_length: int = field(
-        default=256, metadata={"help": "Longest prompt + completion in tokens; prompts keep their end."}
-    )
-    pack_length: int = field(
-        default=256,
-        metadata={
-            "help": "Pack examples into rows of up to this many tokens, no padding, each example isolated by the "
-            "attention mask (0 = one right-padded example per row)."
-        },
-    )
-    fused_head: bool = field(
-        default=True,
-        metadata={
-            "help": "Packed batches: apply the LM head to completion positions only, in chunks, never the "
-            "full-vocab logits."
-        },
-    )
-    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: str = field(
-        default="", metadata={"help": "Comma-separated module names for LoRA; empty = all linear layers."}
-    )
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps spent warming up the rate."})
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = no clipping)."})
-    seed: int = field(default=0, metadata={"help": "Seed for initialisation and data order."})
-    max_steps: int = field(
-        default=-1, metadata={"help": "Stop after this many optimisation steps (-1 = epochs)."}
-    )
-    logging_steps: int = field(default=5, metadata={"help": "Log the training loss every this many steps."})
-    eval_steps: int = field(
-        default=50, metadata={"help": "Also evaluate every this many steps (0 = only after each epoch)."}
-    )
-    eval_batch_size: int = field(default=32, metadata={"help": "Examples per forward pass when evaluating."})
-    mixed_precision: str = field(
-        default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16."}
-    )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in backward to save GPU memory."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    checkpoint_uri: str = field(
-        default="",
-        metadata={
-            "help": "Where to keep resumable checkpoints (s3:// or a local path); a rerun resumes from the "
-            "newest complete one there (empty = none)."
-        },
-    )
-    checkpoint_every: int = field(
-        default=0, metadata={"help": "Checkpoint every this many optimisation steps (0 = never)."}
-    )
+    use_lora: bool = param(True, "Train a LoRA adapter instead of all weights.")
+    lora_r: int = shared.lora_r()
+    lora_alpha: int = shared.lora_alpha()
+    lora_dropout: float = shared.lora_dropout()
+    lora_target_modules: str = shared.lora_target_modules()
+    warmup_ratio: float = shared.warmup_ratio(0.05)
+    weight_decay: float = shared.weight_decay()
+    max_grad_norm: float = shared.max_grad_norm()
+    seed: int = shared.seed("Seed for initialisation and data order.")
+    max_steps: int = shared.max_steps()
+    logging_steps: int = shared.logging_steps()
+    eval_steps: int = shared.eval_steps(50)
+    eval_batch_size: int = shared.eval_batch_size("Examples")
+    mixed_precision: str = shared.mixed_precision()
+    gradient_checkpointing: bool = shared.gradient_checkpointing()
+    trust_remote_code: bool = shared.trust_remote_code()
+    checkpoint_uri: str = shared.checkpoint_uri()
+    checkpoint_every: int = shared.checkpoint_every()
 
 
 def validate(config: SFTConfig) -> None:
     """Refuse out-of-range settings before any model is loaded."""
-    check_config(config)
+    check(config)

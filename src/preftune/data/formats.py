@@ -18,10 +18,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from preftune.config.preference_import import FORMAT_CHOICES
 from preftune.data import records
 from preftune.data.readers import DataFormatError, RawRow, _kind
 
-FORMATS = ("pairwise", "ranked", "rating", "binary", "labelstudio")
+FORMATS = tuple(f for f in FORMAT_CHOICES if f != "auto")
 #: Columns that only a given format has; ``auto`` counts the rows holding any of them.
 SIGNATURES: dict[str, tuple[str, ...]] = {
     "labelstudio": ("annotations",),
@@ -87,7 +88,7 @@ def _json_list(value: Any) -> Any:
 def number(value: Any, file: str, row: int, name: str) -> float:
     """A number (text numbers from CSV are parsed); may be non-finite -- the suite rejects those by rule."""
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataFormatError("missing value", file=file, row=row, field=name, reason=f"missing:{name}")
+        raise records.missing_value(file, row, name)
     if isinstance(value, bool):
         raise DataFormatError(
             "expected a number, got bool", file=file, row=row, field=name, reason=f"invalid:{name}"
@@ -118,7 +119,7 @@ def number(value: Any, file: str, row: int, name: str) -> float:
 def label(value: Any, file: str, row: int) -> bool:
     """Binary feedback as True (up) / False (down): booleans, 1/0/-1, or words such as up/down, thumbs_up."""
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataFormatError("missing value", file=file, row=row, field="label", reason="missing:label")
+        raise records.missing_value(file, row, "label")
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (1, 0, -1):
@@ -167,9 +168,7 @@ def _prompt_and_answer(
     except DataFormatError as exc:
         problems.append(exc)
     if prompt is None and not any(p.field in ("prompt", key) for p in problems):
-        problems.append(
-            DataFormatError("missing value", file=file, row=row, field="prompt", reason="missing:prompt")
-        )
+        problems.append(records.missing_value(file, row, "prompt"))
     if prompt:
         try:
             records._check_prompt(prompt, file, row, "prompt")
@@ -206,26 +205,24 @@ class RankedList:
     source: dict[str, Any] = field(default_factory=dict)
 
 
-def normalize_ranked(raw: RawRow, unit: int) -> RankedList:
-    """A ranked-list row; raises RowError listing every problem (``missing:``/``invalid:`` reasons)."""
-    record = raw.record or {}
-    file, row = raw.file, raw.row
-    problems: list[DataFormatError] = []
-    prompt: list[dict[str, str]] = []
+def _ranked_prompt(
+    record: Mapping[str, Any], file: str, row: int, problems: list[DataFormatError]
+) -> list[dict[str, str]]:
     try:
         prompt = records.to_messages(record.get("prompt"), file, row, "prompt")
         records._check_prompt(prompt, file, row, "prompt")
     except DataFormatError as exc:
         problems.append(exc)
-    responses: list[str] = []
-    value = _json_list(record.get("responses"))
+        return []
+    return prompt
+
+
+def _ranked_responses(value: Any, file: str, row: int, problems: list[DataFormatError]) -> list[str]:
+    """At least two responses, each a text or an answer message."""
     if value is None:
-        problems.append(
-            DataFormatError(
-                "missing value", file=file, row=row, field="responses", reason="missing:responses"
-            )
-        )
-    elif not isinstance(value, list) or len(value) < 2:
+        problems.append(records.missing_value(file, row, "responses"))
+        return []
+    if not isinstance(value, list) or len(value) < 2:
         got = f"{len(value)} response(s)" if isinstance(value, list) else _kind(value)
         problems.append(
             DataFormatError(
@@ -236,24 +233,25 @@ def normalize_ranked(raw: RawRow, unit: int) -> RankedList:
                 reason="invalid:responses",
             )
         )
-    else:
+        return []
+    responses: list[str] = []
+    for i, item in enumerate(value):
         try:
-            for i, item in enumerate(value):
-                try:
-                    responses.append(records.completion_text(item, file, row, "responses"))
-                except DataFormatError as exc:
-                    exc.message = f"response {i + 1}: {exc.message}"
-                    exc.reason = "invalid:responses"
-                    raise
+            responses.append(records.completion_text(item, file, row, "responses"))
         except DataFormatError as exc:
+            exc.message = f"response {i + 1}: {exc.message}"
+            exc.reason = "invalid:responses"
             problems.append(exc)
-    ranks: list[float] = []
-    value = _json_list(record.get("ranks"))
+            break  # the responses before the bad one are kept: the ranks are counted against them
+    return responses
+
+
+def _ranks(value: Any, file: str, row: int, responses: int, problems: list[DataFormatError]) -> list[float]:
+    """One finite rank per response (``responses``: how many were read; 0 = not checked)."""
     if value is None:
-        problems.append(
-            DataFormatError("missing value", file=file, row=row, field="ranks", reason="missing:ranks")
-        )
-    elif not isinstance(value, list):
+        problems.append(records.missing_value(file, row, "ranks"))
+        return []
+    if not isinstance(value, list):
         problems.append(
             DataFormatError(
                 f"expected a list of ranks, got {_kind(value)}",
@@ -263,24 +261,30 @@ def normalize_ranked(raw: RawRow, unit: int) -> RankedList:
                 reason="invalid:ranks",
             )
         )
-    else:
-        try:
-            ranks = [number(v, file, row, "ranks") for v in value]
-            if not all(math.isfinite(r) for r in ranks):
-                raise DataFormatError(
-                    "ranks must be finite numbers", file=file, row=row, field="ranks", reason="invalid:ranks"
-                )
-            if responses and len(ranks) != len(responses):
-                raise DataFormatError(
-                    f"{len(ranks)} ranks for {len(responses)} responses",
-                    file=file,
-                    row=row,
-                    field="ranks",
-                    reason="invalid:ranks",
-                )
-        except DataFormatError as exc:
-            exc.reason = "invalid:ranks"
-            problems.append(exc)
+        return []
+    try:
+        ranks = [number(v, file, row, "ranks") for v in value]
+        if not all(math.isfinite(r) for r in ranks):
+            raise DataFormatError("ranks must be finite numbers", file=file, row=row, field="ranks")
+        if responses and len(ranks) != responses:
+            raise DataFormatError(
+                f"{len(ranks)} ranks for {responses} responses", file=file, row=row, field="ranks"
+            )
+    except DataFormatError as exc:
+        exc.reason = "invalid:ranks"
+        problems.append(exc)
+        return []
+    return ranks
+
+
+def normalize_ranked(raw: RawRow, unit: int) -> RankedList:
+    """A ranked-list row; raises RowError listing every problem (``missing:``/``invalid:`` reasons)."""
+    record = raw.record or {}
+    file, row = raw.file, raw.row
+    problems: list[DataFormatError] = []
+    prompt = _ranked_prompt(record, file, row, problems)
+    responses = _ranked_responses(_json_list(record.get("responses")), file, row, problems)
+    ranks = _ranks(_json_list(record.get("ranks")), file, row, len(responses), problems)
     if problems:
         raise records.RowError(problems)
     return RankedList(

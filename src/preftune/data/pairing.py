@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from preftune.config.preference_import import RANKED_PAIRS_CHOICES
 from preftune.data import records
 from preftune.data.formats import Observation, RankedList
 
-RANKED_MODES = ("all", "adjacent")
+RANKED_MODES = RANKED_PAIRS_CHOICES
 
 
 @dataclass

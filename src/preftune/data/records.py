@@ -44,6 +44,11 @@ class RowError(DataFormatError):
 # ---------------------------------------------------------------------------------------------- values
 
 
+def missing_value(file: str, row: int | None, field: str) -> DataFormatError:
+    """The problem of a field that is absent or null: reason ``missing:<field>``."""
+    return DataFormatError("missing value", file=file, row=row, field=field, reason=f"missing:{field}")
+
+
 def _content_text(content: Any, file: str, row: int | None, field: str, index: int) -> str:
     """A message's content as text; OpenAI-style lists of text parts are joined with newlines."""
     if isinstance(content, str):
@@ -74,7 +79,7 @@ def to_messages(value: Any, file: str, row: int | None, field: str) -> list[dict
     (the validation suite rejects it as ``empty:<field>``).
     """
     if value is None:
-        raise DataFormatError("missing value", file=file, row=row, field=field, reason=f"missing:{field}")
+        raise missing_value(file, row, field)
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, dict) and "role" in value:
@@ -115,7 +120,7 @@ def to_messages(value: Any, file: str, row: int | None, field: str) -> list[dict
 def completion_text(value: Any, file: str, row: int | None, field: str) -> str:
     """An answer as text: text itself, one assistant message, or a one-message list holding it."""
     if value is None:
-        raise DataFormatError("missing value", file=file, row=row, field=field, reason=f"missing:{field}")
+        raise missing_value(file, row, field)
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and "role" in value:
@@ -389,7 +394,7 @@ def _answer(
     A conversation without an explicit prompt is returned for the caller to extract the shared prefix.
     """
     if value is None:
-        raise DataFormatError("missing value", file=file, row=row, field=field, reason=f"missing:{field}")
+        raise missing_value(file, row, field)
     if isinstance(value, str):
         return value, None
     conversation = to_messages(value, file, row, field)

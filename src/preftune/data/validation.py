@@ -65,6 +65,10 @@ class ValidationOutcome:
         """How many rows each reason rejected."""
         return Counter(reason for row in self.reasons for reason in row)
 
+    def failures(self) -> dict[str, str]:
+        """What a row failing each reason's rule is told (``reason -> failure text``)."""
+        return {e.reason: e.failure for e in self.expectations}
+
 
 def _frame(rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> Any:
     """Computed columns: ``<field>_chars`` (trimmed length), ``is_duplicate`` (an earlier row had this id) and,
@@ -462,9 +466,78 @@ def combine(outcomes: Sequence[ValidationOutcome]) -> ValidationOutcome:
     )
 
 
+def reason_counts(rejected: Sequence[Mapping[str, Any]]) -> Counter[str]:
+    """How many rejected-row records (``reasons`` lists) each reason applies to."""
+    return Counter(reason for r in rejected for reason in r["reasons"])
+
+
 def _preview(record: Any, limit: int = 300) -> str:
     text = json.dumps(record, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _warnings_section(warnings: Sequence[str]) -> tuple[str, str]:
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return ("Warnings", f"<ul>{items}</ul>")
+
+
+def _rejections_section(counts: Counter[str]) -> tuple[str, str]:
+    if not counts:
+        return ("Rejections by reason", "<p>No row was rejected.</p>")
+    chart = reports.bar_chart(dict(counts.most_common()), "Rejected rows by reason", "rows")
+    table = reports.table([{"reason": k, "rows": v} for k, v in counts.most_common()], ["reason", "rows"])
+    return ("Rejections by reason", chart + table)
+
+
+def _expectation_row(e: ExpectationOutcome) -> dict[str, Any]:
+    return {
+        "expectation": e.expectation,
+        "column": e.column,
+        "rule": e.description,
+        "reason": e.reason or "(reported only)",
+        "success": e.success,
+        "evaluated": e.evaluated,
+        "unexpected": e.unexpected,
+        **({"observed": _preview(e.observed, 60)} if e.observed is not None else {}),
+    }
+
+
+def _expectations_section(outcome: ValidationOutcome, suite_note: str | None) -> tuple[str, str]:
+    """Each rule with its result, which rows the suite saw, and how long it took."""
+    columns = ["expectation", "column", "rule", "reason", "success", "evaluated", "unexpected", "observed"]
+    note = (
+        suite_note or f"The suite ran over the {len(outcome.reasons)} rows that could be read and normalised."
+    )
+    body = (
+        reports.table([_expectation_row(e) for e in outcome.expectations], columns)
+        + f"<p>{html.escape(note)}</p>"
+        + f"<p>Validation took {outcome.seconds:.1f} s (loading great-expectations: "
+        f"{outcome.import_seconds:.1f} s).</p>"
+    )
+    return ("Expectations (great-expectations suite)", body)
+
+
+def _samples_section(rejected: Sequence[Mapping[str, Any]], samples: int) -> tuple[str, str]:
+    """Up to ``samples`` rejected rows per reason, reasons in alphabetical order."""
+    by_reason: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rejected:
+        for reason in r["reasons"]:
+            by_reason.setdefault(reason, []).append(r)
+    rows = [
+        {
+            "reason": reason,
+            "file": r["file"],
+            "row": r["row"],
+            "detail": r.get("detail") or "",
+            "record": _preview(r["record"]),
+        }
+        for reason, items in sorted(by_reason.items())
+        for r in items[:samples]
+    ]
+    return (
+        f"Sample rejected rows (up to {samples} per reason; all are in the rejected-rows artifact)",
+        reports.table(rows, ["reason", "file", "row", "detail", "record"]),
+    )
 
 
 def render_report(
@@ -487,73 +560,19 @@ def render_report(
     ``warnings`` are shown first (say, extreme label balance); ``sections_after`` are extra (title, HTML)
     sections placed after the summary; ``suite_note`` replaces the sentence under the expectations table.
     """
-    counts = Counter(reason for r in rejected for reason in r["reasons"])
     summary = {
         "source": source,
         **parameters,
         **{k: v for k, v in metrics.items() if not k.startswith("rejected_")},
     }
-    sections: list[tuple[str, str]] = [("Summary", reports.key_values(summary))]
-    if warnings:
-        items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
-        sections.insert(0, ("Warnings", f"<ul>{items}</ul>"))
-    sections.extend(sections_after)
-    if counts:
-        chart = reports.bar_chart(dict(counts.most_common()), "Rejected rows by reason", "rows")
-        table = reports.table([{"reason": k, "rows": v} for k, v in counts.most_common()], ["reason", "rows"])
-        sections.append(("Rejections by reason", chart + table))
-    else:
-        sections.append(("Rejections by reason", "<p>No row was rejected.</p>"))
-    sections.append(
-        (
-            "Expectations (great-expectations suite)",
-            reports.table(
-                [
-                    {
-                        "expectation": e.expectation,
-                        "column": e.column,
-                        "rule": e.description,
-                        "reason": e.reason or "(reported only)",
-                        "success": e.success,
-                        "evaluated": e.evaluated,
-                        "unexpected": e.unexpected,
-                        **({"observed": _preview(e.observed, 60)} if e.observed is not None else {}),
-                    }
-                    for e in outcome.expectations
-                ],
-                ["expectation", "column", "rule", "reason", "success", "evaluated", "unexpected", "observed"],
-            )
-            + "<p>"
-            + html.escape(
-                suite_note
-                or f"The suite ran over the {len(outcome.reasons)} rows that could be read and normalised."
-            )
-            + "</p>"
-            + f"<p>Validation took {outcome.seconds:.1f} s (loading great-expectations: "
-            f"{outcome.import_seconds:.1f} s).</p>",
-        )
-    )
-    by_reason: dict[str, list[Mapping[str, Any]]] = {}
-    for r in rejected:
-        for reason in r["reasons"]:
-            by_reason.setdefault(reason, []).append(r)
-    sample_rows = [
-        {
-            "reason": reason,
-            "file": r["file"],
-            "row": r["row"],
-            "detail": r.get("detail") or "",
-            "record": _preview(r["record"]),
-        }
-        for reason, items in sorted(by_reason.items())
-        for r in items[:samples]
+    sections: list[tuple[str, str]] = [_warnings_section(warnings)] if warnings else []
+    sections += [
+        ("Summary", reports.key_values(summary)),
+        *sections_after,
+        _rejections_section(reason_counts(rejected)),
+        _expectations_section(outcome, suite_note),
+        _samples_section(rejected, samples),
     ]
-    sections.append(
-        (
-            f"Sample rejected rows (up to {samples} per reason; all are in the rejected-rows artifact)",
-            reports.table(sample_rows, ["reason", "file", "row", "detail", "record"]),
-        )
-    )
     if skipped_files:
         sections.append(
             (

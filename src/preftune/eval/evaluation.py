@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ import torch
 from preftune.config.evaluate import EvalConfig
 from preftune.data.readers import RawRow
 from preftune.data.records import completion_text, read_artifact_rows, to_messages, write_jsonl
-from preftune.eval.frontier import frontier_chart, frontier_rows, measure_point
+from preftune.eval.frontier import FrontierProbe, frontier_chart, frontier_rows, raw_sampling
 from preftune.eval.judge import Judge, check_reward_model
 from preftune.eval.winrate import length_controlled_win_rate, win_rate
 from preftune.model import templating
@@ -204,18 +204,43 @@ def _win_rate_rows(metrics: Mapping[str, float], opponents: Sequence[str]) -> li
     ]
 
 
-def _report(
-    metrics: Mapping[str, float],
-    rows: Sequence[Mapping[str, Any]],
-    points: Sequence[Mapping[str, Any]],
-    *,
-    candidate: str,
-    reference: str,
-    champion: str | None,
-    config: EvalConfig,
-    judge: str | None,
-) -> str:
-    models = ["candidate", "reference"] + (["champion"] if champion else [])
+@dataclass(frozen=True)
+class _Names:
+    """The models an evaluation compares, by reference (the judge and the champion resolved)."""
+
+    candidate: str
+    reference: str
+    judge: str | None = None
+    champion: str | None = None
+
+    def models(self) -> list[str]:
+        """Who answers the prompts: the candidate, the reference and, when there is one, the champion."""
+        return ["candidate", "reference"] + (["champion"] if self.champion else [])
+
+
+def _win_rate_section(
+    metrics: Mapping[str, float], rows: Sequence[Mapping[str, Any]], names: _Names
+) -> list[tuple[str, str]]:
+    if names.judge is not None:
+        return [("Win rates under the judge", _judge_section(metrics, rows, names.judge, names.models()[1:]))]
+    if names.champion:
+        return [
+            (
+                "Win rates",
+                "<p class='bad'>No judge reward model was given, so the candidate could not be compared with "
+                "the champion or the reference by reward.</p>",
+            )
+        ]
+    return []
+
+
+def _frontier_section(points: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    if not points:
+        return ("Reward vs KL over training", "<p><em>No training snapshots were given.</em></p>")
+    return ("Reward vs KL over training", frontier_chart(points) + reports.table(frontier_rows(points)))
+
+
+def _diversity_charts(metrics: Mapping[str, float], models: Sequence[str]) -> str:
     distinct = {
         f"{name} {who}": metrics[f"{name.replace('-', '_')}_{who}"]
         for name in ("distinct-1", "distinct-2")
@@ -223,39 +248,32 @@ def _report(
     }
     lengths = {who: metrics[f"mean_length_{who}"] for who in models}
     charts = reports.bar_chart(distinct, "Distinct n-grams (higher = more diverse)", "unique / total")
-    charts += reports.bar_chart(lengths, "Mean response length", "tokens")
-    sections: list[tuple[str, str]] = []
-    if judge is not None:
-        sections.append(("Win rates under the judge", _judge_section(metrics, rows, judge, models[1:])))
-    elif champion:
-        sections.append(
-            (
-                "Win rates",
-                "<p class='bad'>No judge reward model was given, so the candidate could not be compared with "
-                "the champion or the reference by reward.</p>",
-            )
-        )
-    if points:
-        sections.append(
-            (
-                "Reward vs KL over training",
-                frontier_chart(points) + reports.table(frontier_rows(points)),
-            )
-        )
-    else:
-        sections.append(("Reward vs KL over training", "<p><em>No training snapshots were given.</em></p>"))
-    sections += [
+    return charts + reports.bar_chart(lengths, "Mean response length", "tokens")
+
+
+def _report(
+    metrics: Mapping[str, float],
+    rows: Sequence[Mapping[str, Any]],
+    points: Sequence[Mapping[str, Any]],
+    names: _Names,
+    config: EvalConfig,
+) -> str:
+    models = names.models()
+    charts = _diversity_charts(metrics, models)
+    columns = ["prompt", *models]
+    if names.judge is not None:
+        columns += [f"{who}_reward" for who in models]
+    sections = [
+        *_win_rate_section(metrics, rows, names),
+        _frontier_section(points),
         ("Metrics", reports.key_values(dict(metrics))),
         ("Diversity and length", charts),
         ("How the metrics are computed", _METHODS),
         ("Settings", reports.key_values(asdict(config))),
+        ("Generations (same prompts, same seed)", reports.table(rows, columns)),
     ]
-    columns = ["prompt", *models]
-    if judge is not None:
-        columns += [f"{who}_reward" for who in models]
-    sections.append(("Generations (same prompts, same seed)", reports.table(rows, columns)))
-    intro = f"Candidate {candidate} compared with reference {reference}" + (
-        f" and champion {champion}." if champion else "."
+    intro = f"Candidate {names.candidate} compared with reference {names.reference}" + (
+        f" and champion {names.champion}." if names.champion else "."
     )
     return reports.page("preftune evaluation", sections, intro=intro)
 
@@ -286,6 +304,11 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _load_model(ref: str) -> Any:
+    """A causal LM on this machine's device, in eval mode."""
+    return load_causal_lm(ref).to(_device()).eval()
+
+
 def _read_prompts(path: str, limit: int) -> list[Messages]:
     return [_prompt_messages(row, "eval prompts") for row in _read_rows(path, "eval prompts")[:limit]]
 
@@ -297,12 +320,73 @@ def _read_pairs(path: str) -> list[tuple[Messages, str, str]]:
     ]
 
 
-def _diversity(texts: Sequence[str], lengths: Sequence[int], who: str) -> dict[str, float]:
-    return {
-        f"distinct_1_{who}": distinct_n(texts, 1),
-        f"distinct_2_{who}": distinct_n(texts, 2),
-        f"mean_length_{who}": sum(lengths) / len(lengths),
+@dataclass
+class _Inputs:
+    """What the models are evaluated on: read and checked before any model is loaded, so bad input fails fast."""
+
+    prompts: list[Messages]
+    pairs: list[tuple[Messages, str, str]] | None
+    snapshots: list[dict[str, Any]]
+
+
+def _read_inputs(eval_prompts: str, eval_pairs: str | None, checkpoints: str | None, limit: int) -> _Inputs:
+    prompts = _read_prompts(eval_prompts, limit)
+    pairs = _read_pairs(eval_pairs) if eval_pairs else None
+    return _Inputs(prompts, pairs, read_index(checkpoints) if checkpoints else [])
+
+
+def _resolve_names(candidate: str, reference: str, judge: str | None, champion: str | None) -> _Names:
+    """A missing judge, or one that is no reward model, fails now rather than after generating."""
+    if judge is not None:
+        judge = resolve(judge)
+        check_reward_model(judge)
+    if champion:
+        champion = resolve(champion)
+    return _Names(candidate, reference, judge, champion)
+
+
+@dataclass
+class _Session:
+    """What every generation and measurement of one evaluation shares: the candidate and the reference (on one
+    device, with their one tokenizer), the prompts rendered for them, and the display sampling settings."""
+
+    cand_model: Any
+    ref_model: Any
+    tokenizer: Any
+    prompts: list[Messages]
+    rendered: list[str]
+    sampling: dict[str, Any]
+
+    def generate(self, model: Any, desc: str, sampling: Mapping[str, Any] | None = None) -> Generations:
+        """A model's responses to the prompts (with the display settings unless ``sampling`` is given)."""
+        settings = self.sampling if sampling is None else sampling
+        return generate_responses(model, self.tokenizer, self.rendered, desc=desc, **settings)
+
+
+def _open_session(names: _Names, prompts: list[Messages], config: EvalConfig) -> _Session:
+    """Load both models after checking that they share a tokenizer with a chat template."""
+    tokenizer = load_tokenizer(names.candidate)
+    if tokenizer.get_vocab() != load_tokenizer(names.reference).get_vocab():
+        raise ValueError(
+            f"candidate {names.candidate} and reference {names.reference} use different tokenizers: "
+            "KL and implicit rewards compare token probabilities, so they must share one"
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer of {names.candidate} has no chat template: prompts could not be rendered"
+        )
+    cand_model = _load_model(names.candidate)
+    ref_model = _load_model(names.reference)
+    sampling = {
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "eos_ids": eos_ids_of(tokenizer, cand_model, ref_model),
     }
+    rendered = [render_prompt(tokenizer, messages) for messages in prompts]
+    return _Session(cand_model, ref_model, tokenizer, prompts, rendered, sampling)
 
 
 def _champion_responses(
@@ -312,7 +396,7 @@ def _champion_responses(
     tokenizer = load_tokenizer(champion)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer of champion {champion} has no chat template")
-    model = load_causal_lm(champion).to(_device()).eval()
+    model = _load_model(champion)
     rendered = [render_prompt(tokenizer, messages) for messages in prompts]
     settings = {k: v for k, v in sampling.items() if k != "eos_ids"}
     generations = generate_responses(model, tokenizer, rendered, desc="generate: champion", **settings)
@@ -320,84 +404,150 @@ def _champion_responses(
     return generations
 
 
-def _frontier_points(
-    snapshots: Sequence[Mapping[str, Any]],
-    candidate: str,
-    cand_model: Any,
-    ref_model: Any,
-    tokenizer: Any,
-    rendered: Sequence[str],
-    prompts: Sequence[Messages],
-    sampling: Mapping[str, Any],
-    kl_samples: Generations,
-    judge: Judge | None,
-    pairs: PairScorer | None,
-    metrics: Mapping[str, float],
-) -> list[dict[str, Any]]:
-    """Reference, each snapshot, then the final candidate, on the same prompts and seed."""
-    if judge is None and pairs is None:
-        return []
-    # with a judge the chart plots reward, so the snapshots' implicit-reward accuracy is not worth a pass
-    common = {
-        "judge": judge,
-        "pairs": pairs if judge is None else None,
-        "pad_id": templating.pad_id(tokenizer),
+@dataclass
+class _Responses:
+    """Each model's displayed responses, and the temperature-1 candidate samples the KL is estimated on."""
+
+    candidate: Generations
+    reference: Generations
+    champion: Generations | None
+    kl_samples: Generations
+
+    def texts(self) -> dict[str, list[str]]:
+        texts = {"candidate": self.candidate.texts, "reference": self.reference.texts}
+        if self.champion is not None:
+            texts["champion"] = self.champion.texts
+        return texts
+
+
+def _generate(session: _Session, champion: str | None, config: EvalConfig) -> _Responses:
+    """Every model answers the same prompts with the same settings and seed."""
+    candidate = session.generate(session.cand_model, "generate: candidate")
+    reference = session.generate(session.ref_model, "generate: reference")
+    champ = _champion_responses(champion, session.prompts, session.sampling) if champion else None
+    if config.temperature == 1.0 and config.top_p == 1.0:
+        kl_samples = candidate  # the display samples already come from the raw distribution
+    else:
+        raw = raw_sampling(session.sampling)
+        kl_samples = session.generate(session.cand_model, "kl: sample candidate", raw)
+    return _Responses(candidate, reference, champ, kl_samples)
+
+
+def _diversity(texts: Sequence[str], lengths: Sequence[int], who: str) -> dict[str, float]:
+    return {
+        f"distinct_1_{who}": distinct_n(texts, 1),
+        f"distinct_2_{who}": distinct_n(texts, 2),
+        f"mean_length_{who}": sum(lengths) / len(lengths),
     }
-    points = []
-    if judge is not None:  # the reference's implicit rewards are 0 by definition: only a judge can place it
-        points.append(
-            measure_point(
-                ref_model,
-                ref_model,
-                tokenizer,
-                rendered,
-                prompts,
-                sampling,
-                label="reference",
-                step=0,
-                is_reference=True,
-                **common,
-            )
+
+
+def _drift_and_diversity(session: _Session, responses: _Responses, batch_size: int) -> dict[str, float]:
+    """KL of the candidate to the reference, and each model's distinct-n and response length."""
+    kl, kl_token = estimate_kl(
+        session.cand_model,
+        session.ref_model,
+        responses.kl_samples,
+        batch_size=batch_size,
+        pad_id=templating.pad_id(session.tokenizer),
+    )
+    metrics: dict[str, float] = {
+        "num_prompts": float(len(session.prompts)),
+        "kl_candidate_reference": float(kl),
+        "kl_candidate_reference_per_token": float(kl_token),
+        **_diversity(responses.candidate.texts, responses.candidate.lengths, "candidate"),
+        **_diversity(responses.reference.texts, responses.reference.lengths, "reference"),
+    }
+    if responses.champion is not None:
+        metrics.update(_diversity(responses.champion.texts, responses.champion.lengths, "champion"))
+    if metrics["distinct_2_reference"] > 0:
+        metrics["diversity_ratio_vs_reference"] = (
+            metrics["distinct_2_candidate"] / metrics["distinct_2_reference"]
         )
-    for snap in snapshots:
-        model = load_causal_lm(snap["path"]).to(_device()).eval()
-        points.append(
-            measure_point(
-                model,
-                ref_model,
-                tokenizer,
-                rendered,
-                prompts,
-                sampling,
-                label=f"step {snap['step']}",
-                step=snap["step"],
-                **common,
+    return metrics
+
+
+def _generation_rows(prompts: Sequence[Messages], texts: Mapping[str, list[str]]) -> list[dict[str, Any]]:
+    """One row per prompt: the prompt as a person reads it and each model's response."""
+    return [
+        {"prompt": _prompt_text(m), **{who: texts[who][i] for who in texts}} for i, m in enumerate(prompts)
+    ]
+
+
+def _judge_responses(
+    judge: Judge, prompts: Sequence[Messages], texts: Mapping[str, list[str]], rows: list[dict[str, Any]]
+) -> dict[str, float]:
+    """The judge's verdict on the candidate against every other model; each row gets each model's reward."""
+    rewards = {who: judge.score(prompts, texts[who]) for who in texts}
+    lengths = {who: [words(t) for t in texts[who]] for who in texts}
+    metrics: dict[str, float] = {}
+    for who in texts:
+        if who != "candidate":
+            metrics.update(
+                judge_metrics(
+                    rewards["candidate"], rewards[who], lengths["candidate"], lengths[who], name=who
+                )
             )
-        )
-        del model
+    for i, row in enumerate(rows):
+        for who in texts:
+            row[f"{who}_reward"] = rewards[who][i]
+    return metrics
+
+
+@dataclass
+class _Scorers:
+    """What scores the candidate beyond drift and diversity (each set once the evaluation gets to it): a judge's
+    reward, and the held-out implicit-reward accuracy; on the frontier's y axis, the judge wins."""
+
+    judge: Judge | None
+    pairs: PairScorer | None
+
+
+def _final_step(candidate: str, snapshots: Sequence[Mapping[str, Any]]) -> float:
+    """The candidate's training step count from its lineage, else one past the last snapshot."""
     trained = read_lineage(candidate).get("metrics", {})
     final_step = trained.get("steps") or trained.get("iterations")
     if not isinstance(final_step, (int, float)):
         final_step = max((s["step"] for s in snapshots), default=0) + 1
-    points.append(
-        measure_point(
-            cand_model,
-            ref_model,
-            tokenizer,
-            rendered,
-            prompts,
-            sampling,
-            label="final",
-            step=final_step,
-            samples=kl_samples,
-            known={
-                "kl": metrics["kl_candidate_reference"],
-                "kl_per_token": metrics["kl_candidate_reference_per_token"],
-                **{k: metrics[k] for k in ("implicit_reward_accuracy",) if k in metrics},
-            },
-            **common,
-        )
+    return final_step
+
+
+def _frontier_points(
+    session: _Session,
+    scorers: _Scorers,
+    snapshots: Sequence[Mapping[str, Any]],
+    candidate: str,
+    kl_samples: Generations,
+    metrics: Mapping[str, float],
+) -> list[dict[str, Any]]:
+    """Reference, each snapshot, then the final candidate, on the same prompts and seed."""
+    if scorers.judge is None and scorers.pairs is None:
+        return []
+    probe = FrontierProbe(
+        session.ref_model,
+        session.tokenizer,
+        session.prompts,
+        session.rendered,
+        session.sampling,
+        judge=scorers.judge,
+        # with a judge the chart plots reward, so the snapshots' implicit-reward accuracy is not worth a pass
+        pairs=scorers.pairs if scorers.judge is None else None,
     )
+    points = []
+    if (
+        scorers.judge is not None
+    ):  # the reference's implicit rewards are 0 by definition: only a judge can place it
+        points.append(probe.point(session.ref_model, label="reference", step=0, is_reference=True))
+    for snap in snapshots:
+        model = _load_model(snap["path"])
+        points.append(probe.point(model, label=f"step {snap['step']}", step=snap["step"]))
+        del model
+    known = {
+        "kl": metrics["kl_candidate_reference"],
+        "kl_per_token": metrics["kl_candidate_reference_per_token"],
+        **{k: metrics[k] for k in ("implicit_reward_accuracy",) if k in metrics},
+    }
+    step = _final_step(candidate, snapshots)
+    points.append(probe.point(session.cand_model, label="final", step=step, samples=kl_samples, known=known))
     return points
 
 
@@ -439,125 +589,27 @@ def evaluate(
     Returns:
         Flat metrics: see the module docstring for each name's definition.
     """
-    prompts = _read_prompts(eval_prompts, config.max_prompts)  # fail on bad input before loading models
-    pairs = _read_pairs(eval_pairs) if eval_pairs else None
-    snapshots = read_index(checkpoints) if checkpoints else []
-    if judge is not None:
-        # A missing judge, or one that is no reward model, fails now rather than after generating.
-        judge = resolve(judge)
-        check_reward_model(judge)
-    if champion:
-        champion = resolve(champion)
-
-    tokenizer = load_tokenizer(candidate)
-    if tokenizer.get_vocab() != load_tokenizer(reference).get_vocab():
-        raise ValueError(
-            f"candidate {candidate} and reference {reference} use different tokenizers: "
-            "KL and implicit rewards compare token probabilities, so they must share one"
+    inputs = _read_inputs(eval_prompts, eval_pairs, checkpoints, config.max_prompts)
+    names = _resolve_names(candidate, reference, judge, champion)
+    session = _open_session(names, inputs.prompts, config)
+    responses = _generate(session, names.champion, config)
+    metrics = _drift_and_diversity(session, responses, config.batch_size)
+    scorers = _Scorers(judge=None, pairs=None)
+    if inputs.pairs:
+        scorers.pairs = PairScorer(
+            session.ref_model, session.tokenizer, inputs.pairs, beta=config.beta, batch_size=config.batch_size
         )
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"the tokenizer of {candidate} has no chat template: prompts could not be rendered")
-    device = _device()
-    cand_model = load_causal_lm(candidate).to(device).eval()
-    ref_model = load_causal_lm(reference).to(device).eval()
-    eos_ids = eos_ids_of(tokenizer, cand_model, ref_model)
-    pad_id = templating.pad_id(tokenizer)
-
-    rendered = [render_prompt(tokenizer, messages) for messages in prompts]
-    sampling = {
-        "max_new_tokens": config.max_new_tokens,
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "seed": config.seed,
-        "batch_size": config.batch_size,
-        "eos_ids": eos_ids,
-    }
-    cand_gen = generate_responses(cand_model, tokenizer, rendered, desc="generate: candidate", **sampling)
-    ref_gen = generate_responses(ref_model, tokenizer, rendered, desc="generate: reference", **sampling)
-    champ_gen = _champion_responses(champion, prompts, sampling) if champion else None
-
-    if config.temperature == 1.0 and config.top_p == 1.0:
-        kl_samples = cand_gen  # the display samples already come from the raw distribution
-    else:
-        unbiased = {**sampling, "temperature": 1.0, "top_p": 1.0}
-        kl_samples = generate_responses(
-            cand_model, tokenizer, rendered, desc="kl: sample candidate", **unbiased
-        )
-    kl, kl_token = estimate_kl(cand_model, ref_model, kl_samples, batch_size=config.batch_size, pad_id=pad_id)
-
-    metrics: dict[str, float] = {
-        "num_prompts": float(len(prompts)),
-        "kl_candidate_reference": float(kl),
-        "kl_candidate_reference_per_token": float(kl_token),
-        **_diversity(cand_gen.texts, cand_gen.lengths, "candidate"),
-        **_diversity(ref_gen.texts, ref_gen.lengths, "reference"),
-    }
-    if champ_gen is not None:
-        metrics.update(_diversity(champ_gen.texts, champ_gen.lengths, "champion"))
-    if metrics["distinct_2_reference"] > 0:
-        metrics["diversity_ratio_vs_reference"] = (
-            metrics["distinct_2_candidate"] / metrics["distinct_2_reference"]
-        )
-    pair_scorer = (
-        PairScorer(ref_model, tokenizer, pairs, beta=config.beta, batch_size=config.batch_size)
-        if pairs
-        else None
-    )
-    if pair_scorer is not None:
-        metrics.update(pair_scorer.score(cand_model))
-
-    texts = {"candidate": cand_gen.texts, "reference": ref_gen.texts}
-    if champ_gen is not None:
-        texts["champion"] = champ_gen.texts
-    rows: list[dict[str, Any]] = [
-        {"prompt": _prompt_text(messages), **{who: texts[who][i] for who in texts}}
-        for i, messages in enumerate(prompts)
-    ]
-    scorer = Judge(judge, batch_size=config.batch_size, device=device) if judge is not None else None
-    if scorer is not None:
-        rewards = {who: scorer.score(prompts, texts[who]) for who in texts}
-        lengths = {who: [words(t) for t in texts[who]] for who in texts}
-        for who in texts:
-            if who != "candidate":
-                metrics.update(
-                    judge_metrics(
-                        rewards["candidate"], rewards[who], lengths["candidate"], lengths[who], name=who
-                    )
-                )
-        for i, row in enumerate(rows):
-            for who in texts:
-                row[f"{who}_reward"] = rewards[who][i]
-
-    points = _frontier_points(
-        snapshots,
-        candidate,
-        cand_model,
-        ref_model,
-        tokenizer,
-        rendered,
-        prompts,
-        sampling,
-        kl_samples,
-        scorer,
-        pair_scorer,
-        metrics,
-    )
+        metrics.update(scorers.pairs.score(session.cand_model))
+    texts = responses.texts()
+    rows = _generation_rows(inputs.prompts, texts)
+    if names.judge is not None:
+        scorers.judge = Judge(names.judge, batch_size=config.batch_size, device=_device())
+        metrics.update(_judge_responses(scorers.judge, inputs.prompts, texts, rows))
+    points = _frontier_points(session, scorers, inputs.snapshots, candidate, responses.kl_samples, metrics)
     metrics["frontier_points"] = float(len(points))
     write_jsonl(generations_path, rows)
     if frontier_path:
         write_jsonl(frontier_path, points)
-    reports.write(
-        report_path,
-        _report(
-            metrics,
-            rows,
-            points,
-            candidate=candidate,
-            reference=reference,
-            champion=champion,
-            config=config,
-            judge=judge,
-        ),
-    )
+    reports.write(report_path, _report(metrics, rows, points, names, config))
     log.info("evaluation: %s", json.dumps(metrics))
     return metrics

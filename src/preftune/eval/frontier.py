@@ -11,65 +11,90 @@ judge the y value is the held-out implicit-reward accuracy, which DPO optimises 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from preftune.eval.judge import Judge
+from preftune.model import templating
 from preftune.model.sampling import Generations, PairScorer, estimate_kl, generate_responses
 from preftune.report import html as reports
 
 Messages = list[dict[str, str]]
 
 
-def measure_point(
-    policy: Any,
-    reference: Any,
-    tokenizer: Any,
-    rendered: Sequence[str],
-    prompts: Sequence[Messages],
-    sampling: Mapping[str, Any],
-    *,
-    label: str,
-    step: float | None,
-    pad_id: int,
-    judge: Judge | None = None,
-    pairs: PairScorer | None = None,
-    samples: Generations | None = None,
-    known: Mapping[str, float] | None = None,
-    is_reference: bool = False,
-) -> dict[str, Any]:
-    """One frontier point.
+def raw_sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling settings at temperature 1 and top-p 1: samples from the model's own distribution, on which
+    a KL estimate is unbiased."""
+    return {**sampling, "temperature": 1.0, "top_p": 1.0}
 
-    ``sampling`` holds the display settings (temperature and top-p are overridden with 1). ``samples`` reuses
-    temperature-1 samples already drawn from ``policy``, and ``known`` values already measured on them
-    (``kl``, ``kl_per_token``, ``implicit_reward_accuracy``), so the final model is not scored twice.
-    """
-    known = known or {}
-    if samples is None:
-        unbiased = {**sampling, "temperature": 1.0, "top_p": 1.0}
-        samples = generate_responses(policy, tokenizer, rendered, desc=f"frontier: {label}", **unbiased)
-    if is_reference:
-        kl, kl_token = 0.0, 0.0  # KL of a model to itself, exactly
-    elif "kl" in known:
-        kl, kl_token = known["kl"], known["kl_per_token"]
-    else:
-        kl, kl_token = estimate_kl(
-            policy, reference, samples, batch_size=sampling["batch_size"], pad_id=pad_id
+
+@dataclass
+class FrontierProbe:
+    """What every frontier point is measured with: the reference, the tokenizer both models share, the prompts
+    (as messages for the judge, rendered for the models), the display sampling settings (temperature and top-p
+    are overridden with 1), and what gives the y value: the ``judge``, or held-out ``pairs``."""
+
+    reference: Any
+    tokenizer: Any
+    prompts: Sequence[Messages]
+    rendered: Sequence[str]
+    sampling: Mapping[str, Any]
+    judge: Judge | None = None
+    pairs: PairScorer | None = None
+
+    def point(
+        self,
+        policy: Any,
+        *,
+        label: str,
+        step: float | None,
+        samples: Generations | None = None,
+        known: Mapping[str, float] | None = None,
+        is_reference: bool = False,
+    ) -> dict[str, Any]:
+        """One frontier point. ``samples`` reuses temperature-1 samples already drawn from ``policy``, and
+        ``known`` values already measured on them (``kl``, ``kl_per_token``, ``implicit_reward_accuracy``), so
+        the final model is not scored twice."""
+        known = known or {}
+        if samples is None:
+            samples = generate_responses(
+                policy,
+                self.tokenizer,
+                self.rendered,
+                desc=f"frontier: {label}",
+                **raw_sampling(self.sampling),
+            )
+        kl, kl_token = self._kl(policy, samples, known, is_reference)
+        point: dict[str, Any] = {
+            "label": label,
+            "step": step,
+            "kl": float(kl),
+            "kl_per_token": float(kl_token),
+            "mean_length": sum(samples.lengths) / max(len(samples.lengths), 1),
+        }
+        if self.judge is not None:
+            rewards = self.judge.score(list(self.prompts), samples.texts)
+            point["reward"] = sum(rewards) / len(rewards)
+        if "implicit_reward_accuracy" in known:
+            point["implicit_reward_accuracy"] = known["implicit_reward_accuracy"]
+        elif self.pairs is not None and not is_reference:
+            point["implicit_reward_accuracy"] = self.pairs.score(policy)["implicit_reward_accuracy"]
+        return point
+
+    def _kl(
+        self, policy: Any, samples: Generations, known: Mapping[str, float], is_reference: bool
+    ) -> tuple[float, float]:
+        if is_reference:
+            return 0.0, 0.0  # KL of a model to itself, exactly
+        if "kl" in known:
+            return known["kl"], known["kl_per_token"]
+        return estimate_kl(
+            policy,
+            self.reference,
+            samples,
+            batch_size=self.sampling["batch_size"],
+            pad_id=templating.pad_id(self.tokenizer),
         )
-    point: dict[str, Any] = {
-        "label": label,
-        "step": step,
-        "kl": float(kl),
-        "kl_per_token": float(kl_token),
-        "mean_length": sum(samples.lengths) / max(len(samples.lengths), 1),
-    }
-    if judge is not None:
-        rewards = judge.score(list(prompts), samples.texts)
-        point["reward"] = sum(rewards) / len(rewards)
-    if "implicit_reward_accuracy" in known:
-        point["implicit_reward_accuracy"] = known["implicit_reward_accuracy"]
-    elif pairs is not None and not is_reference:
-        point["implicit_reward_accuracy"] = pairs.score(policy)["implicit_reward_accuracy"]
-    return point
 
 
 def y_metric(points: Sequence[Mapping[str, Any]]) -> tuple[str, str]:

@@ -115,7 +115,7 @@ def decide(
     max_kl: float,
     min_diversity_ratio: float,
     has_champion: bool | None = None,
-    length_controlled: bool = False,
+    length_controlled: bool = True,
 ) -> dict[str, Any]:
     """The gate's decision: ``{"promote", "reasons", "checks": [{name, value, threshold, passed, reason}]}``.
 

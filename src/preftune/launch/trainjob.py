@@ -33,7 +33,7 @@ import requests
 
 from preftune.io import storage
 from preftune.launch import platform
-from preftune.launch.distributed import (
+from preftune.launch.stages import (
     Scale,
     StageFailed,
     call_json,
@@ -333,6 +333,38 @@ def _merge_env(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
+def _pod_spec(settings: JobSettings) -> dict[str, Any]:
+    """What the job's pods take over from the step's pod: scheduling, identity, and a real /dev/shm."""
+    pod_spec: dict[str, Any] = {
+        # data loaders and NCCL share tensors through /dev/shm, 64 MiB in a default pod
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        "containers": [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
+    }
+    if settings.node_selector:
+        pod_spec["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in settings.tolerations]
+    if settings.service_account:
+        pod_spec["serviceAccountName"] = settings.service_account
+    return pod_spec
+
+
+def _metadata(name: str, stage: str, settings: JobSettings) -> dict[str, Any]:
+    """The TrainJob's name, labels and owner (the step's pod, so the job goes when the pod goes)."""
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": settings.namespace,
+        "labels": {
+            "app.kubernetes.io/part-of": "preftune",
+            "app.kubernetes.io/component": "trainjob",
+            "preftune.dev/stage": stage,
+        },
+    }
+    if settings.owner:
+        metadata["ownerReferences"] = [dict(settings.owner)]
+    return metadata
+
+
 def render_trainjob(
     *,
     name: str,
@@ -355,28 +387,8 @@ def render_trainjob(
     env = _merge_env(
         settings.env, [{"name": k, "value": v} for k, v in worker_env(strategy, cpu=gpus == 0).items()]
     )
-    pod_spec: dict[str, Any] = {
-        # data loaders and NCCL share tensors through /dev/shm, 64 MiB in a default pod
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
-        "containers": [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
-    }
-    if settings.node_selector:
-        pod_spec["nodeSelector"] = dict(settings.node_selector)
-    if settings.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in settings.tolerations]
-    if settings.service_account:
-        pod_spec["serviceAccountName"] = settings.service_account
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": settings.namespace,
-        "labels": {
-            "app.kubernetes.io/part-of": "preftune",
-            "app.kubernetes.io/component": "trainjob",
-            "preftune.dev/stage": stage,
-        },
-    }
-    if settings.owner:
-        metadata["ownerReferences"] = [dict(settings.owner)]
+    pod_spec = _pod_spec(settings)
+    metadata = _metadata(name, stage, settings)
     trainer: dict[str, Any] = {
         "image": settings.image,
         "command": ["torchrun", "--module", "preftune.launch.distributed"],

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,12 +44,14 @@ HEADLINE_METRICS["evaluate-2"] = HEADLINE_METRICS["evaluate"]  # the compare pip
 
 
 def _parameter_help(pipeline: Any) -> str:
-    from preftune.orchestration.runner import pipeline_parameters
+    """Every parameter with its type, default, allowed values (from the configs of the steps it feeds) and help."""
+    from preftune.orchestration.parameters import pipeline_parameters
 
     lines = ["pipeline parameters (set with --param NAME=VALUE):", ""]
     for p in pipeline_parameters(pipeline).values():
-        lines.append(f"  {p.name} ({p.type}, default: {p.default!r})")
-        lines.append(f"      {p.description}")
+        allowed = f", allowed: {p.allowed}" if p.allowed else ""
+        lines.append(f"  {p.name} ({p.type}, default: {p.default!r}{allowed})")
+        lines += textwrap.wrap(p.description, width=110, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
@@ -174,12 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from preftune.orchestration.runner import ParameterError, format_summary, parse_assignments, run_pipeline
-    from preftune.pipelines import PIPELINES, RULES
+    from preftune.orchestration.parameters import ParameterError, parse_assignments
+    from preftune.orchestration.runner import format_summary, run_pipeline
+    from preftune.pipelines import PIPELINES
 
     pipeline = PIPELINES[args.pipeline]
     try:
-        overrides = parse_assignments(pipeline, args.param, RULES.get(args.pipeline))
+        overrides = parse_assignments(pipeline, args.param)
     except ParameterError as err:
         print(f"preftune run {args.pipeline}: error: {err}", file=sys.stderr)
         return 2

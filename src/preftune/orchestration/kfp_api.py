@@ -227,12 +227,12 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace, command: str) -> tuple[Any, Path, str, dict[str, Any]] | int:
-    from preftune.orchestration.runner import ParameterError, parse_assignments
-    from preftune.pipelines import PIPELINES, RULES
+    from preftune.orchestration.parameters import ParameterError, parse_assignments
+    from preftune.pipelines import PIPELINES
 
     pipeline = PIPELINES[args.pipeline]
     try:
-        parameters = parse_assignments(pipeline, args.param, RULES.get(args.pipeline))
+        parameters = parse_assignments(pipeline, args.param)
         package = Path(args.package) if args.package else pipeline_package(args.pipeline)
         if not package.is_file():
             raise SubmitError(f"pipeline package {package} not found")

@@ -13,7 +13,6 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,109 +23,6 @@ SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
 NOT_RUN = "NOT_RUN"
 SKIPPED = "SKIPPED"  # inside a condition (dsl.If) whose test was false: not a failure
-
-_TYPES = {"String": "str", "Integer": "int", "Float": "float", "Boolean": "bool"}
-_TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off"}
-
-
-class ParameterError(ValueError):
-    """A pipeline parameter that does not exist or whose value does not fit its type."""
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One pipeline parameter as a user sees it: name, type, default and meaning."""
-
-    name: str
-    type: str
-    default: Any
-    description: str
-
-
-def pipeline_parameters(pipeline: Any) -> dict[str, Parameter]:
-    """The parameters of a KFP pipeline function, with types, defaults and docstring descriptions."""
-    params = {}
-    for name, spec in pipeline.component_spec.inputs.items():
-        params[name] = Parameter(
-            name=name,
-            type=_TYPES.get(str(spec.type), str(spec.type)),
-            default=spec.default,
-            description=(spec.description or "").strip(),
-        )
-    return params
-
-
-def parse_value(param: Parameter, raw: str) -> Any:
-    """Convert a command-line string into the parameter's type, with a message a user can act on."""
-    text = raw.strip()
-    try:
-        if param.type == "int":
-            return int(text)
-        if param.type == "float":
-            return float(text)
-        if param.type == "bool":
-            lowered = text.lower()
-            if lowered in _TRUE:
-                return True
-            if lowered in _FALSE:
-                return False
-            raise ValueError
-    except ValueError:
-        raise ParameterError(
-            f"parameter {param.name!r} expects {param.type}, got {raw!r}"
-            + (" (use true or false)" if param.type == "bool" else "")
-        ) from None
-    if "://" in text:  # a location: refuse a scheme no step could read before anything runs
-        from preftune.io import storage
-
-        try:
-            storage.check_uri(text)
-        except ValueError as exc:
-            raise ParameterError(f"parameter {param.name!r}: {exc}") from None
-    return raw
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What values a parameter accepts beyond its type: a closed set, or a numeric range."""
-
-    choices: tuple[str, ...] = ()
-    low: float | None = None
-    high: float | None = None
-    low_inclusive: bool = True
-
-    def check(self, name: str, value: Any) -> None:
-        """Raise ParameterError when ``value`` is outside the rule."""
-        if self.choices and value not in self.choices:
-            raise ParameterError(
-                f"parameter {name!r} must be one of {', '.join(self.choices)}; got {value!r}"
-            )
-        if self.low is not None and (value < self.low or (not self.low_inclusive and value == self.low)):
-            bound = ">=" if self.low_inclusive else ">"
-            raise ParameterError(f"parameter {name!r} must be {bound} {self.low}; got {value!r}")
-        if self.high is not None and value > self.high:
-            raise ParameterError(f"parameter {name!r} must be <= {self.high}; got {value!r}")
-
-
-def parse_assignments(
-    pipeline: Any, assignments: list[str], rules: Mapping[str, Rule] | None = None
-) -> dict[str, Any]:
-    """Parse ``NAME=VALUE`` strings against a pipeline's parameters; reject unknown names and bad values."""
-    params = pipeline_parameters(pipeline)
-    values: dict[str, Any] = {}
-    for item in assignments:
-        if "=" not in item:
-            raise ParameterError(f"--param takes NAME=VALUE, got {item!r}")
-        name, raw = item.split("=", 1)
-        name = name.strip().replace("-", "_")
-        if name not in params:
-            valid = ", ".join(sorted(params))
-            raise ParameterError(f"unknown parameter {name!r}; valid parameters: {valid}")
-        values[name] = parse_value(params[name], raw)
-        if rules and name in rules:
-            rules[name].check(name, values[name])
-    return values
 
 
 def project_root() -> Path | None:
@@ -153,8 +49,8 @@ def _absolute_local(value: str, is_default: bool) -> str:
 def resolve_arguments(pipeline: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Every parameter's value for a local run: defaults, then overrides, local paths made absolute."""
     arguments: dict[str, Any] = {}
-    for name, param in pipeline_parameters(pipeline).items():
-        value = overrides.get(name, param.default)
+    for name, spec in (pipeline.component_spec.inputs or {}).items():
+        value = overrides.get(name, spec.default)
         if isinstance(value, str):
             value = _absolute_local(value, is_default=name not in overrides)
         arguments[name] = value

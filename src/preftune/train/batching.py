@@ -208,6 +208,18 @@ def _balanced(lengths: Sequence[int], rows: int, capacity: int) -> list[list[int
 Part = tuple[Sequence[int], int, int]
 
 
+def _block_mask(group: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """The ``(rows, 1, L, L)`` boolean mask of packed rows from each position's document (``group``, -1 =
+    padding) and branch: causal within a document, a non-prompt part sees its prompt and itself only."""
+    width = group.shape[1]
+    same = group.unsqueeze(2) == group.unsqueeze(1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    visible = (branch.unsqueeze(1) == PROMPT) | (branch.unsqueeze(1) == branch.unsqueeze(2))
+    mask = same & causal & visible
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no all-masked softmax rows
+    return mask.unsqueeze(1)
+
+
 def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 0) -> dict[str, torch.Tensor]:
     """Pack documents into rows with no padding inside a row; the shared layout of every packed batch.
 
@@ -271,15 +283,10 @@ def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 
                     t_seg.extend([seg] * (k - first))
                     t_pos.extend(range(first, k))
                 at += k
-    same = group.unsqueeze(2) == group.unsqueeze(1)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    visible = (branch.unsqueeze(1) == PROMPT) | (branch.unsqueeze(1) == branch.unsqueeze(2))
-    mask = same & causal & visible
-    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no all-masked softmax rows
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
-        "attention_mask": mask.unsqueeze(1),
+        "attention_mask": _block_mask(group, branch),
         "target_row": torch.tensor(t_row, dtype=torch.long),
         "target_src": torch.tensor(t_src, dtype=torch.long),
         "target_ids": torch.tensor(t_ids, dtype=torch.long),

@@ -10,9 +10,9 @@ A checkpoint is ``<uri>/step-<N>/`` holding:
   frozen weights are not saved, they come back from the model artifacts the step starts from;
 - ``optimizers/<name>.pt`` and ``schedulers/<name>.pt``: their state dicts, read back with
   ``torch.load(weights_only=True)`` (tensors and plain values only, never pickled objects);
-- ``rng.json``: every process's Python, NumPy, torch and CUDA random states, and named generator states (the
-  data order of the current epoch);
-- ``state.json``: the loop's own position and logs (step, epoch, batch, history, meters, ...);
+- ``rng.json``: every process's Python, NumPy, torch and CUDA random states;
+- ``state.json``: the loop's and the trainer's resumable state (preftune.train.engine.state: position, logs,
+  meters, the data generator's state at the epoch's start, ...); ``tensors.safetensors``: extra tensors, if any;
 - the storage manifest, written last (preftune.io.storage.upload_dir): a checkpoint without it is incomplete and
   ignored, so a kill in the middle of a save never resumes from half a checkpoint.
 
@@ -21,9 +21,7 @@ Only the main process writes; every process restores. The newest ``keep`` comple
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import random
 import tempfile
 from collections.abc import Mapping
@@ -38,7 +36,6 @@ from safetensors.torch import load_file, save_file
 from preftune.io import storage
 
 PREFIX = "step-"
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -212,136 +209,6 @@ class Checkpointer:
             rngs = json.loads((root / "rng.json").read_text(encoding="utf-8"))["processes"]
             _set_rng_state(rngs[self.accelerator.process_index])
         return Restored(step=int(saved["step"]), uri=uri, state=saved["state"], tensors=tensors)
-
-
-# ------------------------------------------------------------------------------------ the epoch / batch loops
-
-
-def chain_digest(previous: str, data: torch.Tensor) -> str:
-    """The data-order fingerprint after one more batch: sha256 over the previous digest and the batch's ids."""
-    tensor = data.detach().cpu().contiguous()
-    return hashlib.sha256(previous.encode("ascii") + tensor.numpy().tobytes()).hexdigest()
-
-
-def batch_tokens(batch: Mapping[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens of a training batch: a packed batch counts its own, a padded one its mask."""
-    if "tokens" in batch:
-        return int(batch["tokens"])
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
-        return int(mask.sum())
-    return int(batch["input_ids"].numel())
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the last good state was checkpointed first."""
-
-
-def finite_everywhere(loss: torch.Tensor, accelerator: Any) -> bool:
-    """True when the loss is finite on every process (all of them take the same branch afterwards)."""
-    bad = (~torch.isfinite(loss.detach())).any().float()
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, "sum")
-    return not bool(bad)
-
-
-class LoopProgress:
-    """Where an epoch/batch training loop is, checkpointed with its model and restored on a retry.
-
-    The loops of SFT, the reward model and DPO share one shape: epochs of shuffled batches from a seeded
-    generator, an optimiser step every ``gradient_accumulation_steps`` batches, logs in a History and Meters.
-    This class keeps what is needed to continue such a loop exactly where it stopped: the step, the epoch, how
-    many of its batches were consumed, the data generator's state at the epoch's start (so the resumed epoch
-    sees the same order), the logs, and a running fingerprint of the data order.
-    """
-
-    def __init__(
-        self,
-        checkpointer: Checkpointer,
-        generator: torch.Generator,
-        *,
-        modules: Mapping[str, torch.nn.Module],
-        optimizers: Mapping[str, torch.optim.Optimizer],
-        schedulers: Mapping[str, Any],
-    ) -> None:
-        self.checkpointer = checkpointer
-        self.generator = generator
-        self.objects = {"modules": modules, "optimizers": optimizers, "schedulers": schedulers}
-        self.step = 0
-        self.epoch = 0
-        self.skip = 0  # batches of the current epoch consumed before a resume
-        self.resumed_from = 0
-        self.data_order = ""
-        self._pending = ""  # fingerprint including batches of an unfinished accumulation window
-        self.tokens = 0  # this process's tokens in completed optimiser steps
-        self._pending_tokens = 0
-        self._epoch_start = generator.get_state()
-
-    def resume(self) -> dict[str, Any] | None:
-        """Restore the newest checkpoint, if any; returns the loop's extra state saved with it."""
-        restored = self.checkpointer.restore(**self.objects)
-        if restored is None:
-            return None
-        state = restored.state
-        self.step, self.epoch, self.skip = restored.step, int(state["epoch"]) - 1, int(state["batch"])
-        self.data_order = self._pending = state["data_order"]
-        self.tokens = self._pending_tokens = int(state.get("tokens", 0))
-        self.generator.set_state(restored.tensors["epoch_generator"])
-        self.resumed_from = restored.step
-        log.info("%s: resumed from %s (step %d)", self.checkpointer.stage, restored.uri, restored.step)
-        return state.get("extra", {})
-
-    def batches(self, loader: Any, accelerator: Any) -> Any:
-        """This epoch's ``(batch_number, batch)`` pairs, without the batches a resumed run already consumed."""
-        self.epoch += 1
-        self._epoch_start = self.generator.get_state()  # before the loader draws this epoch's order
-        skip, self.skip = self.skip, 0
-        source = accelerator.skip_first_batches(loader, skip) if skip else loader
-        return enumerate(source, start=skip + 1)
-
-    def seen(self, batch: Mapping[str, torch.Tensor]) -> None:
-        self._pending = chain_digest(self._pending, batch["input_ids"])
-        self._pending_tokens += batch_tokens(batch)
-
-    def stepped(self) -> None:
-        """An optimiser step completed: its batches are now part of the recorded data order."""
-        self.step += 1
-        self.data_order = self._pending
-        self.tokens = self._pending_tokens
-
-    def save(self, batch_number: int, extra: Mapping[str, Any]) -> str:
-        state = {
-            "epoch": self.epoch,
-            "batch": batch_number,
-            "data_order": self.data_order,
-            "extra": dict(extra),
-        }
-        return self.checkpointer.save(
-            self.step, **self.objects, state=state, tensors={"epoch_generator": self._epoch_start}
-        )
-
-    def check_finite(
-        self,
-        loss: torch.Tensor,
-        accelerator: Any,
-        batch_number: int,
-        accumulation: int,
-        extra: Mapping[str, Any],
-    ) -> None:
-        """Stop with a clear error on a NaN or infinite loss, after checkpointing the last good step."""
-        if finite_everywhere(loss, accelerator):
-            return
-        where = f"{self.checkpointer.stage}: the loss is {float(loss.detach().float().mean())} at step {self.step + 1}"
-        where += f" (epoch {self.epoch}, batch {batch_number})"
-        if self.checkpointer.uri:
-            # the batches since the last optimiser step are replayed on resume, so the position is the window's start
-            done = batch_number - 1 - (batch_number - 1) % accumulation
-            uri = self.save(done, extra)
-            raise NonFiniteLossError(
-                f"{where}; the last good state (step {self.step}) is saved in {uri}. Lower the learning rate, "
-                "check the data of this batch, or use bf16/fp32 instead of fp16"
-            )
-        raise NonFiniteLossError(f"{where}; no checkpoint_uri is set, so nothing was saved")
 
 
 def default_checkpoint_uri(model_uri: str) -> str:

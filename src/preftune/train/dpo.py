@@ -36,22 +36,9 @@ from preftune.train.batching import (
     model_inputs,
     shifted,
 )
-from preftune.train.checkpoint import Checkpointer, LoopProgress
-from preftune.train.loop import (
-    History,
-    Meter,
-    config_rows,
-    lora_options,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    plan_steps,
-    progress,
-    ready_for_training,
-    resource_metrics,
-)
+from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Resumable, Run, fit
+from preftune.train.loop import History, Meter, config_rows, lora_options, make_optimizer, ready_for_training
 from preftune.train.packed import scored_logprobs
-from preftune.train.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +224,79 @@ def _reference_summary(features: list[dict[str, Any]], config: DPOConfig) -> dic
     return _summary(*_losses(config, ref_c, ref_r, batch))
 
 
+def _reference_pass(
+    model: Any,
+    config: DPOConfig,
+    sft_model: str,
+    collator: Any,
+    accelerator: Any,
+    *feature_lists: list[dict[str, Any]],
+) -> float:
+    """Give every pair its reference log-probs (from the cache when asked and present); returns the seconds."""
+    began = time.perf_counter()
+    cache = _reference_cache_path(config, sft_model, *feature_lists)
+    if cache and _load_reference_cache(cache, feature_lists):
+        return time.perf_counter() - began
+    for features in feature_lists:  # separately: ``index`` is a position within each list
+        score_reference(
+            model,
+            features,
+            collator,
+            config.eval_batch_size,
+            accelerator,
+            fused_head=config.fused_head,
+            chunk_size=config.head_chunk_size,
+        )
+    if cache and accelerator.is_main_process:
+        _save_reference_cache(cache, feature_lists)
+    return time.perf_counter() - began
+
+
+@dataclasses.dataclass
+class DPOState(Resumable):
+    """DPO's own resumable state: the mean loss of the first optimisation step (ln 2 for sigmoid)."""
+
+    first: Meter = dataclasses.field(default_factory=Meter)
+
+
+class DPOTrainer(EpochTrainer):
+    """The DPO-family objective for the engine, on pairs carrying their reference log-probs."""
+
+    name = "policy"
+
+    def __init__(
+        self,
+        config: DPOConfig,
+        accelerator: Any,
+        eval_loader: DataLoader,
+        eval_features: list[dict[str, Any]],
+    ) -> None:
+        self.config, self.accelerator = config, accelerator
+        self.eval_loader, self.eval_features = eval_loader, eval_features
+        self.state = DPOState()
+
+    def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> Loss:
+        config = self.config
+        c, r = pair_logprobs(model, batch, fused_head=config.fused_head, chunk_size=config.head_chunk_size)
+        losses, chosen_rewards, rejected_rewards = _losses(config, c, r, batch)
+        # every rank's pairs, so that the logged values are the global batch's, not rank 0's shard
+        gathered = self.accelerator.gather_for_metrics((losses.detach(), chosen_rewards, rejected_rewards))
+        return Loss(losses.mean(), _summary(*gathered), float(gathered[0].numel()))
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        return _evaluate(model, self.eval_loader, self.accelerator, self.config)
+
+    def first_evaluation(self, model: Any) -> dict[str, float]:
+        return _reference_summary(self.eval_features, self.config)  # the policy is the reference at step 0
+
+    def observe(self, step: int, loss: Loss) -> None:
+        if step == 0:
+            self.state.first.add(loss.weight, loss=loss.values["loss"])
+
+    def postfix(self, logged: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{logged['loss']:.4f}", "acc": f"{logged['reward_accuracy']:.2f}"}
+
+
 def train_dpo(
     sft_model: str,
     train_pairs: str,
@@ -270,39 +330,20 @@ def train_dpo(
         whose chosen implicit reward beats the rejected one), ``eval_reward_margin``, ``eval_chosen_reward``,
         ``eval_rejected_reward``, ``steps``, ``train_pairs``, ``train_seconds``.
     """
-    began = time.perf_counter()
     validate(config)
-    modeling.set_seed(config.seed)
-    accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
+    engine = Engine("dpo", config)
+    accelerator = engine.accelerator
     tokenizer = modeling.load_tokenizer(sft_model, trust_remote_code=config.trust_remote_code)
     train_features = load_pair_features(train_pairs, tokenizer, config.max_length)
     eval_features = load_pair_features(eval_pairs, tokenizer, config.max_length)
-
     model = ready_for_training(modeling.prepare_for_training(sft_model, **lora_options(config)), config)
 
     collator = make_collator(tokenizer, config)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    ref_start = time.perf_counter()
-    cache = _reference_cache_path(config, sft_model, train_features, eval_features)
-    if not (cache and _load_reference_cache(cache, (train_features, eval_features))):
-        for features in (
-            train_features,
-            eval_features,
-        ):  # separately: ``index`` is a position within each list
-            score_reference(
-                model,
-                features,
-                collator,
-                config.eval_batch_size,
-                accelerator,
-                fused_head=config.fused_head,
-                chunk_size=config.head_chunk_size,
-            )
-        if cache and accelerator.is_main_process:
-            _save_reference_cache(cache, (train_features, eval_features))
-    ref_seconds = time.perf_counter() - ref_start
+    ref_seconds = _reference_pass(
+        model, config, sft_model, collator, accelerator, train_features, eval_features
+    )
 
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(
@@ -310,144 +351,48 @@ def train_dpo(
     )
     eval_loader = DataLoader(eval_features, batch_size=config.eval_batch_size, collate_fn=collator)
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
-    total_steps = plan_steps(
-        len(train_loader), config.gradient_accumulation_steps, config.epochs, config.max_steps
+    engine.artifact = Artifact(
+        tokenizer,
+        model_dir,
+        report_path,
+        parent_uri=sft_model_uri or sft_model,
+        parameters=dataclasses.asdict(config),
+        artifact_uri=model_uri,
+        snapshot_dir=snapshot_dir,
+        snapshots=config.num_checkpoints,
     )
-    scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
+    trainer = DPOTrainer(config, accelerator, eval_loader, eval_features)
+    run = fit(engine, trainer, model=model, optimizer=optimizer, loader=train_loader, generator=generator)
 
-    snapshots = Snapshots(
-        snapshot_dir if accelerator.is_main_process else None,
-        total_steps,
-        config.num_checkpoints,
-        stage="dpo",
+    metrics = _metrics(engine, run, trainer.state, len(train_features))
+    data = {"train_pairs": storage.sha256_of(train_pairs), "eval_pairs": storage.sha256_of(eval_pairs)}
+    truncated = sum(f["truncated"] for f in train_features)
+    engine.save(
+        model,
+        run,
+        data=data,
+        metrics=metrics,
+        report=lambda: _report(metrics, run.history, config, truncated, len(train_features), ref_seconds),
     )
-    loop = LoopProgress(
-        Checkpointer(config.checkpoint_uri, config.checkpoint_every, accelerator, stage="dpo"),
-        generator,
-        modules={"policy": model},
-        optimizers={"policy": optimizer},
-        schedulers={"policy": scheduler},
-    )
-    history = History()
-    history.log_eval(0, 0.0, _reference_summary(eval_features, config))
-    window, epoch_meter, first = Meter(), Meter(), Meter()
-    resumed = loop.resume()
-    if resumed is not None:
-        history = History.from_state(resumed["history"])
-        window, epoch_meter, first = (
-            Meter.from_state(resumed[k]) for k in ("window", "epoch_meter", "first")
-        )
-        snapshots.keep_until(loop.step)
-
-    def loop_state() -> dict[str, Any]:
-        meters = {"window": window, "epoch_meter": epoch_meter, "first": first}
-        return {"history": history.state_dict(), **{k: m.state_dict() for k, m in meters.items()}}
-
-    bar = progress(total_steps, "dpo", accelerator)
-    bar.update(loop.step)
-    model.train()
-    start = time.perf_counter()
-    while loop.step < total_steps:
-        fresh_epoch = loop.skip == 0
-        for batch_number, batch in loop.batches(train_loader, accelerator):
-            if batch_number == 1 and fresh_epoch:
-                epoch_meter = Meter()
-            loop.seen(batch)
-            with accelerator.accumulate(model):
-                c, r = pair_logprobs(
-                    model, batch, fused_head=config.fused_head, chunk_size=config.head_chunk_size
-                )
-                losses, chosen_rewards, rejected_rewards = _losses(config, c, r, batch)
-                loss = losses.mean()
-                loop.check_finite(
-                    loss, accelerator, batch_number, config.gradient_accumulation_steps, loop_state()
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            # every rank's pairs, so that the logged values are the global batch's, not rank 0's shard
-            gathered = accelerator.gather_for_metrics((losses.detach(), chosen_rewards, rejected_rewards))
-            values = _summary(*gathered)
-            pairs = float(gathered[0].numel())
-            window.add(pairs, **values)
-            epoch_meter.add(pairs, **values)
-            if loop.step == 0:
-                first.add(pairs, loss=values["loss"])
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            loop.stepped()
-            step = loop.step
-            bar.update(1)
-            if step % config.logging_steps == 0 or step == total_steps:
-                logged = window.means()
-                history.log_train(step, {**logged, "lr": scheduler.get_last_lr()[0]})
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['reward_accuracy']:.2f}")
-                window = Meter()
-            if snapshots.due(step):
-                snapshots.save(
-                    step,
-                    accelerator.unwrap_model(model),
-                    tokenizer,
-                    parent_uri=sft_model_uri or sft_model,
-                    parameters=dataclasses.asdict(config),
-                    values=history.train[-1] if history.train else None,
-                )
-            if step >= total_steps:
-                break
-            if config.eval_steps > 0 and step % config.eval_steps == 0 and batch_number < len(train_loader):
-                history.log_eval(
-                    step,
-                    loop.epoch - 1 + batch_number / len(train_loader),
-                    _evaluate(model, eval_loader, accelerator, config),
-                )
-            if loop.checkpointer.due(step):
-                loop.save(batch_number, loop_state())
-        history.log_eval(loop.step, loop.epoch, _evaluate(model, eval_loader, accelerator, config))
-    bar.close()
-    train_seconds = time.perf_counter() - start
-
-    final_eval = history.eval[-1]
-    metrics = {
-        "first_step_loss": first.means()["loss"],
-        "train_loss": epoch_meter.means().get("loss", float("nan")),
-        "eval_loss": final_eval["loss"],
-        "eval_reward_accuracy": final_eval["reward_accuracy"],
-        "eval_reward_margin": final_eval["reward_margin"],
-        "eval_chosen_reward": final_eval["chosen_reward"],
-        "eval_rejected_reward": final_eval["rejected_reward"],
-        "steps": float(loop.step),
-        "train_pairs": float(len(train_features)),
-        "train_seconds": train_seconds,
-        "resumed_from_step": float(loop.resumed_from),
-        **resource_metrics(began, accelerator, loop.tokens),
-    }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.eval()
-        modeling.save_model(
-            unwrapped,
-            tokenizer,
-            model_dir,
-            stage="dpo",
-            parent_uri=sft_model_uri or sft_model,
-            parameters=dataclasses.asdict(config),
-            data={
-                "train_pairs": storage.sha256_of(train_pairs),
-                "eval_pairs": storage.sha256_of(eval_pairs),
-                "data_order": loop.data_order,
-            },
-            metrics=metrics,
-            artifact_uri=model_uri,
-        )
-        truncated = sum(f["truncated"] for f in train_features)
-        reports.write(
-            report_path, _report(metrics, history, config, truncated, len(train_features), ref_seconds)
-        )
     return metrics
+
+
+def _metrics(engine: Engine, run: Run, state: DPOState, pairs: int) -> dict[str, float]:
+    final = run.history.eval[-1]
+    return {
+        "first_step_loss": state.first.means()["loss"],
+        "train_loss": run.state.epoch_meter.means().get("loss", float("nan")),
+        "eval_loss": final["loss"],
+        "eval_reward_accuracy": final["reward_accuracy"],
+        "eval_reward_margin": final["reward_margin"],
+        "eval_chosen_reward": final["chosen_reward"],
+        "eval_rejected_reward": final["rejected_reward"],
+        "steps": float(run.state.step),
+        "train_pairs": float(pairs),
+        "train_seconds": run.seconds,
+        "resumed_from_step": float(run.resumed_from),
+        **engine.resources(run.state.tokens),
+    }
 
 
 def _report(

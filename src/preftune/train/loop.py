@@ -1,7 +1,7 @@
-"""Plumbing shared by the training loops: accelerate setup, optimiser and schedule, step planning, history.
+"""Plumbing shared by the trainers and the engine: accelerate setup, optimiser and schedule, step planning, logs.
 
-The loops themselves (sft.py, dpo.py, ...) stay plain PyTorch so the objective of each stage is easy to read;
-everything device-, precision- and bookkeeping-related lives here.
+The engine (preftune.train.engine) runs the loops; the trainers (sft.py, dpo.py, ...) stay plain PyTorch so the
+objective of each stage is easy to read. The pieces both use to set a run up live here.
 """
 
 from __future__ import annotations
@@ -176,11 +176,8 @@ class Meter:
     def state_dict(self) -> dict[str, dict[str, float]]:
         return {"sums": dict(self.sums), "weights": dict(self.weights)}
 
-    @classmethod
-    def from_state(cls, state: Mapping[str, Mapping[str, float]]) -> Meter:
-        meter = cls()
-        meter.sums, meter.weights = dict(state["sums"]), dict(state["weights"])
-        return meter
+    def load_state_dict(self, state: Mapping[str, Mapping[str, float]]) -> None:
+        self.sums, self.weights = dict(state["sums"]), dict(state["weights"])
 
 
 @dataclasses.dataclass
@@ -199,9 +196,8 @@ class History:
     def state_dict(self) -> dict[str, list[dict[str, float]]]:
         return {"train": list(self.train), "eval": list(self.eval)}
 
-    @classmethod
-    def from_state(cls, state: Mapping[str, list[dict[str, float]]]) -> History:
-        return cls(train=list(state["train"]), eval=list(state["eval"]))
+    def load_state_dict(self, state: Mapping[str, list[dict[str, float]]]) -> None:
+        self.train, self.eval = list(state["train"]), list(state["eval"])
 
     def series(self, which: str, name: str) -> list[tuple[float, float]]:
         rows: Iterable[dict[str, float]] = self.train if which == "train" else self.eval

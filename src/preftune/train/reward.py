@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,20 +58,8 @@ from preftune.train.batching import (
     pack_documents,
     read_rows,
 )
-from preftune.train.checkpoint import Checkpointer, LoopProgress
-from preftune.train.loop import (
-    History,
-    Meter,
-    config_rows,
-    lora_options,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    plan_steps,
-    progress,
-    ready_for_training,
-    resource_metrics,
-)
+from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Resumable, Run, fit
+from preftune.train.loop import History, config_rows, lora_options, make_optimizer, ready_for_training
 from preftune.train.packed import classifier_outputs_at
 
 log = logging.getLogger(__name__)
@@ -360,6 +347,68 @@ def _evaluate(
     return _summary(losses, chosen, rejected), chosen, rejected
 
 
+@dataclasses.dataclass
+class RewardState(Resumable):
+    """The reward model's own resumable state: the evaluation before training, with every eval pair's rewards
+    (the report's accuracy by margin bucket compares them with the rewards after training)."""
+
+    first_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    first_chosen: list[float] = dataclasses.field(default_factory=list)
+    first_rejected: list[float] = dataclasses.field(default_factory=list)
+
+
+class RewardTrainer(EpochTrainer):
+    """The reward model's objective for the engine; keeps the eval pairs' rewards of the latest evaluation."""
+
+    def __init__(
+        self, config: RewardConfig, accelerator: Any, eval_loader: DataLoader, eval_count: int
+    ) -> None:
+        self.config, self.accelerator = config, accelerator
+        self.eval_loader, self.eval_count = eval_loader, eval_count
+        self.state = RewardState()
+        self.last: tuple[list[float], list[float]] | None = (
+            None  # chosen, rejected rewards of the latest eval
+        )
+
+    def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> Loss:
+        chosen, rejected = pair_rewards(model, batch)
+        losses = pair_losses(self.config, chosen, rejected, batch)
+        # every rank's pairs, so that the logged values are the global batch's, not rank 0's shard
+        gathered = self.accelerator.gather_for_metrics((losses.detach(), chosen.detach(), rejected.detach()))
+        return Loss(losses.mean(), _summary(*gathered), float(gathered[0].numel()))
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        values, chosen, rejected = _evaluate(
+            model, self.eval_loader, self.accelerator, self.config, self.eval_count
+        )
+        self.last = chosen.tolist(), rejected.tolist()
+        return values
+
+    def first_evaluation(self, model: Any) -> dict[str, float]:
+        values = self.evaluate(model)
+        self.state.first_eval, (self.state.first_chosen, self.state.first_rejected) = values, self.last
+        return values
+
+    def postfix(self, logged: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{logged['loss']:.4f}", "acc": f"{logged['accuracy']:.2f}"}
+
+
+def _reward_model(sft_model: str, tokenizer: Any, config: RewardConfig) -> tuple[Any, int]:
+    """The reward model to train, and the pad id it pools by."""
+    model = modeling.prepare_reward_model(sft_model, **lora_options(config))
+    # The model reads its score at the rightmost token that is not config.pad_token_id. That id is set from the
+    # parent's config (modeling.prepare_reward_model), exactly as modeling.load_reward_model sets it when the
+    # artifact is loaded again; batches are padded with it, so training and later scoring read the same token.
+    reward_pad = reward_pad_id(model)
+    if reward_pad is None:
+        raise ValueError(f"{sft_model}: the reward model has no config.pad_token_id to pad batches with")
+    if reward_pad == eos_id(tokenizer):
+        log.warning(
+            "the model pads with its eos token: rewards are read at the last response token, before eos"
+        )
+    return ready_for_training(model, config), reward_pad
+
+
 def train_reward_model(
     sft_model: str,
     train_pairs: str,
@@ -393,27 +442,13 @@ def train_reward_model(
         ``eval_reward_mean`` and ``eval_reward_std`` (over all held-out responses: a scale for PPO),
         ``steps``, ``train_pairs``, ``eval_pairs``, ``train_seconds``.
     """
-    began = time.perf_counter()
     validate(config)
-    modeling.set_seed(config.seed)
-    accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
+    engine = Engine("reward", config)
     tokenizer = modeling.load_tokenizer(sft_model, trust_remote_code=config.trust_remote_code)
     need_scores = config.objective == "regression"
     train_features = load_reward_features(train_pairs, tokenizer, config.max_length, need_scores=need_scores)
     eval_features = load_reward_features(eval_pairs, tokenizer, config.max_length, need_scores=need_scores)
-
-    model = modeling.prepare_reward_model(sft_model, **lora_options(config))
-    # The model reads its score at the rightmost token that is not config.pad_token_id. That id is set from the
-    # parent's config (modeling.prepare_reward_model), exactly as modeling.load_reward_model sets it when the
-    # artifact is loaded again; batches are padded with it, so training and later scoring read the same token.
-    reward_pad = reward_pad_id(model)
-    if reward_pad is None:
-        raise ValueError(f"{sft_model}: the reward model has no config.pad_token_id to pad batches with")
-    if reward_pad == eos_id(tokenizer):
-        log.warning(
-            "the model pads with its eos token: rewards are read at the last response token, before eos"
-        )
-    ready_for_training(model, config)
+    model, reward_pad = _reward_model(sft_model, tokenizer, config)
 
     collator = make_collator(tokenizer, config, reward_pad)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
@@ -422,144 +457,61 @@ def train_reward_model(
         train_features, batch_size=config.batch_size, shuffle=True, collate_fn=collator, generator=generator
     )
     eval_loader = DataLoader(eval_features, batch_size=config.eval_batch_size, collate_fn=collator)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+    model, optimizer, train_loader, eval_loader = engine.accelerator.prepare(
         model, optimizer, train_loader, eval_loader
     )
-    total_steps = plan_steps(
-        len(train_loader), config.gradient_accumulation_steps, config.epochs, config.max_steps
+    engine.artifact = Artifact(
+        tokenizer,
+        model_dir,
+        report_path,
+        parent_uri=sft_model_uri or sft_model,
+        parameters={**dataclasses.asdict(config), "pad_token_id": reward_pad},
+        artifact_uri=model_uri,
     )
-    scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
-
-    def evaluate() -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-        return _evaluate(model, eval_loader, accelerator, config, len(eval_features))
-
-    loop = LoopProgress(
-        Checkpointer(config.checkpoint_uri, config.checkpoint_every, accelerator, stage="reward"),
-        generator,
-        modules={"model": model},
-        optimizers={"model": optimizer},
-        schedulers={"model": scheduler},
-    )
-    resumed = loop.resume()
-    if resumed is None:
-        history = History()
-        first_eval, first_chosen, first_rejected = evaluate()
-        history.log_eval(0, 0.0, first_eval)
-        window, epoch_meter = Meter(), Meter()
-    else:
-        history = History.from_state(resumed["history"])
-        first_eval = resumed["first_eval"]
-        first_chosen, first_rejected = (torch.tensor(resumed[k]) for k in ("first_chosen", "first_rejected"))
-        window, epoch_meter = Meter.from_state(resumed["window"]), Meter.from_state(resumed["epoch_meter"])
-    last_chosen, last_rejected = first_chosen, first_rejected
-
-    def loop_state() -> dict[str, Any]:
-        return {
-            "history": history.state_dict(),
-            "window": window.state_dict(),
-            "epoch_meter": epoch_meter.state_dict(),
-            "first_eval": first_eval,
-            "first_chosen": first_chosen.tolist(),
-            "first_rejected": first_rejected.tolist(),
-        }
-
-    bar = progress(total_steps, "reward", accelerator)
-    bar.update(loop.step)
-    model.train()
-    start = time.perf_counter()
-    while loop.step < total_steps:
-        fresh_epoch = loop.skip == 0
-        for batch_number, batch in loop.batches(train_loader, accelerator):
-            if batch_number == 1 and fresh_epoch:
-                epoch_meter = Meter()
-            loop.seen(batch)
-            with accelerator.accumulate(model):
-                chosen, rejected = pair_rewards(model, batch)
-                losses = pair_losses(config, chosen, rejected, batch)
-                loop.check_finite(
-                    losses, accelerator, batch_number, config.gradient_accumulation_steps, loop_state()
-                )
-                accelerator.backward(losses.mean())
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            # every rank's pairs, so that the logged values are the global batch's, not rank 0's shard
-            gathered = accelerator.gather_for_metrics((losses.detach(), chosen.detach(), rejected.detach()))
-            values = _summary(*gathered)
-            pairs = float(gathered[0].numel())
-            window.add(pairs, **values)
-            epoch_meter.add(pairs, **values)
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            loop.stepped()
-            step = loop.step
-            bar.update(1)
-            if step % config.logging_steps == 0 or step == total_steps:
-                logged = window.means()
-                history.log_train(step, {**logged, "lr": scheduler.get_last_lr()[0]})
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", acc=f"{logged['accuracy']:.2f}")
-                window = Meter()
-            if step >= total_steps:
-                break
-            if config.eval_steps > 0 and step % config.eval_steps == 0 and batch_number < len(train_loader):
-                values, _, _ = evaluate()
-                history.log_eval(step, loop.epoch - 1 + batch_number / len(train_loader), values)
-            if loop.checkpointer.due(step):
-                loop.save(batch_number, loop_state())
-        values, last_chosen, last_rejected = evaluate()
-        history.log_eval(loop.step, loop.epoch, values)
-    bar.close()
-    train_seconds = time.perf_counter() - start
+    trainer = RewardTrainer(config, engine.accelerator, eval_loader, len(eval_features))
+    run = fit(engine, trainer, model=model, optimizer=optimizer, loader=train_loader, generator=generator)
 
     margins = [f["margin"] for f in eval_features]
     thresholds = margin_thresholds(margins)
-    before = bucket_rows(margins, first_chosen.tolist(), first_rejected.tolist(), thresholds)
-    after = bucket_rows(margins, last_chosen.tolist(), last_rejected.tolist(), thresholds)
-    final_eval = history.eval[-1]
-    metrics = {
-        "eval_accuracy": final_eval["accuracy"],
-        "first_eval_accuracy": first_eval["accuracy"],
-        "eval_mean_margin": final_eval["mean_margin"],
-        "eval_loss": final_eval["loss"],
-        "first_eval_loss": first_eval["loss"],
-        "train_loss": epoch_meter.means().get("loss", float("nan")),
-        **{f"eval_accuracy_margin_{row['bucket']}": float(row["accuracy"]) for row in after},
-        "eval_chosen_reward": final_eval["chosen_reward"],
-        "eval_rejected_reward": final_eval["rejected_reward"],
-        "eval_reward_mean": final_eval["reward_mean"],
-        "eval_reward_std": final_eval["reward_std"],
-        "steps": float(loop.step),
-        "train_pairs": float(len(train_features)),
-        "eval_pairs": float(len(eval_features)),
-        "train_seconds": train_seconds,
-        "resumed_from_step": float(loop.resumed_from),
-        **resource_metrics(began, accelerator, loop.tokens),
-    }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.eval()
-        modeling.save_model(
-            unwrapped,
-            tokenizer,
-            model_dir,
-            stage="reward",
-            parent_uri=sft_model_uri or sft_model,
-            parameters={**dataclasses.asdict(config), "pad_token_id": reward_pad},
-            data={
-                "train_pairs": storage.sha256_of(train_pairs),
-                "eval_pairs": storage.sha256_of(eval_pairs),
-                "data_order": loop.data_order,
-            },
-            metrics=metrics,
-            artifact_uri=model_uri,
-        )
-        truncated = sum(f["truncated"] for f in train_features)
-        buckets = _bucket_table(before, after)
-        reports.write(report_path, _report(metrics, history, config, truncated, buckets))
+    state, (last_chosen, last_rejected) = trainer.state, trainer.last
+    before = bucket_rows(margins, state.first_chosen, state.first_rejected, thresholds)
+    after = bucket_rows(margins, last_chosen, last_rejected, thresholds)
+    metrics = _metrics(engine, run, state, after, len(train_features), len(eval_features))
+    data = {"train_pairs": storage.sha256_of(train_pairs), "eval_pairs": storage.sha256_of(eval_pairs)}
+    truncated = sum(f["truncated"] for f in train_features)
+    engine.save(
+        model,
+        run,
+        data=data,
+        metrics=metrics,
+        report=lambda: _report(metrics, run.history, config, truncated, _bucket_table(before, after)),
+    )
     return metrics
+
+
+def _metrics(
+    engine: Engine, run: Run, state: RewardState, after: list[dict[str, Any]], pairs: int, eval_pairs: int
+) -> dict[str, float]:
+    final = run.history.eval[-1]
+    return {
+        "eval_accuracy": final["accuracy"],
+        "first_eval_accuracy": state.first_eval["accuracy"],
+        "eval_mean_margin": final["mean_margin"],
+        "eval_loss": final["loss"],
+        "first_eval_loss": state.first_eval["loss"],
+        "train_loss": run.state.epoch_meter.means().get("loss", float("nan")),
+        **{f"eval_accuracy_margin_{row['bucket']}": float(row["accuracy"]) for row in after},
+        "eval_chosen_reward": final["chosen_reward"],
+        "eval_rejected_reward": final["rejected_reward"],
+        "eval_reward_mean": final["reward_mean"],
+        "eval_reward_std": final["reward_std"],
+        "steps": float(run.state.step),
+        "train_pairs": float(pairs),
+        "eval_pairs": float(eval_pairs),
+        "train_seconds": run.seconds,
+        "resumed_from_step": float(run.resumed_from),
+        **engine.resources(run.state.tokens),
+    }
 
 
 def _bucket_table(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any
 
 import torch
@@ -27,20 +26,8 @@ from preftune.train.batching import (
     load_sft_features,
     model_inputs,
 )
-from preftune.train.checkpoint import Checkpointer, LoopProgress
-from preftune.train.loop import (
-    History,
-    Meter,
-    config_rows,
-    lora_options,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    plan_steps,
-    progress,
-    ready_for_training,
-    resource_metrics,
-)
+from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Run, fit
+from preftune.train.loop import History, config_rows, lora_options, make_optimizer, ready_for_training
 from preftune.train.packed import fused_head_weight, scored_logprobs
 
 
@@ -103,6 +90,24 @@ def _evaluate(model: Any, loader: DataLoader, accelerator: Any, fused_head: bool
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+class SFTTrainer(EpochTrainer):
+    """The SFT objective for the engine: mean completion-token NLL over the global batch."""
+
+    def __init__(self, accelerator: Any, eval_loader: DataLoader, fused: bool) -> None:
+        self.accelerator, self.eval_loader, self.fused = accelerator, eval_loader, fused
+
+    def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> Loss:
+        nll, n = batch_nll(model, batch, fused_head=self.fused)
+        # the mean over the completion tokens of the whole (global) batch: DDP averages the ranks' gradients, so
+        # each rank scales its sum by world size / all ranks' tokens
+        totals = self.accelerator.reduce(torch.stack([nll.detach(), n.float()]), reduction="sum")
+        loss = nll * self.accelerator.num_processes / totals[1].clamp(min=1)
+        return Loss(loss, {"loss": float(totals[0] / totals[1].clamp(min=1))}, float(totals[1]))
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        return _evaluate(model, self.eval_loader, self.accelerator, self.fused)
+
+
 def train_sft(
     base_model: str,
     train_data: str,
@@ -132,14 +137,11 @@ def train_sft(
         ``train_seconds``, ``train_examples``, ``resumed_from_step``, ``stage_seconds`` (the whole stage),
         ``peak_memory_mb``.
     """
-    began = time.perf_counter()
     validate(config)
-    modeling.set_seed(config.seed)
-    accelerator = make_accelerator(config.mixed_precision, config.gradient_accumulation_steps)
+    engine = Engine("sft", config)
     tokenizer = modeling.load_tokenizer(base_model, trust_remote_code=config.trust_remote_code)
     train_features = load_sft_features(train_data, tokenizer, config.max_length)
     eval_features = load_sft_features(eval_data, tokenizer, config.max_length)
-
     model = ready_for_training(modeling.prepare_for_training(base_model, **lora_options(config)), config)
 
     collator = make_collator(tokenizer, config)
@@ -152,122 +154,45 @@ def train_sft(
     )
     eval_loader = DataLoader(eval_features, batch_size=config.eval_batch_size, collate_fn=collator)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+    model, optimizer, train_loader, eval_loader = engine.accelerator.prepare(
         model, optimizer, train_loader, eval_loader
     )
-    total_steps = plan_steps(
-        len(train_loader), config.gradient_accumulation_steps, config.epochs, config.max_steps
+    engine.artifact = Artifact(
+        tokenizer,
+        model_dir,
+        report_path,
+        parent_uri=base_model_uri or base_model,
+        parameters=dataclasses.asdict(config),
+        artifact_uri=model_uri,
     )
-    scheduler = make_scheduler(optimizer, total_steps, config.warmup_ratio)
+    trainer = SFTTrainer(engine.accelerator, eval_loader, fused)
+    run = fit(engine, trainer, model=model, optimizer=optimizer, loader=train_loader, generator=generator)
 
-    loop = LoopProgress(
-        Checkpointer(config.checkpoint_uri, config.checkpoint_every, accelerator, stage="sft"),
-        generator,
-        modules={"model": model},
-        optimizers={"model": optimizer},
-        schedulers={"model": scheduler},
+    metrics = _metrics(engine, run, len(train_features))
+    data = {"train": storage.sha256_of(train_data), "eval": storage.sha256_of(eval_data)}
+    truncated = sum(f["truncated"] for f in train_features)
+    engine.save(
+        model,
+        run,
+        data=data,
+        metrics=metrics,
+        report=lambda: _report(metrics, run.history, config, truncated, len(train_features)),
     )
-    resumed = loop.resume()
-    if resumed is None:
-        history = History()
-        history.log_eval(0, 0.0, _evaluate(model, eval_loader, accelerator, fused))
-        window, epoch_meter = Meter(), Meter()
-    else:
-        history = History.from_state(resumed["history"])
-        window, epoch_meter = Meter.from_state(resumed["window"]), Meter.from_state(resumed["epoch_meter"])
-
-    def loop_state() -> dict[str, Any]:
-        return {
-            "history": history.state_dict(),
-            "window": window.state_dict(),
-            "epoch_meter": epoch_meter.state_dict(),
-        }
-
-    bar = progress(total_steps, "sft", accelerator)
-    bar.update(loop.step)
-    model.train()
-    start = time.perf_counter()
-    while loop.step < total_steps:
-        fresh_epoch = loop.skip == 0
-        for batch_number, batch in loop.batches(train_loader, accelerator):
-            if batch_number == 1 and fresh_epoch:
-                epoch_meter = Meter()
-            loop.seen(batch)
-            with accelerator.accumulate(model):
-                nll, n = batch_nll(model, batch, fused_head=fused)
-                # the mean over the completion tokens of the whole (global) batch: DDP averages the ranks'
-                # gradients, so each rank scales its sum by world size / all ranks' tokens
-                totals = accelerator.reduce(torch.stack([nll.detach(), n.float()]), reduction="sum")
-                loss = nll * accelerator.num_processes / totals[1].clamp(min=1)
-                loop.check_finite(
-                    loss, accelerator, batch_number, config.gradient_accumulation_steps, loop_state()
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            batch_loss = float(totals[0] / totals[1].clamp(min=1))
-            window.add(float(totals[1]), loss=batch_loss)
-            epoch_meter.add(float(totals[1]), loss=batch_loss)
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            loop.stepped()
-            step = loop.step
-            bar.update(1)
-            if step % config.logging_steps == 0 or step == total_steps:
-                logged = window.means()
-                history.log_train(step, {**logged, "lr": scheduler.get_last_lr()[0]})
-                bar.set_postfix(loss=f"{logged['loss']:.4f}")
-                window = Meter()
-            if step >= total_steps:
-                break
-            if config.eval_steps > 0 and step % config.eval_steps == 0 and batch_number < len(train_loader):
-                history.log_eval(
-                    step,
-                    loop.epoch - 1 + batch_number / len(train_loader),
-                    _evaluate(model, eval_loader, accelerator, fused),
-                )
-            if loop.checkpointer.due(step):
-                loop.save(batch_number, loop_state())
-        history.log_eval(loop.step, loop.epoch, _evaluate(model, eval_loader, accelerator, fused))
-    bar.close()
-    train_seconds = time.perf_counter() - start
-
-    final_eval = history.eval[-1]
-    metrics = {
-        "train_loss": epoch_meter.means().get("loss", float("nan")),
-        "eval_loss": final_eval["loss"],
-        "eval_perplexity": final_eval["perplexity"],
-        "steps": float(loop.step),
-        "train_seconds": train_seconds,
-        "train_examples": float(len(train_features)),
-        "resumed_from_step": float(loop.resumed_from),
-        **resource_metrics(began, accelerator, loop.tokens),
-    }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.eval()
-        modeling.save_model(
-            unwrapped,
-            tokenizer,
-            model_dir,
-            stage="sft",
-            parent_uri=base_model_uri or base_model,
-            parameters=dataclasses.asdict(config),
-            data={
-                "train": storage.sha256_of(train_data),
-                "eval": storage.sha256_of(eval_data),
-                "data_order": loop.data_order,
-            },
-            metrics=metrics,
-            artifact_uri=model_uri,
-        )
-        truncated = sum(f["truncated"] for f in train_features)
-        reports.write(report_path, _report(metrics, history, config, truncated, len(train_features)))
     return metrics
+
+
+def _metrics(engine: Engine, run: Run, examples: int) -> dict[str, float]:
+    final = run.history.eval[-1]
+    return {
+        "train_loss": run.state.epoch_meter.means().get("loss", float("nan")),
+        "eval_loss": final["loss"],
+        "eval_perplexity": final["perplexity"],
+        "steps": float(run.state.step),
+        "train_seconds": run.seconds,
+        "train_examples": float(examples),
+        "resumed_from_step": float(run.resumed_from),
+        **engine.resources(run.state.tokens),
+    }
 
 
 def _report(

@@ -1,0 +1,134 @@
+"""Fields several stages share, declared once so a name means the same thing in every config and component.
+
+Batch sizes are global: the examples of one batch summed over all worker processes, each of N workers taking
+``batch_size / N`` (launch.distributed splits them), and an optimisation step takes
+``gradient_accumulation_steps`` batches. On one process with no accumulation that is simply the examples per
+optimisation step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from preftune.config.fields import MIXED_PRECISION_CHOICES, param
+
+
+def epochs(default: int, data: str) -> Any:
+    return param(default, f"Passes over the {data} (ignored when max_steps > 0).", low=1)
+
+
+def learning_rate(default: float) -> Any:
+    return param(
+        default, "Peak learning rate (linear warm-up, then linear decay).", low=0, low_inclusive=False
+    )
+
+
+def batch_size(unit: str, default: int = 16) -> Any:
+    return param(
+        default,
+        f"{unit} per batch, summed over all worker processes (each of N workers takes batch_size / N); an "
+        "optimisation step takes gradient_accumulation_steps batches.",
+        low=1,
+    )
+
+
+def eval_batch_size(unit: str, default: int = 32) -> Any:
+    return param(default, f"{unit} per batch when evaluating, summed over all worker processes.", low=1)
+
+
+def gradient_accumulation_steps() -> Any:
+    return param(1, "Batches per optimisation step (a step sees batch_size x this examples).", low=1)
+
+
+def max_length(answer: str) -> Any:
+    return param(256, f"Longest prompt + {answer} in tokens; longer prompts keep their end.", low=1)
+
+
+def lora_r(help: str = "LoRA rank.") -> Any:  # noqa: A002
+    return param(16, help, low=1)
+
+
+def lora_alpha() -> Any:
+    return param(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).", low=0, low_inclusive=False)
+
+
+def lora_dropout() -> Any:
+    return param(0.0, "Dropout on the LoRA branch.", low=0, high=1, high_inclusive=False)
+
+
+def lora_target_modules() -> Any:
+    return param("", "Comma-separated module names for LoRA; empty = all linear layers.")
+
+
+def warmup_ratio(default: float) -> Any:
+    return param(
+        default, "Share of steps spent warming up the learning rate.", low=0, high=1, high_inclusive=False
+    )
+
+
+def weight_decay() -> Any:
+    return param(0.0, "AdamW weight decay (not on biases and norms).", low=0)
+
+
+def max_grad_norm(help: str = "Gradient clipping norm (0 = no clipping).") -> Any:  # noqa: A002
+    return param(1.0, help, low=0)
+
+
+def seed(help: str) -> Any:  # noqa: A002
+    return param(0, help, low=0)
+
+
+def max_steps() -> Any:
+    return param(-1, "Stop after this many optimisation steps (-1 = run all epochs).", low=-1)
+
+
+def logging_steps() -> Any:
+    return param(5, "Log training metrics every this many optimisation steps.", low=1)
+
+
+def eval_steps(default: int) -> Any:
+    return param(
+        default, "Also evaluate every this many optimisation steps (0 = only after each epoch).", low=0
+    )
+
+
+def mixed_precision() -> Any:
+    return param(
+        "auto", "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16.", choices=MIXED_PRECISION_CHOICES
+    )
+
+
+def gradient_checkpointing() -> Any:
+    return param(False, "Recompute activations in backward to save GPU memory.")
+
+
+def trust_remote_code() -> Any:
+    return param(False, "Allow custom model code from the hub.")
+
+
+def prefix_sharing() -> Any:
+    return param(True, "Run each prompt once for both answers (one prompt+chosen+rejected sequence, masked).")
+
+
+def num_checkpoints() -> Any:
+    return param(
+        4,
+        "Intermediate policy snapshots kept, evenly spaced over training, for the evaluate step's reward-vs-KL "
+        "chart (0 = none).",
+        low=0,
+    )
+
+
+def checkpoint_uri() -> Any:
+    return param(
+        "",
+        "Where resumable checkpoints go (s3:// or a local path); a rerun resumes from the newest complete one "
+        "there. Empty: none when the library is called directly; the training components then keep them next "
+        "to their model output, so a retried pod resumes.",
+    )
+
+
+def checkpoint_every(default: int = 100, unit: str = "optimisation steps") -> Any:
+    """One default for the library and the components: inert until a checkpoint_uri is set, and the components
+    always set one."""
+    return param(default, f"Write a resumable checkpoint every this many {unit} (0 = never).", low=0)

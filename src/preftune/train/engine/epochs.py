@@ -1,0 +1,205 @@
+"""The epoch loop: epochs of shuffled batches, an optimiser step every ``gradient_accumulation_steps`` batches.
+
+SFT, the reward model and DPO (next: KTO) train this way. A stage supplies an :class:`EpochTrainer` (its loss,
+its evaluation, what it logs) and calls :func:`fit`; the loop does the rest, in this order for every batch:
+fingerprint the batch, loss, the NaN stop, backward, clipping and the optimiser (through accelerate's
+accumulation); and after every optimiser step: the running means of its batches, the schedule, the logging
+window, snapshots, periodic evaluation and checkpoints. Every epoch ends with an evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from preftune.train.engine.services import Engine, Halt, Run, batch_tokens, chain_digest, finite_everywhere
+from preftune.train.engine.state import EpochState, Resumable
+from preftune.train.loop import Meter, make_scheduler, plan_steps
+
+
+@dataclass
+class Loss:
+    """One batch's loss for backward, and what to log about the batch (weighted means over a window/epoch)."""
+
+    loss: torch.Tensor
+    values: dict[str, float]
+    weight: float
+
+
+class EpochTrainer:
+    """What a stage trained in epochs supplies to :func:`fit`; subclass it and fill in the two methods.
+
+    ``name`` keys its model, optimiser and schedule in a checkpoint; ``state``, when set, is the trainer's own
+    resumable state (saved with the loop's own).
+    """
+
+    name: str = "model"
+    state: Resumable | None = None
+
+    def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> Loss:
+        """The batch's loss (what backward runs on) and its logged values, gathered over every process."""
+        raise NotImplementedError
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        """Held-out metrics of the model now (the loop restores train mode afterwards if needed)."""
+        raise NotImplementedError
+
+    def first_evaluation(self, model: Any) -> dict[str, float]:
+        """The step-0 evaluation of a fresh run (not of a resumed one: that comes back with the history)."""
+        return self.evaluate(model)
+
+    def observe(self, step: int, loss: Loss) -> None:
+        """Called for every batch once its optimiser step is done, with the steps done before it (e.g. DPO's
+        first-step loss)."""
+
+    def postfix(self, logged: dict[str, float]) -> dict[str, str]:
+        """What the progress bar shows after a logging window."""
+        return {"loss": f"{logged['loss']:.4f}"}
+
+
+def fit(
+    engine: Engine, trainer: EpochTrainer, *, model: Any, optimizer: Any, loader: Any, generator: Any
+) -> Run:
+    """Train ``model`` with ``trainer``'s loss over ``loader`` (prepared by the engine's accelerator, shuffled
+    by ``generator``) for ``epochs`` or ``max_steps``, resuming from the newest checkpoint when there is one."""
+    config = engine.config
+    total = plan_steps(len(loader), config.gradient_accumulation_steps, config.epochs, config.max_steps)
+    scheduler = make_scheduler(optimizer, total, config.warmup_ratio)
+    return _EpochLoop(engine, trainer, model, optimizer, scheduler, loader, generator, total).run()
+
+
+class _EpochLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        trainer: EpochTrainer,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        loader: Any,
+        generator: torch.Generator,
+        total: int,
+    ) -> None:
+        self.engine, self.trainer, self.config = engine, trainer, engine.config
+        self.accelerator = engine.accelerator
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.loader, self.generator, self.total = loader, generator, total
+        name = trainer.name
+        self.objects = {
+            "modules": {name: model},
+            "optimizers": {name: optimizer},
+            "schedulers": {name: scheduler},
+        }
+        self.state = EpochState(epoch_start=generator.get_state().tolist())
+        self.snapshots = engine.snapshots(total)
+        self.skip = 0  # batches of the current epoch consumed before a resume
+        # the fingerprint and token count including the batches of an unfinished accumulation window
+        self.pending, self.pending_tokens = "", 0
+        self.window: list[Loss] = []  # the losses of an unfinished accumulation window
+        self.resumed_from = 0
+
+    def run(self) -> Run:
+        self._start()
+        self.bar = self.engine.progress(self.total, self.state.step)
+        self.model.train()
+        began = time.perf_counter()
+        while self.state.step < self.total:
+            self._epoch()
+        self.bar.close()
+        return Run(self.state, self.resumed_from, time.perf_counter() - began)
+
+    def _start(self) -> None:
+        state = self.state
+        if not self.engine.resume(self.objects, state, self.trainer.state):
+            self.snapshots.keep_until(0)
+            state.history.log_eval(0, 0.0, self.trainer.first_evaluation(self.model))
+            return
+        self.resumed_from = state.step
+        self.snapshots.keep_until(state.step)
+        # the saved epoch starts again, without the batches it had consumed
+        self.skip, state.epoch = state.batch, state.epoch - 1
+        self.pending, self.pending_tokens = state.data_order, state.tokens
+        self.generator.set_state(torch.tensor(state.epoch_start, dtype=torch.uint8))
+
+    def _epoch(self) -> None:
+        state = self.state
+        fresh = self.skip == 0
+        state.epoch += 1
+        state.epoch_start = self.generator.get_state().tolist()  # before the loader draws this epoch's order
+        skip, self.skip = self.skip, 0
+        source = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        for number, batch in enumerate(source, start=skip + 1):
+            if number == 1 and fresh:
+                state.epoch_meter = Meter()
+            if self._batch(number, batch) and self._stepped(number):
+                break
+        state.history.log_eval(state.step, state.epoch, self.trainer.evaluate(self.model))
+
+    def _batch(self, number: int, batch: dict[str, torch.Tensor]) -> bool:
+        """Forward and backward of one batch; True when it completed an optimiser step."""
+        self.pending = chain_digest(self.pending, batch["input_ids"])
+        self.pending_tokens += batch_tokens(batch)
+        accelerator, config = self.accelerator, self.config
+        with accelerator.accumulate(self.model):
+            out = self.trainer.compute_loss(self.model, batch)
+            self._check_finite(out.loss, number)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        self.window.append(out)
+        return bool(accelerator.sync_gradients)
+
+    def _stepped(self, number: int) -> bool:
+        """After an optimiser step: schedule, logs, snapshot, evaluation, checkpoint. True when training is done."""
+        state, config = self.state, self.config
+        for out in self.window:  # the window's batches count once its step is done (a NaN stop drops them)
+            state.window.add(out.weight, **out.values)
+            state.epoch_meter.add(out.weight, **out.values)
+            self.trainer.observe(state.step, out)
+        self.window = []
+        self.scheduler.step()
+        state.step += 1
+        state.data_order, state.tokens = self.pending, self.pending_tokens
+        step = state.step
+        self.bar.update(1)
+        if step % config.logging_steps == 0 or step == self.total:
+            logged = state.window.means()
+            state.history.log_train(step, {**logged, "lr": self.scheduler.get_last_lr()[0]})
+            self.bar.set_postfix(**self.trainer.postfix(logged))
+            state.window = Meter()
+        if self.snapshots.due(step):
+            values = state.history.train[-1] if state.history.train else None
+            self.engine.snapshot(self.snapshots, step, self.model, values)
+        if step >= self.total:
+            return True
+        if config.eval_steps > 0 and step % config.eval_steps == 0 and number < len(self.loader):
+            epoch = state.epoch - 1 + number / len(self.loader)
+            state.history.log_eval(step, epoch, self.trainer.evaluate(self.model))
+        if self.engine.checkpointer.due(step):
+            self._save(number)
+        return False
+
+    def _save(self, batch: int) -> str:
+        self.state.batch = batch
+        return self.engine.save_checkpoint(self.objects, self.state, self.trainer.state)
+
+    def _check_finite(self, loss: torch.Tensor, number: int) -> None:
+        """Stop with a clear error on a NaN or infinite loss, after checkpointing the last good step."""
+        if finite_everywhere(loss, self.accelerator):
+            return
+        state = self.state
+        value = float(loss.detach().float().mean())
+        where = f"{self.engine.stage}: the loss is {value} at step {state.step + 1} (epoch {state.epoch}, batch {number})"
+        # the batches since the last optimiser step are replayed on resume, so the position is the window's start
+        done = number - 1 - (number - 1) % self.config.gradient_accumulation_steps
+        halt = Halt(
+            where,
+            f"the last good state (step {state.step}) is saved",
+            "Lower the learning rate, check the data of this batch, or use bf16/fp32 instead of fp16",
+        )
+        self.engine.halt(halt, lambda: self._save(done))

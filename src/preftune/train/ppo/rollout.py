@@ -1,0 +1,243 @@
+"""Steps 1 and 2 of a PPO iteration: sample one response per prompt, then score every sampled token (policy and
+reference log-probs, entropy, critic values) and every response (the reward model's score)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from preftune.config.ppo import PPOConfig
+from preftune.model.sampling import generation_config
+from preftune.model.templating import eos_id, pad_id, render_prompt
+from preftune.train.batching import FIRST_ANSWER, PROMPT, pack_documents
+from preftune.train.packed import fused_head_weight, packed_inputs, scored_hidden
+from preftune.train.ppo.models import TokenValueModel, adapter_off, is_peft, response_values
+from preftune.train.ppo.prompts import Messages
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples and everything PPO needs about them; per-token tensors are ``(B, R)``."""
+
+    query_ids: torch.Tensor  # (B, P) left-padded rendered prompts
+    query_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R) sampled tokens, padded after the first eos
+    response_mask: torch.Tensor  # (B, R) 1 up to and including the first eos
+    prompts: list[Messages]
+    texts: list[str]
+    ended: torch.Tensor  # (B,) True where the response ended with eos
+    prompt_tokens: list[list[int]] = field(default_factory=list)  # each prompt's ids, unpadded
+    response_tokens: list[list[int]] = field(default_factory=list)  # each response up to its first eos
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+    def packed(self, rows: list[int], pad: int, pack_length: int) -> dict[str, torch.Tensor]:
+        """The sequences ``rows`` (prompt + response, unpadded) packed by ``batching.pack_documents``; every
+        response token is scored. ``flat`` indexes each scored token in the flattened ``(B, R)`` tensors."""
+        docs = [
+            [(self.prompt_tokens[r], PROMPT, -1), (self.response_tokens[r], FIRST_ANSWER, k)]
+            for k, r in enumerate(rows)
+        ]
+        batch = pack_documents(docs, pad, pack_length)
+        width = self.response_ids.shape[1]
+        batch["flat"] = (
+            torch.tensor(rows, dtype=torch.long)[batch["target_segment"]] * width + batch["target_pos"]
+        )
+        device = self.response_ids.device
+        return {k: v.to(device) for k, v in batch.items()}
+
+
+def _logprobs_and_entropy(
+    model: Any, batch: dict[str, torch.Tensor], temperature: float, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of the sampled tokens of a packed batch under the sampling distribution
+    (logits / ``temperature``), no gradients; the LM head runs on response positions only, in chunks."""
+    targets = batch["target_ids"]
+    if fused:
+        hidden, weight = scored_hidden(model, batch), fused_head_weight(model)
+    else:
+        out = model(**packed_inputs(batch), use_cache=False).logits
+        hidden, weight = out[batch["target_row"], batch["target_src"]], None
+    logps, ents = [], []
+    for start in range(0, hidden.shape[0], _HEAD_CHUNK):
+        chunk = hidden[start : start + _HEAD_CHUNK]
+        logits = chunk @ weight.t() if weight is not None else chunk
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logps.append(logp.gather(-1, targets[start : start + _HEAD_CHUNK, None])[:, 0])
+        ents.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.cat(logps), torch.cat(ents)
+
+
+#: Scored positions whose vocabulary logits exist at once in the no-grad scoring pass.
+_HEAD_CHUNK = 1024
+
+
+def _scatter(flat: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    out = torch.zeros(shape.numel(), dtype=torch.float32, device=values.device)
+    out[flat] = values.float()
+    return out.view(shape)
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def generate_rollout(
+    policy: Any,
+    tokenizer: Any,
+    prompts: list[Messages],
+    prompt_ids: list[list[int]],
+    config: PPOConfig,
+    eos_ids: list[int],
+    device: torch.device,
+) -> Rollout:
+    """Sample one response per prompt with the policy (KV cache, left padding, stop at eos)."""
+    pad = pad_id(tokenizer)
+    gen_config = generation_config(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        eos_ids=eos_ids,
+        pad_id=pad,
+    )
+    width = max(len(ids) for ids in prompt_ids)
+    query = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    query_mask = torch.zeros_like(query)
+    for i, ids in enumerate(prompt_ids):
+        query[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        query_mask[i, width - len(ids) :] = 1
+    policy.eval()
+    responses: list[list[int]] = []
+    for part in _chunks(len(prompt_ids), config.forward_batch_size):
+        out = policy.generate(
+            input_ids=query[part].to(device),
+            attention_mask=query_mask[part].to(device),
+            generation_config=gen_config,
+        )
+        responses += out[:, width:].cpu().tolist()
+    eos = set(eos_ids)
+    bodies, lengths, ended = [], [], []
+    for row in responses:
+        end = next((k for k, token in enumerate(row) if token in eos), None)
+        lengths.append(len(row) if end is None else end + 1)
+        bodies.append(row if end is None else row[:end])
+        ended.append(end is not None)
+    length = max(lengths)
+    response = torch.full((len(responses), length), pad, dtype=torch.long)
+    response_mask = torch.zeros_like(response)
+    for i, (row, n) in enumerate(zip(responses, lengths, strict=True)):
+        response[i, :n] = torch.tensor(row[:n], dtype=torch.long)
+        response_mask[i, :n] = 1
+    return Rollout(
+        query_ids=query.to(device),
+        query_mask=query_mask.to(device),
+        response_ids=response.to(device),
+        response_mask=response_mask.to(device),
+        prompts=prompts,
+        texts=[tokenizer.decode(b, skip_special_tokens=True) for b in bodies],
+        ended=torch.tensor(ended, dtype=torch.bool, device=device),
+        prompt_tokens=[list(ids) for ids in prompt_ids],
+        response_tokens=[row[:n] for row, n in zip(responses, lengths, strict=True)],
+    )
+
+
+@torch.no_grad()
+def score_responses(
+    reward: TokenValueModel,
+    tokenizer: Any,
+    prompts: list[Messages],
+    texts: list[str],
+    batch_size: int,
+    device: torch.device,
+    *,
+    pack_length: int = 256,
+) -> torch.Tensor:
+    """The reward model's score of each response, on its training input: rendered prompt + response + eos.
+
+    The score head is read where a transformers sequence classifier pools, and so where the reward model was
+    trained to score: the last token whose id differs from the model's ``config.pad_token_id`` (the closing eos
+    when pad and eos differ, else the last response token). ``reward`` must be in its frozen state (adapter
+    disabled) when this is called. ``batch_size`` sequences at a time are packed into rows of up to
+    ``pack_length`` tokens (``batching.pack_documents``; 0 = one per row).
+    """
+    eos, pad = eos_id(tokenizer), pad_id(tokenizer)
+    inner = reward.model.get_base_model() if is_peft(reward.model) else reward.model
+    pool_pad = getattr(inner.config, "pad_token_id", None)
+    rows, reads = [], []
+    for messages, text in zip(prompts, texts, strict=True):
+        prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        row = list(prompt_ids) + list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos]
+        rows.append(row)
+        reads.append(max((k for k, token in enumerate(row) if token != pool_pad), default=len(row) - 1))
+    scores = []
+    for part in _chunks(len(rows), batch_size):
+        batch = pack_documents([[(row, PROMPT, -1)] for row in rows[part]], pad, pack_length)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        values = reward(**packed_inputs(batch))
+        read = batch["doc_start"] + torch.tensor(reads[part], device=device)
+        scores.append(values[batch["doc_row"], read])
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def score_rollout(
+    rollout: Rollout,
+    policy: Any,
+    reference: Any,
+    critic: Any,
+    reward: Any,
+    tokenizer: Any,
+    config: PPOConfig,
+) -> None:
+    """Fill in the rollout's old and reference log-probs, entropy, values and scores (no gradients).
+
+    Each chunk of ``forward_batch_size`` sequences is packed once (no padding) and goes through the policy, the
+    reference and the critic; the LM heads run on response positions only.
+    """
+    device = rollout.query_ids.device
+    n = rollout.query_ids.shape[0]
+    pad = pad_id(tokenizer)
+    shape = rollout.response_ids.shape
+    flat, logprobs, ref_logprobs, values, entropy = [], [], [], [], []
+    policy.eval()
+    critic.eval()
+    ref_model = policy if reference is None else reference
+    fused, ref_fused = fused_head_weight(policy) is not None, fused_head_weight(ref_model) is not None
+    for part in _chunks(n, config.forward_batch_size):
+        batch = rollout.packed(list(range(n))[part], pad, config.pack_length)
+        flat.append(batch["flat"])
+        lp, ent = _logprobs_and_entropy(policy, batch, config.temperature, fused)
+        logprobs.append(lp)
+        entropy.append(ent)
+        with adapter_off(policy) if reference is None else nullcontext():
+            # the policy's arithmetic: before any update the two agree bit for bit (KL exactly 0)
+            ref_logprobs.append(_logprobs_and_entropy(ref_model, batch, config.temperature, ref_fused)[0])
+        values.append(response_values(critic, batch))
+    index = torch.cat(flat)
+    rollout.logprobs = _scatter(index, torch.cat(logprobs), shape)
+    rollout.ref_logprobs = _scatter(index, torch.cat(ref_logprobs), shape)
+    rollout.entropy = _scatter(index, torch.cat(entropy), shape)
+    rollout.values = _scatter(index, torch.cat(values), shape)
+    scorer = critic if reward is None else reward
+    with adapter_off(critic) if reward is None else nullcontext():
+        scores = score_responses(
+            scorer,
+            tokenizer,
+            rollout.prompts,
+            rollout.texts,
+            config.forward_batch_size,
+            device,
+            pack_length=config.pack_length,
+        )
+    if config.missing_eos_penalty:
+        scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
+    if config.score_clip is not None:
+        scores = scores.clamp(-config.score_clip, config.score_clip)
+    rollout.scores = scores
