@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import data_import
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -184,7 +186,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small data, for a check in under 5 minutes")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated scenario names; 'import' is the preference import at scale",
+    )
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument(
         "--fork",
@@ -204,6 +210,10 @@ def main() -> None:
         )
         print_table(results["rows"], results["dpo_ablations"])
         return
+    only = set(args.only.split(",")) if args.only else set()
+    if only == {"import"}:  # the preference import at scale alone (benchmarks/data_import.py)
+        data_import.main(["--quick"] if args.quick else [])
+        return
     global FORK
     FORK = args.quick if args.fork is None else args.fork
     if FORK:  # both parents import at once, one per core, while nothing is measured yet
@@ -213,6 +223,8 @@ def main() -> None:
     finally:
         for server in SERVERS.values():
             server.close()
+    if not only or "import" in only:
+        data_import.main(["--quick"] if args.quick else [])
 
 
 def run(args: argparse.Namespace) -> None:

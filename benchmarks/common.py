@@ -121,7 +121,7 @@ def reward_model_dir(name: str) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rm-", dir=CACHE if CACHE.is_dir() else None))
     train = write_jsonl(tmp / "train.jsonl", pair_rows(256))
     config = reward.RewardConfig(
-        epochs=1, use_lora=False, eval_steps=0, logging_steps=10**6, seed=0, mixed_precision="no"
+        epochs=1, use_lora=False, eval_steps=0, logging_steps=10**6, seed=0, precision="fp32"
     )
     reward.train_reward_model(model_dir(name), train, train, str(tmp / "model"), str(tmp / "r.html"), config)
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def _ours(model_path, train, evalp, tmp, batch_size, use_lora, max_length, lever
         eval_steps=0,
         logging_steps=10**6,
         seed=0,
-        mixed_precision="no",
+        precision="fp32",
         **levers,
     )
     metrics = dpo.train_dpo(model_path, train, evalp, str(tmp / "out"), str(tmp / "report.html"), config)

@@ -95,7 +95,7 @@ def _config(use_lora: bool, iterations: int, levers: dict[str, Any]) -> Any:
         kl_blowup=0.0,  # never stop early: both sides run every iteration
         max_approx_kl=0.0,
         seed=0,
-        mixed_precision="no",
+        precision="fp32",
         **levers,
     )
 

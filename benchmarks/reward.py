@@ -42,7 +42,7 @@ def run(
             eval_steps=0,
             logging_steps=10**6,
             seed=0,
-            mixed_precision="no",
+            precision="fp32",
             **(levers or {}),
         )
         metrics = reward.train_reward_model(

@@ -46,7 +46,7 @@ def run(
             eval_steps=0,
             logging_steps=10**6,
             seed=0,
-            mixed_precision="no",
+            precision="fp32",
             **(levers or {}),
         )
         metrics = sft.train_sft(model_path, train, evalp, str(tmp / "out"), str(tmp / "r.html"), config)

@@ -1,13 +1,34 @@
-"""How each task runs on a Kubeflow cluster: GPUs, node pool, credentials, shared memory, retries, timeouts.
+"""How each task runs on a Kubeflow cluster: resources, GPUs, node pool, credentials, shared memory, retries.
 
-Settings are fixed at compile time (see preftune.launch.platform and `preftune compile --help`). The local runner
-ignores all of them, so the same pipeline runs on a laptop.
+Settings are fixed at compile time (preftune.launch.platform, `preftune compile --help`) and each one is also
+written into every step's pod as an environment variable, so the code in the pod sees what the pipeline was
+compiled with. The local runner ignores resources and scheduling, so the same pipeline runs on a laptop.
+
+Every step belongs to a class that sets its CPU and memory requests and limits (``preftune compile
+--resources``): ``data`` (reading, validating, the registry), ``merge`` (promote, which merges adapters into full
+weights in memory), ``train`` (SFT, reward model, DPO, PPO), ``evaluate`` (its own GPU count: it samples on
+one GPU whatever the training steps use) and ``launcher`` (a training step compiled with
+``--trainjob-launchers``: it submits a multi-node TrainJob and waits, holding no GPU).
 """
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator
 
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
 from preftune.launch import platform
+from preftune.launch.devices import STEP_GPUS_ENV
+
+#: Components whose class is not the default of the helper that wraps them.
+STEP_CLASS = {"evaluate": "evaluate", "promote": "merge"}
+
+
+def step_class(task: PipelineTask, default: str) -> str:
+    """The class of a task: from :data:`STEP_CLASS` by its component's name, else ``default``."""
+    return STEP_CLASS.get(task.component_spec.name.replace("-", "_"), default)
 
 
 def use_object_storage(task: PipelineTask) -> PipelineTask:
@@ -30,23 +51,94 @@ def use_object_storage(task: PipelineTask) -> PipelineTask:
     return task
 
 
-def data_step(task: PipelineTask) -> PipelineTask:
-    """A CPU step that reads and writes object storage."""
-    return use_object_storage(task)
+def use_hub_settings(task: PipelineTask) -> PipelineTask:
+    """HF_TOKEN from its Secret (optional: only gated models need one); offline switches when compiled so."""
+    secret = platform.hf_token_secret()
+    if secret:
+        kubernetes.use_secret_as_env(
+            task, secret_name=secret, secret_key_to_env={platform.HF_TOKEN_KEY: "HF_TOKEN"}, optional=True
+        )
+    if platform.offline():
+        set_environment(task, dict.fromkeys(platform.OFFLINE_ENV, "1"))
+    return task
 
 
-def training_step(task: PipelineTask) -> PipelineTask:
-    """A GPU step: accelerator request, GPU pool, taint toleration, /dev/shm, retries and a timeout."""
+def set_environment(task: PipelineTask, env: dict[str, str]) -> PipelineTask:
+    """Set many environment variables at once.
+
+    KFP's ``set_env_variable`` inspects the whole call stack on every call (to name itself in an error); called
+    once per variable over ~500 variables it made importing the pipelines take ~20 s. One call checks that the
+    task has a container, the rest go into the same dict.
+    """
+    if not env:
+        return task
+    first, *_ = env
+    task.set_env_variable(first, env[first])
+    task.container_spec.env.update(env)
+    return task
+
+
+def _common(task: PipelineTask, kind: str, gpus: int) -> PipelineTask:
+    """What every step gets: storage and hub settings, the compiled settings as env, its class's resources."""
     use_object_storage(task)
-    count = platform.accelerator_count()
-    if count > 0:
-        task.set_accelerator_type(platform.accelerator_type()).set_accelerator_limit(count)
-        label, value = platform.GPU_NODE_LABEL
-        kubernetes.add_node_selector(task, label_key=label, label_value=value)
-        kubernetes.add_toleration(task, key=platform.GPU_TAINT_KEY, operator="Exists", effect="NoSchedule")
-    # data loader workers share tensors through /dev/shm, which is 64 MiB in a default pod
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-    # a preempted or evicted pod is retried; later attempts resume from the step's checkpoints
+    use_hub_settings(task)
+    set_environment(task, {**platform.compiled_environment(), STEP_GPUS_ENV: str(gpus)})
+    resources = platform.step_resources(kind)
+    task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
+    task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
+    return task
+
+
+@contextlib.contextmanager
+def _cheap_caller_names() -> Iterator[None]:
+    """KFP's task setters call ``inspect.stack()`` only to name themselves in an error, and that reads the source
+    of every frame: ~0.1 s a call, ~190 calls across the three pipelines (20 s to import them). Inside this block
+    the frames are listed without their source lines, which is all KFP reads."""
+    original = inspect.stack
+    inspect.stack = functools.partial(original, context=0)
+    try:
+        yield
+    finally:
+        inspect.stack = original
+
+
+def data_step(task: PipelineTask, kind: str | None = None) -> PipelineTask:
+    """A CPU step that reads and writes object storage (``merge`` class for promote)."""
+    with _cheap_caller_names():
+        return _common(task, kind or step_class(task, "data"), 0)
+
+
+def training_step(task: PipelineTask, kind: str | None = None) -> PipelineTask:
+    """A GPU step: accelerators, GPU pool and taint, a sized /dev/shm, retries and a timeout.
+
+    ``kind`` is ``train`` or ``evaluate`` (default: by the component); a ``train`` step compiled with
+    ``--trainjob-launchers`` is a ``launcher``: no GPU, no GPU node, small resources.
+    """
+    kind = kind or step_class(task, "train")
+    if kind == "train" and platform.trainjob_launchers():
+        kind = "launcher"
+    gpus = {"train": platform.accelerator_count(), "evaluate": platform.evaluate_gpus()}.get(kind, 0)
+    with _cheap_caller_names():
+        _gpu_step(task, kind, gpus)
+    return task
+
+
+def _gpu_step(task: PipelineTask, kind: str, gpus: int) -> None:
+    _common(task, kind, gpus)
+    if gpus > 0:
+        task.set_accelerator_type(platform.accelerator_type()).set_accelerator_limit(gpus)
+        label, toleration = platform.gpu_node_label(), platform.gpu_toleration()
+        if label:
+            kubernetes.add_node_selector(task, label_key=label[0], label_value=label[1])
+        if toleration:
+            kubernetes.add_toleration(task, **toleration)
+    if kind != "launcher":
+        # data loader workers share tensors through /dev/shm (64 MiB in a default pod); memory-backed, it
+        # counts against the step's memory limit, so it is sized
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=platform.shm_size()
+        )
+    # a preempted or evicted pod is retried and resumes from the step's checkpoints; an attempt after a
+    # configuration or data error fails at once (preftune.launch.failures)
     task.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
     kubernetes.set_timeout(task, seconds=platform.training_timeout())
-    return task

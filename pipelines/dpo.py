@@ -53,6 +53,9 @@ def dpo_pipeline(
     num_gpus: int = 0,
     num_nodes: int = 1,
     distributed_strategy: str = "ddp",
+    keep_checkpoints: bool = False,
+    precision: str = "auto",
+    attn_implementation: str = "auto",
     checkpoint_every: int = 50,
     seed: int = 0,
 ):
@@ -100,11 +103,26 @@ def dpo_pipeline(
         num_gpus: GPUs (worker processes) per training step; 0 = every GPU the step's pod has.
         num_nodes: Nodes per training step; more than 1 runs each as a Kubeflow Trainer TrainJob.
         distributed_strategy: ddp, or fsdp (sharded; refused by stages that do not support it yet).
+        keep_checkpoints: Keep each training step's resumable checkpoints (optimizer state included) after it
+            succeeds; by default they are deleted then, since only a retried step needs them.
+        precision: Compute precision of every training and evaluation step: auto (bf16 on GPUs that support it,
+            else fp32), fp32, bf16 or fp16. Trainable weights are fp32 whatever the checkpoint's dtype.
+        attn_implementation: Attention kernel of every training and evaluation step: auto (the model's
+            default), eager, sdpa, flash_attention_2 or flex_attention; a combination that cannot be masked
+            correctly is refused before training.
         checkpoint_every: Resumable checkpoint every this many optimisation steps in SFT, reward model and DPO
             (0 = never); a retried step resumes from the newest one.
         seed: Seed for splits, initialisation, data order and sampling.
     """
-    scale = {"num_gpus": num_gpus, "num_nodes": num_nodes, "distributed_strategy": distributed_strategy}
+    scale = {
+        "num_gpus": num_gpus,
+        "num_nodes": num_nodes,
+        "distributed_strategy": distributed_strategy,
+        "keep_checkpoints": keep_checkpoints,
+        "precision": precision,
+        "attn_implementation": attn_implementation,
+    }
+    compute = {"precision": precision, "attn_implementation": attn_implementation}
     sft_rows = ingest_data(sft_data, eval_fraction, seed)
 
     sft = supervised_fine_tuning(
@@ -160,6 +178,8 @@ def dpo_pipeline(
         max_kl=gate_max_kl,
         min_diversity_ratio=gate_min_diversity_ratio,
         length_controlled=gate_length_controlled,
+        max_length=max_length,
+        **compute,
         judge_uri=judge_model,
         beta=dpo_beta,
     )

@@ -53,11 +53,15 @@ def evaluate_and_promote(
     judge: dsl.PipelineTask | None = None,
     judge_uri: str = "",
     beta: float = 0.1,
+    max_length: int = 256,
+    precision: str = "auto",
+    attn_implementation: str = "auto",
 ) -> None:
     """Evaluate the policy, decide by the gate, and publish it to the registry only when the gate passes.
 
     With an empty ``registry_uri`` there is no champion and nothing is published; the gate still reports
-    whether the candidate would have passed.
+    whether the candidate would have passed. ``max_length`` truncates the held-out pairs as training did;
+    ``precision`` and ``attn_implementation`` are those of the training steps.
     """
     current = data_step(
         champion_op(registry_uri=registry_uri, model_name=model_name).set_display_name("Current champion")
@@ -76,6 +80,9 @@ def evaluate_and_promote(
         beta=beta,
         max_prompts=max_prompts,
         seed=seed,
+        max_length=max_length,
+        precision=precision,
+        attn_implementation=attn_implementation,
     )
 
     verdict = data_step(

@@ -23,7 +23,8 @@ def supervised_fine_tuning(
 ) -> dsl.PipelineTask:
     """SFT on the ingested rows; its model is the reference of every later stage.
 
-    ``scale`` holds the settings every training step shares (GPUs, nodes, strategy, checkpoint interval).
+    ``scale`` holds the settings every training step shares (GPUs, nodes, strategy, precision, attention kernel,
+    checkpoint interval).
     """
     task = sft_op(
         base_model=base_model,

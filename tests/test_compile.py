@@ -71,7 +71,7 @@ def test_training_steps_request_the_accelerator() -> None:
         accelerator = executors[name]["container"]["resources"]["accelerator"]
         assert accelerator["resourceType"] == "nvidia.com/gpu"
         assert str(accelerator["resourceCount"]) == "1"
-    assert "resources" not in executors["exec-ingest"]["container"]
+    assert "accelerator" not in executors["exec-ingest"]["container"]["resources"]
 
 
 def test_every_component_uses_the_runtime_image_without_installing_kfp() -> None:
@@ -80,3 +80,26 @@ def test_every_component_uses_the_runtime_image_without_installing_kfp() -> None
         container = executor["container"]
         assert container["image"].startswith("ghcr.io/preftune/preftune:")
         assert "pip install" not in " ".join(container["command"])
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "registry.example.com/preftune:0.1.0",
+        "registry.example.com:5000/team/preftune@sha256:" + "ab" * 32,
+        "registry.example.com/preftune:0.1.0@sha256:" + "ab" * 32,
+        "localhost/preftune:0.1.0-cpu",
+    ],
+)
+def test_image_references_by_tag_or_digest(image: str) -> None:
+    from preftune.launch import platform
+
+    assert platform.check_image(image) == image
+
+
+@pytest.mark.parametrize("image", ["preftune", "Registry/Preftune:1", "preftune@sha256:abc", "preftune:"])
+def test_bad_image_references_are_refused(image: str) -> None:
+    from preftune.launch import platform
+
+    with pytest.raises(platform.SettingError, match="REPOSITORY"):
+        platform.check_image(image)

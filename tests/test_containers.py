@@ -266,19 +266,32 @@ def test_kfp_is_in_the_image_because_components_do_not_install_it() -> None:
     assert "kfp" in pins and "kfp-kubernetes" in pins
 
 
-def test_cuda_base_tag_matches_the_pinned_torch() -> None:
-    global_args, stages = _stages(CONTAINERS / "Dockerfile.cuda")
-    base = _from_image(stages[-1], _args(stages[-1], global_args))
-    match = re.fullmatch(
-        r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+\.\d+)-cudnn(\d+)-runtime(@sha256:[0-9a-f]{64})?", base
-    )
-    assert match, f"expected an official pytorch/pytorch runtime tag, got {base}"
-    torch_arg = _args(stages[0], global_args)["TORCH_VERSION"]
-    assert match.group(1) == torch_arg
-    cpu_args = _args(_stages(CONTAINERS / "Dockerfile.cpu")[1][0], _stages(CONTAINERS / "Dockerfile.cpu")[0])
-    assert cpu_args["TORCH_VERSION"] == torch_arg, "CPU and CUDA images carry the same torch"
+def test_both_images_pin_the_project_torch_and_cuda_takes_torchs_own_cuda_wheels() -> None:
     installed = re.sub(r"\+.*$", "", metadata.version("torch"))
-    assert torch_arg == installed, f"images pin torch {torch_arg}, the project venv tests {installed}"
+    cuda_global, cuda_stages = _stages(CONTAINERS / "Dockerfile.cuda")
+    cpu_global, cpu_stages = _stages(CONTAINERS / "Dockerfile.cpu")
+    cuda, cpu = _args(cuda_stages[0], cuda_global), _args(cpu_stages[0], cpu_global)
+    assert cuda["TORCH_VERSION"] == cpu["TORCH_VERSION"] == installed, (
+        "images and the project venv: one torch"
+    )
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d{3}", cuda["TORCH_INDEX_URL"])
+    assert cpu["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+
+
+def test_the_venv_is_self_contained_and_pip_checked(dockerfile: Path) -> None:
+    """Every console script in /opt/venv (torchrun too) runs the venv's python, which has preftune: no
+    --system-site-packages onto another Python's torch; and the builder runs pip check."""
+    _, stages = _stages(dockerfile)
+    builder = " ".join(r for w, r in stages[0] if w == "RUN")
+    assert "python -m venv /opt/venv" in builder and "--system-site-packages" not in dockerfile.read_text()
+    assert "/opt/venv/bin/pip check" in builder
+    assert "torch==${TORCH_VERSION}" in builder, "torch is installed into the venv itself"
+
+
+def test_the_base_image_is_a_build_argument_with_a_public_default(dockerfile: Path) -> None:
+    global_args, stages = _stages(dockerfile)
+    assert global_args["PYTHON_IMAGE"].startswith("python:3.11-"), "public default; make image overrides it"
+    assert all(stage[0][1].split()[0] == "${PYTHON_IMAGE}" for stage in stages)
 
 
 # --- the lock file -------------------------------------------------------------------------------------------
@@ -314,7 +327,7 @@ def test_lock_pins_every_runtime_dependency_and_nothing_test_only() -> None:
 def test_lock_is_what_the_dockerfiles_install(dockerfile: Path) -> None:
     text = dockerfile.read_text(encoding="utf-8")
     assert "COPY containers/requirements.lock" in text
-    assert "--constraint containers/requirements.lock" in text
+    assert "--requirement containers/requirements.lock" in text
 
 
 # --- build context ---------------------------------------------------------------------------------------------
@@ -368,5 +381,28 @@ def test_dockerignore_is_the_committed_copy_and_sends_what_the_builds_copy() -> 
 
 def test_containers_readme_explains_compile_image() -> None:
     readme = (CONTAINERS / "README.md").read_text(encoding="utf-8")
-    for needle in ("preftune compile --image", "docker build -f containers/Dockerfile.cuda", "make_lock.py"):
+    for needle in (
+        "preftune compile --image",
+        "@sha256:",
+        "docker build -f containers/Dockerfile.cuda",
+        "make image",
+        "containers/run_pipeline.py",
+        "make_lock.py",
+    ):
         assert needle in readme
+
+
+def test_make_images_build_digest_covers_the_whole_build_context() -> None:
+    """containers/image.py skips the build when the digest of the context is unchanged: the digest must cover
+    exactly what .dockerignore lets into the build."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preftune_image_tool", CONTAINERS / "image.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    assert set(tool.CONTEXT) == allowed
+    first = tool.context_digest(["--build-arg", "X=1"])
+    assert first == tool.context_digest(["--build-arg", "X=1"])
+    assert first != tool.context_digest(["--build-arg", "X=2"])

@@ -167,3 +167,138 @@ def test_a_worker_error_reaches_the_step_with_its_message(base: str, tmp_path: P
             report_path=str(tmp_path / "report.html"),
         )
     assert not (tmp_path / "model").exists()
+
+
+# ------------------------------------------------------------------------------ how torchrun is started
+
+
+def test_torchrun_is_started_as_a_module_everywhere() -> None:
+    """Never the ``torchrun`` console script: on a PATH it can belong to another Python (the CUDA base image's
+    conda) without preftune, and every worker would fail with ModuleNotFoundError."""
+    import ast
+    import sys
+
+    from preftune.launch import trainjob
+
+    local = distributed.torchrun_command(2, ["--spec", "s.json"])
+    assert local[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    settings = trainjob.JobSettings(namespace="ns", image="registry.example.com/preftune:1", gpus_per_node=1)
+    job = trainjob.render_trainjob(
+        name="preftune-sft-x",
+        stage="sft",
+        call="{}",
+        output_uri="s3://b/p",
+        settings=settings,
+        num_nodes=2,
+        procs_per_node=1,
+        strategy="ddp",
+        runtime="torch-distributed",
+        deadline_seconds=60,
+    )
+    command = job["spec"]["trainer"]["command"]
+    assert command == ["python", "-m", "torch.distributed.run", "--module", "preftune.launch.distributed"]
+    # and no launcher module names the console script anywhere a command could be built from
+    launch = Path(distributed.__file__).parent
+    for path in sorted(launch.glob("*.py")):
+        strings = [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)]
+        assert "torchrun" not in strings, f"{path.name} uses the torchrun console script"
+
+
+# -------------------------------------------------------------------------------- after and before a stage
+
+
+def _sft(base: str, tmp_path: Path) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return dict(
+        base_model=base,
+        train_data=write_jsonl(tmp_path / "train.jsonl", rows(8)),
+        eval_data=write_jsonl(tmp_path / "eval.jsonl", rows(4)),
+        model_dir=str(tmp_path / "model"),
+        report_path=str(tmp_path / "report.html"),
+    )
+
+
+def test_checkpoints_are_removed_after_success_unless_kept(base: str, tmp_path: Path) -> None:
+    config = SFTConfig(epochs=1, batch_size=4, eval_batch_size=4, max_length=32, checkpoint_every=1)
+    removed = tmp_path / "removed"
+    removed.mkdir()
+    (removed / "notes.txt").write_text("not a checkpoint")
+    config.checkpoint_uri = str(removed)
+    run_stage("sft", config, scale=Scale(num_gpus=1), **_sft(base, tmp_path / "a"))
+    assert sorted(p.name for p in removed.iterdir()) == ["notes.txt"], "checkpoints gone, nothing else"
+    kept = tmp_path / "kept"
+    config.checkpoint_uri = str(kept)
+    run_stage("sft", config, scale=Scale(num_gpus=1, keep_checkpoints=True), **_sft(base, tmp_path / "b"))
+    assert sorted(p.name for p in kept.iterdir()) == ["step-00000001"]  # the last step is the model itself
+
+
+def test_minio_checkpoints_go_to_the_s3_endpoint_and_are_removed(base: str, tmp_path: Path, s3) -> None:
+    """A minio:// URI (what KFP writes under multi-user Kubeflow's pipeline root) is S3 at the endpoint."""
+    uri = f"minio://{s3.bucket}/v2/artifacts/run-1/sft/model-checkpoints"
+    config = SFTConfig(epochs=1, batch_size=4, eval_batch_size=4, max_length=32, checkpoint_every=1)
+    config.checkpoint_uri = uri
+    run_stage("sft", config, scale=Scale(num_gpus=1, keep_checkpoints=True), **_sft(base, tmp_path / "a"))
+    prefix = "v2/artifacts/run-1/sft/model-checkpoints/"
+    assert {k.split("/")[5] for k in s3.list_keys(prefix)} == {"step-00000001"}
+    run_stage("sft", config, scale=Scale(num_gpus=1), **_sft(base, tmp_path / "b"))
+    assert s3.list_keys(prefix) == []
+
+
+def test_a_gpu_pod_whose_torch_sees_no_gpu_fails_clearly(
+    base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compiled with a GPU, in a Kubernetes pod, torch (CPU-only here) sees none: refuse, say why."""
+    from preftune.launch.devices import GPUUnavailable
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("PREFTUNE_STEP_GPUS", "1")
+    with pytest.raises(GPUUnavailable, match=r"pod has 1 GPU\(s\) \(nvidia.com/gpu\) but torch .* sees none"):
+        run_stage("sft", SFTConfig(), scale=Scale(), **_sft(base, tmp_path))
+    assert not (tmp_path / "model").exists(), "refused before training"
+    monkeypatch.setenv("PREFTUNE_STEP_GPUS", "0")  # a CPU step in the same cluster trains
+    monkeypatch.setenv("PREFTUNE_TRAINJOB_LAUNCHERS", "1")  # ... unless compiled as a multi-node launcher
+    with pytest.raises(ValueError, match="compiled as a TrainJob launcher .* num_nodes > 1"):
+        run_stage("sft", SFTConfig(), scale=Scale(), **_sft(base, tmp_path))
+
+
+class _Artifact:
+    """What KFP's launcher hands a step: a local path and the URI under the pipeline root."""
+
+    def __init__(self, path: Path, uri: str) -> None:
+        self.path, self.uri, self.metadata = str(path), uri, {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metadata[name] = value
+
+
+def test_the_sft_step_runs_under_a_minio_pipeline_root(
+    base: str, tmp_path: Path, s3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Multi-user Kubeflow's default root is minio://mlpipeline/v2/artifacts: the step's URIs are minio://, its
+    checkpoints go there through the S3 endpoint, and are removed once it succeeded."""
+    import logging
+
+    from preftune.components import COMPONENTS
+
+    root = f"minio://{s3.bucket}/v2/artifacts/preftune-dpo/run-1"
+    data = _sft(base, tmp_path / "in")
+    outputs = {
+        name: _Artifact(tmp_path / "out" / name, f"{root}/sft/{name}")
+        for name in ("model", "metrics", "report")
+    }
+    with caplog.at_level(logging.INFO, logger="preftune.launch.cleanup"):
+        COMPONENTS["sft"].python_func(
+            base_model=base,
+            train_data=_Artifact(Path(data["train_data"]), f"{root}/ingest/train_data"),
+            eval_data=_Artifact(Path(data["eval_data"]), f"{root}/ingest/eval_data"),
+            **outputs,
+            epochs=1,
+            batch_size=4,
+            max_length=32,
+            checkpoint_every=1,
+        )
+    assert outputs["metrics"].metadata["steps"] == 2.0
+    lineage = json.loads((tmp_path / "out" / "model" / "lineage.json").read_text())
+    assert lineage["chain"][-1]["uri"] == f"{root}/sft/model"
+    assert f"removed 1 checkpoint(s) under {root}/sft/model-checkpoints" in caplog.text
+    assert s3.list_keys("v2/artifacts/") == []  # written there, and gone once the step succeeded

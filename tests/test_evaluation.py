@@ -509,3 +509,30 @@ def test_report_renders_in_headless_chromium(full_eval: dict) -> None:
     assert generations == len(full_eval["rows"]) == 5
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000  # a full page, not a blank one
+
+
+def test_held_out_pairs_are_truncated_at_max_length_as_dpo_training_does(tmp_path: Path, tiny, data) -> None:
+    """Implicit rewards on held-out pairs are scored on the tokens DPO trained on: cut at the same max_length
+    (the pipelines pass the training max_length), not at the model's context length."""
+    from preftune.eval.evaluation import _read_pairs
+    from preftune.model.modeling import load_causal_lm, load_tokenizer
+    from preftune.model.sampling import score_pairs
+    from preftune.model.templating import tokenize_pair
+
+    short = EvalConfig(max_new_tokens=4, batch_size=2, max_prompts=2, max_length=10)
+    metrics = _run(tmp_path, tiny, data, "candidate", config=short)
+    tok = load_tokenizer(tiny["reference"])
+    models = [load_causal_lm(tiny[k]) for k in ("candidate", "reference")]
+    pairs = _read_pairs(data["pairs"])
+    kwargs = {"beta": short.beta, "batch_size": 2}
+    cut = score_pairs(*models, tok, pairs, max_length=10, **kwargs)
+    whole = score_pairs(*models, tok, pairs, **kwargs)
+    assert metrics["implicit_reward_margin"] == pytest.approx(cut["implicit_reward_margin"], abs=1e-6)
+    assert cut["implicit_reward_margin"] != pytest.approx(whole["implicit_reward_margin"], abs=1e-4)
+    # the same tokens as DPO's own features at that max_length (load_pair_features tokenises with tokenize_pair)
+    from preftune.model.sampling import PairScorer
+
+    scorer = PairScorer(models[1], tok, pairs, max_length=10, **kwargs)
+    features = [tokenize_pair(tok, messages, chosen, rejected, 10) for messages, chosen, rejected in pairs]
+    expected = [(f["prompt_ids"], f[k]) for f in features for k in ("chosen_ids", "rejected_ids")]
+    assert scorer.items == expected

@@ -164,6 +164,7 @@ def stand_in_evaluate(kl: float, champion: str, metrics: Output[Metrics]):
 def gate_branch(registry_uri: str, kl: float):
     trained = stand_in_training()
     current = champion_op(registry_uri=registry_uri, model_name="policy")
+    current.set_caching_options(False)  # the champion changes between runs, as in pipelines/promotion.py
     evaluation = stand_in_evaluate(kl=kl, champion=current.output)
     verdict = gate_op(evaluation=evaluation.outputs["metrics"], champion_uri=current.output, max_kl=5.0)
     with dsl.If(verdict.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 - a KFP condition

@@ -1,47 +1,41 @@
-"""The pieces every import shares (preftune.data.ingest) and the frontier's probe, tested on their own."""
+"""The pieces every import shares (preftune.data.importing, spill, checkpoints) and the frontier's probe, tested
+on their own."""
 
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from preftune.data import formats, records, validation
-from preftune.data.ingest import (
-    Publication,
-    Split,
+from preftune.data import checkpoints, formats, records, spill, suites
+from preftune.data.importing import (
+    Items,
+    Rejections,
+    Units,
+    Wanted,
     add_reason_metrics,
+    duplicates,
+    emit,
     failure_texts,
     listed,
+    meta_field,
     place,
-    sort_rejected,
-    split_or_publish,
+    present,
+    split,
+    verdict,
+    write_rejected,
 )
 from preftune.data.readers import RawRow
+from preftune.data.sources import SourceFile
 from preftune.eval.frontier import FrontierProbe, raw_sampling
 from preftune.model.sampling import Generations
-
-
-def _row(prompt: str, n: int = 0) -> dict[str, Any]:
-    return {"id": f"{prompt}-{n}", "prompt": [{"role": "user", "content": prompt}], "completion": "c"}
-
-
-def _publication(tmp_path: Path, metrics: dict[str, float]) -> Publication:
-    outcome = validation.ValidationOutcome(reasons=[], expectations=[], success=True, seconds=0.0)
-    rejected = [{"file": "a.jsonl", "row": 2, "reasons": ["empty:prompt"], "detail": "d", "record": {}}]
-    return Publication(
-        title="t",
-        source="src",
-        rejected_path=str(tmp_path / "rejected.jsonl"),
-        report_path=str(tmp_path / "report.html"),
-        metrics=metrics,
-        parameters={"seed": 0},
-        outcome=outcome,
-        rejected=rejected,
-    )
 
 
 def test_failure_texts_name_where_the_kept_duplicate_is() -> None:
@@ -69,48 +63,166 @@ def test_reason_metrics_list_known_reasons_first_then_the_others_sorted() -> Non
     assert listed(Counter()) == ""
 
 
-def test_rejected_rows_sort_in_input_order() -> None:
-    files = [("uri/b", "b.jsonl"), ("uri/a", "a.jsonl")]  # listed order, not alphabetical
-    rejected = [
-        {"file": "a.jsonl", "row": 1},
-        {"file": "b.jsonl", "row": 2, "annotation": 2},
-        {"file": "b.jsonl", "row": 2, "annotation": 1},
-        {"file": "b.jsonl", "row": 1},
-    ]
-    sort_rejected(rejected, files)
-    assert [(r["file"], r["row"], r.get("annotation")) for r in rejected] == [
-        ("b.jsonl", 1, None),
-        ("b.jsonl", 2, 1),
-        ("b.jsonl", 2, 2),
-        ("a.jsonl", 1, None),
-    ]
+def test_sorted_spill_gives_entries_back_in_key_order_across_runs(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(spill, "RUN_ENTRIES", 7)  # several runs on disk plus the buffer
+    keys = list(range(50))
+    random.Random(0).shuffle(keys)
+    entries = spill.SortedSpill(tmp_path, "t")
+    for key in keys:
+        entries.add(key, f"text {key}\twith a tab")
+    assert len(list(tmp_path.glob("t-*.run"))) == 7
+    assert list(entries) == [(k, f"text {k}\twith a tab") for k in range(50)]
 
 
-def test_split_keeps_prompts_apart_and_counts_them(tmp_path: Path) -> None:
-    rows = [_row(p, n) for p in ("p1", "p2", "p3", "p4") for n in range(2)]
-    split = split_or_publish(rows, 0.25, 0, "unused", _publication(tmp_path, {}))
-    assert len(split.train) + len(split.held) == 8 and len(split.held) == 2
-    assert {r["prompt"][0]["content"] for r in split.held}.isdisjoint(
-        r["prompt"][0]["content"] for r in split.train
+def test_duplicates_contradictions_and_the_split_are_hash_based() -> None:
+    ids = np.array([5, 3, 5, 9, 3, 5], dtype=np.uint64)
+    distinct, first = duplicates(ids)
+    assert distinct.tolist() == [3, 5, 9] and first.tolist() == [0, 1, 0, 3, 1, 0]
+    assert present(np.array([9, 4, 3], dtype=np.uint64), distinct).tolist() == [True, False, True]
+    ranks = np.array([40, 10, 30, 10, 20, 50], dtype=np.uint64)
+    accepted = np.array([True, True, True, True, True, False])
+    to_eval, train_groups, eval_groups = split(ranks, accepted, 0.5)
+    # four prompt groups among accepted items (10, 20, 30, 40): the two smallest hashes go to eval
+    assert to_eval.tolist() == [False, True, False, True, True, False] and (train_groups, eval_groups) == (
+        2,
+        2,
     )
-    assert split.metrics() == {"rows_train": 6, "rows_eval": 2, "prompts_train": 3, "prompts_eval": 1}
-    assert not (tmp_path / "report.html").exists(), "a successful split writes nothing yet"
-    assert Split([], []).metrics() == {"rows_train": 0, "rows_eval": 0, "prompts_train": 0, "prompts_eval": 0}
+    assert split(ranks, accepted, 0.0)[0].tolist() == [False] * 6
+    with pytest.raises(ValueError, match="cannot hold out"):
+        split(np.array([7, 7], dtype=np.uint64), np.array([True, True]), 0.3)
 
 
-@pytest.mark.parametrize(
-    ("rows", "match"), [([], "nothing usable"), ([_row("only", 0), _row("only", 1)], "cannot hold out")]
-)
-def test_a_failed_split_writes_rejections_and_report_first(
-    tmp_path: Path, rows: list[dict[str, Any]], match: str
+def test_wanted_rows_answer_ascending_queries_and_going_back() -> None:
+    wanted = Wanted(np.array([2, 5, 9]))
+    assert [n in wanted for n in range(1, 11)] == [n in (2, 5, 9) for n in range(1, 11)]
+    assert 5 in wanted and 3 not in wanted and 9 in wanted, "queries may go back (a batch is checked twice)"
+
+
+def _outcome(failed: list[int], reasons: tuple[str, ...]) -> checkpoints.SuiteResult:
+    rules = [checkpoints.RuleResult("t", "c", r, r, f"fails {r}", True, 0, 0, "all rows") for r in reasons]
+    return checkpoints.SuiteResult(
+        "t", reasons, np.array(failed, dtype=np.uint64), rules, 0.0, len(failed), 0
+    )
+
+
+def test_emit_writes_accepted_items_rejects_units_of_failed_ones_and_stores_large_metas_once(
+    tmp_path: Path,
 ) -> None:
-    publication = _publication(tmp_path, {"rows_input": 3})
-    with pytest.raises(ValueError, match=match):
-        split_or_publish(rows, 0.5, 0, "nothing usable", publication)
-    written = [json.loads(x) for x in (tmp_path / "rejected.jsonl").read_text().splitlines()]
-    assert written == publication.rejected
-    html = (tmp_path / "report.html").read_text()
-    assert "<h1>t</h1>" in html and "rows_input" in html and "empty:prompt" in html
+    source = tmp_path / "rows.jsonl"
+    rows = [{"n": n} for n in range(4)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    units = Units([SourceFile(str(source), "rows.jsonl")])
+    for n in range(4):
+        units.add(0, n + 1)
+    units.formats[0] = "pairwise"
+    rejections = Rejections(tmp_path)
+    items = Items(tmp_path, "t")
+    big = {"note": "x" * 600}
+    items.new_block()  # unit 0: two items sharing a large meta, the first one failing
+    token = meta_field(big, items, inner=False)
+    assert token.startswith("\x01") and meta_field({"a": 1}, items, inner=True) == '"a": 1, '
+    for n, item_id in enumerate(("aaaaaaaaaaaaaaa1", "aaaaaaaaaaaaaaa2", "aaaaaaaaaaaaaaa3")):
+        items.add(f'{{"id": "{item_id}", "meta": {token}}}', "0", n, n, 0)
+    for unit, item_id in ((1, "bbbbbbbbbbbbbbb1"), (2, "ccccccccccccccc1"), (3, "ddddddddddddddd1")):
+        items.new_block()
+        items.add(f'{{"id": "{item_id}"}}', str(unit), 10 + unit, 10 + unit, unit)
+    result = _outcome([1, 0, 0, 3, 0, 0], ("empty:prompt", "duplicate"))
+    decided = verdict(items, result, np.array([0, 1, 2, 0, 4, 5]), 0.0)
+    used = emit(items, decided, units, rejections, str(tmp_path / "train"), str(tmp_path / "eval"))
+    train = [json.loads(line) for line in (tmp_path / "train").read_text().splitlines()]
+    assert used == 3 and [t["id"] for t in train] == [
+        "aaaaaaaaaaaaaaa2",
+        "aaaaaaaaaaaaaaa3",
+        "ccccccccccccccc1",
+        "ddddddddddddddd1",
+    ]
+    assert train[0]["meta"] == big and train[1]["meta"] == {"meta_in": "aaaaaaaaaaaaaaa2"}
+    write_rejected(str(tmp_path / "rejected"), rejections, units)
+    rejected = [json.loads(line) for line in (tmp_path / "rejected").read_text().splitlines()]
+    assert rejected == [
+        {
+            "file": "rows.jsonl",
+            "row": 2,
+            "reasons": ["empty:prompt", "duplicate"],
+            "detail": "fails empty:prompt; fails duplicate (rows.jsonl, line 1)",
+            "record": {"n": 1},  # read again from the source: only the rows needed
+        }
+    ]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    values=st.lists(st.integers(-3, 12), min_size=1, max_size=60),
+    low=st.one_of(st.none(), st.integers(-2, 6)),
+    high=st.one_of(st.none(), st.integers(0, 10)),
+    strict=st.booleans(),
+    condition=st.sampled_from(["", "x > 0", "x != 3", "x <= 8"]),
+)
+def test_the_row_evaluator_agrees_with_great_expectations(values, low, high, strict, condition) -> None:
+    """Above SAMPLE_ROWS rows, preftune applies a suite's map rules itself; here both judge the same rows."""
+    columns = {"x": np.array(values, dtype=np.int64), "flag": np.array([v % 3 == 0 for v in values])}
+    rules = [
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {
+                "column": "x",
+                "min_value": low,
+                "max_value": high,
+                "strict_min": strict,
+                "strict_max": not strict,
+            },
+            "meta": {"reason": "between"},
+        },
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "flag", "value_set": [False]},
+            "meta": {"reason": "flag"},
+        },
+        {
+            "type": "expect_column_values_to_not_be_in_set",
+            "kwargs": {"column": "x", "value_set": [1, 2]},
+            "meta": {"reason": "not_in"},
+        },
+    ]
+    if condition:
+        for rule in rules:
+            rule["kwargs"].update(row_condition=condition, condition_parser="pandas")
+    if (low is None and high is None) or (low is not None and high is not None and low > high):
+        rules = rules[1:]
+    validator = checkpoints.Validator({"suites": {"t": {"expectations": rules}}}, {})
+    result = validator.run("t", columns)  # great-expectations judges every row: fewer than SAMPLE_ROWS
+    for rule, outcome in zip(rules, result.rules, strict=True):
+        mask, evaluated, _ = checkpoints.evaluate(rule["type"], rule["kwargs"], columns, {})
+        bit = 1 << result.reasons.index(rule["meta"]["reason"])
+        assert mask.tolist() == [bool(int(f) & bit) for f in result.failed], rule
+        assert evaluated == outcome.evaluated
+
+
+def test_suites_judge_every_row_above_the_sample_size(monkeypatch) -> None:
+    monkeypatch.setattr(checkpoints, "SAMPLE_ROWS", 50)
+    rng = np.random.default_rng(0)
+    columns = {
+        "prompt_chars": rng.integers(0, 40, 400).astype("int32"),
+        "completion_chars": rng.integers(0, 40, 400).astype("int32"),
+        "is_duplicate": rng.random(400) < 0.1,
+    }
+    document = suites.default_document("ingest")
+    result = checkpoints.Validator(document, {"min_chars": 5, "max_chars": 30}).run("examples", columns)
+    assert result.sampled == 50 and result.rows == 400
+    empty = result.reasons.index("empty:prompt")
+    assert [bool(int(f) >> empty & 1) for f in result.failed] == (columns["prompt_chars"] < 1).tolist()
+    assert all(r.scope.startswith("all rows (preftune); great-expectations found") for r in result.rules)
+
+
+def test_a_rule_that_fails_to_run_is_a_suite_error() -> None:
+    rules = [
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": "x", "min_value": 3, "max_value": 1},
+        }
+    ]
+    with pytest.raises(suites.SuiteError, match="failed to run"):
+        checkpoints.Validator({"suites": {"t": {"expectations": rules}}}, {}).run("t", {"x": np.arange(5)})
 
 
 def test_missing_value_names_field_and_reason() -> None:

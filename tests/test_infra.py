@@ -40,7 +40,10 @@ TAINT = ("nvidia.com/gpu", "NO_SCHEDULE")
 GPU_AMIS = {"AL2023_x86_64_NVIDIA", "BOTTLEROCKET_x86_64_NVIDIA"}
 
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-TEMPLATES = {"s3-credentials-secret.template.yaml"}
+TEMPLATES = {"s3-credentials-secret.template.yaml", "hf-token-secret.template.yaml"}
+LAUNCHER_PATCH = K8S / "patches" / "kfp-launcher-providers.yaml"
+#: KFP's own Secret for its default artifact store (MinIO): minio:// roots, log archiving, driver logs.
+KFP_ARTIFACT_SECRET = "mlpipeline-minio-artifact"
 
 
 def _docs(path: Path) -> list[dict]:
@@ -88,12 +91,12 @@ def _blocks(doc: dict, kind: str) -> dict[tuple[str, ...], dict]:
 def test_there_are_manifests() -> None:
     names = {p.name for p in MANIFESTS}
     assert {
-        "kfp-launcher-configmap.yaml",
         "preftune-s3-config.yaml",
         "serviceaccount.yaml",
         "role.yaml",
         "rolebinding.yaml",
-        "s3-credentials-secret.template.yaml",
+        "trainjob-launcher-rbac.yaml",
+        *TEMPLATES,
     } <= names
 
 
@@ -133,13 +136,18 @@ def test_every_resource_is_namespaced_to_the_kustomization_namespace() -> None:
             assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "preftune"
 
 
-def test_kfp_launcher_config_matches_the_launcher_schema_and_the_secret() -> None:
-    cm = _one("ConfigMap", "kfp-launcher")
-    assert set(cm["data"]) == {"defaultPipelineRoot", "providers"}
-    root = cm["data"]["defaultPipelineRoot"]
-    assert re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?", root), root
+def test_kfp_launcher_config_is_never_replaced() -> None:
+    """KFP (or the profile controller) owns `kfp-launcher`; applying ours would replace it for every pipeline."""
+    assert not [d for d in _by_kind("ConfigMap") if d["metadata"]["name"] == "kfp-launcher"]
+    patch = yaml.safe_load(LAUNCHER_PATCH.read_text(encoding="utf-8"))
+    assert patch == {"data": {"providers": patch["data"]["providers"]}}, "the patch adds `providers` only"
+    assert "kubectl -n kubeflow patch configmap kfp-launcher --type merge" in LAUNCHER_PATCH.read_text()
 
-    providers = yaml.safe_load(cm["data"]["providers"])
+
+def test_kfp_launcher_providers_match_the_launcher_schema_and_the_secret() -> None:
+    providers = yaml.safe_load(
+        yaml.safe_load(LAUNCHER_PATCH.read_text(encoding="utf-8"))["data"]["providers"]
+    )
     assert set(providers) == {"s3"}
     s3 = providers["s3"]
     assert set(s3) <= {"default", "Overrides", "overrides"}
@@ -169,16 +177,26 @@ def test_step_s3_config_is_plain_settings() -> None:
     assert set(cm["data"]) == {"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"}
     endpoint = cm["data"]["AWS_ENDPOINT_URL"]
     assert endpoint == "" or re.match(r"https?://", endpoint), "boto3 wants a URL with scheme"
-    launcher = yaml.safe_load(_one("ConfigMap", "kfp-launcher")["data"]["providers"])["s3"]["default"]
+    patch = yaml.safe_load(LAUNCHER_PATCH.read_text(encoding="utf-8"))
+    launcher = yaml.safe_load(patch["data"]["providers"])["s3"]["default"]
     assert cm["data"]["AWS_DEFAULT_REGION"] == launcher["region"]
 
 
-def test_secret_template_holds_placeholders_only() -> None:
-    secret = _one("Secret", SECRET)
-    assert secret["type"] == "Opaque"
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_secret_templates_hold_placeholders_only(name: str) -> None:
+    (secret,) = _docs(K8S / name)
+    assert secret["kind"] == "Secret" and secret["type"] == "Opaque"
     assert "data" not in secret
     for key, value in secret["stringData"].items():
         assert re.fullmatch(r"<[a-z-]+>", value), f"{key} must be a <placeholder>, not a value"
+
+
+def test_hf_token_template_is_the_secret_the_pipelines_name() -> None:
+    from preftune.launch import platform
+
+    (secret,) = _docs(K8S / "hf-token-secret.template.yaml")
+    assert secret["metadata"]["name"] == platform.DEFAULT_HF_TOKEN_SECRET
+    assert set(secret["stringData"]) == {platform.HF_TOKEN_KEY}
 
 
 def test_no_credentials_anywhere_under_infra() -> None:
@@ -206,31 +224,80 @@ def test_service_account_role_and_binding_fit_together() -> None:
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}
     ]
 
-    rules = role["rules"]
-    for rule in rules:
-        for field in ("apiGroups", "resources", "verbs"):
-            assert "*" not in rule[field], f"wildcard in {field}: {rule}"
-        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
-    # secrets: only the S3 credentials, read-only
-    secret_rules = [r for r in rules if "secrets" in r["resources"]]
-    assert secret_rules == [
-        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [SECRET], "verbs": ["get"]}
-    ]
-    # configmaps: only the launcher config and the step settings
-    (cm_rule,) = [r for r in rules if "configmaps" in r["resources"]]
-    assert set(cm_rule["resourceNames"]) == {"kfp-launcher", S3_CONFIG}
-    assert set(cm_rule["verbs"]) <= {"get", "list", "watch"}
-    # Argo's executor reports outputs
-    assert any(r["apiGroups"] == ["argoproj.io"] and "workflowtaskresults" in r["resources"] for r in rules)
-    # TrainJobs are the multi-node launcher's alone: its own Role, bound to the same service account
-    assert not any("trainer.kubeflow.org" in r["apiGroups"] for r in rules)
-    (launcher_role, binding) = _docs(K8S / "trainjob-launcher-rbac.yaml")
-    assert any(
-        r["apiGroups"] == ["trainer.kubeflow.org"] and r["resources"] == ["trainjobs"]
-        for r in launcher_role["rules"]
-    )
-    assert binding["roleRef"]["name"] == launcher_role["metadata"]["name"]
-    assert binding["subjects"][0]["name"] == "preftune-pipeline-runner"
+    for doc in _by_kind("Role"):
+        for rule in doc["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], f"wildcard in {field}: {rule}"
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+    (launcher_role, launcher_binding) = _docs(K8S / "trainjob-launcher-rbac.yaml")
+    assert launcher_binding["roleRef"]["name"] == launcher_role["metadata"]["name"]
+    assert launcher_binding["subjects"] == binding["subjects"]
+
+
+def _grants(rules: list[dict]) -> set[tuple[str, str, str, str]]:
+    """Every (apiGroup, resource, verb, resourceName or '*') a Role's rules allow."""
+    return {
+        (group, resource, verb, name)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+        for name in rule.get("resourceNames", ["*"])
+    }
+
+
+def _kube_calls() -> set[tuple[str, str, str, str]]:
+    """What preftune's Kubernetes client asks of the API server: each public call made once, its HTTP request
+    turned into the RBAC (group, resource, verb, name) it needs."""
+    from preftune.launch import trainjob
+
+    seen: list[tuple[str, str]] = []
+
+    class Recorder:
+        def request(self, method: str, url: str, **_: object) -> object:
+            seen.append((method, url.removeprefix("https://api")))
+            return type(
+                "Response", (), {"status_code": 200, "text": "", "json": lambda self: {"items": []}}
+            )()
+
+    client = trainjob.KubeClient("https://api", token="t", session=Recorder())
+    calls = {
+        "create_trainjob": ("ns", {}),
+        "get_trainjob": ("ns", "job"),
+        "delete_trainjob": ("ns", "job"),
+        "get_pod": ("ns", "pod"),
+        "list_pods": ("ns", "app=x"),
+        "pod_log": ("ns", "pod", "node", 10),
+    }
+    public = {n for n, v in vars(trainjob.KubeClient).items() if callable(v) and not n.startswith("_")}
+    assert public - {"request", "in_cluster"} == set(calls), "a new API call: add it here and to the Role"
+    for name, args in calls.items():
+        getattr(client, name)(*args)
+    grants = set()
+    for method, path in seen:
+        parts = path.strip("/").split("/")
+        group = "" if parts[0] == "api" else parts[1]
+        rest = parts[parts.index("namespaces") + 2 :]  # plural[/name[/subresource]]
+        resource = "/".join([rest[0], *rest[2:3]])
+        verb = {"POST": "create", "DELETE": "delete"}.get(method) or ("get" if len(rest) > 1 else "list")
+        grants.add((group, resource, verb, "*"))
+    return grants
+
+
+def test_roles_grant_only_what_the_code_and_kfp_use() -> None:
+    """The launcher's Role is exactly the calls of preftune's Kubernetes client; the pipeline runner's Role is
+    what KFP's driver and launcher and Argo's executor do for a run, KFP's artifact secret included."""
+    (launcher_role, _) = _docs(K8S / "trainjob-launcher-rbac.yaml")
+    assert _grants(launcher_role["rules"]) == _kube_calls()
+    kfp_needs = {
+        ("", "secrets", "get", SECRET),  # the launcher: credentials named by kfp-launcher's providers
+        ("", "secrets", "get", KFP_ARTIFACT_SECRET),  # minio:// roots, driver log upload, Argo log archive
+        *{("", "configmaps", verb, "kfp-launcher") for verb in ("get", "list", "watch")},  # the driver
+        ("argoproj.io", "workflowtaskresults", "create", "*"),  # Argo 3.4+ executor: step outputs
+        ("argoproj.io", "workflowtaskresults", "patch", "*"),
+    }
+    assert _grants(_one("Role", SERVICE_ACCOUNT)["rules"]) == kfp_needs
+    # the kubelet, not the pod, resolves env references to Secrets and ConfigMaps: no rule for those
 
 
 # --- Terraform --------------------------------------------------------------------------------------------------
@@ -362,5 +429,16 @@ def test_checkov_skips_are_documented_inline(checkov_reports: list[dict]) -> Non
 
 def test_infra_readme_documents_the_stable_names() -> None:
     readme = (INFRA / "README.md").read_text(encoding="utf-8")
-    for name in (SECRET, *SECRET_KEYS, S3_CONFIG, SERVICE_ACCOUNT, NODE_LABEL[0], TAINT[0], "NoSchedule"):
+    for name in (
+        SECRET,
+        *SECRET_KEYS,
+        S3_CONFIG,
+        SERVICE_ACCOUNT,
+        NODE_LABEL[0],
+        TAINT[0],
+        "NoSchedule",
+        KFP_ARTIFACT_SECRET,
+        "hf-token",
+        "kfp-launcher-providers.yaml",
+    ):
         assert name in readme, f"infra/README.md does not mention {name}"

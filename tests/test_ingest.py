@@ -140,6 +140,7 @@ def test_every_rejection_reason_and_accounting(tmp_path: Path) -> None:
             ]
         },
         {"prompt": "prompt 19", "completion": "answer 19"},
+        '{"prompt": "p", "completion": "c", "prompt": "q"}',  # 20 duplicate_key
     )
     (src / "a.jsonl").write_bytes(jsonl.replace("@UTF8@", "\udcff").encode("utf-8", "surrogateescape"))
     (src / "b.csv").write_text(
@@ -151,14 +152,16 @@ def test_every_rejection_reason_and_accounting(tmp_path: Path) -> None:
     expected.update({"missing:prompt": 2, "missing:completion": 2})
     assert {reason: metrics[metric_name(reason)] for reason in SFT_REASONS} == expected
     assert (metrics["rows_input"], metrics["rows_train"], metrics["rows_eval"], metrics["rows_rejected"]) == (
-        22,
+        23,
         4,
         1,
-        17,
+        18,
     )
     assert _balanced(metrics)
     rejected = {(r["file"], r["row"]): r for r in out["rejected"]}
-    assert len(rejected) == 17
+    assert len(rejected) == 18
+    assert rejected[("a.jsonl", 20)]["reasons"] == ["duplicate_key"]
+    assert "'prompt' appears twice" in rejected[("a.jsonl", 20)]["detail"]
     assert rejected[("a.jsonl", 7)]["reasons"] == ["missing:prompt", "missing:completion"]
     assert rejected[("a.jsonl", 2)]["record"] == {"raw": '{"prompt": "broken'}
     assert rejected[("a.jsonl", 8)]["detail"] == "field 'prompt': expected text or chat messages, got int"

@@ -178,6 +178,7 @@ def test_every_rejection_reason_and_accounting(tmp_path: Path) -> None:
         {"prompt": "prompt 24", "chosen": "chosen 24", "rejected": "rejected 24"},
         {"prompt": "prompt 26", "chosen": "answer x", "rejected": "answer y"},
         {"prompt": "prompt 26", "chosen": "answer y", "rejected": "answer x"},
+        '{"prompt": "prompt 27", "chosen": "chosen 27", "rejected": "rejected 27", "chosen": "rejected 27"}',
     ]
     source = tmp_path / "src"
     source.mkdir()
@@ -190,7 +191,7 @@ def test_every_rejection_reason_and_accounting(tmp_path: Path) -> None:
     reasons = REASONS_BY_FORMAT["pairwise"]
     counts = {reason: metrics[metric_name(reason)] for reason in reasons}
     assert counts == {reason: 2 if reason == "contradiction" else 1 for reason in reasons}
-    assert (metrics["rows_input"], metrics["rows_rejected"], metrics["rows_used"]) == (28, 24, 4)
+    assert (metrics["rows_input"], metrics["rows_rejected"], metrics["rows_used"]) == (29, 25, 4)
     assert metrics["rows_train"] + metrics["rows_eval"] == 4 and metrics["rows_eval"] >= 1
     accepted = sorted((r["source"]["file"], r["source"]["row"]) for r in out["train"] + out["eval"])
     assert accepted == [("p.csv", 1), ("p.jsonl", 1), ("p.jsonl", 23), ("p.jsonl", 24)]
@@ -258,9 +259,12 @@ def test_cli_writes_outputs_and_prints_reasons(tmp_path: Path, capsys: pytest.Ca
         "eval.jsonl",
         "rejected.jsonl",
         "report.html",
+        "expectation_suite.json",
         "metrics.json",
     }
     assert json.loads((out / "metrics.json").read_text())["rejected_identical_pair"] == 1
+    suite = json.loads((out / "expectation_suite.json").read_text())
+    assert suite["preftune_expectation_suites"] == 1 and "pairs" in suite["suites"]
 
 
 def test_cli_fails_when_too_many_rows_are_rejected(

@@ -83,6 +83,7 @@ def test_two_promotions_make_v1_then_v2_and_move_the_pointer(registry_uri: str, 
     assert champion["metrics"]["kl_candidate_reference"] == 1.0
     assert registry.resolve_champion(registry_uri, "policy") == second["uri"]
     assert [v["version"] for v in registry.list_versions(registry_uri, "policy")] == [1, 2]
+    assert registry.list_models(registry_uri) == ["policy"]
     assert _files_of(first["uri"], tmp_path, "v1-after") == v1_files  # v1 untouched
 
     v2 = _files_of(second["uri"], tmp_path, "v2")
@@ -334,3 +335,96 @@ def test_adapter_candidate_is_merged_into_full_weights(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, expected(ids).logits, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ conditional writes of the pointer
+
+
+def test_a_swap_from_a_stale_read_is_refused(registry_uri: str) -> None:
+    from preftune.io.registry import conditional
+
+    uri = f"{registry_uri.rstrip('/')}/policy/{registry.CHAMPION}"
+    empty = conditional.read(uri)
+    assert empty == conditional.Snapshot(None, None)
+    assert conditional.swap(uri, b'{"version": 1}', empty)
+    assert not conditional.swap(uri, b'{"version": 9}', empty)  # someone wrote since "absent" was read
+    first = conditional.read(uri)
+    assert first.data == b'{"version": 1}' and first.tag
+    assert conditional.swap(uri, b'{"version": 2}', first)
+    assert not conditional.swap(uri, b'{"version": 9}', first)  # the tag moved on with the content
+    assert conditional.read(uri).data == b'{"version": 2}'
+
+
+def test_a_promotion_that_loses_the_pointer_race_goes_on_top_of_the_winner(
+    registry_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another promotion moves champion.json between this one's read and its write: the write is refused,
+    and this promotion tries again on top of the winner, so ``previous`` chains v1 <- v3 <- v2."""
+    from preftune.io.registry import conditional
+
+    registry.promote(make_candidate(tmp_path / "a", "a"), registry_uri, "policy", GOOD, run_id="r1")
+    real_swap = conditional.swap
+    refused: list[bool] = []
+
+    def racing_swap(uri: str, data: bytes, expected: conditional.Snapshot) -> bool:
+        if not refused:
+            refused.append(False)  # the racing promotion below swaps for real
+            rival = registry.promote(
+                make_candidate(tmp_path / "b", "b"), registry_uri, "policy", GOOD, run_id="r3"
+            )
+            assert rival["version"] == 3 and rival["previous"] == 1
+        written = real_swap(uri, data, expected)
+        refused.append(not written)
+        return written
+
+    monkeypatch.setattr(conditional, "swap", racing_swap)
+    mine = registry.promote(make_candidate(tmp_path / "c", "c"), registry_uri, "policy", GOOD, run_id="r2")
+    assert refused[-2:] == [True, False]  # the first write lost, the retry landed
+    assert mine["version"] == 2 and mine["previous"] == 3
+    champion = registry.current_champion(registry_uri, "policy")
+    assert champion["version"] == 2 and champion["previous"] == 3 and champion["run_id"] == "r2"
+    assert [v["version"] for v in registry.list_versions(registry_uri, "policy")] == [1, 2, 3]
+
+
+def test_a_decision_against_a_champion_that_moved_publishes_but_does_not_crown(
+    registry_uri: str, tmp_path: Path
+) -> None:
+    first = registry.promote(
+        make_candidate(tmp_path / "a", "a"), registry_uri, "policy", GOOD, decision=_decision("")
+    )
+    assert first["version"] == 1
+    # this candidate's gate ran before v1 existed: it was never compared with the champion it would replace
+    with pytest.raises(registry.StaleChampionError, match=r"NOT made the champion.*now v1"):
+        registry.promote(
+            make_candidate(tmp_path / "b", "b"), registry_uri, "policy", GOOD, decision=_decision("")
+        )
+    assert registry.current_champion(registry_uri, "policy")["version"] == 1
+    assert [v["version"] for v in registry.list_versions(registry_uri, "policy")] == [1, 2]  # published
+
+    compared = _decision(registry.resolve_champion(registry_uri, "policy"))
+    third = registry.promote(
+        make_candidate(tmp_path / "c", "c"), registry_uri, "policy", GOOD, decision=compared
+    )
+    assert third["version"] == 3 and third["previous"] == 1
+
+
+def _decision(champion_uri: str) -> dict:
+    """The gate step's decision, as the promote step receives it (``run_gate`` adds the champion it saw)."""
+    return dict(
+        decide(GOOD, **THRESHOLDS, has_champion=bool(champion_uri) or None), champion_uri=champion_uri
+    )
+
+
+def test_s3_versions_are_claimed_before_the_copy(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two promotions that pick the same number never copy into the same folder: the second one's create-only
+    claim fails and it takes the next number."""
+    uri = s3.uri("registry")
+    s3.put(
+        "registry/policy/.claims/v1.json", '{"promotion_id": "someone else"}'
+    )  # claimed, nothing copied yet
+    pointer = registry.promote(make_candidate(tmp_path / "a", "a"), uri, "policy", GOOD)
+    assert pointer["version"] == 2
+    assert not s3.list_keys("registry/policy/.claims/v2")  # a committed version's claim is removed
+    assert [v["version"] for v in registry.list_versions(uri, "policy")] == [2]
+    assert registry.remove_partials(uri, "policy") == [s3.uri("registry/policy/.claims/v1.json")]
+    assert registry.promote(make_candidate(tmp_path / "b", "b"), uri, "policy", GOOD)["version"] == 3

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from preftune.orchestration.runner import run_pipeline
+from preftune.model.modeling import read_lineage
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -35,27 +35,34 @@ def test_example_compiles(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_example_runs_locally(tmp_path: Path) -> None:
+def test_example_compares_two_different_models_and_prints_its_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     example = _load_example()
-    model = str(EXAMPLES / "tiny-llama")
-    summary = run_pipeline(
-        example.judge_pipeline,
-        {
-            "reference_model": model,
-            "candidate_model": model,
-            "feedback": _slice(EXAMPLES / "data" / "preferences.jsonl", tmp_path / "prefs.jsonl", 160),
-            "eval_prompts": _slice(EXAMPLES / "data" / "eval_prompts.jsonl", tmp_path / "prompts.jsonl", 4),
-            "reward_max_steps": 4,
-            "eval_max_prompts": 4,
-        },
-        tmp_path / "runs",
-    )
+    summary = example.main(
+        [
+            "--pipeline-root", str(tmp_path / "runs"),
+            "--sft-data", _slice(EXAMPLES / "data" / "sft.jsonl", tmp_path / "sft.jsonl", 480),
+            "--candidate-steps", "60",
+            "--feedback", _slice(EXAMPLES / "data" / "preferences.jsonl", tmp_path / "prefs.jsonl", 320),
+            "--eval-prompts", _slice(EXAMPLES / "data" / "eval_prompts.jsonl", tmp_path / "prompts.jsonl", 12),
+            "--reward-max-steps", "16",
+            "--eval-max-prompts", "12",
+        ]
+    )  # fmt: skip
     steps = summary["steps"]
     assert summary["status"] == "SUCCEEDED", {k: v["status"] for k, v in steps.items()}
     evaluation = steps["evaluate"]["metrics"]
-    # the same model on both sides: the judge sees identical generations, so every prompt is a tie
-    assert evaluation["win_rate_vs_reference"] == pytest.approx(0.5)
+    # two different models (not the tiny model against itself: KL 0 and every prompt a tie)
     rows = [
         json.loads(x) for x in Path(steps["evaluate"]["artifacts"]["generations"]).read_text().splitlines()
     ]
-    assert len(rows) == 4 and "candidate_reward" in rows[0]
+    differ = sum(r["candidate"] != r["reference"] for r in rows)
+    assert len(rows) == 12 and differ >= 1
+    assert evaluation["judge_ties_vs_reference"] <= 12 - differ
+    assert evaluation["kl_candidate_reference"] > 0.05  # measured 0.36 on these settings
+    assert read_lineage(summary["parameters"]["candidate_model"])["parent"] == str(EXAMPLES / "tiny-llama")
+    printed = capsys.readouterr().out
+    assert example.verdict(evaluation) in printed
+    # the evaluation's and the judge's headline metrics
+    assert "win_rate_vs_reference = " in printed and "eval_accuracy = " in printed

@@ -253,3 +253,24 @@ def test_the_wheel_ships_the_storage_package() -> None:
     assert "preftune.io.storage" in pyproject["tool"]["setuptools"]["packages"], (
         'add "preftune.io.storage" to [tool.setuptools] packages in pyproject.toml'
     )
+
+
+def test_files_are_read_as_streams_and_outputs_put_in_place(s3: S3Bucket, tmp_path: Path) -> None:
+    data = b"".join(b"line %d\n" % i for i in range(300_000))  # ~2.5 MB: several chunks
+    (tmp_path / "big.txt").write_bytes(data)
+    s3.put("big/big.txt", data)
+    for uri in (str(tmp_path / "big.txt"), s3.uri("big/big.txt")):
+        with storage.open_input(uri) as stream:
+            assert stream.read(5) == b"line " and stream.read() == data[5:]
+    with pytest.raises(FileNotFoundError):
+        storage.open_input(s3.uri("big/missing.txt"))
+    assert storage.sizes(s3.uri("big")) == {s3.uri("big/big.txt"): len(data)}
+    assert storage.sizes(str(tmp_path)) == {str(tmp_path / "big.txt"): len(data)}
+    for target in (str(tmp_path / "out" / "put.txt"), s3.uri("out/put.txt")):
+        local = tmp_path / "made.txt"
+        local.write_bytes(b"made")
+        storage.put_file(local, target)
+        assert storage.read_bytes(target) == b"made" and not local.exists()
+    filesystem, path = storage.arrow_filesystem(s3.uri("big/big.txt"))
+    with filesystem.open_input_stream(path) as stream:
+        assert stream.read() == data

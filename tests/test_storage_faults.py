@@ -240,3 +240,34 @@ def test_reads_survive_cut_responses(flaky: tuple[S3Bucket, FaultProxy]) -> None
     assert {key: storage.read_bytes(s3.uri(key)) for key in payloads} == payloads
     assert {key: s3.get(key) for key in payloads} == payloads
     assert proxy.faults >= 5, dict(proxy.counts)
+
+
+def test_streamed_reads_resume_after_cut_responses_and_refuse_damaged_bytes(
+    s3: S3Bucket, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import streams its input: a body that breaks off resumes with a ranged GET from the last byte; bytes
+    that arrive damaged are an error (they cannot be taken back from the reader), never silently used."""
+    data = random.Random(3).randbytes(3 << 20)
+    _unchecksummed_put(s3, "stream/data.bin", data)  # no response checksum: the ETag's MD5 is the check
+    storage.write_bytes(s3.uri("stream/checked.bin"), data)
+    for kinds in (("cut",), ("drop", "error503")):
+        proxy = _proxy(s3_endpoint, monkeypatch, FaultPlan(rate=1.0, kinds=kinds, max_faults=2))
+        try:
+            for key in ("stream/data.bin", "stream/checked.bin"):
+                with storage.open_input(s3.uri(key)) as stream:
+                    assert stream.read() == data
+        finally:
+            proxy.stop()
+        assert proxy.faults == 2, dict(proxy.counts)
+        assert any(method == "GET" and fault for _, method, _, fault in proxy.log), proxy.log
+    for key in ("stream/data.bin", "stream/checked.bin"):
+        proxy = _proxy(s3_endpoint, monkeypatch, FaultPlan(rate=1.0, kinds=("corrupt",), max_faults=1))
+        try:
+            with (
+                pytest.raises(storage.IntegrityError, match="damaged|MD5"),
+                storage.open_input(s3.uri(key)) as stream,
+            ):
+                stream.read()
+        finally:
+            proxy.stop()
+        assert proxy.counts["corrupt"] == 1

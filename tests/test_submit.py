@@ -34,6 +34,7 @@ class FakeKFP:
     versions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # pipeline id -> versions
     uploads: list[bytes] = field(default_factory=list)
     experiments: dict[str, str] = field(default_factory=dict)
+    recurring: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> the created recurring run
 
     def posted(self, path: str) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["method"] == "POST" and r["path"] == path]
@@ -121,11 +122,34 @@ def _handler(state: FakeKFP) -> type[BaseHTTPRequestHandler]:
                 return {"experiment_id": state.experiments[name], "display_name": name}
             if route == "runs":
                 return {"run_id": "run-1", "display_name": json.loads(body)["display_name"]}
+            if route == "recurringruns" and self.command == "GET":
+                return self._list_recurring(query)
+            if route.startswith("recurringruns/") and self.command == "DELETE":
+                state.recurring.pop(route.split("/")[1])
+                return {}
             if route == "recurringruns":
-                return {"recurring_run_id": "recurring-1", "display_name": json.loads(body)["display_name"]}
+                created = json.loads(body)
+                recurring_id = f"recurring-{len(state.requests)}"
+                state.recurring[recurring_id] = {**created, "recurring_run_id": recurring_id}
+                return {"recurring_run_id": recurring_id, "display_name": created["display_name"]}
             return {}
 
-        do_GET = do_POST = _handle
+        def _list_recurring(self, query: dict[str, list[str]]) -> dict[str, Any]:
+            """One recurring run per page, so that the client's paging is exercised too."""
+            name = _filter_name(query)
+            experiment = query.get("experiment_id", [None])[0]
+            matching = [
+                r
+                for r in state.recurring.values()
+                if (name is None or r["display_name"] == name) and r.get("experiment_id") == experiment
+            ]
+            start = int(query.get("page_token", ["0"])[0] or 0)
+            page = {"recurringRuns": matching[start : start + 1]}
+            if start + 1 < len(matching):
+                page["next_page_token"] = str(start + 1)
+            return page
+
+        do_GET = do_POST = do_DELETE = _handle
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -277,3 +301,51 @@ def test_server_errors_are_reported(monkeypatch, capsys) -> None:
     monkeypatch.setattr(kfp_api, "make_client", lambda *a, **k: Refusing())
     assert kfp_api.run_submit(_args("submit", "dpo", "--host", "http://127.0.0.1:9")) == 1
     assert "403 Forbidden" in capsys.readouterr().err
+
+
+def test_schedule_twice_leaves_one_recurring_run(kfp_server: FakeKFP, capsys) -> None:
+    """A redeploy runs `preftune schedule` again: the recurring run of that name is replaced, not doubled."""
+    argv = ["dpo", "--host", kfp_server.host, "--cron", "0 0 2 * * *", "--name", "dpo-nightly"]
+    other = ["dpo", "--host", kfp_server.host, "--cron", "0 0 3 * * *", "--name", "dpo-weekly"]
+    assert kfp_api.run_schedule(_args("schedule", *other)) == 0
+    assert kfp_api.run_schedule(_args("schedule", *argv)) == 0
+    (first,) = [i for i, r in kfp_server.recurring.items() if r["display_name"] == "dpo-nightly"]
+    assert kfp_api.run_schedule(_args("schedule", *argv, "--param", "since=2026-11-01")) == 0
+    nightly = {i: r for i, r in kfp_server.recurring.items() if r["display_name"] == "dpo-nightly"}
+    assert len(nightly) == 1 and first not in nightly, "the earlier recurring run was replaced"
+    (latest,) = nightly.values()
+    assert latest["runtime_config"]["parameters"] == {"since": "2026-11-01"}
+    assert {r["display_name"] for r in kfp_server.recurring.values()} == {"dpo-nightly", "dpo-weekly"}
+    deletes = [r for r in kfp_server.requests if r["method"] == "DELETE"]
+    assert [r["path"] for r in deletes] == [f"/apis/v2beta1/recurringruns/{first}"]
+    assert f"replaced the earlier recurring run {first}" in capsys.readouterr().out
+    # and once more with two stale copies (made by an older preftune): both go, one stays
+    kfp_server.recurring["stale"] = {**latest, "recurring_run_id": "stale"}
+    assert kfp_api.run_schedule(_args("schedule", *argv)) == 0
+    assert sum(r["display_name"] == "dpo-nightly" for r in kfp_server.recurring.values()) == 1
+
+
+def test_pipeline_root_per_run(kfp_server: FakeKFP) -> None:
+    root = "minio://mlpipeline/v2/artifacts/team-a"
+    assert kfp_api.run_submit(_args("submit", "dpo", "--host", kfp_server.host, "--pipeline-root", root)) == 0
+    (run,) = kfp_server.posted("/apis/v2beta1/runs")
+    assert json.loads(run["body"])["runtime_config"]["pipeline_root"] == root
+    s3_root = "s3://preftune-artifacts/nightly"
+    argv = ["dpo", "--host", kfp_server.host, "--cron", "0 0 2 * * *", "--pipeline-root", s3_root]
+    assert kfp_api.run_schedule(_args("schedule", *argv)) == 0
+    (created,) = kfp_server.recurring.values()
+    assert created["runtime_config"]["pipeline_root"] == s3_root
+
+
+@pytest.mark.parametrize("root", ["/local/dir", "http://minio:9000/bucket", "s3://"])
+def test_a_pipeline_root_outside_object_storage_is_refused(kfp_server: FakeKFP, root: str, capsys) -> None:
+    assert kfp_api.run_submit(_args("submit", "dpo", "--host", kfp_server.host, "--pipeline-root", root)) == 2
+    assert "pipeline root" in capsys.readouterr().err
+    assert kfp_server.requests == []
+
+
+def test_the_pipeline_names_written_out_for_help_are_the_pipelines() -> None:
+    from preftune.orchestration.kfp_api import PIPELINE_NAMES
+    from preftune.pipelines import PIPELINES
+
+    assert tuple(sorted(PIPELINES)) == PIPELINE_NAMES

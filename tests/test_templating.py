@@ -6,7 +6,7 @@ import pytest
 import tiny_models
 from transformers import PreTrainedTokenizerFast
 
-from preftune.model.templating import render_prompt, tokenize_example, tokenize_pair
+from preftune.model.templating import end_of_turn_ids, render_prompt, tokenize_example, tokenize_pair
 from preftune.train.batching import IGNORE_INDEX, PairCollator, SFTCollator
 
 USER = [{"role": "user", "content": "what colour is the sky?"}]
@@ -112,3 +112,96 @@ def test_pair_collator_puts_chosen_first(tok: PreTrainedTokenizerFast) -> None:
         -2.5,
         -2.5,
     ]
+
+
+# ------------------------------------------------------------------------------ templates whose turn is not eos
+
+GEMMA_SPECIALS = ("<pad>", "<s>", "</s>", "<start_of_turn>", "<end_of_turn>")
+
+
+def gemma_tokenizer() -> PreTrainedTokenizerFast:
+    """Gemma's turn markers: an assistant turn ends with <end_of_turn>, which is not eos."""
+    corpus = [*CORPUS, "<start_of_turn> <end_of_turn> model user"]
+    return tiny_models.make_tokenizer(
+        corpus, special_tokens=GEMMA_SPECIALS, chat_template=tiny_models.ARCH_BASES.GEMMA_TEMPLATE
+    )
+
+
+def test_the_completion_is_the_assistant_turn_the_template_renders() -> None:
+    tok = gemma_tokenizer()
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    out = tokenize_example(tok, USER, "the sky is blue.", max_length=200)
+    rendered = tok.apply_chat_template(
+        [*USER, {"role": "assistant", "content": "the sky is blue."}], tokenize=False
+    )
+    assert rendered.endswith("<start_of_turn>model\nthe sky is blue.<end_of_turn>\n")
+    # the prompt's tokens, then the answer up to and including the turn's end: what the template writes, not eos
+    assert out["completion_ids"] == tok("the sky is blue.", add_special_tokens=False)["input_ids"] + [end]
+    assert tok.eos_token_id not in out["completion_ids"]
+    assert tok.decode(out["prompt_ids"] + out["completion_ids"]) == rendered.rstrip("\n")
+    assert end_of_turn_ids(tok) == [end]
+    # the bundled-style template ends a turn with eos: the same tokens as ever
+    plain = make_tokenizer()
+    assert tokenize_example(plain, USER, "blue.", 200)["completion_ids"][-1] == plain.eos_token_id
+    assert end_of_turn_ids(plain) == [plain.eos_token_id]
+
+
+def test_a_template_ending_turns_in_plain_text_gets_eos_after_it() -> None:
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+        "{% if add_generation_prompt %}### assistant: {% endif %}"
+    )
+    out = tokenize_example(tok, USER, "blue.", 200)
+    assert out["completion_ids"] == tok("blue.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_a_template_whose_prompt_is_not_a_prefix_is_refused_by_name() -> None:
+    tok = make_tokenizer()
+    # renders the generation prompt with a marker the finished conversation does not have
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>[thinking]{% endif %}"
+    )
+    tok.name_or_path = "odd-template-model"
+    with pytest.raises(ValueError, match="odd-template-model.*not a prefix of prompt \\+ answer"):
+        tokenize_example(tok, USER, "blue.", 200)
+
+
+def test_sft_trains_on_the_end_of_turn_and_generation_stops_there(tmp_path) -> None:
+    """Trained on Gemma-style turns, the model learns to close its answer with <end_of_turn>, and sampling stops at
+    it (it is not eos): what the template renders is what is trained and what is sampled."""
+    import torch
+
+    from preftune.model import modeling
+    from preftune.model.sampling import eos_ids_of, generate_responses
+    from preftune.train.sft import SFTConfig, train_sft
+
+    tok = gemma_tokenizer()
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    base = tiny_models.make_model_dir(tmp_path / "base", tok)
+    rows = [{"prompt": USER, "completion": "the sky is blue."}] * 8
+    data = tiny_models.write_jsonl(tmp_path / "sft.jsonl", rows)
+    config = SFTConfig(
+        epochs=30, learning_rate=1e-2, batch_size=8, use_lora=False, logging_steps=10, eval_steps=0
+    )
+    train_sft(base, data, data, str(tmp_path / "sft"), str(tmp_path / "r.html"), config)
+    model = modeling.load_causal_lm(str(tmp_path / "sft"))
+    assert end in eos_ids_of(tok, model) and tok.eos_token_id != end
+    out = generate_responses(
+        model,
+        tok,
+        [render_prompt(tok, USER)],
+        max_new_tokens=12,
+        temperature=0.0,
+        top_p=1.0,
+        seed=0,
+        batch_size=1,
+    )
+    assert out.response_ids[0] == tok("the sky is blue.", add_special_tokens=False)["input_ids"] + [end]
+    assert out.texts == ["the sky is blue."]
+    with torch.no_grad():
+        ids = torch.tensor(
+            [tok(render_prompt(tok, USER) + "the sky is blue.", add_special_tokens=False)["input_ids"]]
+        )
+        assert int(model(input_ids=ids).logits[0, -1].argmax()) == end

@@ -213,7 +213,13 @@ def test_rendered_trainjob_carries_the_step(tmp_path: Path) -> None:
         "kind": "ClusterTrainingRuntime",
     }
     assert trainer["image"] == "registry.example.com/preftune:0.1.0"
-    assert trainer["command"] == ["torchrun", "--module", "preftune.launch.distributed"]
+    assert trainer["command"] == [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--module",
+        "preftune.launch.distributed",
+    ]
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
     assert trainer["resourcesPerNode"]["limits"] == {"cpu": "16", "memory": "120Gi", "nvidia.com/gpu": 8}
     # the stage call: inputs by URI, outputs left to the worker, the global batch of 32 split over 16 workers
@@ -240,6 +246,16 @@ def test_rendered_trainjob_carries_the_step(tmp_path: Path) -> None:
     assert pod["nodeSelector"] == {"preftune.dev/pool": "gpu"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["serviceAccountName"] == "preftune-pipeline-runner"
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}]
+    # out of the Istio mesh of a profile namespace, where a sidecar would hang the job
+    metadata = node["template"]["spec"]["template"]["metadata"]
+    assert (
+        metadata["labels"]["sidecar.istio.io/inject"]
+        == metadata["annotations"]["sidecar.istio.io/inject"]
+        == "false"
+    )
+    # each node checks that its torch sees the GPUs it was given
+    assert env["PREFTUNE_STEP_GPUS"] == {"name": "PREFTUNE_STEP_GPUS", "value": "8"}
     # garbage-collected with the step's pod
     (owner,) = job["metadata"]["ownerReferences"]
     assert owner == {
@@ -321,6 +337,33 @@ def test_settings_from_a_cpu_pod_and_defaults() -> None:
     assert trainjob.default_settings("team-a", gpus_per_node=0).tolerations == []
 
 
+def test_a_launcher_step_gives_its_job_the_compiled_gpus_and_training_resources(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compiled with --trainjob-launchers, the step's pod is small and has no GPU; its job's nodes get the
+    compiled GPUs per training step, the training class's CPU and memory and the GPU pool's scheduling."""
+    from preftune.launch import platform
+
+    monkeypatch.setenv(platform.TRAINJOB_LAUNCHERS_ENV, "1")
+    monkeypatch.setenv(platform.ACCELERATOR_COUNT_ENV, "4")
+    monkeypatch.setenv(platform.RESOURCES_ENV, "train:cpu=12/16,memory=100Gi")
+    pod = step_pod(gpus=0)
+    pod["spec"]["nodeSelector"] = {}
+    pod["spec"]["tolerations"] = []
+    settings = trainjob.settings_from_pod(pod)
+    assert trainjob.job_gpus(settings, Scale(num_nodes=2)) == 4
+    assert settings.resources == {
+        "requests": {"cpu": "12", "memory": "100Gi"},
+        "limits": {"cpu": "16", "memory": "100Gi"},
+    }
+    assert settings.node_selector == {"preftune.dev/pool": "gpu"}
+    assert settings.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # not a launcher: a CPU step's job stays on CPUs, a GPU step's job takes the step's GPUs
+    monkeypatch.setenv(platform.TRAINJOB_LAUNCHERS_ENV, "0")
+    assert trainjob.job_gpus(trainjob.settings_from_pod(step_pod(gpus=0)), Scale(num_nodes=2)) == 0
+    assert trainjob.job_gpus(trainjob.settings_from_pod(step_pod(gpus=8)), Scale(num_nodes=2)) == 8
+
+
 def test_inputs_and_outputs_must_be_in_object_storage(tmp_path: Path) -> None:
     kwargs = sft_kwargs(tmp_path)
     kwargs["train_data"] = Artifact(str(tmp_path / "t"), str(tmp_path / "t"))
@@ -330,6 +373,18 @@ def test_inputs_and_outputs_must_be_in_object_storage(tmp_path: Path) -> None:
     kwargs["model_dir"] = Artifact(str(tmp_path / "m"), str(tmp_path / "m"))
     with pytest.raises(ValueError, match="object storage"):
         trainjob.staging_uri(kwargs, "sft")
+    # a minio:// pipeline root (multi-user Kubeflow's default) is object storage too
+    minio = {
+        k: Artifact(v.path, v.uri.replace("s3://bucket/root", "minio://mlpipeline/v2/artifacts"))
+        if hasattr(v, "uri")
+        else v
+        for k, v in sft_kwargs(tmp_path).items()
+    }
+    assert (
+        trainjob.staging_uri(minio, "sft")
+        == "minio://mlpipeline/v2/artifacts/dpo-pipeline/run-1/sft/exec-7/trainjob"
+    )
+    assert trainjob.job_kwargs("sft", minio)["train_data"].startswith("minio://mlpipeline/")
 
 
 def test_outside_a_cluster_multi_node_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

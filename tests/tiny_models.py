@@ -1,11 +1,14 @@
-"""Tiny random Llamas and byte-level BPE tokenizers built offline, shared by the tests.
+"""Tiny random Llamas (and the other common architectures) and byte-level BPE tokenizers built offline, shared
+by the tests.
 
 Build a tokenizer with ``make_tokenizer``, a model for it with ``make_model`` (or ``make_config``), and save both as a
-model artifact with ``save_model_dir``; ``make_model_dir`` does all of that at once.
+model artifact with ``save_model_dir``; ``make_model_dir`` does all of that at once. ``make_arch_model`` and
+``make_arch_dir`` do the same for any of ``ARCHITECTURES`` (configs from examples/make_arch_bases.py).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -21,6 +24,22 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _arch_bases() -> Any:
+    spec = importlib.util.spec_from_file_location("make_arch_bases", EXAMPLES / "make_arch_bases.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: examples/make_arch_bases.py: the architectures and their tiny configs.
+ARCH_BASES = _arch_bases()
+ARCHITECTURES: tuple[str, ...] = ARCH_BASES.ARCHITECTURES
+#: The sliding window of the architecture tests' models: shorter than their documents, so masks must apply it.
+WINDOW = 8
 
 # Every message ends with eos; the generation prompt opens the assistant turn.
 CHAT_TEMPLATE = (
@@ -162,3 +181,29 @@ def make_counting_reward(policy_dir: str, out_dir: Path, target: int) -> str:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tok.save_pretrained(str(out_dir))
     return str(out_dir)
+
+
+def make_arch_model(
+    arch: str, tok: PreTrainedTokenizerFast, *, seed: int = 0, **overrides: Any
+) -> PreTrainedModel:
+    """A random fp32 causal LM of ``arch`` for ``tok`` (2 layers, hidden 32, sliding windows of ``WINDOW``)."""
+    from transformers import AutoModelForCausalLM
+
+    config = ARCH_BASES.arch_config(
+        arch,
+        vocab_size=len(tok),
+        pad=tok.pad_token_id,
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        window=WINDOW,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def make_arch_dir(
+    path: Path, arch: str, tok: PreTrainedTokenizerFast, *, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> str:
+    """``make_arch_model`` saved in ``dtype`` (as a bf16 hub checkpoint is) with ``tok`` in ``path``."""
+    return save_model_dir(make_arch_model(arch, tok, seed=seed).to(dtype), tok, path)

@@ -56,6 +56,8 @@ def collect(
         batch_id=batch_id,
         max_prompts=max_prompts,
     )
-    for name in ("num_prompts", "num_responses", "num_labelstudio_tasks", "num_empty_responses"):
-        metrics.log_metric(name, manifest[name])
+    from preftune.launch.metrics import log_metrics
+
+    names = ("num_prompts", "num_responses", "num_labelstudio_tasks", "num_empty_responses")
+    log_metrics(metrics, {name: manifest[name] for name in names})
     return manifest["uri"]

@@ -55,6 +55,7 @@ def compare(
     """
     from preftune.eval.comparison import compare as run_compare
     from preftune.eval.comparison import verdict
+    from preftune.launch.metrics import log_metrics
 
     result = run_compare(
         training={
@@ -73,6 +74,5 @@ def compare(
         gpus_per_step=gpus_per_step * num_nodes,
         judge_is_rlhf_reward_model=not judge_model,
     )
-    for name, value in result.items():
-        metrics.log_metric(name, value)
+    log_metrics(metrics, result)
     return "\n".join(verdict(result, judge_is_rlhf_reward_model=not judge_model))

@@ -34,7 +34,10 @@ def dpo(
     num_gpus: int = 0,
     num_nodes: int = 1,
     distributed_strategy: str = "ddp",
+    precision: str = "auto",
+    attn_implementation: str = "auto",
     trainjob_runtime: str = "torch-distributed",
+    keep_checkpoints: bool = False,
     seed: int = 0,
     max_steps: int = -1,
 ):
@@ -76,5 +79,6 @@ def dpo(
         model_uri=model.uri,
         snapshot_dir=checkpoints,
     )
-    for name, value in result.items():
-        metrics.log_metric(name, value)
+    from preftune.launch.metrics import log_metrics
+
+    log_metrics(metrics, result)

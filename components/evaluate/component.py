@@ -29,6 +29,9 @@ def evaluate(
     beta: float = 0.1,
     max_prompts: int = 64,
     seed: int = 0,
+    max_length: int = 256,
+    precision: str = "auto",
+    attn_implementation: str = "auto",
 ):
     """Generate with the candidate, the reference and the champion on held-out prompts and measure how they differ.
 
@@ -67,19 +70,23 @@ def evaluate(
     (config,) = configs_from("evaluate", locals())
 
     from preftune.eval.evaluation import evaluate as run_evaluate
+    from preftune.launch import devices, failures, threads
+    from preftune.launch.metrics import log_metrics
 
-    result = run_evaluate(
-        candidate.path,
-        reference.path,
-        eval_prompts,
-        eval_pairs.path,
-        generations.path,
-        report.path,
-        config,
-        judge=judge_uri or (judge.path if judge else None),
-        champion=champion_uri or None,
-        checkpoints=checkpoints.path if checkpoints else None,
-        frontier_path=frontier.path,
-    )
-    for name, value in result.items():
-        metrics.log_metric(name, value)
+    devices.check_gpus()  # a pod given a GPU whose torch sees none fails here, not silently on the CPU
+    threads.limit_threads()  # torch's thread pool sized by the pod's CPU limit, not the node's cores
+    with failures.not_retried(metrics.uri):
+        result = run_evaluate(
+            candidate.path,
+            reference.path,
+            eval_prompts,
+            eval_pairs.path,
+            generations.path,
+            report.path,
+            config,
+            judge=judge_uri or (judge.path if judge else None),
+            champion=champion_uri or None,
+            checkpoints=checkpoints.path if checkpoints else None,
+            frontier_path=frontier.path,
+        )
+    log_metrics(metrics, result)

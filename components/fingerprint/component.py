@@ -11,14 +11,15 @@ def fingerprint(source: str) -> str:
 
     KFP caches a step by its parameters, and a URI stays the same while the data behind it changes. Passing this
     fingerprint to the ingest steps makes their cache key change exactly when the data does, so a nightly run
-    with new data retrains and a rerun on the same data reuses every cached step.
+    with new data retrains and a rerun on the same data reuses every cached step. For a Hugging Face dataset
+    (hf://) it is the commit the dataset's revision points to.
 
     Args:
-        source: URI of the data: a file, a directory, or an s3:// object or prefix.
+        source: URI of the data: a file, a directory, an s3:// object or prefix, or hf://<dataset id>.
 
     Returns:
         Output: A 32-hex-digit fingerprint of the data's listing.
     """
-    from preftune.io.storage import fingerprint as data_fingerprint
+    from preftune.data.sources import fingerprint as data_fingerprint
 
     return data_fingerprint(source)

@@ -40,7 +40,10 @@ def ppo(
     num_gpus: int = 0,
     num_nodes: int = 1,
     distributed_strategy: str = "ddp",
+    precision: str = "auto",
+    attn_implementation: str = "auto",
     trainjob_runtime: str = "torch-distributed",
+    keep_checkpoints: bool = False,
     seed: int = 0,
 ):
     """Optimise the SFT policy against the reward model with PPO, penalising KL divergence from the SFT model.
@@ -87,5 +90,6 @@ def ppo(
         model_uri=model.uri,
         snapshot_dir=checkpoints,
     )
-    for name, value in result.items():
-        metrics.log_metric(name, value)
+    from preftune.launch.metrics import log_metrics
+
+    log_metrics(metrics, result)

@@ -1,7 +1,7 @@
 """KFP component: import collected human feedback as validated preference pairs."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Metrics, Output
+from kfp.dsl import HTML, Artifact, Dataset, Metrics, Output
 
 from preftune.config.components import documented
 from preftune.launch.platform import runtime_image
@@ -17,6 +17,7 @@ def preference_import(
     rejected_rows: Output[Dataset],
     report: Output[HTML],
     metrics: Output[Metrics],
+    expectation_suite: Output[Artifact],
     format: str = "auto",
     ranked_pairs: str = "all",
     min_score_gap: float = 0.5,
@@ -28,6 +29,7 @@ def preference_import(
     seed: int = 0,
     min_chars: int = 1,
     max_chars: int = 8000,
+    expectation_suite_uri: str = "",
     source_fingerprint: str = "",
 ):
     """Turn collected human feedback into chosen/rejected training pairs, accounting for every row.
@@ -36,10 +38,13 @@ def preference_import(
     (see docs/preference_formats.md). Pairs are split by prompt, so no held-out prompt is ever trained on. Every
     input row is used in at least one pair or lands in ``rejected_rows`` with its reasons (empty texts, chosen
     equal to rejected, duplicates, contradictions, unpaired, ...). The step fails, after writing its outputs,
-    when more than ``max_rejected_fraction`` of the rows were rejected.
+    when more than ``max_rejected_fraction`` of the rows were rejected. Rows are streamed, so memory does not
+    grow with the input; the content rules run as great-expectations suites through Checkpoints.
 
     Args:
-        source: URI of the feedback: a jsonl, json, parquet or csv file, a directory, or an s3:// file or prefix.
+        source: URI of the feedback: a jsonl, json, csv or parquet file, a directory or s3:// prefix of them
+            (date=YYYY-MM-DD partitions select with since), a datasets save_to_disk directory, or
+            hf://<dataset id> for a Hugging Face dataset.
         source_fingerprint: Identity of the data behind ``source`` (set by the pipeline from the fingerprint
             step); it only changes the cache key, so the step reruns when the data changes.
 
@@ -49,6 +54,7 @@ def preference_import(
         rejected_rows: Rows that gave no accepted pair, each with its file, row number, reasons and detail (JSONL).
         report: Validation report (HTML): great-expectations results, rejections by reason, warnings.
         metrics: Rows in / used / rejected, pairs train / eval, and rejections by reason.
+        expectation_suite: The expectation suites that ran (JSON); edit and pass back as expectation_suite_uri.
     """
     from preftune.config.components import configs_from
 
@@ -57,6 +63,7 @@ def preference_import(
     import dataclasses
 
     from preftune.data.preferences import RejectedFractionError, import_preferences
+    from preftune.launch.metrics import log_metrics
 
     try:
         result = import_preferences(
@@ -65,11 +72,10 @@ def preference_import(
             eval_pairs.path,
             rejected_rows.path,
             report.path,
+            suite_path=expectation_suite.path,
             **dataclasses.asdict(config),
         )
     except RejectedFractionError as err:
-        for name, value in err.metrics.items():
-            metrics.log_metric(name, value)
+        log_metrics(metrics, err.metrics)
         raise
-    for name, value in result.items():
-        metrics.log_metric(name, value)
+    log_metrics(metrics, result)

@@ -39,6 +39,10 @@ def promote(
     import json
 
     from preftune.eval.promotion import promote as publish
+    from preftune.launch.metrics import log_metrics
+    from preftune.launch.threads import limit_threads
+
+    limit_threads()  # merging adapters runs on the CPUs this pod is given, not the node's
 
     verdict = json.loads(decision)
     pointer = publish(
@@ -50,8 +54,8 @@ def promote(
         decision=verdict,
         merge_adapters=merge_adapters,
     )
-    metrics.log_metric("version", pointer["version"])
-    for name, value in pointer["metrics"].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(name, value)
+    numbers = {
+        k: v for k, v in pointer["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    log_metrics(metrics, {"version": pointer["version"], **numbers})
     return pointer["uri"]

@@ -31,7 +31,10 @@ def reward_model(
     num_gpus: int = 0,
     num_nodes: int = 1,
     distributed_strategy: str = "ddp",
+    precision: str = "auto",
+    attn_implementation: str = "auto",
     trainjob_runtime: str = "torch-distributed",
+    keep_checkpoints: bool = False,
     seed: int = 0,
     max_steps: int = -1,
 ):
@@ -74,5 +77,6 @@ def reward_model(
         sft_model_uri=sft_model.uri,
         model_uri=model.uri,
     )
-    for name, value in result.items():
-        metrics.log_metric(name, value)
+    from preftune.launch.metrics import log_metrics
+
+    log_metrics(metrics, result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from preftune.config import shared
 from preftune.config.fields import check, param
 
 
@@ -35,6 +36,14 @@ class EvalConfig:
     )
     max_prompts: int = param(64, "Evaluate at most this many held-out prompts.", low=1)
     batch_size: int = param(16, "Prompts (or sequences) per forward / generate batch.", low=1)
+    max_length: int = param(
+        256,
+        "Longest prompt + answer in tokens when scoring held-out pairs and judging responses, truncated as "
+        "training truncates (the pipelines pass the training steps' max_length).",
+        low=2,
+    )
+    precision: str = shared.precision()
+    attn_implementation: str = shared.attn_implementation()
 
     def __post_init__(self) -> None:
         validate(self)

@@ -13,7 +13,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+#: How a stage computes: auto = bf16 autocast where the device supports it (a CUDA GPU with bf16), else fp32.
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+#: The older spelling of the precision field (``mixed_precision``; "no" = fp32), still read by the engine.
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+#: Attention kernels a stage may ask transformers for; auto = the model's own default (sdpa where supported).
+ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 
 
 def _number(value: float) -> str:

@@ -20,6 +20,15 @@ def max_chars(unit: str) -> Any:
     return param(8000, f"Longest accepted {unit}, in characters.", low=1)
 
 
+def expectation_suite_uri() -> Any:
+    return param(
+        "",
+        "Expectation suites to validate with (the expectation_suite output of an earlier run, edited); empty "
+        "runs the default suites.",
+        accepts="empty, or a local path or s3:// URI of a suite document",
+    )
+
+
 def check_lengths(config: Any) -> None:
     """The length rules data.ingest and data.preferences apply, before anything is read."""
     check(config)
@@ -41,6 +50,7 @@ class IngestConfig:
     )
     min_chars: int = min_chars("prompt or completion")
     max_chars: int = max_chars("prompt or completion")
+    expectation_suite_uri: str = expectation_suite_uri()
 
 
 def validate(config: IngestConfig) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import date
 
 from preftune.config.fields import param, refuse
-from preftune.config.ingest import check_lengths, eval_fraction, max_chars, min_chars
+from preftune.config.ingest import check_lengths, eval_fraction, expectation_suite_uri, max_chars, min_chars
 
 #: Every feedback format the import reads (data.formats.FORMATS), and auto.
 FORMAT_CHOICES = ("auto", "pairwise", "ranked", "rating", "binary", "labelstudio")
@@ -35,7 +35,9 @@ class PreferenceImportConfig:
         0.5, "Ratings: smallest difference of normalised (z-score) ratings that makes a pair.", low=0
     )
     max_pairs_per_prompt: int = param(
-        16, "Ratings and binary feedback: most pairs made per prompt (0 = no cap), chosen by seed.", low=0
+        16,
+        "Most pairs made per prompt from ranked lists, ratings and binary feedback (0 = no cap), chosen by seed.",
+        low=0,
     )
     since: str = param(
         "",
@@ -57,6 +59,7 @@ class PreferenceImportConfig:
     seed: int = param(0, "Seed of the train/eval split and of pair capping.", low=0)
     min_chars: int = min_chars("prompt or response")
     max_chars: int = max_chars("prompt or response")
+    expectation_suite_uri: str = expectation_suite_uri()
 
 
 def validate(config: PreferenceImportConfig) -> None:

@@ -30,6 +30,11 @@ class ScaleConfig:
     trainjob_runtime: str = param(
         "torch-distributed", "The Kubeflow Trainer runtime a multi-node TrainJob uses."
     )
+    keep_checkpoints: bool = param(
+        False,
+        "Keep the resumable checkpoints (optimizer state included) after the step succeeds; by default they "
+        "are deleted then, since only a retried pod needs them.",
+    )
 
     def launch_arguments(self) -> dict[str, Any]:
         """The keyword arguments of launch.distributed.Scale."""
@@ -38,6 +43,7 @@ class ScaleConfig:
             "num_nodes": self.num_nodes,
             "strategy": self.distributed_strategy,
             "trainjob_runtime": self.trainjob_runtime,
+            "keep_checkpoints": self.keep_checkpoints,
         }
 
 

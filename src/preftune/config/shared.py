@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from preftune.config.fields import MIXED_PRECISION_CHOICES, param
+from preftune.config.fields import ATTENTION_CHOICES, MIXED_PRECISION_CHOICES, PRECISION_CHOICES, param
 
 
 def epochs(default: int, data: str) -> Any:
@@ -92,9 +92,29 @@ def eval_steps(default: int) -> Any:
     )
 
 
+def precision() -> Any:
+    return param(
+        "auto",
+        "Compute precision: fp32, or bf16 / fp16 autocast (auto = bf16 on a GPU that supports it, else fp32). "
+        "Trainable weights are fp32 whatever the checkpoint's dtype; frozen weights are held in the compute dtype.",
+        choices=PRECISION_CHOICES,
+    )
+
+
 def mixed_precision() -> Any:
+    """The older spelling of :func:`precision` (no = fp32); the engine reads either. New configs use precision."""
     return param(
         "auto", "auto (bf16 on capable GPUs, else fp32), no, fp16 or bf16.", choices=MIXED_PRECISION_CHOICES
+    )
+
+
+def attn_implementation() -> Any:
+    return param(
+        "auto",
+        "Attention kernel: eager, sdpa, flash_attention_2 (packing through position ids; no shared prompts) or "
+        "flex_attention (CUDA only); auto = the model's default. A combination that cannot be masked correctly "
+        "is refused.",
+        choices=ATTENTION_CHOICES,
     )
 
 

@@ -93,18 +93,25 @@ def number(value: Any, file: str, row: int, name: str) -> float:
         raise DataFormatError(
             "expected a number, got bool", file=file, row=row, field=name, reason=f"invalid:{name}"
         )
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
             return float(value.strip())
-        except ValueError:
-            pass
-    elif hasattr(value, "item"):
-        try:
+        if hasattr(value, "item"):
             return float(value.item())
-        except (TypeError, ValueError):
-            pass
+    except OverflowError:
+        raise DataFormatError(
+            f"a number too large for a float ({len(str(abs(value)))} digits)"
+            if isinstance(value, int)
+            else "a number too large for a float",
+            file=file,
+            row=row,
+            field=name,
+            reason=f"invalid:{name}",
+        ) from None
+    except (TypeError, ValueError):
+        pass
     raise DataFormatError(
         f"expected a number, got {value!r}"
         if isinstance(value, str)

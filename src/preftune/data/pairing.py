@@ -1,36 +1,42 @@
-"""Turn ranked lists, scalar ratings and binary feedback into candidate preference pairs.
+"""Turn ranked lists, scalar ratings and binary feedback into candidate preference pairs, one prompt at a time.
 
 Every candidate remembers the input rows (units) behind each side, so the importer can say of every row whether
-it ended in an accepted pair or why not. Pairs are made within one prompt. Rows naming the same response to the
-same prompt (whitespace-trimmed text) are one *response*: several ratings of it are averaged, several thumbs are
-a vote. Everything is deterministic: same rows, same parameters, same seed -> same pairs in the same order.
+it ended in an accepted pair or why not. Pairs are made within one prompt, and at most ``max_pairs_per_prompt``
+of them (0 = no cap) in every format that makes several: a ranked list of K responses no longer becomes K²/2
+pairs. Rows naming the same response to the same prompt (whitespace-trimmed text) are one *response*: several
+ratings of it are averaged, several thumbs are a vote. Everything is deterministic: same rows, same parameters,
+same seed -> same pairs in the same order.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from preftune.config.preference_import import RANKED_PAIRS_CHOICES
 from preftune.data import records
-from preftune.data.formats import Observation, RankedList
 
 RANKED_MODES = RANKED_PAIRS_CHOICES
+#: Above this many possible pairs in one ranked list, the capped pairs are drawn at random (seeded) instead of
+#: chosen among all of them.
+ENUMERATE_LIMIT = 100_000
 
 
 @dataclass
 class Candidate:
-    """A pair in the contract's shape plus the units (input rows) behind its chosen and rejected sides."""
+    """A pair in the contract's shape (its ``meta`` not yet written) plus the units (input rows) behind its
+    chosen and rejected sides. ``meta`` says what the pair's meta is made of: ``("ranked", row meta, ranks)`` or
+    ``("sides", chosen rows' metas, rejected rows' metas)``, each meta with its unit."""
 
     pair: dict[str, Any]
     chosen_units: list[int]
     rejected_units: list[int]
     nodes: tuple[int, int] = (0, 0)
+    meta: tuple[Any, ...] = ()
 
     @property
     def units(self) -> list[int]:
@@ -66,62 +72,126 @@ def _pair(
     return row
 
 
-def ranked_pairs(lists: Sequence[RankedList], mode: str = "all") -> Pairing:
-    """Pairs from ranked lists: every better-ranked response over every worse one (``all``), or only across
-    consecutive distinct rank levels (``adjacent``: ranks 1, 2, 2, 4 pair level 1 with 2 and level 2 with 4).
-    The margin is the rank gap. Equal ranks are ties and make no pair (counted in ``pairs_tied``)."""
+def _rng(seed: int, group: str) -> random.Random:
+    return random.Random(hashlib.sha256(f"{seed}\0{group}".encode()).hexdigest())
+
+
+def cap_pairs(candidates: list[Any], cap: int, seed: int, group: str) -> tuple[list[Any], int]:
+    """At most ``cap`` candidates (0 = no cap), chosen in a seeded shuffle order that first takes pairs of two
+    responses not yet covered, then of one, then any, so capping drops as few rows as it can. Returns (kept, in
+    input order; how many were dropped). Candidates are anything with ``nodes`` (the two responses it pairs)."""
+    if cap <= 0 or len(candidates) <= cap:
+        return candidates, 0
+    order = list(range(len(candidates)))
+    _rng(seed, group).shuffle(order)
+    taken: list[int] = []
+    chosen: set[int] = set()
+    covered: set[int] = set()
+    for fresh in (2, 1, 0):  # first pairs of two uncovered responses, then of one, then any
+        for i in order:
+            if len(taken) >= cap:
+                break
+            if i not in chosen and len(set(candidates[i].nodes) - covered) >= fresh:
+                taken.append(i)
+                chosen.add(i)
+                covered.update(candidates[i].nodes)
+    return [candidates[i] for i in sorted(taken)], len(candidates) - len(taken)
+
+
+# ---------------------------------------------------------------------------------------------- ranked
+
+
+@dataclass(frozen=True)
+class _Edge:
+    nodes: tuple[int, int]
+    order: int
+
+
+def ranked_edges(
+    ranks: Sequence[float], mode: str, cap: int, seed: int, group: str
+) -> tuple[list[tuple[int, int]], int, int]:
+    """Which responses of a ranked list pair, as ``(better, worse)`` index pairs in a fixed order: every
+    better-ranked response over every worse one (``all``), or across consecutive distinct rank levels only
+    (``adjacent``), at most ``cap``. Returns (pairs, ties, pairs left out by the cap); never builds more than
+    :data:`ENUMERATE_LIMIT` pairs, however long the list."""
     if mode not in RANKED_MODES:
         raise ValueError(f"ranked_pairs must be one of {', '.join(RANKED_MODES)}, got {mode!r}")
-    out = Pairing()
-    for item in lists:
-        k = len(item.responses)
-        out.stats["pairs_tied"] += sum(
-            1 for i in range(k) for j in range(i + 1, k) if item.ranks[i] == item.ranks[j]
-        )
-        levels = sorted(set(item.ranks))
-        following = {a: b for a, b in zip(levels, levels[1:], strict=False)}
-        made = 0
-        for i in sorted(range(k), key=lambda n: (item.ranks[n], n)):
-            for j in sorted(range(k), key=lambda n: (item.ranks[n], n)):
-                better, worse = item.ranks[i], item.ranks[j]
-                if not better < worse or (mode == "adjacent" and following.get(better) != worse):
-                    continue
-                meta = {**item.meta, "ranks": {"chosen": _number(better), "rejected": _number(worse)}}
-                pair = _pair(
-                    item.prompt,
-                    item.responses[i],
-                    item.responses[j],
-                    worse - better,
-                    meta=meta,
-                    source=dict(item.source),
-                )
-                out.candidates.append(Candidate(pair, [item.unit], [item.unit]))
-                made += 1
-        if not made:
-            out.unpaired[item.unit] = f"all {k} responses share one rank (ties make no pair)"
-    return out
+    levels: dict[float, list[int]] = {}
+    for index in sorted(range(len(ranks)), key=lambda n: (ranks[n], n)):
+        levels.setdefault(ranks[index], []).append(index)
+    order = sorted(levels)
+    ties = sum(len(m) * (len(m) - 1) // 2 for m in levels.values())
+    later = {a: (order[n + 1 : n + 2] if mode == "adjacent" else order[n + 1 :]) for n, a in enumerate(order)}
+    total = sum(len(levels[a]) * sum(len(levels[b]) for b in later[a]) for a in order)
+
+    def enumerate_all() -> Iterator[tuple[int, int]]:
+        for a in order:
+            for i in levels[a]:
+                for b in later[a]:
+                    for j in levels[b]:
+                        yield i, j
+
+    if cap <= 0 or total <= cap:
+        return list(enumerate_all()), ties, 0
+    if total <= ENUMERATE_LIMIT:
+        edges = [_Edge(nodes, n) for n, nodes in enumerate(enumerate_all())]
+        kept, dropped = cap_pairs(edges, cap, seed, group)
+        return [e.nodes for e in kept], ties, dropped
+    return _sampled(levels, order, later, cap, seed, group), ties, total - cap
 
 
-def zscores(observations: Sequence[Observation]) -> list[float]:
-    """Each score as a z-score within its rater (rows without a rater form one pool: the whole import).
+def _sampled(
+    levels: dict[float, list[int]],
+    order: list[float],
+    later: dict[float, list[float]],
+    cap: int,
+    seed: int,
+    group: str,
+) -> list[tuple[int, int]]:
+    """``cap`` distinct pairs drawn at random (seeded) from a list with too many to enumerate."""
+    rng = _rng(seed, group)
+    weights = [len(levels[a]) * sum(len(levels[b]) for b in later[a]) for a in order]
+    picked: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+    while len(picked) < cap:
+        a_index = rng.choices(range(len(order)), weights)[0]
+        a = order[a_index]
+        b = rng.choices(later[a], [len(levels[x]) for x in later[a]])[0]
+        i, j = rng.choice(levels[a]), rng.choice(levels[b])
+        picked.setdefault((i, j), (a_index, levels[a].index(i), order.index(b), levels[b].index(j)))
+    return sorted(picked, key=picked.__getitem__)
 
-    A rater whose scores never vary says nothing about preference: all their scores become 0.
-    """
-    pools: dict[str | None, list[int]] = {}
-    for i, obs in enumerate(observations):
-        pools.setdefault(obs.rater, []).append(i)
-    z = [0.0] * len(observations)
-    for members in pools.values():
-        values = [observations[i].value for i in members]
-        mean = math.fsum(values) / len(values)
-        std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
-        for i in members:
-            z[i] = (observations[i].value - mean) / std if std > 0 else 0.0
-    return z
+
+def ranked_candidates(
+    unit: int,
+    prompt: list[dict[str, str]],
+    responses: list[str],
+    ranks: list[float],
+    meta: dict[str, Any],
+    source: dict[str, Any],
+    *,
+    mode: str,
+    cap: int,
+    seed: int,
+    out: Pairing,
+) -> None:
+    """Pairs of one ranked list; the margin is the rank gap. Equal ranks are ties and make no pair."""
+    edges, ties, dropped = ranked_edges(ranks, mode, cap, seed, records.canonical_json([prompt, responses]))
+    out.stats["pairs_tied"] += ties
+    out.stats["pairs_capped"] += dropped
+    for i, j in edges:
+        better, worse = ranks[i], ranks[j]
+        pair = _pair(prompt, responses[i], responses[j], worse - better, source=dict(source))
+        ranked = {"chosen": _number(better), "rejected": _number(worse)}
+        out.candidates.append(Candidate(pair, [unit], [unit], (i, j), ("ranked", meta, ranked)))
+    if not edges:
+        out.unpaired[unit] = f"all {len(responses)} responses share one rank (ties make no pair)"
+
+
+# ---------------------------------------------------------------------------------------------- ratings, thumbs
 
 
 @dataclass
-class _Response:
+class Response:
     """One distinct response to one prompt, with every row that rated or voted on it."""
 
     text: str
@@ -131,95 +201,59 @@ class _Response:
     sources: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _group(
-    observations: Sequence[Observation], values: Sequence[float]
-) -> dict[str, tuple[list[dict[str, str]], list[_Response]]]:
-    """Observations by prompt, then by trimmed response text, in first-seen order."""
-    groups: dict[str, tuple[list[dict[str, str]], dict[str, _Response]]] = {}
-    for obs, value in zip(observations, values, strict=True):
-        key = records.canonical_json(obs.prompt)
-        prompt, responses = groups.setdefault(key, (obs.prompt, {}))
-        response = responses.setdefault(obs.response.strip(), _Response(obs.response))
-        response.units.append(obs.unit)
-        response.values.append(value)
-        response.metas.append(obs.meta)
-        response.sources.append(obs.source)
-    return {key: (prompt, list(responses.values())) for key, (prompt, responses) in groups.items()}
-
-
-def _sides(chosen: _Response, rejected: _Response) -> dict[str, Any]:
+def _sides(chosen: Response, rejected: Response) -> tuple[dict[str, Any], tuple[Any, ...]]:
     first = chosen.sources[0]
-    return {
-        "meta": {"chosen": list(chosen.metas), "rejected": list(rejected.metas)},
-        "source": {
-            "file": first["file"],
-            "row": first["row"],
-            "chosen": list(chosen.sources),
-            "rejected": list(rejected.sources),
-        },
+    source = {
+        "file": first["file"],
+        "row": first["row"],
+        "chosen": list(chosen.sources),
+        "rejected": list(rejected.sources),
     }
+    sides = (
+        "sides",
+        list(zip(chosen.units, chosen.metas, strict=True)),
+        list(zip(rejected.units, rejected.metas, strict=True)),
+    )
+    return source, sides
 
 
-def cap_pairs(candidates: list[Candidate], cap: int, seed: int, group: str) -> tuple[list[Candidate], int]:
-    """At most ``cap`` candidates (0 = no cap), chosen in a seeded shuffle order that first takes pairs of two
-    responses not yet covered, then of one, then any, so capping drops as few rows as it can. Returns (kept, in
-    input order; how many were dropped)."""
-    if cap <= 0 or len(candidates) <= cap:
-        return candidates, 0
-    rng = random.Random(hashlib.sha256(f"{seed}\0{group}".encode()).hexdigest())
-    order = list(range(len(candidates)))
-    rng.shuffle(order)
-    taken: list[int] = []
-    covered: set[int] = set()
-    for fresh in (2, 1, 0):  # first pairs of two uncovered responses, then of one, then any
-        for i in order:
-            if len(taken) >= cap:
-                break
-            if i not in taken and len(set(candidates[i].nodes) - covered) >= fresh:
-                taken.append(i)
-                covered.update(candidates[i].nodes)
-    return [candidates[i] for i in sorted(taken)], len(candidates) - len(taken)
-
-
-def rating_pairs(
-    observations: Sequence[Observation], *, min_score_gap: float, max_pairs_per_prompt: int, seed: int
-) -> Pairing:
-    """Pairs from scalar ratings: scores become z-scores per rater, a response's score is the mean z of its
-    ratings, and two responses to one prompt pair when their scores differ by at least ``min_score_gap`` (and by
+def rating_group(
+    key: str,
+    prompt: list[dict[str, str]],
+    responses: list[Response],
+    *,
+    min_score_gap: float,
+    cap: int,
+    seed: int,
+    out: Pairing,
+) -> None:
+    """Pairs from the ratings of one prompt (``values`` are z-scores within each rater): a response's score is the
+    mean z of its ratings, and two responses pair when their scores differ by at least ``min_score_gap`` (and by
     more than 0). The margin is that difference; ``scores`` carries both sides' normalised scores."""
-    if not math.isfinite(min_score_gap) or min_score_gap < 0:
-        raise ValueError(f"min_score_gap must be a finite number >= 0, got {min_score_gap}")
-    out = Pairing()
-    z = zscores(observations)
-    for key, (prompt, responses) in _group(observations, z).items():
-        score = [math.fsum(r.values) / len(r.values) for r in responses]
-        found: list[Candidate] = []
-        for i in range(len(responses)):
-            for j in range(i + 1, len(responses)):
-                gap = score[i] - score[j]
-                if gap == 0 or abs(gap) < min_score_gap:
-                    out.stats["pairs_below_gap"] += 1
-                    continue
-                c, r = (i, j) if gap > 0 else (j, i)
-                pair = _pair(
-                    prompt,
-                    responses[c].text,
-                    responses[r].text,
-                    abs(gap),
-                    scores={"chosen": score[c], "rejected": score[r]},
-                    **_sides(responses[c], responses[r]),
-                )
-                found.append(Candidate(pair, list(responses[c].units), list(responses[r].units), (c, r)))
-        kept, dropped = cap_pairs(found, max_pairs_per_prompt, seed, key)
-        out.stats["pairs_capped"] += dropped
-        out.candidates.extend(kept)
-        _explain_unpaired(out, responses, kept, found, "ratings", min_score_gap)
-    return out
+    import math
+
+    score = [math.fsum(r.values) / len(r.values) for r in responses]
+    found: list[Candidate] = []
+    for i in range(len(responses)):
+        for j in range(i + 1, len(responses)):
+            gap = score[i] - score[j]
+            if gap == 0 or abs(gap) < min_score_gap:
+                out.stats["pairs_below_gap"] += 1
+                continue
+            c, r = (i, j) if gap > 0 else (j, i)
+            source, sides = _sides(responses[c], responses[r])
+            scores = {"chosen": score[c], "rejected": score[r]}
+            pair = _pair(prompt, responses[c].text, responses[r].text, abs(gap), scores=scores, source=source)
+            found.append(Candidate(pair, list(responses[c].units), list(responses[r].units), (c, r), sides))
+    kept, dropped = cap_pairs(found, cap, seed, key)
+    out.stats["pairs_capped"] += dropped
+    out.candidates.extend(kept)
+    _explain_unpaired(out, responses, kept, found, "ratings", min_score_gap)
 
 
 def _explain_unpaired(
     out: Pairing,
-    responses: list[_Response],
+    responses: list[Response],
     kept: list[Candidate],
     found: list[Candidate],
     what: str,
@@ -243,48 +277,45 @@ def _explain_unpaired(
             out.unpaired.setdefault(unit, why)
 
 
-def binary_pairs(observations: Sequence[Observation], *, max_pairs_per_prompt: int, seed: int) -> Pairing:
-    """Pairs from thumbs up/down: within a prompt, every up-voted response over every down-voted one, capped at
-    ``max_pairs_per_prompt`` per prompt (seeded). A response voted both ways takes the majority; the outvoted
-    rows (all of them on a draw) are rejected as ``contradiction``."""
-    out = Pairing()
-    for key, (prompt, responses) in _group(observations, [o.value for o in observations]).items():
-        ups: list[int] = []
-        downs: list[int] = []
-        for n, response in enumerate(responses):
-            votes = Counter(response.values)
-            up, down = votes.get(1.0, 0), votes.get(0.0, 0)
-            if up and down:
-                majority = 1.0 if up > down else 0.0 if down > up else None
-                for unit, value in zip(response.units, response.values, strict=True):
-                    if value != majority:
-                        out.rejected[unit] = (
-                            "contradiction",
-                            f"the same response got {up} up and {down} down votes"
-                            + ("" if majority is None else "; this row is outvoted"),
-                        )
-                keep = [i for i, v in enumerate(response.values) if v == majority]
-                response.units = [response.units[i] for i in keep]
-                response.values = [response.values[i] for i in keep]
-                response.metas = [response.metas[i] for i in keep]
-                response.sources = [response.sources[i] for i in keep]
-                if majority is None:
-                    continue
-            (ups if response.values[0] == 1.0 else downs).append(n)
-        found = [
-            Candidate(
-                _pair(
-                    prompt, responses[u].text, responses[d].text, None, **_sides(responses[u], responses[d])
-                ),
-                list(responses[u].units),
-                list(responses[d].units),
-                (u, d),
+def _vote(response: Response, out: Pairing) -> float | None:
+    """A response voted both ways takes the majority; the outvoted rows (all of them on a draw) are rejected as
+    ``contradiction``. Returns the label that stands (None on a draw)."""
+    votes = Counter(response.values)
+    up, down = votes.get(1.0, 0), votes.get(0.0, 0)
+    if not (up and down):
+        return response.values[0]
+    majority = 1.0 if up > down else 0.0 if down > up else None
+    for unit, value in zip(response.units, response.values, strict=True):
+        if value != majority:
+            out.rejected[unit] = (
+                "contradiction",
+                f"the same response got {up} up and {down} down votes"
+                + ("" if majority is None else "; this row is outvoted"),
             )
-            for u in ups
-            for d in downs
-        ]
-        kept, dropped = cap_pairs(found, max_pairs_per_prompt, seed, key)
-        out.stats["pairs_capped"] += dropped
-        out.candidates.extend(kept)
-        _explain_unpaired(out, responses, kept, found, "labels", 0.0)
-    return out
+    keep = [i for i, v in enumerate(response.values) if v == majority]
+    for name in ("units", "values", "metas", "sources"):
+        setattr(response, name, [getattr(response, name)[i] for i in keep])
+    return majority
+
+
+def binary_group(
+    key: str, prompt: list[dict[str, str]], responses: list[Response], *, cap: int, seed: int, out: Pairing
+) -> None:
+    """Pairs from the thumbs of one prompt: every up-voted response over every down-voted one, at most ``cap``
+    (seeded); see :func:`_vote` for a response voted both ways."""
+    ups: list[int] = []
+    downs: list[int] = []
+    for n, response in enumerate(responses):
+        label = _vote(response, out)
+        if label is not None:
+            (ups if label == 1.0 else downs).append(n)
+    found = []
+    for u in ups:
+        for d in downs:
+            source, sides = _sides(responses[u], responses[d])
+            pair = _pair(prompt, responses[u].text, responses[d].text, None, source=source)
+            found.append(Candidate(pair, list(responses[u].units), list(responses[d].units), (u, d), sides))
+    kept, dropped = cap_pairs(found, cap, seed, key)
+    out.stats["pairs_capped"] += dropped
+    out.candidates.extend(kept)
+    _explain_unpaired(out, responses, kept, found, "labels", 0.0)

@@ -1,16 +1,22 @@
-"""Read tabular training data (JSONL / JSON / CSV / TSV / parquet, local or s3) into raw rows.
+"""Read tabular training data (JSONL / JSON / CSV / TSV / parquet, local or s3) into raw rows, as a stream.
+
+Files are never read whole: text is decompressed and split as it arrives (:mod:`textio`, with bounds against
+compression bombs and endless lines), parquet is read in record batches (:mod:`arrowrows`). Memory follows one
+row or one batch, whatever the file's size.
 
 Error policy -- every input row is accounted for, and bad input never ends in a bare traceback:
 
-* A problem confined to one row (a line that is not valid JSON, not UTF-8, not a JSON object; a CSV row with the
-  wrong number of fields) is *isolable*. With ``on_error="reject"`` (the importers' default) it comes back as a
-  :class:`RawRow` with ``error`` set (``invalid_json``, ``invalid_utf8``, ``not_an_object``, ``malformed_row``)
-  so the importer can reject that row with a reason and go on. With ``on_error="raise"`` it raises
-  :class:`DataFormatError` naming the file and line.
-* A problem with the whole file always raises :class:`DataFormatError`: unreadable parquet, a file that is not the
-  format its extension claims (parquet or gzip bytes in a ``.jsonl``, no ``PAR1`` magic in a ``.parquet``),
-  UTF-16 text, a broken CSV header, a ``.json`` array that does not parse, or a JSONL file in which *no* line
-  parses (nothing isolable: the file as a whole is wrong).
+* A problem confined to one row is *isolable*. With ``on_error="reject"`` (the importers' default) it comes back
+  as a :class:`RawRow` with ``error`` set so the importer can reject that row with a reason and go on:
+  ``invalid_json`` (also nesting deeper than 64 levels), ``invalid_utf8``, ``not_an_object``, ``duplicate_key``,
+  ``malformed_row`` (a CSV row with the wrong number of fields, or the line where a broken quote opens), and
+  ``invalid:<field>`` for a value no output can hold (an integer over Python's 4,300 digits, a lone surrogate, a
+  parquet timestamp outside Python's range). With ``on_error="raise"`` it raises :class:`DataFormatError`
+  naming the file and line.
+* A problem with the whole file always raises :class:`DataFormatError` naming the file (and the line when there
+  is one): unreadable parquet, a file that is not the format its extension claims, UTF-16 text, a broken CSV
+  header, a ``.json`` array that does not parse, a compression bomb, a line over 64 MiB, or a JSONL file whose
+  first :data:`PROBE_LINES` non-blank lines are all unreadable (nothing isolable: the file as a whole is wrong).
 
 Row numbers are 1-based: the physical line in JSONL, the data row (header excluded) in CSV/parquet, the element
 in a ``.json`` array. Blank JSONL lines are not rows and are skipped (line numbers stay physical).
@@ -18,18 +24,16 @@ in a ``.json`` array. Blank JSONL lines are not rows and are skipped (line numbe
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import gzip
-import io
-import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
+from preftune.data import arrowrows, csvrows, jsonrows, textio
+from preftune.data.jsonrows import Problem
 from preftune.io import storage
 
 log = logging.getLogger(__name__)
@@ -38,9 +42,10 @@ OnError = Literal["reject", "raise"]
 
 #: File suffixes we read (a trailing ``.gz`` is also accepted for the text formats).
 SUPPORTED_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+#: Unreadable lines a JSONL file may start with before it is refused as not JSONL at all.
+PROBE_LINES = 1000
 
-_PARQUET_MAGIC = b"PAR1"
-_GZIP_MAGIC = b"\x1f\x8b"
+_kind = jsonrows.kind
 
 
 class DataFormatError(ValueError):
@@ -71,6 +76,21 @@ class DataFormatError(ValueError):
             location.append(f"field {field!r}")
         super().__init__(f"{', '.join(location)}: {message}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt from its parts when it crosses a process boundary (a parallel import's worker)."""
+        return (_rebuild, (type(self), self.message, self.file, self.row, self.field, self.reason))
+
+
+def _rebuild(
+    cls: type[DataFormatError],
+    message: str,
+    file: str,
+    row: int | None,
+    field: str | None,
+    reason: str | None,
+) -> DataFormatError:
+    return DataFormatError(message, file=file, row=row, field=field, reason=reason)
+
 
 def row_label(file: str) -> str:
     """How rows of ``file`` are counted in messages: JSONL lines, JSON array items, CSV/parquet rows."""
@@ -82,12 +102,13 @@ def row_label(file: str) -> str:
     return "row"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RawRow:
     """One input row as read: where it came from, and either its ``record`` or why it could not be read.
 
-    ``error`` is None for a readable row; otherwise a rejection reason (``invalid_json``, ``invalid_utf8``,
-    ``not_an_object``, ``malformed_row``), ``detail`` says what was wrong and ``raw`` holds the row's text.
+    ``error`` is None for a readable row; otherwise a rejection reason (see the module docstring), ``detail``
+    says what was wrong. ``raw`` holds the row's text: always for an unreadable row, and for a JSON Lines row
+    (its record's JSON as written), so a row rejected later needs no second read of its file.
     """
 
     file: str
@@ -95,10 +116,10 @@ class RawRow:
     record: dict[str, Any] | None
     error: str | None = None
     detail: str | None = None
-    raw: str | None = field(default=None, repr=False)
+    raw: str | None = field(default=None, repr=False, compare=False)
 
 
-def _suffix(name: str) -> str:
+def suffix_of(name: str) -> str:
     """The format suffix of a file name, ignoring a trailing ``.gz`` ('' if unsupported)."""
     lowered = name.lower()
     gz = lowered.endswith(".gz")
@@ -110,9 +131,15 @@ def _suffix(name: str) -> str:
     return ""
 
 
-def _hidden(relative: str) -> bool:
+def hidden(relative: str) -> bool:
     """Hidden or bookkeeping files (``.crc``, ``_SUCCESS``, ``.ipynb_checkpoints``) written next to data."""
     return any(part.startswith((".", "_")) for part in PurePosixPath(relative).parts)
+
+
+def unsupported(name: str) -> DataFormatError:
+    return DataFormatError(
+        f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)", file=name
+    )
 
 
 def data_files(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -128,11 +155,8 @@ def data_files(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
     single = files == [uri] if storage.is_s3(uri) else storage.local_path(uri).is_file()
     if single:
         name = PurePosixPath(files[0].split("://", 1)[-1]).name
-        if not _suffix(name) and "." in name:
-            raise DataFormatError(
-                f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)",
-                file=name,
-            )
+        if not suffix_of(name) and "." in name:
+            raise unsupported(name)
         return [(files[0], name)], []
     base = uri.rstrip("/")
     if not storage.is_s3(uri):
@@ -143,7 +167,7 @@ def data_files(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
         relative = (
             file_uri[len(base) + 1 :] if file_uri.startswith(base + "/") else PurePosixPath(file_uri).name
         )
-        if _suffix(relative) and not _hidden(relative):
+        if suffix_of(relative) and not hidden(relative):
             chosen.append((file_uri, relative))
         else:
             skipped.append(relative)
@@ -159,82 +183,48 @@ def data_files(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
     return chosen, skipped
 
 
-def _sniff(data: bytes, name: str, suffix: str) -> bytes:
-    """Decompress ``.gz`` and refuse bytes that are plainly another format than the extension claims."""
-    if name.lower().endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise DataFormatError(f"not a readable gzip file ({exc})", file=name) from exc
-    elif data[:2] == _GZIP_MAGIC:
-        raise DataFormatError("file is gzip-compressed; name it with a .gz suffix", file=name)
-    if suffix == ".parquet":
-        if data[:4] != _PARQUET_MAGIC:
-            raise DataFormatError("not a parquet file (missing PAR1 magic bytes)", file=name)
-        return data
-    if data[:4] == _PARQUET_MAGIC:
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def _problem_row(name: str, number: int, problem: Problem, raw: str | None, on_error: OnError) -> RawRow:
+    if on_error == "raise":
         raise DataFormatError(
-            f"file holds parquet data but is named {suffix}; rename it to .parquet", file=name
+            problem.detail, file=name, row=number, field=problem.field, reason=problem.reason
         )
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataFormatError("file is UTF-16 encoded; re-encode it as UTF-8", file=name)
-    return data.removeprefix(b"\xef\xbb\xbf")
+    return RawRow(name, number, None, problem.reason, problem.detail, raw)
 
 
-def _utf8_error(exc: UnicodeDecodeError) -> str:
-    return f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1})"
-
-
-def parse_jsonl(data: bytes, name: str, on_error: OnError = "raise") -> Iterator[RawRow]:
-    """Rows of JSONL bytes; isolable bad lines are held back until a good line proves the file is JSONL at all."""
+def jsonl_rows(
+    numbered: Iterable[tuple[int, bytes]],
+    name: str,
+    on_error: OnError = "raise",
+    wanted: Collection[int] = (),
+) -> Iterator[RawRow]:
+    """Rows of numbered JSONL lines. Unreadable lines before the first good one are held back (at most
+    :data:`PROBE_LINES`) until a good line proves the file is JSONL at all. ``wanted``: parse only these rows
+    (a second read for rows already known to be readable)."""
     pending: list[RawRow] = []
-    seen_good = False
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        line = line.rstrip(b"\r")
+    seen_good = bool(wanted)
+    for number, line in numbered:
+        if wanted and number not in wanted:
+            continue
         if not line.strip():
             continue
-        bad: RawRow | None = None
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            bad = RawRow(
-                name, number, None, "invalid_utf8", _utf8_error(exc), line.decode("utf-8", "replace")
-            )
-        else:
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                bad = RawRow(
-                    name,
-                    number,
-                    None,
-                    "invalid_json",
-                    f"invalid JSON ({exc.msg} at column {exc.colno})",
-                    text,
-                )
-            else:
-                if not isinstance(value, dict):
-                    bad = RawRow(
-                        name,
-                        number,
-                        None,
-                        "not_an_object",
-                        f"expected a JSON object, got {_kind(value)}",
-                        text,
-                    )
-        if bad is not None:
-            if on_error == "raise":
-                raise DataFormatError(bad.detail or "unreadable", file=name, row=number)
+        record, problem, text = jsonrows.parse_object(line)
+        if problem is not None:
+            bad = _problem_row(name, number, problem, text[:100_000], on_error)
             if seen_good:
                 yield bad
-            else:
-                pending.append(bad)
+                continue
+            pending.append(bad)
+            if len(pending) >= PROBE_LINES:
+                break
             continue
         if not seen_good:
             seen_good = True
             yield from pending
             pending.clear()
-        yield RawRow(name, number, value)
+        yield RawRow(name, number, record, raw=text)
     if pending:
         first = pending[0]
         raise DataFormatError(
@@ -244,12 +234,18 @@ def parse_jsonl(data: bytes, name: str, on_error: OnError = "raise") -> Iterator
         )
 
 
-def _read_json(data: bytes, name: str, on_error: OnError) -> Iterator[RawRow]:
+def parse_jsonl(data: bytes, name: str, on_error: OnError = "raise") -> Iterator[RawRow]:
+    """Rows of JSONL bytes already in memory (see :func:`jsonl_rows`)."""
+    return jsonl_rows(enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1), name, on_error)
+
+
+def _json_rows(stream: Any, name: str, on_error: OnError, wanted: Collection[int]) -> Iterator[RawRow]:
     """A ``.json`` file: a JSON array of objects, or (as many tools write) JSON Lines under a .json name."""
-    stripped = data.lstrip()
-    if not stripped.startswith(b"["):
-        yield from parse_jsonl(data, name, on_error)
+    head = stream.peek(64)[:64].lstrip()
+    if not head.startswith(b"["):
+        yield from jsonl_rows(textio.lines(stream), name, on_error, wanted)
         return
+    data = textio.read_document(stream)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -258,117 +254,87 @@ def _read_json(data: bytes, name: str, on_error: OnError) -> Iterator[RawRow]:
             f"not valid UTF-8 (byte 0x{data[exc.start]:02x}) on line {line}", file=name
         ) from exc
     try:
-        items = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(
-            f"invalid JSON array ({exc.msg} at line {exc.lineno}, column {exc.colno})", file=name
-        ) from exc
-    for number, value in enumerate(items, start=1):
-        if isinstance(value, dict):
+        items = jsonrows.parse_array(text)
+    except ValueError as exc:
+        raise DataFormatError(str(exc), file=name) from exc
+    del data, text
+    for number, (value, problem) in enumerate(items, start=1):
+        if wanted and number not in wanted:
+            continue
+        if problem is None and not isinstance(value, dict):
+            problem = Problem("not_an_object", f"expected a JSON object, got {_kind(value)}")
+        if problem is None:
             yield RawRow(name, number, value)
             continue
-        detail = f"expected a JSON object, got {_kind(value)}"
-        if on_error == "raise":
-            raise DataFormatError(detail, file=name, row=number)
-        yield RawRow(
-            name, number, None, "not_an_object", detail, json.dumps(value, ensure_ascii=False)[:10000]
-        )
+        raw = value if problem.reason == "not_an_object" else None
+        yield _problem_row(name, number, problem, _preview(raw), on_error)
 
 
-def _maybe_messages(cell: str) -> Any:
-    """A CSV cell holding a JSON list of chat messages becomes that list; any other text stays text."""
-    text = cell.strip()
-    if not (text.startswith("[") and text.endswith("]") and '"role"' in text):
-        return cell
+def _preview(value: Any) -> str | None:
+    import json
+
+    if value is None:
+        return None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return cell
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
-        return value
-    return cell
+        return json.dumps(value, ensure_ascii=False)[:10000]
+    except (TypeError, ValueError):
+        return str(value)[:10000]
 
 
-def _read_csv(data: bytes, name: str, on_error: OnError, delimiter: str) -> Iterator[RawRow]:
-    """CSV/TSV with a header row; every cell is text (empty cells stay empty strings, never NaN).
+def _csv_rows(stream: Any, name: str, on_error: OnError, delimiter: str) -> Iterator[RawRow]:
+    """CSV/TSV with a header row; every cell is text (empty cells stay empty strings, never NaN); cells holding a
+    JSON list of chat messages become that list (:mod:`csvrows`)."""
+    for number, (record, reason, detail, raw) in enumerate(csvrows.records(stream, delimiter), start=1):
+        if record is not None:
+            yield RawRow(name, number, record)
+        else:
+            yield _problem_row(name, number, Problem(reason, detail), raw, on_error)
 
-    Bytes are decoded with ``surrogateescape`` so one row with bad bytes is rejected on its own.
-    Cells holding a JSON list of chat messages (``[{"role": ...}]``) are parsed into that list.
-    """
-    text = data.decode("utf-8", "surrogateescape")
-    csv.field_size_limit(1 << 28)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader, None)
-    except csv.Error as exc:
-        raise DataFormatError(f"unreadable CSV header ({exc})", file=name, row=None) from exc
-    if not header or not any(h.strip() for h in header):
-        raise DataFormatError("empty file or missing header row", file=name)
-    header = [h.strip() for h in header]
-    if any(_has_surrogates(h) for h in header):
-        raise DataFormatError("header row is not valid UTF-8", file=name)
-    duplicates = sorted({h for h in header if header.count(h) > 1})
-    if duplicates or "" in header:
-        raise DataFormatError(f"header has duplicate or empty column names: {duplicates or ['']}", file=name)
+
+def arrow_rows(
+    batches: Iterable[Any], name: str, on_error: OnError, wanted: Collection[int] = ()
+) -> Iterator[RawRow]:
+    """Rows of Arrow record batches (nested lists/structs become lists/dicts), numbered from 1."""
     number = 0
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise DataFormatError(
-                f"unreadable CSV near line {reader.line_num} ({exc})", file=name, row=number + 1
-            ) from exc
-        if not cells:
-            continue
-        number += 1
-        raw = delimiter.join(cells)
-        if any(_has_surrogates(c) for c in cells):
-            detail = "not valid UTF-8"
-            if on_error == "raise":
-                raise DataFormatError(detail, file=name, row=number)
-            yield RawRow(
-                name,
-                number,
-                None,
-                "invalid_utf8",
-                detail,
-                raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-            )
-            continue
-        if len(cells) != len(header):
-            detail = f"expected {len(header)} fields, got {len(cells)}"
-            if on_error == "raise":
-                raise DataFormatError(detail, file=name, row=number)
-            yield RawRow(name, number, None, "malformed_row", detail, raw)
-            continue
-        yield RawRow(name, number, {h: _maybe_messages(c) for h, c in zip(header, cells, strict=True)})
+    for batch in batches:
+        first, number = number, number + batch.num_rows
+        picked = list(range(batch.num_rows))
+        if wanted:  # a second read: only the wanted rows of the batch are converted
+            picked = [n - first - 1 for n in range(first + 1, number + 1) if n in wanted]
+            if not picked:
+                continue
+            batch = batch.take(picked)
+        for at, (record, problem) in zip(picked, arrowrows.batch_records(batch), strict=True):
+            if problem is None:
+                yield RawRow(name, first + at + 1, record)
+            else:
+                yield _problem_row(name, first + at + 1, problem, None, on_error)
 
 
-def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+def _stream_rows(
+    file_uri: str, name: str, suffix: str, on_error: OnError, wanted: Collection[int]
+) -> Iterator[RawRow]:
+    with textio.open_text(file_uri, name, suffix) as stream:
+        if suffix in (".jsonl", ".ndjson"):
+            yield from jsonl_rows(textio.lines(stream), name, on_error, wanted)
+        elif suffix == ".json":
+            yield from _json_rows(stream, name, on_error, wanted)
+        else:
+            rows = _csv_rows(stream, name, on_error, "\t" if suffix == ".tsv" else ",")
+            yield from (r for r in rows if not wanted or r.row in wanted)
 
 
-def _read_parquet(data: bytes, name: str) -> Iterator[RawRow]:
-    """Parquet rows as Python values (nested lists/structs become lists/dicts), streamed by record batch."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        handle = pq.ParquetFile(pa.BufferReader(data))
-        batches = handle.iter_batches(batch_size=4096)
-        number = 0
-        for batch in batches:
-            for record in batch.to_pylist():
-                number += 1
-                yield RawRow(name, number, record)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataFormatError(f"not a readable parquet file ({exc})", file=name) from exc
+def _sniff(file_uri: str) -> str:
+    """An extension-less file (a KFP artifact path): parquet if it starts with the magic bytes, else JSONL."""
+    with storage.open_input(file_uri) as stream:
+        return ".parquet" if stream.peek(4)[:4] == textio.PARQUET_MAGIC else ".jsonl"
 
 
-def read_file(file_uri: str, name: str | None = None, on_error: OnError = "reject") -> Iterator[RawRow]:
-    """The rows of one data file; ``name`` is how the file is named in rows and errors (default: its name).
+def read_file(
+    file_uri: str, name: str | None = None, on_error: OnError = "reject", wanted: Collection[int] = ()
+) -> Iterator[RawRow]:
+    """The rows of one data file, streamed; ``name`` is how the file is named in rows and errors (default: its
+    name). ``wanted`` limits the rows parsed and returned to those row numbers (a second, cheaper read).
 
     A file whose name has no extension at all (a KFP artifact path such as ``.../train_data``) is read as
     parquet if it starts with the parquet magic bytes, else as JSONL (our own artifact format).
@@ -376,27 +342,19 @@ def read_file(file_uri: str, name: str | None = None, on_error: OnError = "rejec
     if on_error not in ("reject", "raise"):
         raise ValueError(f"on_error must be 'reject' or 'raise', got {on_error!r}")
     name = name or PurePosixPath(file_uri.split("://", 1)[-1]).name
-    suffix = _suffix(name)
+    suffix = suffix_of(name)
     if not suffix and "." in PurePosixPath(name).name:
-        raise DataFormatError(
-            f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)",
-            file=name,
-        )
+        raise unsupported(name)
     try:
-        data = storage.read_bytes(file_uri)
+        suffix = suffix or _sniff(file_uri)
+        if suffix == ".parquet":
+            yield from arrow_rows(arrowrows.parquet_batches(file_uri), name, on_error, wanted)
+        else:
+            yield from _stream_rows(file_uri, name, suffix, on_error, wanted)
     except FileNotFoundError as exc:
         raise DataFormatError("file not found", file=name) from exc
-    if not suffix:
-        suffix = ".parquet" if data[:4] == _PARQUET_MAGIC else ".jsonl"
-    data = _sniff(data, name, suffix)
-    if suffix in (".jsonl", ".ndjson"):
-        yield from parse_jsonl(data, name, on_error)
-    elif suffix == ".json":
-        yield from _read_json(data, name, on_error)
-    elif suffix in (".csv", ".tsv"):
-        yield from _read_csv(data, name, on_error, "\t" if suffix == ".tsv" else ",")
-    else:
-        yield from _read_parquet(data, name)
+    except textio.TextFormatError as exc:
+        raise DataFormatError(str(exc), file=name, row=exc.line) from exc
 
 
 def read_rows(uri: str, on_error: OnError = "reject") -> Iterator[RawRow]:
@@ -407,18 +365,6 @@ def read_rows(uri: str, on_error: OnError = "reject") -> Iterator[RawRow]:
     files, _ = data_files(uri)
     for file_uri, name in files:
         yield from read_file(file_uri, name, on_error)
-
-
-def _kind(value: Any) -> str:
-    """A short type name for messages: 'int', 'list', 'null', ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    return type(value).__name__
-
-
-_PARTITION = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})(?:/|$)")
 
 
 def parse_since(since: str) -> _dt.date | None:
@@ -432,40 +378,3 @@ def parse_since(since: str) -> _dt.date | None:
     except ValueError:
         pass
     raise ValueError(f"since must be a date as YYYY-MM-DD (or empty for all data), got {text!r}")
-
-
-def partition_date(file_uri: str) -> _dt.date | None:
-    """The date of the last ``date=YYYY-MM-DD`` folder in a file's path (None when it is in no date partition)."""
-    path = file_uri.split("://", 1)[-1].replace("\\", "/")
-    found = _PARTITION.findall(path)
-    if not found:
-        return None
-    try:
-        return _dt.date.fromisoformat(found[-1])
-    except ValueError:  # date=2024-13-45: not a real date, so not a partition we can order
-        return None
-
-
-def select_since(
-    files: list[tuple[str, str]], since: str
-) -> tuple[list[tuple[str, str]], list[str], list[str]]:
-    """Keep the files whose ``date=YYYY-MM-DD`` partition is on or after ``since``.
-
-    Returns ``(kept, skipped, unpartitioned)`` (the last two as display names). Files outside any date partition
-    are kept -- a curated seed file next to the nightly partitions stays in every run -- and listed as
-    unpartitioned so the report can say so. An empty ``since`` keeps everything.
-    """
-    cutoff = parse_since(since)
-    kept: list[tuple[str, str]] = []
-    skipped: list[str] = []
-    unpartitioned: list[str] = []
-    for file_uri, name in files:
-        date = partition_date(file_uri)
-        if date is None:
-            unpartitioned.append(name)
-            kept.append((file_uri, name))
-        elif cutoff is None or date >= cutoff:
-            kept.append((file_uri, name))
-        else:
-            skipped.append(name)
-    return kept, skipped, unpartitioned

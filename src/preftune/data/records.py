@@ -16,12 +16,15 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
+from json.encoder import encode_basestring
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
-from preftune.data.readers import DataFormatError, RawRow, _kind, parse_jsonl
+from preftune.data import textio
+from preftune.data.readers import DataFormatError, RawRow, _kind, jsonl_rows
 from preftune.io import storage
 
 ROLES = ("system", "user", "assistant")
@@ -146,11 +149,25 @@ def completion_text(value: Any, file: str, row: int | None, field: str) -> str:
     )
 
 
+#: A character that shows: not whitespace, not a control character, not a zero-width or format character.
+_VISIBLE = re.compile(
+    "[^\\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+    "\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb]"
+)
+
+
+def visible_length(text: str) -> int:
+    """Whitespace-trimmed characters of a text, or 0 when nothing in it shows (only NUL, zero-width spaces,
+    direction marks...): such a text is empty."""
+    text = text.strip()
+    return len(text) if _VISIBLE.search(text) else 0
+
+
 def text_length(value: str | list[dict[str, str]]) -> int:
-    """Characters of real content (whitespace-trimmed; summed over messages), for empty / length rules."""
+    """Characters of real content (:func:`visible_length`; summed over messages), for empty / length rules."""
     if isinstance(value, str):
-        return len(value.strip())
-    return sum(len(m["content"].strip()) for m in value)
+        return visible_length(value)
+    return sum(visible_length(m["content"]) for m in value)
 
 
 # ---------------------------------------------------------------------------------------------- ids and JSON
@@ -187,7 +204,7 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _dumps(value: Any, **kwargs: Any) -> str:
+def dumps(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` of plain JSON data directly (fast path); anything else through :func:`jsonable` first."""
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False, **kwargs)
@@ -197,7 +214,7 @@ def _dumps(value: Any, **kwargs: Any) -> str:
 
 def canonical_json(value: Any) -> str:
     """Sorted keys, no spaces, UTF-8 kept: the same data always gives the same text."""
-    return _dumps(value, sort_keys=True, separators=(",", ":"))
+    return dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def record_id(payload: Any) -> str:
@@ -218,7 +235,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
     if storage.is_s3(uri):
         lines = []
         for row in rows:
-            lines.append(_dumps(row) + "\n")
+            lines.append(dumps(row) + "\n")
             count += 1
         storage.write_bytes(uri, "".join(lines).encode("utf-8"))
         return count
@@ -228,7 +245,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             for row in rows:
-                handle.write(_dumps(row) + "\n")
+                handle.write(dumps(row) + "\n")
                 count += 1
         storage.publish_file(tmp, target)
     except BaseException:
@@ -250,7 +267,11 @@ def read_artifact_rows(path_or_dir: str | Path) -> list[RawRow]:
         files = [f for f in files if f.endswith(".jsonl") and not PurePosixPath(f).name.startswith(".")]
     rows: list[RawRow] = []
     for file_uri in files:
-        rows.extend(parse_jsonl(storage.read_bytes(file_uri), file_uri, "raise"))
+        try:
+            with storage.open_input(file_uri) as stream:
+                rows.extend(jsonl_rows(textio.lines(stream), file_uri, "raise"))
+        except textio.TextFormatError as exc:
+            raise DataFormatError(str(exc), file=file_uri, row=exc.line) from exc
     return rows
 
 
@@ -358,16 +379,16 @@ def _margin(value: Any, file: str, row: int) -> float | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     number: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
+    try:
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)) or isinstance(value, str):
             number = float(value)
-        except ValueError:
-            number = None
+    except (ValueError, OverflowError):
+        number = None
     if number is None or not math.isfinite(number) or number < 0:
+        big = isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30
+        shown = f"an integer of {len(str(abs(value)))} digits" if big else repr(value)[:200]
         raise DataFormatError(
-            f"expected a non-negative finite number or null, got {value!r}",
+            f"expected a non-negative finite number or null, got {shown}",
             file=file,
             row=row,
             field="margin",
@@ -485,3 +506,88 @@ def normalize_preference(raw: RawRow) -> dict[str, Any]:
         "meta": _meta(record, PREFERENCE_FIELDS),
         "source": {"file": file, "row": row},
     }
+
+
+_dumps = dumps  # the older private name
+
+
+# ---------------------------------------------------------------------------------------------- pair facts
+
+
+class PairFacts(NamedTuple):
+    """What an import keeps of a pair: its output line, its id and its reverse's (16 hex digits), its prompt's
+    canonical JSON, and what the pair suite checks."""
+
+    line: str
+    id: str
+    reverse: str
+    prompt_key: str
+    prompt_chars: int
+    chosen_chars: int
+    rejected_chars: int
+    identical: bool
+    raw_equal: bool
+    margin: float | None
+
+
+def pair_facts(pair: Mapping[str, Any], line: str | None = None) -> PairFacts:
+    """The facts of a normalised pair (its line is ``dumps(pair)`` unless given)."""
+    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+    return PairFacts(
+        dumps(pair) if line is None else line,
+        pair["id"],
+        record_id({"prompt": prompt, "chosen": rejected, "rejected": chosen}),
+        canonical_json(prompt),
+        text_length(prompt),
+        visible_length(chosen),
+        visible_length(rejected),
+        chosen.strip() == rejected.strip(),
+        chosen == rejected,
+        pair.get("margin"),
+    )
+
+
+_CANONICAL = '{"chosen":%s,"prompt":[{"content":%s,"role":"user"}],"rejected":%s}'
+_LINE = '{"id": "%s", "prompt": [{"role": "user", "content": %s}], "chosen": %s, "rejected": %s, "margin": %s, "meta": %s, "source": {"file": %s, "row": %d}}'
+
+
+def fast_pair(record: Mapping[str, Any], file: str, row: int) -> PairFacts | None:
+    """The facts of a pairwise row whose prompt and answers are plain text and whose margin is absent or a plain
+    number, built straight from the text -- the same bytes :func:`normalize_preference` and :func:`dumps` would
+    give, several times faster. None for any other row (the general path takes it)."""
+    prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
+    if type(prompt) is not str or type(chosen) is not str or type(rejected) is not str:
+        return None
+    margin = record.get("margin")
+    if margin is not None:
+        if type(margin) is int and -(1 << 53) <= margin <= 1 << 53:
+            margin = float(margin)
+        if type(margin) is not float or not (margin >= 0 and math.isfinite(margin)):
+            return None
+    p, c, r = encode_basestring(prompt), encode_basestring(chosen), encode_basestring(rejected)
+    pair_id = hashlib.sha1((_CANONICAL % (c, p, r)).encode("utf-8")).hexdigest()[:16]
+    reverse = hashlib.sha1((_CANONICAL % (r, p, c)).encode("utf-8")).hexdigest()[:16]
+    extra = len(record) - 3 - ("margin" in record)
+    meta = dumps(_meta(record, PREFERENCE_FIELDS)) if extra else "{}"
+    line = _LINE % (
+        pair_id,
+        p,
+        c,
+        r,
+        "null" if margin is None else repr(margin),
+        meta,
+        encode_basestring(file),
+        row,
+    )
+    return PairFacts(
+        line,
+        pair_id,
+        reverse,
+        f'[{{"content":{p},"role":"user"}}]',
+        visible_length(prompt),
+        visible_length(chosen),
+        visible_length(rejected),
+        chosen.strip() == rejected.strip(),
+        chosen == rejected,
+        margin,
+    )

@@ -57,6 +57,7 @@ from preftune.eval.judge import Judge, check_reward_model
 from preftune.eval.winrate import length_controlled_win_rate, win_rate
 from preftune.model import templating
 from preftune.model.modeling import load_causal_lm, load_tokenizer, read_lineage, resolve
+from preftune.model.precision import resolve_precision
 from preftune.model.sampling import Generations, PairScorer, eos_ids_of, estimate_kl, generate_responses
 from preftune.model.templating import render_prompt
 from preftune.report import html as reports
@@ -304,9 +305,11 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_model(ref: str) -> Any:
-    """A causal LM on this machine's device, in eval mode."""
-    return load_causal_lm(ref).to(_device()).eval()
+def _load_model(ref: str, config: EvalConfig) -> Any:
+    """A causal LM on this machine's device, in eval mode, its weights in the compute dtype of the precision."""
+    dtype = resolve_precision(config.precision).compute_dtype
+    model = load_causal_lm(ref, dtype=dtype, attn_implementation=config.attn_implementation)
+    return model.to(_device()).eval()
 
 
 def _read_prompts(path: str, limit: int) -> list[Messages]:
@@ -356,6 +359,7 @@ class _Session:
     prompts: list[Messages]
     rendered: list[str]
     sampling: dict[str, Any]
+    config: EvalConfig
 
     def generate(self, model: Any, desc: str, sampling: Mapping[str, Any] | None = None) -> Generations:
         """A model's responses to the prompts (with the display settings unless ``sampling`` is given)."""
@@ -375,8 +379,8 @@ def _open_session(names: _Names, prompts: list[Messages], config: EvalConfig) ->
         raise ValueError(
             f"the tokenizer of {names.candidate} has no chat template: prompts could not be rendered"
         )
-    cand_model = _load_model(names.candidate)
-    ref_model = _load_model(names.reference)
+    cand_model = _load_model(names.candidate, config)
+    ref_model = _load_model(names.reference, config)
     sampling = {
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
@@ -386,17 +390,17 @@ def _open_session(names: _Names, prompts: list[Messages], config: EvalConfig) ->
         "eos_ids": eos_ids_of(tokenizer, cand_model, ref_model),
     }
     rendered = [render_prompt(tokenizer, messages) for messages in prompts]
-    return _Session(cand_model, ref_model, tokenizer, prompts, rendered, sampling)
+    return _Session(cand_model, ref_model, tokenizer, prompts, rendered, sampling, config)
 
 
 def _champion_responses(
-    champion: str, prompts: Sequence[Messages], sampling: Mapping[str, Any]
+    champion: str, prompts: Sequence[Messages], sampling: Mapping[str, Any], config: EvalConfig
 ) -> Generations:
     """The champion's answers under the same sampling settings, with its own tokenizer and chat template."""
     tokenizer = load_tokenizer(champion)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer of champion {champion} has no chat template")
-    model = _load_model(champion)
+    model = _load_model(champion, config)
     rendered = [render_prompt(tokenizer, messages) for messages in prompts]
     settings = {k: v for k, v in sampling.items() if k != "eos_ids"}
     generations = generate_responses(model, tokenizer, rendered, desc="generate: champion", **settings)
@@ -424,7 +428,7 @@ def _generate(session: _Session, champion: str | None, config: EvalConfig) -> _R
     """Every model answers the same prompts with the same settings and seed."""
     candidate = session.generate(session.cand_model, "generate: candidate")
     reference = session.generate(session.ref_model, "generate: reference")
-    champ = _champion_responses(champion, session.prompts, session.sampling) if champion else None
+    champ = _champion_responses(champion, session.prompts, session.sampling, config) if champion else None
     if config.temperature == 1.0 and config.top_p == 1.0:
         kl_samples = candidate  # the display samples already come from the raw distribution
     else:
@@ -538,7 +542,7 @@ def _frontier_points(
     ):  # the reference's implicit rewards are 0 by definition: only a judge can place it
         points.append(probe.point(session.ref_model, label="reference", step=0, is_reference=True))
     for snap in snapshots:
-        model = _load_model(snap["path"])
+        model = _load_model(snap["path"], session.config)
         points.append(probe.point(model, label=f"step {snap['step']}", step=snap["step"]))
         del model
     known = {
@@ -597,13 +601,25 @@ def evaluate(
     scorers = _Scorers(judge=None, pairs=None)
     if inputs.pairs:
         scorers.pairs = PairScorer(
-            session.ref_model, session.tokenizer, inputs.pairs, beta=config.beta, batch_size=config.batch_size
+            session.ref_model,
+            session.tokenizer,
+            inputs.pairs,
+            beta=config.beta,
+            batch_size=config.batch_size,
+            max_length=config.max_length,
         )
         metrics.update(scorers.pairs.score(session.cand_model))
     texts = responses.texts()
     rows = _generation_rows(inputs.prompts, texts)
     if names.judge is not None:
-        scorers.judge = Judge(names.judge, batch_size=config.batch_size, device=_device())
+        scorers.judge = Judge(
+            names.judge,
+            batch_size=config.batch_size,
+            device=_device(),
+            max_length=config.max_length,
+            dtype=resolve_precision(config.precision).compute_dtype,
+            attn_implementation=config.attn_implementation,
+        )
         metrics.update(_judge_responses(scorers.judge, inputs.prompts, texts, rows))
     points = _frontier_points(session, scorers, inputs.snapshots, candidate, responses.kl_samples, metrics)
     metrics["frontier_points"] = float(len(points))

@@ -45,16 +45,27 @@ def check_reward_model(ref: str) -> None:
 class Judge:
     """A reward model that scores (prompt, response) pairs, each distinct pair once.
 
-    It reads text with its own tokenizer and chat template, so it need not share the policies' tokenizer.
+    It reads text with its own tokenizer and chat template, so it need not share the policies' tokenizer, and
+    truncates as reward-model training does at ``max_length`` (None: its context length).
     """
 
-    def __init__(self, ref: str, *, batch_size: int = 16, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        ref: str,
+        *,
+        batch_size: int = 16,
+        device: torch.device | None = None,
+        max_length: int | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+    ) -> None:
         self.ref = resolve(ref)
         check_reward_model(self.ref)
-        self.batch_size = batch_size
+        self.batch_size, self.max_length = batch_size, max_length
         self.tokenizer = load_tokenizer(self.ref)
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model: Any = load_reward_model(self.ref).to(device).eval()
+        model = load_reward_model(self.ref, dtype=dtype, attn_implementation=attn_implementation)
+        self.model: Any = model.to(device).eval()
         self._cache: dict[tuple[str, str], float] = {}
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str]) -> list[float]:
@@ -73,6 +84,7 @@ class Judge:
                 [prompts[i] for i in todo.values()],
                 [responses[i] for i in todo.values()],
                 batch_size=self.batch_size,
+                max_length=self.max_length,
             )
             self._cache.update(zip(todo, rewards, strict=True))
         return [self._cache[key] for key in keys]

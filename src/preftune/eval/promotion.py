@@ -3,7 +3,9 @@
 The registry (:mod:`preftune.io.registry`) is storage only and sits below the model layer, so it cannot load a
 model. Merging the adapter chain (which needs transformers and peft) happens here, one layer up, and the
 registry is handed the merge as a function; everything else about a promotion -- the gate check, staging,
-verification, version numbering, the champion pointer -- stays in the registry.
+verification, version numbering, the champion -- stays in the registry, on whichever backend ``registry_uri``
+names (a local path or ``s3://`` for preftune's own layout, ``mlflow+http(s)://`` or ``mlflow://`` for MLflow's
+model registry).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def promote(
 
     :func:`preftune.io.registry.promote` with adapters merged into full weights (``merge_adapters``), so a
     version never depends on the pipeline artifacts of its parents. Raises RegistryError when the gate rejected
-    the candidate, an upload cannot be verified or a concurrent promotion claimed the version.
+    the candidate or an upload cannot be verified, and StaleChampionError (a RegistryError) when the champion
+    changed after the gate compared the candidate with it: the version is then published but not champion.
     """
     return registry.promote(
         candidate_dir,

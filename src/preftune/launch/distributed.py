@@ -32,13 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from preftune.io import storage
+from preftune.launch import cleanup, devices, failures, platform, threads
+from preftune.launch.devices import visible_gpus
 
 # Scale and StageFailed stay importable from here: the components call ``run_stage(..., scale=Scale(...))``.
 from preftune.launch.stages import (
+    TORCHRUN_MODULE,
+    WORKER_MODULE,
     Scale,
     StageFailed,
     call_json,
     config_dict,
+    in_object_storage,
     is_artifact,
     per_worker_config,
     stage_spec,
@@ -65,13 +70,6 @@ def invoke(stage: str, config: Mapping[str, Any], kwargs: Mapping[str, Any]) -> 
 # ------------------------------------------------------------------------------------------------- launching
 
 
-def visible_gpus() -> int:
-    """CUDA devices this process can use (0 without CUDA)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def processes_per_node(scale: Scale, gpus: int | None = None) -> int:
     """How many workers one node runs: ``num_gpus``, or every visible GPU (at least one) when it is 0."""
     gpus = visible_gpus() if gpus is None else gpus
@@ -86,13 +84,12 @@ def torchrun_command(nproc: int, worker_args: Sequence[str]) -> list[str]:
     """One node's torchrun (``--standalone``: its own rendezvous on a free local port) running the worker."""
     return [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        *TORCHRUN_MODULE,
         "--standalone",
         "--nnodes=1",
         f"--nproc-per-node={nproc}",
         "--module",
-        "preftune.launch.distributed",
+        WORKER_MODULE,
         "worker",
         *worker_args,
     ]
@@ -103,7 +100,8 @@ def run_stage(stage: str, config: Any, *, scale: Scale | None = None, **kwargs: 
 
     ``kwargs`` are the stage function's arguments (``train_sft``'s, ``train_dpo``'s, ...), except ``config``.
     KFP artifacts may be passed as they are: their local path is used here and by local workers, their URI by
-    a TrainJob's pods (which do not share this pod's filesystem).
+    a TrainJob's pods (which do not share this pod's filesystem). After success the stage's resumable
+    checkpoints are removed unless ``scale.keep_checkpoints``.
     """
     scale = scale or Scale()
     scale.check()
@@ -117,15 +115,42 @@ def run_stage(stage: str, config: Any, *, scale: Scale | None = None, **kwargs: 
             f"distributed_strategy='fsdp' is not supported by the {stage} trainer yet: it saves the model from "
             "rank 0 alone, which under FSDP needs the sharded weights gathered on every rank first; use 'ddp'"
         )
-    if scale.num_nodes > 1:
-        from preftune.launch import trainjob
+    with failures.not_retried(_output_uri(kwargs.get("model_dir"))):
+        if scale.num_nodes > 1:
+            from preftune.launch import trainjob
 
-        return trainjob.run_stage_as_trainjob(stage, values, kwargs, scale)
+            metrics = trainjob.run_stage_as_trainjob(stage, values, kwargs, scale)
+        else:
+            metrics = _run_on_this_node(stage, values, kwargs, scale)
+    if not scale.keep_checkpoints:
+        cleanup.remove_checkpoints(values.get("checkpoint_uri"))
+    return metrics
+
+
+def _output_uri(output: Any) -> str | None:
+    """The URI of a step's model output (a KFP artifact or a plain path), which its retries share."""
+    if output is None:
+        return None
+    return output.uri if is_artifact(output) else str(output)
+
+
+def _run_on_this_node(
+    stage: str, values: dict[str, Any], kwargs: Mapping[str, Any], scale: Scale
+) -> dict[str, float]:
+    """One process here, or one torchrun worker per GPU of this pod."""
+    if devices.in_kubernetes() and platform.trainjob_launchers():
+        raise ValueError(
+            f"{stage}: this step was compiled as a TrainJob launcher (preftune compile --trainjob-launchers), "
+            "so its pod has no GPUs; run it with num_nodes > 1, or compile the pipeline without "
+            "--trainjob-launchers to train in the step's own pod"
+        )
+    devices.check_gpus()
     nproc = processes_per_node(scale)
     plain = _plain_kwargs(kwargs)
     if nproc == 1:
         if scale.strategy == "fsdp":
             log.info("%s: one process, so FSDP has nothing to shard; training without it", stage)
+        threads.limit_threads()
         return invoke(stage, values, plain)
     return _run_torchrun(stage, per_worker_config(stage, values, nproc), plain, nproc, scale)
 
@@ -137,9 +162,10 @@ def _run_torchrun(
         spec_path, result_path = Path(tmp) / "call.json", Path(tmp) / "metrics.json"
         spec_path.write_text(call_json(stage, config, kwargs), encoding="utf-8")
         cmd = torchrun_command(nproc, ["--spec", str(spec_path), "--result", str(result_path)])
-        env = {**os.environ, **worker_env(scale.strategy, cpu=visible_gpus() == 0)}
-        if visible_gpus() == 0 and "OMP_NUM_THREADS" not in os.environ:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        cpu = visible_gpus() == 0
+        env = {**os.environ, **worker_env(scale.strategy, cpu=cpu)}
+        if cpu:  # the workers share this container's CPUs (on GPUs each worker's threads only feed its GPU)
+            env["OMP_NUM_THREADS"] = str(threads.thread_count(nproc))
         log.info("%s: starting %d workers with torchrun (%s)", stage, nproc, scale.strategy)
         code = _run_bounded(cmd, env, scale.timeout())
         if code != 0:
@@ -199,14 +225,14 @@ def _failure_message(stage: str, code: int, tmp: Path) -> str:
 
 
 def prefetch(values: Sequence[Any]) -> None:
-    """Download every ``s3://`` model among ``values``, and each adapter's parents, into the shared cache.
+    """Download every model in object storage among ``values``, and each adapter's parents, into the shared cache.
 
     Called by each node's local rank 0 before the other ranks start, so that eight workers of a node do not
     download one model eight times, or replace a cache entry another worker is reading.
     """
     from preftune.model import modeling
 
-    pending = [v for v in values if isinstance(v, str) and v.startswith("s3://")]
+    pending = [v for v in values if in_object_storage(v)]
     seen: set[str] = set()
     while pending:
         uri = pending.pop()
@@ -216,7 +242,7 @@ def prefetch(values: Sequence[Any]) -> None:
         path = storage.local_path(uri)
         if path.is_dir() and modeling.is_adapter(str(path)):
             parent = modeling.adapter_parent(str(path))
-            if parent.startswith("s3://"):
+            if in_object_storage(parent):
                 pending.append(parent)
 
 
@@ -246,6 +272,7 @@ def worker(spec: Mapping[str, Any], *, result: str | None = None, output_uri: st
     from accelerate.utils import parse_flag_from_env
 
     stage, config, kwargs = spec["stage"], spec["config"], dict(spec["kwargs"])
+    devices.check_gpus()
     # the same cpu flag the trainers' Accelerator reads, or this shared state would pin it to one process
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     with state.local_main_process_first():

@@ -20,6 +20,13 @@ from typing import Any
 from preftune.config.scale import STRATEGIES
 from preftune.launch import platform
 
+#: How torchrun is started everywhere (the local launcher and a TrainJob's pods): as a module of the running
+#: interpreter, never the ``torchrun`` console script, which on a PATH can belong to another Python (the CUDA
+#: base image's conda) that has no preftune.
+TORCHRUN_MODULE = ("-m", "torch.distributed.run")
+#: The module every torchrun worker runs.
+WORKER_MODULE = "preftune.launch.distributed"
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -90,6 +97,7 @@ class Scale:
         trainjob_runtime: The ClusterTrainingRuntime a TrainJob refers to (Kubeflow Trainer's torch runtime).
         timeout_seconds: Longest a multi-process run or a TrainJob may take (0 = the step's training timeout).
         poll_seconds: How often the TrainJob's status is read.
+        keep_checkpoints: Keep the resumable checkpoints after the stage succeeds (they are removed otherwise).
     """
 
     num_gpus: int = 0
@@ -98,6 +106,7 @@ class Scale:
     trainjob_runtime: str = "torch-distributed"
     timeout_seconds: int = 0
     poll_seconds: float = 15.0
+    keep_checkpoints: bool = False
 
     def check(self) -> None:
         if self.num_gpus < 0:
@@ -124,6 +133,11 @@ class StageFailed(RuntimeError):
 def is_artifact(value: Any) -> bool:
     """A KFP artifact (anything with ``path`` and ``uri``), which is a local path here and a URI elsewhere."""
     return hasattr(value, "path") and hasattr(value, "uri") and not isinstance(value, str | Path)
+
+
+def in_object_storage(value: Any) -> bool:
+    """Whether ``value`` is a URI in object storage (``s3://``, or ``minio://`` which is S3 at its endpoint)."""
+    return isinstance(value, str) and value.split("://", 1)[0].lower() in ("s3", "minio") and "://" in value
 
 
 def stage_spec(name: str) -> Stage:

@@ -33,10 +33,14 @@ import requests
 
 from preftune.io import storage
 from preftune.launch import platform
+from preftune.launch.devices import STEP_GPUS_ENV
 from preftune.launch.stages import (
+    TORCHRUN_MODULE,
+    WORKER_MODULE,
     Scale,
     StageFailed,
     call_json,
+    in_object_storage,
     is_artifact,
     per_worker_config,
     stage_spec,
@@ -62,6 +66,9 @@ STEP_CONTAINER = "main"
 INHERITED_ENV_PREFIXES = ("AWS_", "HF_", "PREFTUNE_", "NCCL_", "PYTORCH_", "TORCH_", "TRANSFORMERS_")
 #: Set by Kubeflow Trainer or torchrun in every worker; never copied into the job.
 RESERVED_ENV = ("PET_", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+#: The job's pods stay out of an Istio mesh (Kubeflow profile namespaces inject sidecars): a sidecar would hold
+#: the rendezvous traffic between nodes and keep a finished pod running, so the job would hang.
+ISTIO_OPT_OUT = {"sidecar.istio.io/inject": "false"}
 
 
 class KubeError(RuntimeError):
@@ -252,14 +259,16 @@ def object_storage_env() -> list[dict[str, Any]]:
     return env
 
 
+def gpu_scheduling() -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """The node selector and tolerations of GPU pods, as the pipeline was compiled (its label and taint)."""
+    label, toleration = platform.gpu_node_label(), platform.gpu_toleration()
+    return ({label[0]: label[1]} if label else {}), ([toleration] if toleration else [])
+
+
 def default_settings(namespace: str, gpus_per_node: int | None = None) -> JobSettings:
     """Settings from preftune's platform defaults, for when the step cannot read its own pod."""
     gpus = platform.accelerator_count() if gpus_per_node is None else gpus_per_node
-    selector, tolerations = {}, []
-    if gpus > 0:
-        label, value = platform.GPU_NODE_LABEL
-        selector = {label: value}
-        tolerations = [{"key": platform.GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
+    selector, tolerations = gpu_scheduling() if gpus > 0 else ({}, [])
     return JobSettings(
         namespace=namespace,
         image=platform.runtime_image(),
@@ -337,7 +346,7 @@ def _pod_spec(settings: JobSettings) -> dict[str, Any]:
     """What the job's pods take over from the step's pod: scheduling, identity, and a real /dev/shm."""
     pod_spec: dict[str, Any] = {
         # data loaders and NCCL share tensors through /dev/shm, 64 MiB in a default pod
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": platform.shm_size()}}],
         "containers": [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
     }
     if settings.node_selector:
@@ -384,14 +393,13 @@ def render_trainjob(
     publishes the model, the report and ``metrics.json``.
     """
     gpus = settings.gpus_per_node
-    env = _merge_env(
-        settings.env, [{"name": k, "value": v} for k, v in worker_env(strategy, cpu=gpus == 0).items()]
-    )
+    own = {**worker_env(strategy, cpu=gpus == 0), STEP_GPUS_ENV: str(gpus)}
+    env = _merge_env(settings.env, [{"name": k, "value": v} for k, v in own.items()])
     pod_spec = _pod_spec(settings)
     metadata = _metadata(name, stage, settings)
     trainer: dict[str, Any] = {
         "image": settings.image,
-        "command": ["torchrun", "--module", "preftune.launch.distributed"],
+        "command": ["python", *TORCHRUN_MODULE, "--module", WORKER_MODULE],
         "args": ["worker", "--output-uri", output_uri, "--spec-json", call],
         "env": env,
         "numNodes": num_nodes,
@@ -415,7 +423,20 @@ def render_trainjob(
                         "template": {
                             "spec": {
                                 "replicatedJobs": [
-                                    {"name": NODE, "template": {"spec": {"template": {"spec": pod_spec}}}}
+                                    {
+                                        "name": NODE,
+                                        "template": {
+                                            "spec": {
+                                                "template": {
+                                                    "metadata": {
+                                                        "labels": dict(ISTIO_OPT_OUT),
+                                                        "annotations": dict(ISTIO_OPT_OUT),
+                                                    },
+                                                    "spec": pod_spec,
+                                                }
+                                            }
+                                        },
+                                    }
                                 ]
                             }
                         }
@@ -591,12 +612,12 @@ def staging_uri(kwargs: Mapping[str, Any], stage: str) -> str:
         value = kwargs.get(name)
         uri = value.uri if is_artifact(value) else None
         if uri:
-            if not uri.startswith("s3://"):
+            if not in_object_storage(uri):
                 break
             return posixpath.join(posixpath.dirname(uri.rstrip("/")), "trainjob")
     raise ValueError(
         f"{stage}: multi-node training publishes its outputs through object storage, but the step's outputs are "
-        "not s3:// artifacts; run on a cluster whose pipeline root is in S3"
+        "not in object storage; run on a cluster whose pipeline root is s3:// or minio://"
     )
 
 
@@ -611,10 +632,10 @@ def job_kwargs(stage: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         elif name in spec.optional_outputs:
             continue  # an optional output the step did not ask for
         elif is_artifact(value):
-            if not str(value.uri).startswith("s3://"):
+            if not in_object_storage(str(value.uri)):
                 raise ValueError(
                     f"{stage}: input {name} is at {value.uri}, which the TrainJob's pods cannot read; multi-node "
-                    "training needs artifacts in object storage (an s3:// pipeline root)"
+                    "training needs artifacts in object storage (an s3:// or minio:// pipeline root)"
                 )
             out[name] = value.uri
         else:
@@ -653,6 +674,23 @@ def collect_outputs(stage: str, kwargs: Mapping[str, Any], output_uri: str) -> d
     return {k: float(v) for k, v in metrics.items()}
 
 
+def job_gpus(settings: JobSettings, scale: Scale) -> int:
+    """GPUs per node of the job; adjusts ``settings`` so that its nodes are scheduled and sized for them.
+
+    As asked (``num_gpus``), else as many as the step's pod has. A step compiled as a launcher
+    (``--trainjob-launchers``) has none and its pod's resources are a launcher's: its job gets the compiled
+    GPUs per training step and the training steps' CPU and memory. A CPU-only job runs one worker per node.
+    """
+    launcher = platform.trainjob_launchers()
+    gpus = scale.num_gpus or settings.gpus_per_node or (platform.accelerator_count() if launcher else 0)
+    if launcher:
+        settings.resources = platform.step_resources("train").kubernetes()
+    if gpus > 0 and (launcher or (not settings.node_selector and not settings.tolerations)):
+        # a launcher (or a CPU step) asking for GPU nodes: schedule them like the pipelines' GPU steps
+        settings.node_selector, settings.tolerations = gpu_scheduling()
+    return gpus
+
+
 def run_stage_as_trainjob(
     stage: str,
     config: Mapping[str, Any],
@@ -677,12 +715,7 @@ def run_stage_as_trainjob(
     settings = settings or step_settings(client, namespace)
     if not settings.namespace:
         settings.namespace = namespace
-    # GPUs per node: as asked, else as many as the step itself has; a CPU-only job runs one worker per node
-    gpus = scale.num_gpus or settings.gpus_per_node
-    if gpus > 0 and not settings.node_selector and not settings.tolerations:
-        # a CPU-only launcher step asking for GPU nodes: schedule them like the pipelines' GPU steps
-        defaults = default_settings(namespace, gpus)
-        settings.node_selector, settings.tolerations = defaults.node_selector, defaults.tolerations
+    gpus = job_gpus(settings, scale)
     settings.gpus_per_node = gpus
     procs = max(1, gpus)
     world = procs * scale.num_nodes

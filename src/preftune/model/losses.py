@@ -60,40 +60,55 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
     return (token_logprobs(logits, labels) * mask.to(torch.float32)).sum(dim=-1)
 
 
+def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the LM head's matmul runs in: autocast's when it is on (as the model's own head would run),
+    else the wider of the two inputs' dtypes, so fp32 hidden states never meet bf16 weights in one matmul."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 class _HeadLogprobs(torch.autograd.Function):
     """``log softmax(hidden @ weight.T)[target]`` per row, never holding more than one chunk of vocabulary logits.
 
     Forward keeps only ``hidden``, ``weight`` and the targets; backward recomputes each chunk's logits and turns
     ``d logp / d logits = onehot - softmax`` (scaled by the incoming per-row gradient) into the gradients of
     ``hidden`` and ``weight``. Costs one extra head matmul, saves the ``(rows, vocab)`` logits of the graph.
+    Both matmuls run in the dtype chosen at forward (:func:`head_dtype`; backward runs outside autocast), the
+    weight's gradient is accumulated in fp32, and each gradient comes back in its input's dtype.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):  # type: ignore[override]
+        dtype = head_dtype(hidden, weight)
+        w = weight.to(dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[start : start + chunk_size] @ weight.t()).float()
+            logits = (hidden[start : start + chunk_size].to(dtype) @ w.t()).float()
             picked = logits.gather(-1, targets[start : start + chunk_size].unsqueeze(-1)).squeeze(-1)
             out[start : start + chunk_size] = picked - torch.logsumexp(logits, dim=-1)
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         hidden, weight, targets = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = ctx.dtype
+        w = weight.to(dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
-            h = hidden[start : start + ctx.chunk_size]
+            h = hidden[start : start + ctx.chunk_size].to(dtype)
             g = grad_out[start : start + ctx.chunk_size].float()
-            d_logits = torch.softmax((h @ weight.t()).float(), dim=-1).mul_(-g.unsqueeze(-1))
+            d_logits = torch.softmax((h @ w.t()).float(), dim=-1).mul_(-g.unsqueeze(-1))
             rows = torch.arange(h.shape[0], device=h.device)
             d_logits[rows, targets[start : start + ctx.chunk_size]] += g
-            d_logits = d_logits.to(weight.dtype)
+            d_logits = d_logits.to(dtype)
             if need_h:
-                grad_h[start : start + ctx.chunk_size] = d_logits @ weight
+                grad_h[start : start + ctx.chunk_size] = d_logits @ w
             if need_w:
                 grad_w += (d_logits.t() @ h).float()
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from preftune import __version__
+from preftune.model.precision import fp32_trainable
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,14 @@ def resolve(ref: str) -> str:
     if not ref or not str(ref).strip():
         raise ValueError("model reference is empty: give a local directory, an s3:// URI or a hub id")
     ref = str(ref).strip()
-    if ref.startswith("s3://"):
-        mounted = Path("/s3") / ref[len("s3://") :]
-        if mounted.is_dir():  # the KFP launcher already copied this artifact into the pod
-            return str(mounted)
-        from preftune.io import storage
+    for scheme in ("s3", "minio"):  # minio:// is KFP's name for artifacts under a MinIO pipeline root
+        if ref.startswith(f"{scheme}://"):
+            mounted = Path(f"/{scheme}") / ref[len(scheme) + 3 :]
+            if mounted.is_dir():  # the KFP launcher already copied this artifact into the pod
+                return str(mounted)
+            from preftune.io import storage
 
-        return str(storage.local_path(ref))
+            return str(storage.local_path(ref))
     if ref.startswith("file://"):
         ref = ref[len("file://") :]
     path = Path(ref).expanduser()
@@ -63,7 +65,7 @@ def resolve(ref: str) -> str:
         scheme = ref.split("://", 1)[0]
         raise ValueError(
             f"model reference {ref!r}: unsupported scheme {scheme + '://'!r}; "
-            "use one of: local path, file://, s3://, or a Hugging Face hub id"
+            "use one of: local path, file://, s3://, minio://, or a Hugging Face hub id"
         )
     if ref.startswith(("/", "./", "../")):
         raise FileNotFoundError(f"model directory {ref!r} does not exist")
@@ -129,14 +131,31 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False) -> PreTrainedTo
     raise ValueError(f"{ref}: adapter chain deeper than {MAX_ADAPTER_DEPTH}; is it circular?")
 
 
+def _load_kwargs(
+    trust_remote_code: bool, dtype: torch.dtype | None, attn_implementation: str | None
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation and attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs
+
+
 def load_causal_lm(
     ref: str,
     *,
     trust_remote_code: bool = False,
     dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
     _depth: int = 0,
 ) -> PreTrainedModel:
-    """A plain causal LM with every adapter in its chain merged in."""
+    """A plain causal LM with every adapter in its chain merged in.
+
+    ``dtype`` is what the weights are held in (None: the checkpoint's own); each adapter is merged into weights
+    of that dtype, its delta computed in the adapter's fp32 and rounded once, so an fp32 load merges exactly.
+    ``attn_implementation`` picks the attention kernel (None or ``auto``: the model's default).
+    """
     if _depth > MAX_ADAPTER_DEPTH:
         raise ValueError(f"{ref}: adapter chain deeper than {MAX_ADAPTER_DEPTH}; is it circular?")
     path = resolve(ref)
@@ -145,14 +164,29 @@ def load_causal_lm(
         from peft import PeftModel
 
         parent = load_causal_lm(
-            adapter_parent(path), trust_remote_code=trust_remote_code, dtype=dtype, _depth=_depth + 1
+            adapter_parent(path),
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            _depth=_depth + 1,
         )
-        model = PeftModel.from_pretrained(parent, path)
-        return model.merge_and_unload()
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+        model = PeftModel.from_pretrained(parent, path).merge_and_unload()
+        model.requires_grad_(False)  # whoever trains it says what is trainable
+        return model
+    kwargs = _load_kwargs(trust_remote_code, dtype, attn_implementation)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _lora_config(options: dict[str, Any], **extra: Any) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=options["lora_r"],
+        lora_alpha=options["lora_alpha"],
+        lora_dropout=options["lora_dropout"],
+        target_modules=options["target_modules"] or "all-linear",
+        **extra,
+    )
 
 
 def prepare_for_training(
@@ -165,25 +199,30 @@ def prepare_for_training(
     target_modules: list[str] | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """The parent merged, then a fresh LoRA adapter on top when asked.
+    """The parent merged, then a fresh LoRA adapter on top when asked; trainable weights are fp32.
 
-    With LoRA, ``model.disable_adapter()`` gives back exactly the parent: that is how DPO and PPO get their
-    reference model without a second copy in memory.
+    ``dtype`` is the dtype frozen weights are held in (None: fp32). Without LoRA every weight is trained, so the
+    whole model is loaded (and merged) in fp32: those are the master weights. With LoRA the parent stays in
+    ``dtype`` and the adapter is fp32. ``model.disable_adapter()`` then gives back exactly the parent: that is how
+    DPO and PPO get their reference model without a second copy in memory.
     """
-    model = load_causal_lm(ref, trust_remote_code=trust_remote_code, dtype=dtype)
-    if not use_lora:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=target_modules or "all-linear",
-        task_type="CAUSAL_LM",
+    frozen = dtype or torch.float32
+    model = load_causal_lm(
+        ref,
+        trust_remote_code=trust_remote_code,
+        dtype=frozen if use_lora else torch.float32,
+        attn_implementation=attn_implementation,
     )
-    return get_peft_model(model, config)
+    if not use_lora:
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    options = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
+    config = _lora_config({**options, "target_modules": target_modules}, task_type="CAUSAL_LM")
+    return fp32_trainable(get_peft_model(model, config))
 
 
 def _as_sequence_classifier(causal: PreTrainedModel) -> PreTrainedModel:
@@ -195,7 +234,9 @@ def _as_sequence_classifier(causal: PreTrainedModel) -> PreTrainedModel:
     config.problem_type = "regression"
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
-    model = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+    model = AutoModelForSequenceClassification.from_config(
+        config, dtype=causal.dtype, attn_implementation=causal.config._attn_implementation
+    )
     backbone = getattr(model, model.base_model_prefix)
     backbone.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
     return model
@@ -207,17 +248,27 @@ def _is_sequence_classifier(path: str) -> bool:
 
 
 def load_reward_model(
-    ref: str, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+    ref: str,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """A plain one-scalar reward model (``AutoModelForSequenceClassification``), adapters merged.
 
     A reward artifact is either full sequence-classification weights, or a LoRA adapter (with the trained score
-    head in ``modules_to_save``) on top of a causal LM chain, typically the SFT model.
+    head in ``modules_to_save``) on top of a causal LM chain, typically the SFT model. ``dtype`` and
+    ``attn_implementation`` as in :func:`load_causal_lm`.
     """
     from transformers import AutoModelForSequenceClassification
 
     path = resolve(ref)
     require_safetensors(path)
+    options = {
+        "trust_remote_code": trust_remote_code,
+        "dtype": dtype,
+        "attn_implementation": attn_implementation,
+    }
     if Path(path).is_dir() and is_adapter(path):
         from peft import PeftModel
 
@@ -228,19 +279,13 @@ def load_reward_model(
             and not is_adapter(parent_path)
             and _is_sequence_classifier(parent_path)
         ):
-            parent = load_reward_model(parent_ref, trust_remote_code=trust_remote_code, dtype=dtype)
+            parent = load_reward_model(parent_ref, **options)
         else:
-            parent = _as_sequence_classifier(
-                load_causal_lm(parent_ref, trust_remote_code=trust_remote_code, dtype=dtype)
-            )
-        return PeftModel.from_pretrained(parent, path).merge_and_unload()
-    kwargs: dict[str, Any] = {
-        "trust_remote_code": trust_remote_code,
-        "use_safetensors": True,
-        "num_labels": 1,
-    }
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+            parent = _as_sequence_classifier(load_causal_lm(parent_ref, **options))
+        model = PeftModel.from_pretrained(parent, path).merge_and_unload()
+        model.requires_grad_(False)  # whoever trains it says what is trainable
+        return model
+    kwargs = {**_load_kwargs(trust_remote_code, dtype, attn_implementation), "num_labels": 1}
     return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
 
 
@@ -254,35 +299,40 @@ def prepare_reward_model(
     target_modules: list[str] | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """A reward model to train, initialised from a causal LM (the SFT model) or from a reward model.
 
-    With LoRA the score head is listed in ``modules_to_save``: it is trained in full and saved with the adapter.
-    PPO uses the same call on the reward model to make its critic; with the adapter disabled the critic is the
-    frozen reward model again, so one copy of the weights serves both.
+    Trainable weights are fp32, the score head always (``dtype``, None = fp32, holds the frozen backbone under
+    LoRA; without LoRA everything is loaded in fp32). With LoRA the score head is listed in ``modules_to_save``:
+    it is trained in full and saved with the adapter. PPO uses the same call on the reward model to make its
+    critic; with the adapter disabled the critic is the frozen reward model again, so one copy serves both.
     """
     path = resolve(ref)
     local = Path(path)
+    options = {
+        "trust_remote_code": trust_remote_code,
+        "dtype": (dtype or torch.float32) if use_lora else torch.float32,
+        "attn_implementation": attn_implementation,
+    }
     if local.is_dir() and (
         (is_adapter(path) and _adapter_task(path) == "SEQ_CLS")
         or (not is_adapter(path) and _is_sequence_classifier(path))
     ):
-        model = load_reward_model(ref, trust_remote_code=trust_remote_code, dtype=dtype)
+        model = load_reward_model(ref, **options)
     else:
-        model = _as_sequence_classifier(load_causal_lm(ref, trust_remote_code=trust_remote_code, dtype=dtype))
+        model = _as_sequence_classifier(load_causal_lm(ref, **options))
+    model.score.to(torch.float32)
     if not use_lora:
+        model.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=target_modules or "all-linear",
-        modules_to_save=["score"],
-        task_type="SEQ_CLS",
+    lora = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
+    config = _lora_config(
+        {**lora, "target_modules": target_modules}, modules_to_save=["score"], task_type="SEQ_CLS"
     )
-    return get_peft_model(model, config)
+    return fp32_trainable(get_peft_model(model, config))
 
 
 def _adapter_task(path: str) -> str | None:

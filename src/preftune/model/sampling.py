@@ -15,9 +15,17 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from preftune.config.generation import GenerationOptions
 from preftune.model import templating
+from preftune.model.generation import GenerationBackend, SamplingSettings
+from preftune.model.generation.transformers_backend import (  # noqa: F401 - the sampling API, re-exported
+    NEUTRAL,
+    TransformersBackend,
+    generate,
+    generation_config,
+)
 from preftune.model.losses import sequence_logprobs
 from preftune.model.modeling import set_seed
 from preftune.model.templating import tokenize_pair
@@ -49,9 +57,12 @@ def _batches(n: int, size: int) -> Iterator[range]:
 
 
 def eos_ids_of(tokenizer: PreTrainedTokenizerBase, *models: PreTrainedModel) -> list[int]:
-    """Every token that ends a response: the tokenizer's eos and each model's generation eos."""
+    """Every token that ends a response: the tokenizer's eos, the chat template's end of turn (which training
+    teaches; preftune.model.templating) and each model's generation eos."""
     ids: list[int] = []
     candidates: list[Any] = [tokenizer.eos_token_id]
+    if getattr(tokenizer, "chat_template", None):
+        candidates += templating.end_of_turn_ids(tokenizer)
     candidates += [getattr(m.generation_config, "eos_token_id", None) for m in models]
     for value in candidates:
         for token in value if isinstance(value, (list, tuple)) else [value]:
@@ -60,44 +71,6 @@ def eos_ids_of(tokenizer: PreTrainedTokenizerBase, *models: PreTrainedModel) -> 
     if not ids:
         raise ValueError("the tokenizer has no eos token: responses could not end")
     return ids
-
-
-def generation_config(
-    *, max_new_tokens: int, temperature: float, top_p: float, eos_ids: list[int], pad_id: int
-) -> GenerationConfig:
-    """Explicit sampling settings, so neither model's own generation_config.json changes them.
-
-    Every processor that could reshape the distribution is set to its neutral value: only ``temperature`` and
-    ``top_p`` act, identically for both models.
-    """
-    neutral: dict[str, Any] = {
-        "top_k": 0,
-        "typical_p": 1.0,
-        "epsilon_cutoff": 0.0,
-        "eta_cutoff": 0.0,
-        "repetition_penalty": 1.0,
-        "no_repeat_ngram_size": 0,
-        "min_new_tokens": 0,  # takes precedence over any min_length
-        "num_beams": 1,
-        "use_cache": True,
-    }
-    if temperature == 0:
-        return GenerationConfig(
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-            **neutral,
-        )
-    return GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-        **neutral,
-    )
 
 
 @torch.no_grad()
@@ -113,42 +86,37 @@ def generate_responses(
     batch_size: int,
     eos_ids: list[int] | None = None,
     desc: str = "generate",
+    backend: GenerationBackend | None = None,
+    options: GenerationOptions | None = None,
 ) -> Generations:
     """Sample one response per rendered prompt: left-padded batches, KV cache, stop at eos.
 
     The seed is set right before the first batch, so two models given the same prompts and settings draw the
-    same random numbers and their differences come from the models alone.
+    same random numbers and their differences come from the models alone. ``backend`` samples (default: the
+    transformers backend on ``model`` with ``options``, :mod:`preftune.config.generation`'s defaults when None).
     """
     eos_ids = eos_ids or eos_ids_of(tokenizer, model)
-    pad_id = templating.pad_id(tokenizer)
-    config = generation_config(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_ids=tuple(eos_ids),
+        pad_id=templating.pad_id(tokenizer),
+        batch_size=batch_size,
     )
-    device = next(model.parameters()).device
-    model.eval()
+    backend = backend or TransformersBackend(model, options or GenerationOptions())
+    backend.sync(model)
     encoded = [_encode(tokenizer, prompt) for prompt in prompts]
     out = Generations(prompt_ids=encoded, response_ids=[], texts=[], lengths=[])
     set_seed(seed)
-    eos = set(eos_ids)
-    for batch in tqdm(list(_batches(len(encoded), batch_size)), desc=desc, unit="batch"):
-        rows = [encoded[i] for i in batch]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, ids in enumerate(rows):  # left padding: every prompt ends where generation starts
-            input_ids[j, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[j, width - len(ids) :] = 1
-        generated = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            generation_config=config,
-        )
-        for row in generated[:, width:].tolist():
-            end = next((k for k, token in enumerate(row) if token in eos), None)
-            body = row if end is None else row[:end]
-            out.response_ids.append(row if end is None else row[: end + 1])
-            out.lengths.append(len(body))
-            out.texts.append(tokenizer.decode(body, skip_special_tokens=True).strip())
+    with tqdm(total=len(encoded), desc=desc, unit="prompt") as progress:
+        samples = backend.generate(encoded, settings)
+        progress.update(len(encoded))
+    for row, ended in zip(samples.tokens, samples.ended, strict=True):
+        body = row[:-1] if ended else row
+        out.response_ids.append(row)
+        out.lengths.append(len(body))
+        out.texts.append(tokenizer.decode(body, skip_special_tokens=True).strip())
     return out
 
 
@@ -223,8 +191,9 @@ class PairScorer:
 
     The reference's log-probabilities are computed once, so scoring many policies against the same reference
     (a final model and its training snapshots) costs one pass per policy. Responses are scored as completion
-    tokens followed by eos (an assistant turn ends with eos), after the prompt rendered by the chat template,
-    with the same tokenisation and truncation as DPO training, so the implicit rewards match its own.
+    tokens as the chat template renders the assistant turn, after the prompt it renders, with the same
+    tokenisation and truncation as DPO training (``max_length``: DPO's; None = the reference's context length),
+    so the implicit rewards match its own.
     """
 
     def __init__(
@@ -235,10 +204,11 @@ class PairScorer:
         *,
         beta: float,
         batch_size: int,
+        max_length: int | None = None,
     ) -> None:
         if not pairs:
             raise ValueError("no preference pairs to score")
-        limit = max_positions(reference)
+        limit = max_length or max_positions(reference)
         self.items: list[tuple[list[int], list[int]]] = []
         for messages, chosen, rejected in pairs:
             tokens = tokenize_pair(tokenizer, messages, chosen, rejected, limit)
@@ -278,6 +248,8 @@ def score_pairs(
     *,
     beta: float,
     batch_size: int,
+    max_length: int | None = None,
 ) -> dict[str, float]:
     """One policy's implicit-reward metrics on held-out pairs (see PairScorer)."""
-    return PairScorer(reference, tokenizer, pairs, beta=beta, batch_size=batch_size).score(candidate)
+    scorer = PairScorer(reference, tokenizer, pairs, beta=beta, batch_size=batch_size, max_length=max_length)
+    return scorer.score(candidate)

@@ -3,6 +3,9 @@
 ``preftune submit`` uploads the compiled pipeline (a new version of it when a pipeline of that name exists, so
 the UI keeps one pipeline with its history) and starts a run; ``preftune schedule`` does the same upload and
 creates a recurring run (a nightly retrain): 6-field cron, no catch-up of missed runs, at most one run at a time.
+A recurring run is found by its name in its experiment and replaced, so scheduling again (a redeploy) leaves one.
+Both take ``--pipeline-root`` (``s3://``, ``minio://`` or ``gs://``): where this run's artifacts go, instead of
+the namespace's ``kfp-launcher`` default.
 
 Authentication, first match wins: a bearer token from the environment variable named by ``--token-env`` (default
 ``KF_PIPELINES_TOKEN``); inside a pod, the projected ServiceAccount token KFP mounts at
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +29,10 @@ DEFAULT_TOKEN_ENV = "KF_PIPELINES_TOKEN"
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 DEFAULT_SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 CRON_FIELDS = ("second", "minute", "hour", "day of month", "month", "day of week")
+#: Object stores a KFP pipeline root may be in (the launcher's providers).
+PIPELINE_ROOT_SCHEMES = ("s3", "minio", "gs")
+#: Pages of recurring runs read when looking for one by name (100 each).
+MAX_PAGES = 50
 
 
 class SubmitError(ValueError):
@@ -42,6 +50,18 @@ def check_cron(cron: str) -> str:
             f"{' '.join(CRON_FIELDS)} (for example '0 0 2 * * *' = every day at 02:00){hint}"
         )
     return " ".join(fields)
+
+
+def check_pipeline_root(root: str | None) -> str | None:
+    """A per-run pipeline root must be in an object store the KFP launcher writes to."""
+    if root is None:
+        return None
+    scheme = root.split("://", 1)[0].lower() if "://" in root else ""
+    if scheme not in PIPELINE_ROOT_SCHEMES or not root.split("://", 1)[1].strip("/"):
+        raise SubmitError(
+            f"pipeline root {root!r}: expected {', '.join(s + '://BUCKET[/PREFIX]' for s in PIPELINE_ROOT_SCHEMES)}"
+        )
+    return root
 
 
 def pipeline_package(name: str) -> Path:
@@ -133,6 +153,7 @@ def submit(
     namespace: str | None = None,
     service_account: str | None = None,
     description: str = "",
+    pipeline_root: str | None = None,
 ) -> dict[str, Any]:
     """Upload the pipeline (or a new version) and start one run; returns ids for the caller to print."""
     uploaded = upload(client, package, pipeline_name, description)
@@ -143,6 +164,7 @@ def submit(
         pipeline_id=uploaded.pipeline_id,
         version_id=uploaded.version_id,
         service_account=service_account,
+        pipeline_root=check_pipeline_root(pipeline_root),
     )
     return {"run_id": run.run_id, **vars(uploaded)}
 
@@ -159,12 +181,20 @@ def schedule(
     namespace: str | None = None,
     service_account: str | None = None,
     description: str = "",
+    pipeline_root: str | None = None,
 ) -> dict[str, Any]:
-    """Upload the pipeline (or a new version) and create a recurring run: no catch-up, one run at a time."""
+    """Upload the pipeline (or a new version) and create a recurring run: no catch-up, one run at a time.
+
+    Recurring runs of the same name in the experiment are replaced: the new one is created first, then the old
+    ones are deleted, so a failure never leaves the schedule without a recurring run.
+    """
     cron = check_cron(cron)
+    check_pipeline_root(pipeline_root)
     uploaded = upload(client, package, pipeline_name, description)
+    experiment_id = _experiment_id(client, experiment, namespace)
+    previous = recurring_runs_named(client, name, experiment_id)
     recurring = client.create_recurring_run(
-        experiment_id=_experiment_id(client, experiment, namespace),
+        experiment_id=experiment_id,
         job_name=name,
         description=description or None,
         cron_expression=cron,
@@ -174,17 +204,39 @@ def schedule(
         pipeline_id=uploaded.pipeline_id,
         version_id=uploaded.version_id,
         service_account=service_account,
+        pipeline_root=pipeline_root,
     )
-    return {"recurring_run_id": recurring.recurring_run_id, **vars(uploaded)}
+    for old in previous:
+        client.delete_recurring_run(old)
+    return {"recurring_run_id": recurring.recurring_run_id, "replaced": previous, **vars(uploaded)}
+
+
+def recurring_runs_named(client: Any, name: str, experiment_id: str) -> list[str]:
+    """Ids of the recurring runs called ``name`` in the experiment (the server filters; the name is checked)."""
+    query = json.dumps({"predicates": [{"key": "display_name", "operation": "EQUALS", "stringValue": name}]})
+    found: list[str] = []
+    token = ""
+    for _ in range(MAX_PAGES):
+        page = client.list_recurring_runs(
+            page_token=token, page_size=100, experiment_id=experiment_id, filter=query
+        )
+        found += [r.recurring_run_id for r in page.recurring_runs or [] if r.display_name == name]
+        token = page.next_page_token or ""
+        if not token:
+            return found
+    raise SubmitError(f"more than {MAX_PAGES * 100} recurring runs named {name!r}: clean them up first")
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    from preftune.pipelines import PIPELINES
+#: The pipelines' names, written out so that `--help` needs no pipeline (importing them imports kfp);
+#: tests/test_submit.py checks it against preftune.pipelines.PIPELINES.
+PIPELINE_NAMES = ("compare", "dpo", "rlhf")
 
-    parser.add_argument("pipeline", choices=sorted(PIPELINES), help="which pipeline")
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", choices=PIPELINE_NAMES, help="which pipeline")
     parser.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
     parser.add_argument(
         "--param",
@@ -204,6 +256,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "mounted ServiceAccount token is used when it is unset",
     )
     parser.add_argument("--ssl-ca-cert", help="CA bundle to verify the endpoint's TLS certificate")
+    parser.add_argument(
+        "--pipeline-root",
+        help="where this run's artifacts go (s3://, minio:// or gs:// BUCKET/PREFIX), instead of the "
+        "namespace's kfp-launcher default",
+    )
     parser.add_argument("--package", help="compiled pipeline YAML to upload (default: the committed one)")
     parser.add_argument("--pipeline-name", help="name of the pipeline on the server (default: its own name)")
 
@@ -238,6 +295,7 @@ def _prepare(args: argparse.Namespace, command: str) -> tuple[Any, Path, str, di
             raise SubmitError(f"pipeline package {package} not found")
         if command == "schedule":
             check_cron(args.cron)
+        check_pipeline_root(args.pipeline_root)
     except (ParameterError, SubmitError) as err:
         print(f"preftune {command}: error: {err}", file=sys.stderr)
         return 2
@@ -269,6 +327,7 @@ def run_submit(args: argparse.Namespace) -> int:
             run_name=run_name,
             namespace=args.namespace,
             service_account=args.service_account,
+            pipeline_root=args.pipeline_root,
         )
     except Exception as err:  # an ApiException carries the server's message
         return _report_failure("submit", err)
@@ -297,6 +356,7 @@ def run_schedule(args: argparse.Namespace) -> int:
             name=name,
             namespace=args.namespace,
             service_account=args.service_account,
+            pipeline_root=args.pipeline_root,
         )
     except Exception as err:
         return _report_failure("schedule", err)
@@ -304,4 +364,6 @@ def run_schedule(args: argparse.Namespace) -> int:
     print(f"{action} {pipeline_name} ({result['pipeline_id']}, version {result['version_id']})")
     print(f"created recurring run {name!r} ({check_cron(args.cron)}, no catch-up, one run at a time):")
     print(f"  {result['recurring_run_id']}")
+    for old in result["replaced"]:
+        print(f"  replaced the earlier recurring run {old} of that name (deleted)")
     return 0

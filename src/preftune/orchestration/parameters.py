@@ -16,10 +16,13 @@ from typing import Any
 from preftune.config.components import SURFACES, configs_from
 from preftune.config.fields import ConfigError, allowed
 from preftune.orchestration.bindings import TaskBinding, task_bindings
+from preftune.orchestration.help_format import did_you_mean
 
 _TYPES = {"String": "str", "Integer": "int", "Float": "float", "Boolean": "bool"}
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
+#: A pipeline carries numbers as JSON (doubles): integers beyond 2**53 would not arrive as given.
+MAX_EXACT_INT = 2**53 - 1
 
 
 class ParameterError(ValueError):
@@ -76,12 +79,31 @@ def pipeline_parameters(pipeline: Any) -> dict[str, Parameter]:
     return params
 
 
+def _check_text(param: Parameter, raw: str) -> None:
+    """A string value must travel as UTF-8 JSON into every step: no NUL, no undecodable bytes."""
+    if "\0" in raw:
+        raise ParameterError(f"parameter {param.name!r}: a NUL character cannot be part of a value")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ParameterError(
+            f"parameter {param.name!r}: {raw.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8"
+        ) from None
+
+
 def parse_value(param: Parameter, raw: str) -> Any:
     """Convert a command-line string into the parameter's type, with a message a user can act on."""
+    _check_text(param, raw)
     text = raw.strip()
     try:
         if param.type == "int":
-            return int(text)
+            value = int(text)
+            if abs(value) > MAX_EXACT_INT:
+                raise ParameterError(
+                    f"parameter {param.name!r}: {text} is beyond what a pipeline carries exactly "
+                    f"(|value| <= {MAX_EXACT_INT})"
+                )
+            return value
         if param.type == "float":
             return float(text)
         if param.type == "bool":
@@ -91,16 +113,19 @@ def parse_value(param: Parameter, raw: str) -> Any:
             if lowered in _FALSE:
                 return False
             raise ValueError
-    except ValueError:
+    except ValueError as err:
+        if isinstance(err, ParameterError):
+            raise
         raise ParameterError(
             f"parameter {param.name!r} expects {param.type}, got {raw!r}"
             + (" (use true or false)" if param.type == "bool" else "")
         ) from None
     if "://" in text:  # a location: refuse a scheme no step could read before anything runs
-        from preftune.io import storage
+        from preftune.io import registry, storage
 
+        check = registry.check_uri if param.name == "registry_uri" else storage.check_uri
         try:
-            storage.check_uri(text)
+            check(text)
         except ValueError as exc:
             raise ParameterError(f"parameter {param.name!r}: {exc}") from None
     return raw
@@ -142,8 +167,9 @@ def parse_assignments(pipeline: Any, assignments: list[str]) -> dict[str, Any]:
         name, raw = item.split("=", 1)
         name = name.strip().replace("-", "_")
         if name not in params:
-            valid = ", ".join(sorted(params))
-            raise ParameterError(f"unknown parameter {name!r}; valid parameters: {valid}")
+            hint = did_you_mean(name, params)
+            valid = "" if hint else f" valid parameters: {', '.join(sorted(params))}"
+            raise ParameterError(f"unknown parameter {name!r};{hint}{valid} (see --help)")
         values[name] = parse_value(params[name], raw)
     check_arguments(pipeline, values)
     return values

@@ -226,8 +226,8 @@ def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 
     Documents are packed into as few rows of up to ``pack_length`` tokens as first fit needs (a longer one gets a
     row of its own; 0 = one document per row, right-padded to the longest), then spread evenly over those rows
     when that fits (:func:`_balanced`), so the batch is about as wide as its tokens need and not wider. A
-    document never sees another: the 4-D boolean ``attention_mask`` ``(rows, 1, L, L)`` (True = may attend;
-    SDPA takes it as it is) is causal within a document, and a non-prompt part sees its document's prompt and
+    document never sees another: the 4-D boolean ``attention_mask`` ``(rows, 1, L, L)`` (True = may attend)
+    is causal within a document, and a non-prompt part sees its document's prompt and
     itself only. ``position_ids`` restart at 0 for each document and, for a non-prompt part, where the prompt
     ends, so every token sees exactly the context and positions it would have alone.
 
@@ -235,7 +235,8 @@ def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 
     ``target_row`` and ``target_src`` (the position whose output predicts the token: the previous one, or the
     prompt's last for a part's first token; a part with no prompt before it is not scored at its first token),
     ``target_ids``, ``target_segment`` and ``target_pos`` (the token's index within its part); ``doc_row`` and
-    ``doc_start`` (where each document begins) and ``tokens`` (real tokens in the batch).
+    ``doc_start`` (where each document begins), ``tokens`` (real tokens) and ``shared_prefix`` (answers share a
+    prompt). preftune.model.attention turns the boolean mask into what each attention kernel reads.
     """
     lengths = [sum(len(ids) for ids, _, _ in d) for d in docs]
     if pack_length > 0:
@@ -252,6 +253,8 @@ def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 
     branch = torch.full(shape, -1, dtype=torch.long)
     doc_row = [0] * len(docs)
     doc_start = [0] * len(docs)
+    # two or more answers after one prompt: only a mask can keep them apart (flash kernels cannot)
+    shared = any(sum(1 for ids, br, _ in d if br != PROMPT and len(ids)) > 1 for d in docs)
     t_row: list[int] = []
     t_src: list[int] = []
     t_ids: list[int] = []
@@ -295,6 +298,7 @@ def pack_documents(docs: Sequence[Sequence[Part]], pad: int, pack_length: int = 
         "doc_row": torch.tensor(doc_row, dtype=torch.long),
         "doc_start": torch.tensor(doc_start, dtype=torch.long),
         "tokens": torch.tensor(int(group.ge(0).sum()), dtype=torch.long),
+        "shared_prefix": torch.tensor(shared),
     }
 
 

@@ -16,6 +16,9 @@ A checkpoint is ``<uri>/step-<N>/`` holding:
 - the storage manifest, written last (preftune.io.storage.upload_dir): a checkpoint without it is incomplete and
   ignored, so a kill in the middle of a save never resumes from half a checkpoint.
 
+A state with a NaN or infinite trainable weight or optimiser value is never written (:func:`check_finite_state`),
+and the engine reads a checkpoint back (:meth:`Checkpointer.verify`) before naming it as the last good state.
+
 Only the main process writes; every process restores. The newest ``keep`` complete checkpoints are kept.
 """
 
@@ -46,6 +49,31 @@ class Restored:
     uri: str
     state: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class NonFiniteStateError(ValueError):
+    """A model or optimiser holds NaN or infinite values: such a state is never written as a checkpoint."""
+
+
+def _first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def check_finite_state(modules: Mapping[str, torch.nn.Module], optimizers: Mapping[str, Any]) -> None:
+    """Raise NonFiniteStateError naming the first trainable weight or optimiser state that is not finite."""
+    for name, module in modules.items():
+        params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+        bad = _first_nonfinite(params)
+        if bad is not None:
+            raise NonFiniteStateError(f"the {name} weight {bad} is not finite")
+    for name, optimizer in optimizers.items():
+        for index, state in enumerate(optimizer.state.values()):
+            bad = _first_nonfinite({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+            if bad is not None:
+                raise NonFiniteStateError(f"the {name} optimiser's {bad} of parameter {index} is not finite")
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -126,9 +154,23 @@ class Checkpointer:
         state: Mapping[str, Any],
         tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> str:
-        """Write the checkpoint of ``step`` (main process; all processes must call it), then prune old ones."""
+        """Write the checkpoint of ``step`` (main process; all processes must call it), then prune old ones.
+
+        A state whose trainable weights or optimiser state are not finite is refused (NonFiniteStateError) before
+        anything is written: a checkpoint is always a state training can resume from.
+        """
         from accelerate.utils import gather_object
 
+        unwrapped = {name: self.accelerator.unwrap_model(module) for name, module in modules.items()}
+        try:
+            check_finite_state(unwrapped, optimizers)
+        except NonFiniteStateError as err:
+            complete = self.complete()
+            newest = self._uri(complete[-1]) if complete else "none"
+            raise NonFiniteStateError(
+                f"{self.stage}: the state of step {step} is not saved: {err}; the newest complete checkpoint is "
+                f"{newest}"
+            ) from None
         rngs = gather_object([_rng_state()])  # every process's random state, in rank order
         uri = self._uri(step)
         if self.accelerator.is_main_process:
@@ -162,6 +204,17 @@ class Checkpointer:
                 storage.remove_tree(self._uri(old))
         self.accelerator.wait_for_everyone()
         return uri
+
+    def verify(self, uri: str) -> None:
+        """Read a written checkpoint back: complete (its manifest) and every saved weight finite, or raise."""
+        if not self.accelerator.is_main_process:
+            return
+        with tempfile.TemporaryDirectory(prefix="preftune-verify-") as tmp:
+            root = storage.download(uri, tmp, require_manifest=True)
+            for path in sorted((root / "modules").glob("*.safetensors")):
+                bad = _first_nonfinite(load_file(path))
+                if bad is not None:
+                    raise NonFiniteStateError(f"{uri}: the saved weight {bad} of {path.stem} is not finite")
 
     def restore(
         self,

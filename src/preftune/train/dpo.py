@@ -28,6 +28,7 @@ from preftune.config.dpo import DPOConfig, validate
 from preftune.io import storage
 from preftune.model import modeling
 from preftune.model.losses import dpo_loss, sequence_logprobs
+from preftune.model.precision import precision_of
 from preftune.report import html as reports
 from preftune.train.batching import (
     PackedPairCollator,
@@ -38,7 +39,7 @@ from preftune.train.batching import (
 )
 from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Resumable, Run, fit
 from preftune.train.loop import History, Meter, config_rows, lora_options, make_optimizer, ready_for_training
-from preftune.train.packed import scored_logprobs
+from preftune.train.packed import check_kernel, fused_head_weight, scored_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +132,14 @@ def _reference_cache_path(
     """Where the reference log-probs of these exact tokenised pairs under this exact model are cached, if asked.
 
     The key covers the reference weights (the whole adapter chain), every token id of every pair (so the data,
-    tokenizer, template and max_length), and the precision; not beta, the loss or the learning rate, so a sweep
+    tokenizer, template and max_length), the precision and the attention kernel; not beta, the loss or the learning rate, so a sweep
     over those, or a retried step, reuses one reference pass.
     """
     if not config.reference_cache_dir:
         return None
     digest = hashlib.sha256()
-    digest.update(f"model={_model_hash(sft_model)}\nprecision={config.mixed_precision}\n".encode())
+    compute = f"precision={precision_of(config).name}\nattention={config.attn_implementation}\n"
+    digest.update(f"model={_model_hash(sft_model)}\n{compute}".encode())
     for features in feature_lists:
         digest.update(b"split\n")
         for f in features:
@@ -297,6 +299,20 @@ class DPOTrainer(EpochTrainer):
         return {"loss": f"{logged['loss']:.4f}", "acc": f"{logged['reward_accuracy']:.2f}"}
 
 
+def _policy(sft_model: str, tokenizer: Any, config: DPOConfig, device: Any) -> tuple[Any, DPOConfig, Any]:
+    """The policy to train, the config as it will run, and the collator; a kernel that cannot mask its batches
+    is refused here, before any pass."""
+    model = ready_for_training(modeling.prepare_for_training(sft_model, **lora_options(config)), config)
+    if config.fused_head and fused_head_weight(model) is None:
+        # a head the fused path cannot reproduce (a bias, soft-capped logits like Gemma-2's): the model's own
+        log.info("%s: fused_head is off: the model's LM head has a bias or soft-capped logits", sft_model)
+        config = dataclasses.replace(config, fused_head=False)
+    collator = make_collator(tokenizer, config)
+    packed = isinstance(collator, PackedPairCollator)
+    check_kernel(model, device, packed=packed, prefix_sharing=packed and config.prefix_sharing)
+    return model, config, collator
+
+
 def train_dpo(
     sft_model: str,
     train_pairs: str,
@@ -336,14 +352,13 @@ def train_dpo(
     tokenizer = modeling.load_tokenizer(sft_model, trust_remote_code=config.trust_remote_code)
     train_features = load_pair_features(train_pairs, tokenizer, config.max_length)
     eval_features = load_pair_features(eval_pairs, tokenizer, config.max_length)
-    model = ready_for_training(modeling.prepare_for_training(sft_model, **lora_options(config)), config)
-
-    collator = make_collator(tokenizer, config)
+    model, config, collator = _policy(sft_model, tokenizer, config, accelerator.device)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ref_seconds = _reference_pass(
-        model, config, sft_model, collator, accelerator, train_features, eval_features
-    )
+    with engine.autocast():  # the reference computes as the policy's training forward will
+        ref_seconds = _reference_pass(
+            model, config, sft_model, collator, accelerator, train_features, eval_features
+        )
 
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -17,34 +16,32 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from preftune.config.fields import MIXED_PRECISION_CHOICES, check_config  # noqa: F401  (re-exported)
+from preftune.config.fields import check_config  # noqa: F401  (re-exported)
+from preftune.model.precision import precision_of, resolve_precision
 
 
-def resolve_mixed_precision(value: str) -> str | None:
-    """Turn a config value into accelerate's ``mixed_precision`` argument.
-
-    ``auto`` defers to ``ACCELERATE_MIXED_PRECISION`` when set (returns None so accelerate reads it), else uses
-    bf16 on a CUDA device that supports it and full precision otherwise (CPU, older GPUs).
-    """
-    if value not in MIXED_PRECISION_CHOICES:
-        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES}, got {value!r}")
-    if value != "auto":
-        return value
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return None
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
-
-
-def make_accelerator(mixed_precision: str = "auto", gradient_accumulation_steps: int = 1) -> Accelerator:
-    """An Accelerator for this process (single device, or one rank of a torchrun/Kubeflow Trainer job)."""
+def make_accelerator(precision: str = "auto", gradient_accumulation_steps: int = 1) -> Accelerator:
+    """An Accelerator for this process (single device, or one rank of a torchrun/Kubeflow Trainer job), with
+    autocast in the compute dtype of ``precision`` (preftune.model.precision; the older ``no`` = fp32)."""
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-    return Accelerator(
-        mixed_precision=resolve_mixed_precision(mixed_precision),
-        gradient_accumulation_steps=gradient_accumulation_steps,
-    )
+    mixed = resolve_precision(precision).accelerate
+    _release_precision(mixed)
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=gradient_accumulation_steps)
+
+
+def _release_precision(mixed: str) -> None:
+    """Let this process's next stage use another precision than its last one.
+
+    accelerate keeps one process-wide state and refuses a second Accelerator with another ``mixed_precision``;
+    a stage process makes one Accelerator, but tests, notebooks and benchmarks run several stages in one
+    process. The process-wide precision (not the distributed state) is cleared when the next one differs.
+    """
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -107,7 +104,8 @@ def target_modules(spec: str) -> list[str] | None:
 
 
 def lora_options(config: Any) -> dict[str, Any]:
-    """The modeling.prepare_* keyword arguments every trainer's config carries (LoRA and remote code)."""
+    """The modeling.prepare_* keyword arguments every trainer's config carries: LoRA, remote code, the dtype frozen
+    weights are held in (the compute dtype of its precision; trainable ones are fp32) and the attention kernel."""
     return {
         "use_lora": config.use_lora,
         "lora_r": config.lora_r,
@@ -115,11 +113,21 @@ def lora_options(config: Any) -> dict[str, Any]:
         "lora_dropout": config.lora_dropout,
         "target_modules": target_modules(config.lora_target_modules),
         "trust_remote_code": config.trust_remote_code,
+        **model_options(config),
+    }
+
+
+def model_options(config: Any) -> dict[str, Any]:
+    """How a stage loads a model it does not train: dtype from its precision, and its attention kernel."""
+    return {
+        "dtype": precision_of(config).frozen_dtype,
+        "attn_implementation": getattr(config, "attn_implementation", "auto"),
     }
 
 
 def ready_for_training(model: torch.nn.Module, config: Any) -> torch.nn.Module:
-    """Dropout off when the config asks, activation checkpointing when it asks, and no KV cache in training."""
+    """Dropout off when the config asks (LoRA's own dropout stays), activation checkpointing when it asks, and
+    no KV cache in training."""
     if getattr(config, "disable_dropout", False):
         disable_dropout(model)
     if config.gradient_checkpointing:
@@ -128,17 +136,31 @@ def ready_for_training(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     return model
 
 
+def _lora_dropouts(model: torch.nn.Module) -> set[int]:
+    """The modules of PEFT's LoRA dropout (``lora_dropout`` of each LoRA layer): set by ``lora_dropout``."""
+    kept: set[int] = set()
+    for module in model.modules():
+        branch = getattr(module, "lora_dropout", None)
+        if isinstance(branch, torch.nn.ModuleDict):
+            kept.update(id(m) for m in branch.modules())
+    return kept
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0.
+    """Set every dropout probability of the model to 0; LoRA's own dropout (``lora_dropout``) is kept.
 
     DPO compares the policy with reference log-probabilities computed without dropout; dropout in the
     policy pass would make the two differ at step 0 (the loss would not start at ln 2) and add noise to the
-    log-ratio the whole objective is built on.
+    log-ratio the whole objective is built on. LoRA's dropout acts on the adapter's branch only, which is 0 at
+    step 0, and is there because the user asked for it.
     """
     # Attention layers often apply dropout functionally from a float attribute copied from the config at
     # init (e.g. Llama's ``self.attention_dropout``), so zero those attributes as well as nn.Dropout modules.
     names = ("attention_dropout", "attn_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop")
+    kept = _lora_dropouts(model)
     for module in [model, *model.modules()]:
+        if id(module) in kept:
+            continue
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         for name in names:

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from preftune.model import attention
 from preftune.model.losses import head_logprobs, token_logprobs
 
-#: The model inputs of a packed batch.
+#: The model inputs of a packed batch (the attention mask as pack_documents builds it: boolean, "may attend").
 INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -24,9 +25,34 @@ def unwrap(model: Any) -> Any:
     return getattr(model, "_orig_mod", model)
 
 
-def packed_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The subset of a packed batch that goes into the model's forward."""
-    return {k: batch[k] for k in INPUT_KEYS}
+def packed_call(model: Any, batch: dict[str, torch.Tensor]) -> attention.PackedCall:
+    """The inputs of a packed batch for ``model``'s attention kernel (preftune.model.attention): a boolean mask
+    for sdpa, an additive one in the compute dtype for eager and flex attention, one flattened row with
+    position ids for flash kernels (refused for shared prompts); sliding windows baked in where they matter."""
+    device = batch["input_ids"].device
+    config = attention.config_of(model)
+    return attention.packed_call(batch, config, attention.compute_dtype(model, device))
+
+
+def check_kernel(model: Any, device: Any, *, packed: bool, prefix_sharing: bool = False) -> None:
+    """Refuse, before training, an attention kernel that cannot run here or cannot mask the batches a stage
+    will build (``packed`` rows; ``prefix_sharing``: answers sharing one prompt), naming the model and the
+    setting (preftune.model.attention)."""
+    config = attention.config_of(model)
+    attention.check_device(config, device)
+    if packed:
+        attention.check_packing(config, prefix_sharing=prefix_sharing)
+
+
+def packed_inputs(batch: dict[str, torch.Tensor], model: Any = None) -> dict[str, torch.Tensor]:
+    """The model inputs of a packed batch: for ``model``'s kernel when given (see :func:`packed_call`; a flash
+    kernel needs the call's ``unflatten``, so use packed_call there), else as built (sdpa's boolean mask)."""
+    if model is None:
+        return {k: batch[k] for k in INPUT_KEYS}
+    call = packed_call(model, batch)
+    if call.rows is not None:
+        raise ValueError("a flash-attention model flattens packed rows: use packed_call and its unflatten")
+    return call.inputs
 
 
 def fused_head_weight(model: Any) -> torch.Tensor | None:
@@ -46,8 +72,9 @@ def scored_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
     ``logits_to_keep=1``: the model's own head runs on one position per row only.
     """
-    out = model(**packed_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return out.hidden_states[-1][batch["target_row"], batch["target_src"]]
+    call = packed_call(model, batch)
+    out = model(**call.inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return call.unflatten(out.hidden_states[-1])[batch["target_row"], batch["target_src"]]
 
 
 def scored_logprobs(
@@ -75,7 +102,10 @@ def scored_logprobs(
         if temperature != 1.0:
             hidden = hidden / temperature
         return head_logprobs(hidden, weight, targets, chunk_size)
-    logits = model(**packed_inputs(batch), use_cache=False).logits[batch["target_row"], batch["target_src"]]
+    call = packed_call(model, batch)
+    logits = call.unflatten(model(**call.inputs, use_cache=False).logits)[
+        batch["target_row"], batch["target_src"]
+    ]
     if temperature != 1.0:
         logits = logits / temperature
     return token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]
@@ -103,10 +133,11 @@ def classifier_outputs_at(model: Any, batch: dict[str, torch.Tensor]) -> torch.T
     """
     captured: list[torch.Tensor] = []
     handle = classifier_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    call = packed_call(model, batch)
     try:
-        model(**packed_inputs(batch), use_cache=False)
+        model(**call.inputs, use_cache=False)
     finally:
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"the score head ran {len(captured)} times in one forward; expected once")
-    return captured[0][batch["score_row"], batch["score_pos"]]
+    return call.unflatten(captured[0])[batch["score_row"], batch["score_pos"]]

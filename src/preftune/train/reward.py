@@ -60,7 +60,7 @@ from preftune.train.batching import (
 )
 from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Resumable, Run, fit
 from preftune.train.loop import History, config_rows, lora_options, make_optimizer, ready_for_training
-from preftune.train.packed import classifier_outputs_at
+from preftune.train.packed import check_kernel, classifier_outputs_at
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +409,14 @@ def _reward_model(sft_model: str, tokenizer: Any, config: RewardConfig) -> tuple
     return ready_for_training(model, config), reward_pad
 
 
+def _collator(model: Any, tokenizer: Any, config: RewardConfig, reward_pad: int, device: Any) -> Any:
+    """The config's collator, once the model's attention kernel is known to mask its batches correctly."""
+    collator = make_collator(tokenizer, config, reward_pad)
+    packed = isinstance(collator, PackedRewardCollator)
+    check_kernel(model, device, packed=packed, prefix_sharing=packed and config.prefix_sharing)
+    return collator
+
+
 def train_reward_model(
     sft_model: str,
     train_pairs: str,
@@ -449,8 +457,8 @@ def train_reward_model(
     train_features = load_reward_features(train_pairs, tokenizer, config.max_length, need_scores=need_scores)
     eval_features = load_reward_features(eval_pairs, tokenizer, config.max_length, need_scores=need_scores)
     model, reward_pad = _reward_model(sft_model, tokenizer, config)
+    collator = _collator(model, tokenizer, config, reward_pad, engine.accelerator.device)
 
-    collator = make_collator(tokenizer, config, reward_pad)
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(

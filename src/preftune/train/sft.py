@@ -28,7 +28,7 @@ from preftune.train.batching import (
 )
 from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Run, fit
 from preftune.train.loop import History, config_rows, lora_options, make_optimizer, ready_for_training
-from preftune.train.packed import fused_head_weight, scored_logprobs
+from preftune.train.packed import check_kernel, fused_head_weight, scored_logprobs
 
 
 def completion_nll(
@@ -143,6 +143,7 @@ def train_sft(
     train_features = load_sft_features(train_data, tokenizer, config.max_length)
     eval_features = load_sft_features(eval_data, tokenizer, config.max_length)
     model = ready_for_training(modeling.prepare_for_training(base_model, **lora_options(config)), config)
+    check_kernel(model, engine.accelerator.device, packed=config.pack_length > 0)
 
     collator = make_collator(tokenizer, config)
     # A head the fused path cannot reproduce (a bias, soft-capped logits): the model's own head, at the scored

@@ -11,14 +11,24 @@ transfers resume file by file; and nothing is ever written outside its destinati
 
 The modules, lowest first: :mod:`.integrity` (what a file must be, the errors), :mod:`.uris`, :mod:`.local`
 (atomic writes, safe paths), :mod:`.s3` (the backend and its retries), :mod:`.manifests`, :mod:`.transfers`
-(downloads, uploads, copies), :mod:`.files` (single files and listings), :mod:`.cache` (the download cache) and
+(downloads, uploads, copies), :mod:`.files` (single files and listings), :mod:`.streams` (reading a file as a
+stream, and pyarrow's filesystem for random access), :mod:`.cache` (the download cache) and
 :mod:`.hashing` (content hashes and fingerprints). Callers use the names below.
 """
 
 from __future__ import annotations
 
 from preftune.io.storage.cache import default_cache_dir, local_path
-from preftune.io.storage.files import exists, list_dirs, list_files, read_bytes, remove_tree, write_bytes
+from preftune.io.storage.files import (
+    exists,
+    list_dirs,
+    list_files,
+    put_file,
+    read_bytes,
+    remove_tree,
+    sizes,
+    write_bytes,
+)
 from preftune.io.storage.hashing import fingerprint, sha256_of
 from preftune.io.storage.integrity import (
     AlreadyExistsError,
@@ -37,6 +47,7 @@ from preftune.io.storage.manifests import (
     read_manifest,
 )
 from preftune.io.storage.s3 import FETCH_ATTEMPTS, s3_client
+from preftune.io.storage.streams import arrow_filesystem, open_input
 from preftune.io.storage.transfers import Transfer, copy_dir, download, upload_dir
 from preftune.io.storage.uris import SUPPORTED_SCHEMES, check_uri, is_s3, split_s3
 
@@ -51,6 +62,7 @@ __all__ = [
     "IntegrityError",
     "Transfer",
     "UnsafePathError",
+    "arrow_filesystem",
     "check_uri",
     "copy_dir",
     "default_cache_dir",
@@ -64,13 +76,16 @@ __all__ = [
     "listing_problems",
     "local_path",
     "manifest_bytes",
+    "open_input",
     "parse_manifest",
     "publish_file",
+    "put_file",
     "read_bytes",
     "read_manifest",
     "remove_tree",
     "s3_client",
     "sha256_of",
+    "sizes",
     "split_s3",
     "upload_dir",
     "write_bytes",

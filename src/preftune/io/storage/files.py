@@ -7,9 +7,10 @@ and checks apply here too.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from preftune.io.storage import s3
-from preftune.io.storage.local import atomic_write, walk_files
+from preftune.io.storage.local import atomic_write, hash_file, publish_file, walk_files
 from preftune.io.storage.manifests import MANIFEST
 from preftune.io.storage.uris import dir_prefix, is_s3, split_s3, to_path
 
@@ -29,6 +30,15 @@ def list_files(uri: str) -> list[str]:
     if path.is_dir():
         return [str(p) for _, p in walk_files(path)]
     raise FileNotFoundError(f"no such file or directory: {uri}")
+
+
+def sizes(uri: str) -> dict[str, int]:
+    """The size in bytes of every file :func:`list_files` lists (one listing on S3, one stat per local file)."""
+    if is_s3(uri):
+        bucket, _ = split_s3(uri)
+        _, objects = s3.listing(uri, s3.s3_client())
+        return {f"s3://{bucket}/{o.key}": o.size for o in objects}
+    return {f: Path(f).stat().st_size for f in list_files(uri)}
 
 
 def list_dirs(uri: str) -> list[str]:
@@ -95,3 +105,18 @@ def write_bytes(uri: str, data: bytes, *, create_only: bool = False) -> None:
         s3.put_bytes(s3.s3_client(), bucket, key, data, create_only=create_only)
         return
     atomic_write(to_path(uri), data, create_only=create_only)
+
+
+def put_file(local: str | Path, uri: str) -> None:
+    """Move a finished local file to ``uri``: renamed into place locally, uploaded (checked) to S3 and then
+    deleted. Large outputs are written to a local temporary file first and never held in memory."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        if not key or key.endswith("/"):
+            raise ValueError(f"cannot write a file to an S3 prefix: {uri!r}")
+        s3.send(s3.s3_client(), Path(local), bucket, key, hash_file(Path(local)))
+        Path(local).unlink(missing_ok=True)
+        return
+    target = to_path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    publish_file(local, target)

@@ -1,4 +1,8 @@
-"""Which URIs storage understands (plain local paths, ``file://``, ``s3://``) and how they split into parts.
+"""Which URIs storage understands (plain local paths, ``file://``, ``s3://``, ``minio://``) and how they split.
+
+``minio://bucket/key`` is what KFP writes for artifacts under a MinIO pipeline root (multi-user Kubeflow's
+default, ``minio://mlpipeline/v2/artifacts``): the same S3 API, at the endpoint the step is configured with
+(``AWS_ENDPOINT_URL``), so it is read and written as ``s3://bucket/key``.
 
 The one rule for turning a URI into a local path lives here, so the registry and the transfers cannot disagree
 about what ``file://`` means.
@@ -10,7 +14,9 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-SUPPORTED_SCHEMES = ("local path", "file://", "s3://")
+SUPPORTED_SCHEMES = ("local path", "file://", "s3://", "minio://")
+#: Schemes served by the S3 API (minio:// at the configured endpoint).
+S3_SCHEMES = ("s3", "minio")
 
 
 def scheme(uri: str | Path) -> str:
@@ -19,7 +25,9 @@ def scheme(uri: str | Path) -> str:
     if "://" not in uri:
         return ""
     name = uri.split("://", 1)[0].lower()
-    if name in ("s3", "file"):
+    if name in S3_SCHEMES:
+        return "s3"
+    if name == "file":
         return name
     raise ValueError(
         f"unsupported URI {uri!r}: scheme {name + '://'!r} is not supported; "
@@ -34,7 +42,7 @@ def check_uri(uri: str) -> str:
 
 
 def is_s3(uri: str) -> bool:
-    """True for ``s3://`` URIs; raises ValueError for other unsupported schemes so typos fail early."""
+    """True for ``s3://`` and ``minio://`` URIs; ValueError for other unsupported schemes, so typos fail early."""
     return scheme(uri) == "s3"
 
 
@@ -42,7 +50,7 @@ def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/key`` -> ``("bucket", "some/key")`` (the key may be empty for a bucket root)."""
     if not is_s3(uri):
         raise ValueError(f"not an s3:// URI: {uri!r}")
-    rest = uri[len("s3://") :]
+    rest = uri.split("://", 1)[1]
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri!r}")

@@ -23,6 +23,7 @@ from preftune.train.engine.services import (
     Run,
     batch_tokens,
     chain_digest,
+    checked_gradients,
     finite_everywhere,
 )
 from preftune.train.engine.state import EpochState, LoopState, Resumable
@@ -42,6 +43,7 @@ __all__ = [
     "Run",
     "batch_tokens",
     "chain_digest",
+    "checked_gradients",
     "finite_everywhere",
     "fit",
     "run_iterations",

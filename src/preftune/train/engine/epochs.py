@@ -2,9 +2,10 @@
 
 SFT, the reward model and DPO (next: KTO) train this way. A stage supplies an :class:`EpochTrainer` (its loss,
 its evaluation, what it logs) and calls :func:`fit`; the loop does the rest, in this order for every batch:
-fingerprint the batch, loss, the NaN stop, backward, clipping and the optimiser (through accelerate's
-accumulation); and after every optimiser step: the running means of its batches, the schedule, the logging
-window, snapshots, periodic evaluation and checkpoints. Every epoch ends with an evaluation.
+fingerprint the batch, loss (under the run's autocast), the NaN stop, backward, clipping, the stop on non-finite
+gradients (before they are applied) and the optimiser (through accelerate's accumulation); and after every
+optimiser step: the running means of its batches, the schedule, the logging window, snapshots, periodic
+evaluation and checkpoints. Every epoch ends with an evaluation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from typing import Any
 
 import torch
 
-from preftune.train.engine.services import Engine, Halt, Run, batch_tokens, chain_digest, finite_everywhere
+from preftune.train.engine.services import (
+    Engine,
+    Halt,
+    Run,
+    batch_tokens,
+    chain_digest,
+    checked_gradients,
+    finite_everywhere,
+    retarget_learning_rate,
+)
 from preftune.train.engine.state import EpochState, Resumable
 from preftune.train.loop import Meter, make_scheduler, plan_steps
 
@@ -115,8 +125,9 @@ class _EpochLoop:
         state = self.state
         if not self.engine.resume(self.objects, state, self.trainer.state):
             self.snapshots.keep_until(0)
-            state.history.log_eval(0, 0.0, self.trainer.first_evaluation(self.model))
+            state.history.log_eval(0, 0.0, self._evaluate(first=True))
             return
+        retarget_learning_rate(self.optimizer, self.config.learning_rate, self.scheduler)
         self.resumed_from = state.step
         self.snapshots.keep_until(state.step)
         # the saved epoch starts again, without the batches it had consumed
@@ -136,7 +147,7 @@ class _EpochLoop:
                 state.epoch_meter = Meter()
             if self._batch(number, batch) and self._stepped(number):
                 break
-        state.history.log_eval(state.step, state.epoch, self.trainer.evaluate(self.model))
+        state.history.log_eval(state.step, state.epoch, self._evaluate())
 
     def _batch(self, number: int, batch: dict[str, torch.Tensor]) -> bool:
         """Forward and backward of one batch; True when it completed an optimiser step."""
@@ -144,11 +155,14 @@ class _EpochLoop:
         self.pending_tokens += batch_tokens(batch)
         accelerator, config = self.accelerator, self.config
         with accelerator.accumulate(self.model):
-            out = self.trainer.compute_loss(self.model, batch)
+            with self.engine.autocast():
+                out = self.trainer.compute_loss(self.model, batch)
             self._check_finite(out.loss, number)
             accelerator.backward(out.loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            if accelerator.sync_gradients:
+                norm = checked_gradients(accelerator, list(self.model.parameters()), config.max_grad_norm)
+                if norm is not None:
+                    self._stop_on_gradients(norm, out.loss, number)
             self.optimizer.step()
             self.optimizer.zero_grad()
         self.window.append(out)
@@ -179,10 +193,16 @@ class _EpochLoop:
             return True
         if config.eval_steps > 0 and step % config.eval_steps == 0 and number < len(self.loader):
             epoch = state.epoch - 1 + number / len(self.loader)
-            state.history.log_eval(step, epoch, self.trainer.evaluate(self.model))
+            state.history.log_eval(step, epoch, self._evaluate())
         if self.engine.checkpointer.due(step):
             self._save(number)
         return False
+
+    def _evaluate(self, first: bool = False) -> dict[str, float]:
+        with self.engine.autocast():
+            if first:
+                return self.trainer.first_evaluation(self.model)
+            return self.trainer.evaluate(self.model)
 
     def _save(self, batch: int) -> str:
         self.state.batch = batch
@@ -192,14 +212,27 @@ class _EpochLoop:
         """Stop with a clear error on a NaN or infinite loss, after checkpointing the last good step."""
         if finite_everywhere(loss, self.accelerator):
             return
-        state = self.state
         value = float(loss.detach().float().mean())
-        where = f"{self.engine.stage}: the loss is {value} at step {state.step + 1} (epoch {state.epoch}, batch {number})"
-        # the batches since the last optimiser step are replayed on resume, so the position is the window's start
-        done = number - 1 - (number - 1) % self.config.gradient_accumulation_steps
-        halt = Halt(
+        where = f"the loss is {value}"
+        self._halt(
             where,
-            f"the last good state (step {state.step}) is saved",
+            number,
             "Lower the learning rate, check the data of this batch, or use bf16/fp32 instead of fp16",
         )
+
+    def _stop_on_gradients(self, norm: float, loss: torch.Tensor, number: int) -> None:
+        """Stop before the optimiser applies non-finite gradients (their norm is ``norm``), after checkpointing
+        the last good step: the weights are still those of that step."""
+        self.optimizer.zero_grad()
+        value = float(loss.detach().float().mean())
+        where = f"the gradients are not finite (norm {norm}) though the loss ({value:.6g}) is"
+        advice = "Lower the learning rate (or set max_grad_norm), or use bf16/fp32 instead of fp16"
+        self._halt(where, number, advice, note=", and the step was not applied")
+
+    def _halt(self, what: str, number: int, advice: str, note: str = "") -> None:
+        state = self.state
+        where = f"{self.engine.stage}: {what} at step {state.step + 1} (epoch {state.epoch}, batch {number}){note}"
+        # the batches since the last optimiser step are replayed on resume, so the position is the window's start
+        done = number - 1 - (number - 1) % self.config.gradient_accumulation_steps
+        halt = Halt(where, f"the last good state (step {state.step}) is saved", advice)
         self.engine.halt(halt, lambda: self._save(done))

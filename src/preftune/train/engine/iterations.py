@@ -45,12 +45,14 @@ class IterationTrainer:
     state: Resumable | None = None
 
     def collect(self, iteration: int) -> Experience:
-        """Sample and score this iteration's rollouts (no gradients)."""
+        """Sample and score this iteration's rollouts (no gradients; the loop runs it under the engine's
+        autocast)."""
         raise NotImplementedError
 
     def update(self, experience: Experience) -> Halt | None:
         """Learn from the experience and add the update's values to ``experience.logged``; a Halt when a
-        non-finite loss stopped it (that update is not applied)."""
+        non-finite loss or gradient stopped it (that update is not applied). Its forwards run under
+        ``engine.autocast()``, its backwards outside it."""
         raise NotImplementedError
 
     def postfix(self, logged: dict[str, float]) -> dict[str, str]:
@@ -85,7 +87,8 @@ class _IterationLoop:
         began = time.perf_counter()
         while state.step < self.total:
             state.step += 1
-            experience = self.trainer.collect(state.step)
+            with engine.autocast():  # sampling and scoring compute as the trained models' own forward does
+                experience = self.trainer.collect(state.step)
             state.data_order = chain_digest(state.data_order, experience.ids)
             state.tokens += experience.tokens
             if experience.halt:

@@ -16,20 +16,31 @@ import torch
 from tqdm.auto import tqdm
 
 from preftune.model import modeling
+from preftune.model.precision import precision_of
 from preftune.report import html as reports
-from preftune.train.checkpoint import Checkpointer
+from preftune.train.checkpoint import Checkpointer, NonFiniteStateError, check_finite_state
 from preftune.train.engine.state import LoopState, Resumable
 from preftune.train.loop import History, make_accelerator, progress, resource_metrics
 from preftune.train.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
 
+#: What every non-finite stop says: why a retry with the same settings cannot help.
+DETERMINISTIC = "This failure is deterministic: a retry with the same settings stops here again"
+
 #: A checkpoint's trained objects: ``{"modules": {...}, "optimizers": {...}, "schedulers": {...}}`` by name.
 Objects = Mapping[str, Mapping[str, Any]]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the last good state was checkpointed first."""
+    """Training produced a NaN or infinite loss or gradient, and stopped before applying it; the last good state
+    was checkpointed (and verified finite) first.
+
+    Deterministic: the same settings stop at the same step again, so a retry with them cannot help; the message
+    says what to change, and a rerun with the same checkpoint_uri resumes from the saved state.
+    """
+
+    deterministic = True
 
 
 def finite_everywhere(loss: torch.Tensor, accelerator: Any) -> bool:
@@ -38,6 +49,54 @@ def finite_everywhere(loss: torch.Tensor, accelerator: Any) -> bool:
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, "sum")
     return not bool(bad)
+
+
+def gradient_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (after DDP's all-reduce every process has the same)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in parameters if p.grad is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def checked_gradients(
+    accelerator: Any, parameters: list[torch.nn.Parameter], max_norm: float
+) -> float | None:
+    """Clip the gradients to ``max_norm`` (0 = no clipping) and return their norm when it is not finite, None
+    when the optimiser may step.
+
+    Under fp16 the gradient scaler already skips a step whose gradients overflowed (and lowers its scale), so
+    None is returned there; otherwise a non-finite norm means the step must not be applied: clipping by an
+    infinite norm would turn every gradient into 0 or NaN.
+    """
+    norm = accelerator.clip_grad_norm_(parameters, max_norm) if max_norm > 0 else gradient_norm(parameters)
+    if getattr(accelerator, "scaler", None) is not None:
+        return None
+    value = float(torch.as_tensor(norm).float())
+    return None if torch.isfinite(torch.tensor(value)) else value
+
+
+def retarget_learning_rate(optimizer: Any, learning_rate: float, scheduler: Any = None) -> None:
+    """Put the configured peak learning rate in force after a resume (a checkpoint stores the one it ran with).
+
+    A run stopped by a non-finite gradient is rerun with a lower learning rate from the same checkpoint_uri; the
+    schedule keeps its position. A no-op when the rate is unchanged, so a plain resume is exact.
+    """
+    groups = optimizer.param_groups
+    if scheduler is None:
+        if any(g["lr"] != learning_rate for g in groups):
+            log.info("learning rate %s -> %s after resume", groups[0]["lr"], learning_rate)
+        for group in groups:
+            group["lr"] = learning_rate
+        return
+    if all(base == learning_rate for base in scheduler.base_lrs):
+        return
+    log.info("peak learning rate %s -> %s after resume", scheduler.base_lrs[0], learning_rate)
+    scheduler.base_lrs = [learning_rate] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def chain_digest(previous: str, data: torch.Tensor) -> str:
@@ -97,7 +156,7 @@ class Engine:
 
     Created first thing in a stage: it seeds Python, NumPy and torch, opens the Accelerator (one process, or one rank of
     a torchrun job) and the Checkpointer. ``config`` is the stage's config; the engine reads ``seed``,
-    ``mixed_precision``, ``checkpoint_uri``, ``checkpoint_every`` and, when present,
+    ``precision`` (or the older ``mixed_precision``), ``checkpoint_uri``, ``checkpoint_every`` and, when present,
     ``gradient_accumulation_steps``; the epoch loop reads its schedule fields too.
     """
 
@@ -107,11 +166,17 @@ class Engine:
         self.config = config
         modeling.set_seed(config.seed)
         accumulation = getattr(config, "gradient_accumulation_steps", 1)
-        self.accelerator = make_accelerator(config.mixed_precision, accumulation)
+        self.precision = precision_of(config)
+        self.accelerator = make_accelerator(self.precision.name, accumulation)
         self.checkpointer = Checkpointer(
             config.checkpoint_uri, config.checkpoint_every, self.accelerator, stage=stage
         )
         self.artifact: Artifact | None = None
+
+    def autocast(self) -> Any:
+        """The context every forward of the run executes in: autocast in the compute dtype (none in fp32), so the
+        LM head, losses and frozen models compute exactly as the prepared model's own forward does."""
+        return self.accelerator.autocast()
 
     def progress(self, total: int, done: int = 0) -> tqdm:
         bar = progress(total, self.stage, self.accelerator)
@@ -142,11 +207,24 @@ class Engine:
         return self.checkpointer.save(state.step, **objects, state=saved)
 
     def halt(self, halt: Halt, save: Callable[[], str]) -> NoReturn:
-        """Stop on a non-finite loss: checkpoint the last good state (when there is a checkpoint_uri), then raise."""
+        """Stop on a non-finite loss or gradient: checkpoint the last good state (when there is a checkpoint_uri),
+        read it back to verify that its weights are finite, and only then name it; then raise."""
         if not self.checkpointer.uri:
-            raise NonFiniteLossError(f"{halt.where}; no checkpoint_uri is set, so nothing was saved")
-        uri = save()
-        raise NonFiniteLossError(f"{halt.where}; {halt.saved} in {uri}. {halt.advice}")
+            raise NonFiniteLossError(
+                f"{halt.where}; no checkpoint_uri is set, so nothing was saved. {DETERMINISTIC}. {halt.advice}"
+            )
+        try:
+            uri = save()
+            self.checkpointer.verify(uri)
+        except NonFiniteStateError as err:
+            raise NonFiniteLossError(
+                f"{halt.where}; the state is not finite, so it was not saved ({err}). {DETERMINISTIC}. {halt.advice}"
+            ) from None
+        raise NonFiniteLossError(
+            f"{halt.where}; {halt.saved} in {uri} (read back: its weights are finite). {DETERMINISTIC}. "
+            f"{halt.advice}. A rerun with the same checkpoint_uri resumes from that state; one with a new "
+            "checkpoint_uri starts afresh (for when the steps before this one already moved too far)"
+        )
 
     # ------------------------------------------------------------------------------------ artifacts
 
@@ -157,10 +235,17 @@ class Engine:
         return Snapshots(directory, total, artifact.snapshots if artifact else 0, stage=self.stage)
 
     def snapshot(self, snapshots: Snapshots, step: int, model: Any, values: dict[str, float] | None) -> None:
+        """Keep the policy of ``step`` for the reward-vs-KL chart, unless its weights are not finite."""
         artifact = self._artifact()
+        unwrapped = self.accelerator.unwrap_model(model)
+        try:
+            check_finite_state({"policy": unwrapped}, {})
+        except NonFiniteStateError as err:
+            log.warning("%s: no snapshot of step %d: %s", self.stage, step, err)
+            return
         snapshots.save(
             step,
-            self.accelerator.unwrap_model(model),
+            unwrapped,
             artifact.tokenizer,
             parent_uri=artifact.parent_uri,
             parameters=artifact.parameters,
@@ -186,6 +271,7 @@ class Engine:
             return
         artifact = self._artifact()
         unwrapped = self.accelerator.unwrap_model(model)
+        check_finite_state({"model": unwrapped}, {})  # never an artifact of NaN weights
         unwrapped.eval()
         modeling.save_model(
             unwrapped,

@@ -8,6 +8,7 @@ from preftune.config.ppo import PPOConfig, validate
 from preftune.io import storage
 from preftune.model import modeling
 from preftune.train.engine import Artifact, Engine, run_iterations
+from preftune.train.packed import check_kernel
 from preftune.train.ppo.models import check_lengths, check_tokenizers, load_models
 from preftune.train.ppo.prompts import encode_prompts, load_prompts
 from preftune.train.ppo.report import ppo_metrics, report
@@ -61,6 +62,9 @@ def train_ppo(
     check_tokenizers(tokenizer, reward_tokenizer, sft_model, reward_model)
     models = load_models(sft_model, reward_model, config)
     check_lengths(models[0], config)
+    for model in models:
+        if model is not None:  # rollouts are scored and trained as packed rows, one prompt + response each
+            check_kernel(model, engine.accelerator.device, packed=True)
     encoded, truncated = encode_prompts(tokenizer, prompt_rows, config.max_prompt_length)
 
     trainer = PPOTrainer(engine, models, tokenizer, prompt_rows, encoded)

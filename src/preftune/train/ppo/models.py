@@ -10,7 +10,7 @@ import torch
 from preftune.config.ppo import PPOConfig
 from preftune.model import modeling
 from preftune.train.loop import disable_dropout, lora_options
-from preftune.train.packed import packed_inputs
+from preftune.train.packed import packed_call
 
 
 def is_peft(model: Any) -> bool:
@@ -31,7 +31,10 @@ class TokenValueModel(torch.nn.Module):
         self.model = model
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         inner = self.model.get_base_model() if is_peft(self.model) else self.model
         backbone = getattr(inner, inner.base_model_prefix)
@@ -47,22 +50,36 @@ def adapter_off(model: Any) -> Any:
     return inner.disable_adapter() if is_peft(inner) else nullcontext()
 
 
+def token_values(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A value model's outputs at every position of a packed batch, ``(rows, length)``, whatever its kernel."""
+    call = packed_call(model, batch)
+    return call.unflatten(model(**call.inputs))
+
+
 def response_values(critic: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The critic's value of the state before each response token (at the position that predicts it)."""
-    return critic(**packed_inputs(batch))[batch["target_row"], batch["target_src"]]
+    return token_values(critic, batch)[batch["target_row"], batch["target_src"]]
 
 
 def load_models(sft_model: str, reward_model: str, config: PPOConfig) -> tuple[Any, Any, Any, Any]:
-    """(policy, reference or None, critic, reward or None): None where the adapter-disabled model serves."""
+    """(policy, reference or None, critic, reward or None): None where the adapter-disabled model serves.
+
+    Full fine-tuning holds frozen copies of the SFT and reward models in fp32 like the trained ones, so that at
+    step 0 they compute exactly what the policy and critic do (KL 0, values equal to the rewards).
+    """
     lora = lora_options(config)
     policy = modeling.prepare_for_training(sft_model, **lora)
     critic = TokenValueModel(modeling.prepare_reward_model(reward_model, **lora))
     reference = reward = None
     if not config.use_lora:
-        reference = modeling.load_causal_lm(sft_model, trust_remote_code=config.trust_remote_code)
-        reward = TokenValueModel(
-            modeling.load_reward_model(reward_model, trust_remote_code=config.trust_remote_code)
-        )
+        frozen_options = {
+            "trust_remote_code": config.trust_remote_code,
+            "dtype": torch.float32,
+            "attn_implementation": lora["attn_implementation"],
+        }
+        reference = modeling.load_causal_lm(sft_model, **frozen_options)
+        reward_classifier = modeling.load_reward_model(reward_model, **frozen_options)
+        reward = TokenValueModel(reward_classifier)
         for frozen in (reference, reward):
             frozen.requires_grad_(False)
             frozen.eval()

@@ -9,12 +9,16 @@ from typing import Any
 
 import torch
 
+from preftune.config.generation import options_of
 from preftune.config.ppo import PPOConfig
-from preftune.model.sampling import generation_config
-from preftune.model.templating import eos_id, pad_id, render_prompt
+from preftune.model.generation import GenerationBackend, SamplingSettings
+from preftune.model.generation.transformers_backend import TransformersBackend
+from preftune.model.losses import head_dtype
+from preftune.model.sampling import generate
+from preftune.model.templating import completion_ids, pad_id, turn_frame
 from preftune.train.batching import FIRST_ANSWER, PROMPT, pack_documents
-from preftune.train.packed import fused_head_weight, packed_inputs, scored_hidden
-from preftune.train.ppo.models import TokenValueModel, adapter_off, is_peft, response_values
+from preftune.train.packed import fused_head_weight, packed_call, scored_hidden
+from preftune.train.ppo.models import TokenValueModel, adapter_off, is_peft, response_values, token_values
 from preftune.train.ppo.prompts import Messages
 
 
@@ -36,6 +40,7 @@ class Rollout:
     values: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    sampled_logprobs: torch.Tensor | None = None  # (B, R) as the sampler computed them, when asked for
 
     def packed(self, rows: list[int], pad: int, pack_length: int) -> dict[str, torch.Tensor]:
         """The sequences ``rows`` (prompt + response, unpadded) packed by ``batching.pack_documents``; every
@@ -62,12 +67,14 @@ def _logprobs_and_entropy(
     if fused:
         hidden, weight = scored_hidden(model, batch), fused_head_weight(model)
     else:
-        out = model(**packed_inputs(batch), use_cache=False).logits
+        call = packed_call(model, batch)
+        out = call.unflatten(model(**call.inputs, use_cache=False).logits)
         hidden, weight = out[batch["target_row"], batch["target_src"]], None
     logps, ents = [], []
+    dtype = head_dtype(hidden, weight) if weight is not None else hidden.dtype
     for start in range(0, hidden.shape[0], _HEAD_CHUNK):
         chunk = hidden[start : start + _HEAD_CHUNK]
-        logits = chunk @ weight.t() if weight is not None else chunk
+        logits = chunk.to(dtype) @ weight.to(dtype).t() if weight is not None else chunk
         logp = torch.log_softmax(logits.float() / temperature, dim=-1)
         logps.append(logp.gather(-1, targets[start : start + _HEAD_CHUNK, None])[:, 0])
         ents.append(-(logp.exp() * logp).sum(dim=-1))
@@ -88,6 +95,34 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _generate(*args: Any, **kwargs: Any) -> torch.Tensor:
+    # looked up at call time, so a test can stand in for this module's ``generate``
+    return generate(*args, **kwargs)
+
+
+def rollout_backend(policy: Any, config: Any) -> GenerationBackend:
+    """The transformers backend with the stage's generation options (the vllm backend is built by the trainer
+    once, from the SFT model's directory: ``preftune.model.generation.make_backend``)."""
+    options = options_of(config)
+    if options.backend != "transformers":
+        raise ValueError(
+            f"generation_backend {options.backend!r}: the trainer builds that backend once and passes it to "
+            "generate_rollout(backend=...)"
+        )
+    return TransformersBackend(policy, options, generate_fn=_generate)
+
+
+def sampling_settings(config: Any, eos_ids: list[int], pad: int) -> SamplingSettings:
+    return SamplingSettings(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        eos_ids=tuple(eos_ids),
+        pad_id=pad,
+        batch_size=config.forward_batch_size,
+    )
+
+
 @torch.no_grad()
 def generate_rollout(
     policy: Any,
@@ -97,44 +132,35 @@ def generate_rollout(
     config: PPOConfig,
     eos_ids: list[int],
     device: torch.device,
+    *,
+    backend: GenerationBackend | None = None,
+    logprobs: bool = False,
 ) -> Rollout:
-    """Sample one response per prompt with the policy (KV cache, left padding, stop at eos)."""
+    """Sample one response per prompt with the policy (KV cache, left padding, stop at eos) through ``backend``
+    (default: the transformers backend with the config's generation options), synced to the policy first.
+
+    ``logprobs``: keep each sampled token's log-prob as the sampler computed it (``Rollout.sampled_logprobs``),
+    for checking it against the scoring pass."""
     pad = pad_id(tokenizer)
-    gen_config = generation_config(
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        eos_ids=eos_ids,
-        pad_id=pad,
-    )
+    backend = backend or rollout_backend(policy, config)
+    backend.sync(policy)
+    samples = backend.generate(prompt_ids, sampling_settings(config, eos_ids, pad), logprobs=logprobs)
     width = max(len(ids) for ids in prompt_ids)
     query = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
     query_mask = torch.zeros_like(query)
     for i, ids in enumerate(prompt_ids):
         query[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         query_mask[i, width - len(ids) :] = 1
-    policy.eval()
-    responses: list[list[int]] = []
-    for part in _chunks(len(prompt_ids), config.forward_batch_size):
-        out = policy.generate(
-            input_ids=query[part].to(device),
-            attention_mask=query_mask[part].to(device),
-            generation_config=gen_config,
-        )
-        responses += out[:, width:].cpu().tolist()
-    eos = set(eos_ids)
-    bodies, lengths, ended = [], [], []
-    for row in responses:
-        end = next((k for k, token in enumerate(row) if token in eos), None)
-        lengths.append(len(row) if end is None else end + 1)
-        bodies.append(row if end is None else row[:end])
-        ended.append(end is not None)
-    length = max(lengths)
-    response = torch.full((len(responses), length), pad, dtype=torch.long)
+    length = max(len(row) for row in samples.tokens)
+    response = torch.full((len(prompt_ids), length), pad, dtype=torch.long)
     response_mask = torch.zeros_like(response)
-    for i, (row, n) in enumerate(zip(responses, lengths, strict=True)):
-        response[i, :n] = torch.tensor(row[:n], dtype=torch.long)
-        response_mask[i, :n] = 1
+    sampled = torch.zeros(response.shape, dtype=torch.float32) if logprobs else None
+    for i, row in enumerate(samples.tokens):
+        response[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        response_mask[i, : len(row)] = 1
+        if sampled is not None:
+            sampled[i, : len(row)] = torch.tensor(samples.logprobs[i], dtype=torch.float32)
+    bodies = [row[:-1] if ended else row for row, ended in zip(samples.tokens, samples.ended, strict=True)]
     return Rollout(
         query_ids=query.to(device),
         query_mask=query_mask.to(device),
@@ -142,9 +168,10 @@ def generate_rollout(
         response_mask=response_mask.to(device),
         prompts=prompts,
         texts=[tokenizer.decode(b, skip_special_tokens=True) for b in bodies],
-        ended=torch.tensor(ended, dtype=torch.bool, device=device),
+        ended=torch.tensor(samples.ended, dtype=torch.bool, device=device),
         prompt_tokens=[list(ids) for ids in prompt_ids],
-        response_tokens=[row[:n] for row, n in zip(responses, lengths, strict=True)],
+        response_tokens=[list(row) for row in samples.tokens],
+        sampled_logprobs=None if sampled is None else sampled.to(device),
     )
 
 
@@ -159,7 +186,8 @@ def score_responses(
     *,
     pack_length: int = 256,
 ) -> torch.Tensor:
-    """The reward model's score of each response, on its training input: rendered prompt + response + eos.
+    """The reward model's score of each response, on its training input: the prompt and the response rendered
+    as an assistant turn by the chat template (preftune.model.templating), as reward-model training reads them.
 
     The score head is read where a transformers sequence classifier pools, and so where the reward model was
     trained to score: the last token whose id differs from the model's ``config.pad_token_id`` (the closing eos
@@ -167,20 +195,21 @@ def score_responses(
     disabled) when this is called. ``batch_size`` sequences at a time are packed into rows of up to
     ``pack_length`` tokens (``batching.pack_documents``; 0 = one per row).
     """
-    eos, pad = eos_id(tokenizer), pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     inner = reward.model.get_base_model() if is_peft(reward.model) else reward.model
     pool_pad = getattr(inner.config, "pad_token_id", None)
     rows, reads = [], []
     for messages, text in zip(prompts, texts, strict=True):
-        prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
-        row = list(prompt_ids) + list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos]
+        frame = turn_frame(tokenizer, messages)
+        prompt_ids = tokenizer(frame.prompt, add_special_tokens=False)["input_ids"]
+        row = list(prompt_ids) + completion_ids(tokenizer, messages, text, frame)
         rows.append(row)
         reads.append(max((k for k, token in enumerate(row) if token != pool_pad), default=len(row) - 1))
     scores = []
     for part in _chunks(len(rows), batch_size):
         batch = pack_documents([[(row, PROMPT, -1)] for row in rows[part]], pad, pack_length)
         batch = {k: v.to(device) for k, v in batch.items()}
-        values = reward(**packed_inputs(batch))
+        values = token_values(reward, batch)
         read = batch["doc_start"] + torch.tensor(reads[part], device=device)
         scores.append(values[batch["doc_row"], read])
     return torch.cat(scores)

@@ -53,6 +53,7 @@ class PPOTrainer(IterationTrainer):
     ) -> None:
         config, accelerator = engine.config, engine.accelerator
         self.config, self.accelerator, self.tokenizer = config, accelerator, tokenizer
+        self.autocast = engine.autocast
         self.prompts, self.encoded = prompts, encoded
         policy, reference, critic, reward = models
         self.eos_ids, self.pad = eos_ids_of(tokenizer, policy), pad_id(tokenizer)
@@ -118,7 +119,13 @@ class PPOTrainer(IterationTrainer):
     def update(self, experience: PPOExperience) -> Halt | None:
         config, state, logged = self.config, self.state, experience.logged
         result = ppo_update(
-            self.trained, experience.rollout, experience.shaped, config, self.accelerator, self.pad
+            self.trained,
+            experience.rollout,
+            experience.shaped,
+            config,
+            self.accelerator,
+            self.pad,
+            self.autocast,
         )
         state.all_clip.extend(result.clip_fractions)
         state.early_stops += int(result.stopped)
@@ -128,8 +135,9 @@ class PPOTrainer(IterationTrainer):
         if result.nonfinite is None:
             return None
         logged["nonfinite_loss"] = 1.0
+        what = "loss" if result.what == "loss" else "gradient norm (the loss being finite)"
         return Halt(
-            f"ppo: the loss is {result.nonfinite} in iteration {experience.iteration} after {result.steps} "
+            f"ppo: the {what} is {result.nonfinite} in iteration {experience.iteration} after {result.steps} "
             "updates (not applied)",
             "the policy and critic before that update are saved",
             "Lower the learning rates, raise kl_coef, or clip scores (score_clip)",

@@ -1,9 +1,11 @@
 """Step 4 of a PPO iteration: ``ppo_epochs`` passes over shuffled minibatches of the rollouts, each step
 minimising the clipped policy loss + ``vf_coef`` x the clipped value loss, with an early stop on the approximate
-KL and a stop (the step not applied) on a non-finite loss."""
+KL and a stop (the step not applied) on a non-finite loss or gradient. Forwards run under the run's autocast,
+backwards outside it."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 
 from preftune.config.ppo import PPOConfig
 from preftune.model.losses import ppo_policy_loss, ppo_value_loss
-from preftune.train.engine import finite_everywhere
+from preftune.train.engine import checked_gradients, finite_everywhere
 from preftune.train.loop import Meter
 from preftune.train.packed import scored_logprobs
 from preftune.train.ppo.advantages import Advantages
@@ -43,6 +45,7 @@ class UpdateResult:
     steps: int = 0
     stopped: bool = False
     nonfinite: float | None = None
+    what: str = "loss"  # what was not finite: the loss, or the gradient norm (the loss being finite)
     clip_fractions: list[float] = field(default_factory=list)
 
 
@@ -58,7 +61,13 @@ class _Targets:
 
 
 def ppo_update(
-    models: ActorCritic, rollout: Rollout, shaped: Advantages, config: PPOConfig, accelerator: Any, pad: int
+    models: ActorCritic,
+    rollout: Rollout,
+    shaped: Advantages,
+    config: PPOConfig,
+    accelerator: Any,
+    pad: int,
+    autocast: Any = nullcontext,
 ) -> UpdateResult:
     """Update the policy and the critic on one iteration's rollouts (see the module docstring)."""
     result = UpdateResult()
@@ -76,7 +85,7 @@ def ppo_update(
         order = torch.randperm(n).tolist()
         for start in range(0, n, mini):
             batch = rollout.packed(order[start : start + mini], pad, config.pack_length)
-            if not _step(models, batch, targets, config, accelerator, result):
+            if not _step(models, batch, targets, config, accelerator, result, autocast):
                 break
         if result.stopped:
             break
@@ -90,33 +99,43 @@ def _step(
     config: PPOConfig,
     accelerator: Any,
     result: UpdateResult,
+    autocast: Any = nullcontext,
 ) -> bool:
     """One minibatch step; False when the iteration's updates stop here (this step is then not applied)."""
     index = batch["flat"]
     tokens = torch.ones_like(index, dtype=torch.float32)
-    new_logprobs = scored_logprobs(
-        models.policy, batch, fused_head=models.fused_head, temperature=config.temperature
-    )
-    policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
-        new_logprobs, targets.logprobs[index], targets.advantages[index], tokens, config.clip_range
-    )
+    with autocast():
+        new_logprobs = scored_logprobs(
+            models.policy, batch, fused_head=models.fused_head, temperature=config.temperature
+        )
+        policy_loss, clip_fraction, approx_kl = ppo_policy_loss(
+            new_logprobs, targets.logprobs[index], targets.advantages[index], tokens, config.clip_range
+        )
     mean_kl = float(accelerator.reduce(approx_kl.detach(), "mean"))
     if config.max_approx_kl > 0 and mean_kl > config.max_approx_kl:
         result.stopped = True
         result.meter.add(approx_kl=mean_kl)
         return False
-    new_values = response_values(models.critic, batch)
-    value_loss, value_clip = ppo_value_loss(
-        new_values, targets.values[index], targets.returns[index], tokens, config.clip_range_value
-    )
-    loss = policy_loss + config.vf_coef * value_loss
+    with autocast():
+        new_values = response_values(models.critic, batch)
+        value_loss, value_clip = ppo_value_loss(
+            new_values, targets.values[index], targets.returns[index], tokens, config.clip_range_value
+        )
+        loss = policy_loss + config.vf_coef * value_loss
     if not finite_everywhere(loss, accelerator):
         result.nonfinite, result.stopped = float(loss.detach()), True
         return False
     accelerator.backward(loss)
-    if config.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(models.policy_params, config.max_grad_norm)
-        accelerator.clip_grad_norm_(models.critic_params, config.max_grad_norm)
+    norms = [
+        checked_gradients(accelerator, params, config.max_grad_norm)
+        for params in (models.policy_params, models.critic_params)
+    ]
+    if any(norm is not None for norm in norms):
+        models.policy_optimizer.zero_grad()
+        models.critic_optimizer.zero_grad()
+        bad = next(norm for norm in norms if norm is not None)
+        result.nonfinite, result.what, result.stopped = bad, "gradient norm", True
+        return False
     models.policy_optimizer.step()
     models.critic_optimizer.step()
     models.policy_optimizer.zero_grad()

@@ -1,0 +1,527 @@
+"""Feedback rows into candidate pairs, streamed: the reading and pairing stages of the preference import.
+
+* :meth:`Feedback.read` takes every row of every file once. Pairwise rows and Label Studio annotations are pairs
+  already: they go straight to the pair spill (:class:`importing.Items`). Ranked lists go to a spill of their own;
+  ratings and thumbs to spills bucketed by a hash of their prompt, so that one prompt's rows can be brought
+  together later without holding them all. The row suites' computed columns are kept per row.
+* :meth:`Feedback.pair` runs the row suites, then pairs the rows they accepted: ranked lists one by one, ratings
+  and thumbs one bucket at a time (z-scores from per-rater sums over every accepted rating), the pairs of each
+  prompt written in the order its first row was read, so the result is the same as pairing everything at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+from preftune.data import formats, labelstudio, pairing, parallel, readers, records, spill
+from preftune.data.checkpoints import SuiteResult, Validator
+from preftune.data.importing import Items, Rejections, Units, meta_field, rank_key
+from preftune.data.sources import SourceFile
+
+#: Readable rows looked at to recognise a file's format (``format=auto``).
+DETECT_ROWS = 10_000
+#: Pairwise rows taken in one batch.
+BATCH = 4096
+#: Spill buckets for ratings and thumbs (a bucket is paired in memory).
+BUCKETS = 64
+_SENTINEL = hashlib.sha256(b"preftune meta").hexdigest()
+
+
+def pair_columns() -> dict[str, str]:
+    """The columns kept per candidate pair besides id, rank and lead unit."""
+    return {
+        "reverse": "Q",
+        "prompt_chars": "i",
+        "chosen_chars": "i",
+        "rejected_chars": "i",
+        "identical": "b",
+        "raw_equal": "b",
+        "margin": "d",
+    }
+
+
+def add_pair(items: Items, facts: records.PairFacts, units: str, lead: int, seed: int) -> None:
+    """One candidate pair: its line to the spill, its numbers to the columns."""
+    items.add(facts.line, units, int(facts.id, 16), rank_key(seed, facts.prompt_key), lead)
+    columns = items.columns.arrays
+    columns["reverse"].append(int(facts.reverse, 16))
+    columns["prompt_chars"].append(facts.prompt_chars)
+    columns["chosen_chars"].append(facts.chosen_chars)
+    columns["rejected_chars"].append(facts.rejected_chars)
+    columns["identical"].append(facts.identical)
+    columns["raw_equal"].append(facts.raw_equal)
+    columns["margin"].append(math.nan if facts.margin is None else facts.margin)
+
+
+class _Kind:
+    """The rows of one format waiting for pairing: their spill (one, or per bucket) and row-suite columns."""
+
+    def __init__(self, directory: Path, name: str, buckets: int) -> None:
+        self.directory, self.name = directory, name
+        self.spills: dict[int, spill.LineSpill] = {}
+        self.buckets = buckets
+        typecodes = {
+            "unit": "i",
+            "prompt_chars": "i",
+            "min_chars": "i",
+            "max_chars": "i",
+            "value": "d",
+            "rater": "Q",
+        }
+        self.columns = spill.Columns(**typecodes)
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def spill(self, bucket: int) -> spill.LineSpill:
+        if bucket not in self.spills:
+            self.spills[bucket] = spill.LineSpill(self.directory / f"{self.name}-{bucket}.spill")
+        return self.spills[bucket]
+
+    def add(
+        self, line: str, bucket: int, unit: int, prompt: int, lengths: list[int], value: float, rater: int
+    ) -> None:
+        self.spill(bucket).write(f"{len(self)}\t{line}")
+        columns = self.columns.arrays
+        columns["unit"].append(unit)
+        columns["prompt_chars"].append(prompt)
+        columns["min_chars"].append(min(lengths))
+        columns["max_chars"].append(max(lengths))
+        columns["value"].append(value)
+        columns["rater"].append(rater)
+
+    def suite_columns(self) -> dict[str, Any]:
+        """The row suite's computed columns (:data:`suites.COLUMNS`)."""
+        import numpy as np
+
+        field = "responses" if self.name == "ranked" else "response"
+        out = {
+            "prompt_chars": self.columns.numpy("prompt_chars"),
+            f"{field}_min_chars": self.columns.numpy("min_chars"),
+            f"{field}_max_chars": self.columns.numpy("max_chars"),
+        }
+        value = self.columns.numpy("value")
+        if self.name == "ranked":
+            out["responses"] = value.astype(np.int64)
+        elif self.name == "rating":
+            out.update(score=value, score_nonfinite=~np.isfinite(value))
+        else:
+            out["label_up"] = value.astype(np.int8)
+        return out
+
+
+def _rater_code(rater: str | None) -> int:
+    if rater is None:
+        return 0
+    return (
+        int.from_bytes(hashlib.blake2b(rater.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+        | 1
+    )
+
+
+class Feedback:
+    """The reading and pairing stages of one preference import (see the module docstring)."""
+
+    def __init__(
+        self, directory: Path, units: Units, rejections: Rejections, items: Items, settings: Any
+    ) -> None:
+        self.directory = directory
+        self.units, self.rejections, self.items, self.settings = units, rejections, items, settings
+        self.kinds = {
+            "ranked": _Kind(directory, "ranked", 1),
+            "rating": _Kind(directory, "rating", BUCKETS),
+            "binary": _Kind(directory, "binary", BUCKETS),
+        }
+        self.file_formats: dict[str, str] = {}
+        self.stats: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------------------------------ read
+
+    def read(self, files: list[SourceFile], fmt: str, source: str = "") -> None:
+        """Every row of every file, in order; large pairwise sources are read by worker processes
+        (:mod:`parallel`) with the same result."""
+        workers = parallel.workers_for(source, files, fmt) if source else 0
+        if not workers:
+            for file_index, source_file in enumerate(files):
+                self.read_one(file_index, source_file, fmt)
+            return
+        for file_index, result in parallel.results(
+            read_worker, files, fmt, self.settings, self.directory, workers
+        ):
+            if result.fmt == "pairwise":
+                self._adopt(file_index, files[file_index], result)
+            else:
+                self.read_one(file_index, files[file_index], fmt)
+
+    def read_one(self, file_index: int, source_file: SourceFile, fmt: str, only: str = "") -> str:
+        """Every row of one file; returns its format (with ``only``, a file of another format is not read)."""
+        rows = source_file.rows("reject")
+        file_fmt = fmt
+        if fmt == "auto":
+            head = _head(rows)
+            readable = [r for r in head if r.error is None]
+            file_fmt = formats.detect(readable, source_file.name) if readable else "auto"
+            rows = chain(head, rows)
+        if only and file_fmt != only:
+            return file_fmt
+        self.units.formats[file_index] = file_fmt
+        self.file_formats[source_file.name] = file_fmt
+        if file_fmt != "pairwise":
+            for raw in rows:
+                self._take(file_index, raw, file_fmt)
+            return file_fmt
+        batch: list[readers.RawRow] = []
+        for raw in rows:
+            batch.append(raw)
+            if len(batch) == BATCH:
+                self._pairwise(file_index, batch)
+                batch = []
+        self._pairwise(file_index, batch)
+        return file_fmt
+
+    def _adopt(self, file_index: int, source_file: SourceFile, result: parallel.FileResult) -> None:
+        """Splice in a file a worker read: its rows, pairs, columns and rejections, unit numbers offset."""
+        import numpy as np
+
+        where, offset = Path(result.directory), len(self.units)
+        units = self.units.columns.arrays
+        units["file"].frombytes(np.full(result.rows, file_index, dtype=np.int32).tobytes())
+        units["row"].frombytes((where / "rows.col").read_bytes())
+        for name, values in self.items.columns.arrays.items():
+            data = (where / f"{name}.col").read_bytes()
+            if name == "lead":
+                data = (np.frombuffer(data, dtype=np.int32) + offset).astype(np.int32).tobytes()
+            values.frombytes(data)
+        self.items.spill.adopt(where / "pairs.spill", result.lines, offset)
+        for unit, reasons, detail, record in parallel.rejected(result):
+            self.rejections.add(unit + offset, reasons, detail, record)
+        self.units.formats[file_index] = "pairwise"
+        self.file_formats[source_file.name] = "pairwise"
+
+    def _pairwise(self, file_index: int, batch: list[readers.RawRow]) -> None:
+        """A batch of pairwise rows: each one pair (or rejected), written to the spill and columns in one go --
+        the hot path of a large import, so per-row work is kept to the row's own."""
+        units, items, seed = self.units, self.items, self.settings.seed
+        first_unit = len(units)
+        units.extend(file_index, [raw.row for raw in batch])
+        lines: list[str] = []
+        numbers: list[tuple[int, int, int, int, int, int, int, float]] = []
+        ids: list[int] = []
+        last_prompt, last_rank = "", 0
+        for offset, raw in enumerate(batch):
+            unit = first_unit + offset
+            if raw.error:
+                self.rejections.add(unit, [raw.error], raw.detail or "", {"raw": raw.raw})
+                continue
+            facts = records.fast_pair(raw.record, raw.file, raw.row)  # type: ignore[arg-type]
+            if facts is None:
+                try:
+                    facts = records.pair_facts(records.normalize_preference(raw))
+                except records.RowError as exc:
+                    self.rejections.add(unit, exc.reasons, exc.message, raw.record)
+                    continue
+            if facts.prompt_key != last_prompt:
+                last_prompt, last_rank = facts.prompt_key, rank_key(seed, facts.prompt_key)
+            raw_text = (
+                f"\t{raw.raw}" if raw.raw and "\n" not in raw.raw else ""
+            )  # a JSON line: its own record
+            lines.append(f"{unit}\t{unit}\t{facts.line}{raw_text}\n")
+            ids.append(int(facts.id, 16))
+            numbers.append(
+                (
+                    int(facts.reverse, 16),
+                    last_rank,
+                    unit,
+                    facts.prompt_chars,
+                    facts.chosen_chars,
+                    facts.rejected_chars,
+                    facts.identical + 2 * facts.raw_equal,
+                    math.nan if facts.margin is None else facts.margin,
+                )
+            )
+        if lines:
+            items.extend(lines, ids, numbers)
+
+    def _take(self, file_index: int, raw: readers.RawRow, file_fmt: str) -> None:
+        if raw.error:
+            unit = self.units.add(file_index, raw.row)
+            self.rejections.add(unit, [raw.error], raw.detail or "", {"raw": raw.raw})
+            return
+        if file_fmt == "labelstudio":
+            self._annotations(file_index, raw)
+            return
+        unit = self.units.add(file_index, raw.row)
+        try:
+            if file_fmt == "pairwise":
+                facts = records.fast_pair(raw.record, raw.file, raw.row)  # type: ignore[arg-type]
+                if facts is None:
+                    facts = records.pair_facts(records.normalize_preference(raw))
+                self.items.new_block()
+                add_pair(self.items, facts, str(unit), unit, self.settings.seed)
+            elif file_fmt == "ranked":
+                self._ranked(formats.normalize_ranked(raw, unit))
+            else:
+                self._observation(file_fmt, formats.normalize_observation(raw, unit, file_fmt))
+        except records.RowError as exc:
+            self.rejections.add(unit, exc.reasons, exc.message, raw.record)
+
+    def _annotations(self, file_index: int, raw: readers.RawRow) -> None:
+        """A Label Studio task: each annotation is a row of its own, giving a pair or rejected."""
+        for ann in labelstudio.expand(raw):
+            unit = self.units.add(file_index, ann.row, ann.annotation)
+            if ann.error is not None:
+                reasons = ann.error.reasons if isinstance(ann.error, records.RowError) else None
+                self.rejections.add(
+                    unit, reasons or [ann.error.reason or "invalid"], ann.error.message, ann.record
+                )
+            else:
+                assert ann.pair is not None
+                self.items.new_block()
+                add_pair(self.items, records.pair_facts(ann.pair), str(unit), unit, self.settings.seed)
+
+    def _ranked(self, item: formats.RankedList) -> None:
+        line = records.dumps([item.prompt, item.responses, item.ranks, item.meta, item.source])
+        lengths = [records.text_length(r) for r in item.responses]
+        prompt = records.text_length(item.prompt)
+        self.kinds["ranked"].add(line, 0, item.unit, prompt, lengths, float(len(item.responses)), 0)
+
+    def _observation(self, fmt: str, obs: formats.Observation) -> None:
+        key = records.canonical_json(obs.prompt)
+        bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big") % BUCKETS
+        line = records.dumps([obs.prompt, obs.response, obs.meta, obs.source])
+        length = records.text_length(obs.response)
+        prompt = records.text_length(obs.prompt)
+        self.kinds[fmt].add(line, bucket, obs.unit, prompt, [length], obs.value, _rater_code(obs.rater))
+
+    # ------------------------------------------------------------------------------------------ pair
+
+    def pair(self, validator: Validator) -> list[tuple[str, SuiteResult]]:
+        """Run each format's row suite, reject the rows it fails, and pair the rest; returns the suites' results."""
+        outcomes = []
+        for name, kind in self.kinds.items():
+            if not len(kind):
+                continue
+            result = validator.run(f"{name}_rows", kind.suite_columns())
+            outcomes.append((f"{name} rows", result))
+            failures = result.failures()
+            units = kind.columns["unit"]
+            for index in _failed(result):
+                reasons = result.reasons_for(int(result.failed[index]))
+                self.rejections.add(units[index], reasons, "; ".join(failures.get(r, r) for r in reasons))
+            passed = (result.failed == 0).tobytes()
+            if name == "ranked":
+                self._pair_ranked(kind, passed)
+            else:
+                self._pair_grouped(name, kind, passed)
+        return outcomes
+
+    def _pair_ranked(self, kind: _Kind, passed: bytes) -> None:
+        settings = self.settings
+        for text in kind.spill(0).read():
+            index, line = text.split("\t", 1)
+            if not passed[int(index)]:
+                continue
+            prompt, responses, ranks, meta, source = json.loads(line)
+            unit = kind.columns["unit"][int(index)]
+            out = pairing.Pairing()
+            pairing.ranked_candidates(
+                unit,
+                prompt,
+                responses,
+                ranks,
+                meta,
+                source,
+                mode=settings.ranked_pairs,
+                cap=settings.max_pairs_per_prompt,
+                seed=settings.seed,
+                out=out,
+            )
+            self._settle(out)
+
+    def _account(self, out: pairing.Pairing) -> None:
+        """A block's pairing counters, and the rows it rejected or left unpaired."""
+        self.stats.update(out.stats)
+        for unit, (reason, detail) in out.rejected.items():
+            self.rejections.add(unit, [reason], detail)
+        for unit, why in out.unpaired.items():
+            self.rejections.add(unit, ["unpaired"], why)
+
+    def _settle(self, out: pairing.Pairing) -> None:
+        self._account(out)
+        if out.candidates:
+            self.add_candidates(out.candidates)
+
+    def add_candidates(self, candidates: list[pairing.Candidate]) -> None:
+        """One block of candidates (a ranked row, or one prompt's ratings or thumbs), each row's meta stored once
+        in the block when it is large."""
+        items = self.items
+        items.new_block()
+        metas: dict[tuple[int, bool], str] = {}
+
+        def meta_of(unit: int, meta: dict[str, Any], inner: bool) -> str:
+            if (unit, inner) not in metas:
+                metas[(unit, inner)] = meta_field(meta, items, inner=inner)
+            return metas[(unit, inner)]
+
+        for cand in candidates:
+            kind, first, second = cand.meta
+            if kind == "ranked":
+                row_meta = {k: v for k, v in first.items() if k != "ranks"}
+                text = (
+                    "{"
+                    + meta_of(cand.chosen_units[0], row_meta, True)
+                    + '"ranks": '
+                    + records.dumps(second)
+                    + "}"
+                )
+            else:
+                sides = [", ".join(meta_of(int(u), m, False) for u, m in side) for side in (first, second)]
+                text = '{"chosen": [' + sides[0] + '], "rejected": [' + sides[1] + "]}"
+            pair = {k: v for k, v in cand.pair.items() if k != "source"}
+            pair.update(meta=_SENTINEL, source=cand.pair["source"])
+            line = records.dumps(pair).replace(f'"{_SENTINEL}"', text, 1)
+            facts = records.pair_facts(cand.pair, line)
+            add_pair(items, facts, ",".join(map(str, cand.units)), cand.chosen_units[0], self.settings.seed)
+
+    def _zscores(self, kind: _Kind, passed: bytes) -> dict[int, tuple[float, float]]:
+        """Each rater's mean and standard deviation over the accepted ratings (rows without a rater: one pool)."""
+        import numpy as np
+
+        keep = np.frombuffer(passed, dtype=np.uint8).astype(bool)
+        codes, values = kind.columns.numpy("rater")[keep], kind.columns.numpy("value")[keep]
+        order = np.argsort(codes, kind="stable")
+        stats: dict[int, tuple[float, float]] = {}
+        distinct, starts = np.unique(codes[order], return_index=True)
+        for code, members in zip(distinct, np.split(order, starts[1:]), strict=True):
+            pool = values[members]
+            mean = math.fsum(pool) / len(pool)
+            stats[int(code)] = (mean, math.sqrt(math.fsum((pool - mean) ** 2) / len(pool)))
+        return stats
+
+    def _pair_grouped(self, name: str, kind: _Kind, passed: bytes) -> None:
+        """Ratings or thumbs: each bucket paired in memory, prompt by prompt, then the buckets' pairs merged in the
+        order each prompt's first row was read."""
+        made = []
+        stats = self._zscores(kind, passed) if name == "rating" else {}
+        for bucket in sorted(kind.spills):
+            out = spill.LineSpill(self.directory / f"{name}-{bucket}.pairs")
+            for first, candidates in self._pair_bucket(name, kind, bucket, passed, stats):
+                out.write(f"{first}\t{records.dumps(candidates)}")
+            made.append(out.read())
+        for _, text in heapq.merge(*(_keyed(lines) for lines in made)):
+            self.add_candidates(
+                [pairing.Candidate(p, c, r, (0, 0), tuple(m)) for p, c, r, m in json.loads(text)]
+            )
+
+    def _pair_bucket(
+        self, name: str, kind: _Kind, bucket: int, passed: bytes, stats: dict[int, tuple[float, float]]
+    ) -> Iterator[tuple[int, list[Any]]]:
+        groups: dict[str, tuple[list[dict[str, str]], int, dict[str, pairing.Response]]] = {}
+        units, values, raters = kind.columns["unit"], kind.columns["value"], kind.columns["rater"]
+        for text in kind.spill(bucket).read():
+            index, line = text.split("\t", 1)
+            i = int(index)
+            if not passed[i]:
+                continue
+            prompt, response, meta, source = json.loads(line)
+            value = values[i]
+            if name == "rating":
+                mean, std = stats[raters[i]]
+                value = (value - mean) / std if std > 0 else 0.0
+            group = groups.setdefault(records.canonical_json(prompt), (prompt, units[i], {}))
+            found = group[2].setdefault(response.strip(), pairing.Response(response))
+            found.units.append(units[i])
+            found.values.append(value)
+            found.metas.append(meta)
+            found.sources.append(source)
+        settings = self.settings
+        for key, (prompt, first, responses) in groups.items():
+            out = pairing.Pairing()
+            listed = list(responses.values())
+            if name == "rating":
+                pairing.rating_group(
+                    key,
+                    prompt,
+                    listed,
+                    min_score_gap=settings.min_score_gap,
+                    cap=settings.max_pairs_per_prompt,
+                    seed=settings.seed,
+                    out=out,
+                )
+            else:
+                pairing.binary_group(
+                    key, prompt, listed, cap=settings.max_pairs_per_prompt, seed=settings.seed, out=out
+                )
+            self._account(out)
+            if out.candidates:
+                yield (
+                    first,
+                    [[c.pair, c.chosen_units, c.rejected_units, list(c.meta)] for c in out.candidates],
+                )
+
+
+def read_worker(
+    source_file: SourceFile, index: int, fmt: str, settings: Any, directory: str
+) -> parallel.FileResult:
+    """Read one file as the serial import would, into ``directory``: the worker's job."""
+    where = Path(directory)
+    where.mkdir(parents=True, exist_ok=True)
+    units = Units([source_file])
+    collected = _Collected(where / "rejected.jsonl")
+    items = Items(where, "pairs", **pair_columns())
+    reader = Feedback(where, units, collected, items, settings)  # type: ignore[arg-type]
+    file_fmt = reader.read_one(0, source_file, fmt, only="pairwise")
+    collected.close()
+    if file_fmt != "pairwise":
+        return parallel.FileResult(file_fmt)
+    items.spill.current.close()
+    for name, values in {**items.columns.arrays, "rows": units.columns["row"]}.items():
+        (where / f"{name}.col").write_bytes(values.tobytes())
+    items.spill.parts[0][0].path.rename(where / "pairs.spill")
+    return parallel.FileResult("pairwise", len(units), items.spill.lines, str(where))
+
+
+class _Collected:
+    """Rejections of a worker, written as JSON lines for the main process to take over (:func:`parallel.rejected`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = open(path, "w", encoding="utf-8")  # noqa: SIM115
+        self.counts: dict[str, int] = {}
+
+    def add(self, unit: int, reasons: Sequence[str], detail: str, record: Any = None) -> None:
+        self.handle.write(records.dumps([unit, list(reasons), detail, record]) + "\n")
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _failed(result: SuiteResult) -> list[int]:
+    import numpy as np
+
+    return [int(i) for i in np.flatnonzero(result.failed)]
+
+
+def _keyed(lines: Iterator[str]) -> Iterator[tuple[int, str]]:
+    for line in lines:
+        first, text = line.split("\t", 1)
+        yield int(first), text
+
+
+def _head(rows: Iterator[readers.RawRow]) -> list[readers.RawRow]:
+    """The first rows of a file, up to :data:`DETECT_ROWS` readable ones, for recognising its format."""
+    head: list[readers.RawRow] = []
+    readable = 0
+    for raw in rows:
+        head.append(raw)
+        readable += raw.error is None
+        if readable >= DETECT_ROWS:
+            break
+    return head

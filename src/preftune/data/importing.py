@@ -1,0 +1,557 @@
+"""The streaming engine every import shares (SFT ingest, preference import): rows in, artifacts out, every row
+accounted for, memory bounded by a few bytes per row.
+
+How an import flows:
+
+1. *Read* (:class:`Units`): every input row becomes a unit, numbered in input order (file, row, Label Studio
+   annotation). A row that cannot be read or normalised is rejected at once, with its record.
+2. *Items* (:class:`Items`): what the import makes -- SFT examples, or candidate pairs -- go to a spill file as
+   their output line, and their numbers (64-bit id, reverse id, prompt-group rank, lengths, flags) to columns.
+3. *Decide* (:func:`duplicates`, :func:`contradictions`, the suite through :mod:`checkpoints`, :func:`split`):
+   numpy over the columns -- hashes, not rows. The first item of an id is kept; the eval split takes the prompt
+   groups whose hash of (seed, prompt) is smallest, so it depends on the seed and the prompts alone.
+4. *Write* (:func:`emit`): the spill is read once more; accepted items go to train or eval, and a unit none of
+   whose items was accepted is rejected with the reasons of its items.
+5. *Account* (:class:`Rejections`): rejected units come back in input order; a unit rejected after reading is
+   re-read from the source for its record (only the rows needed are parsed). ``rows_input == used + rejected``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune.data import labelstudio, readers, records, spill
+from preftune.data.checkpoints import SuiteResult
+from preftune.data.sources import SourceFile
+
+#: The reasons a row that could not be read at all is rejected with.
+READ_REASONS = ("invalid_json", "invalid_utf8", "not_an_object", "duplicate_key", "malformed_row")
+#: Marks a large meta stored once: ``\x00<k>\x00`` (an object's keys) or ``\x01<k>\x01`` (a whole object).
+_TOKEN = re.compile("([\x00\x01])([0-9]+)[\x00\x01]")
+#: Row metas larger than this (JSON bytes) are stored in one pair per prompt and referred to by the others.
+META_INLINE_BYTES = 512
+
+
+def metric_name(reason: str) -> str:
+    """The metric counting a reason: ``rejected_`` + the reason with ``:`` as ``_`` (``rejected_empty_prompt``)."""
+    return "rejected_" + reason.replace(":", "_")
+
+
+def place(file: str, row: int) -> str:
+    """Where a row is, as messages name it: ``data.jsonl, line 3``."""
+    return f"{file}, {readers.row_label(file)} {row}"
+
+
+def failure_texts(reasons: Sequence[str], failures: Mapping[str, str], first: str) -> list[str]:
+    """What each failed rule says of a row; a duplicate also names ``first``, where the kept copy is."""
+    texts = [failures.get(r, r) for r in reasons]
+    if "duplicate" in reasons:
+        texts[reasons.index("duplicate")] += f" ({first})"
+    return texts
+
+
+def listed(counts: Counter[str], most: int | None = None, sep: str = ": ") -> str:
+    """Reasons and their counts, most common first: ``duplicate: 3, empty:prompt: 1``."""
+    return ", ".join(f"{k}{sep}{v}" for k, v in counts.most_common(most))
+
+
+def add_reason_metrics(metrics: dict[str, float], known: Sequence[str], counts: Counter[str]) -> None:
+    """A ``rejected_<reason>`` metric for every known reason (0 when none) and every other reason seen."""
+    for reason in dict.fromkeys([*known, *sorted(set(counts) - set(known))]):
+        metrics[metric_name(reason)] = counts.get(reason, 0)
+
+
+def rank_key(seed: int, prompt_json: str) -> int:
+    """A prompt group's place in the seed's order: the first 64 bits of SHA-256 over (seed, prompt)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{prompt_json}".encode()).digest()[:8], "big")
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+
+class Units:
+    """Every accounted input row, in input order: its file, row and (Label Studio) annotation."""
+
+    def __init__(self, files: Sequence[SourceFile]) -> None:
+        self.files = list(files)
+        self.columns = spill.Columns(file="i", row="I")
+        self.annotations: dict[int, int] = {}  # only Label Studio rows have one
+        self.formats: dict[int, str] = {}
+
+    def add(self, file_index: int, row: int, annotation: int | None = None) -> int:
+        self.columns["file"].append(file_index)
+        self.columns["row"].append(row)
+        unit = len(self.columns["row"]) - 1
+        if annotation:
+            self.annotations[unit] = annotation
+        return unit
+
+    def extend(self, file_index: int, rows: list[int]) -> None:
+        """Rows of one file, in order, none of them an annotation."""
+        columns = self.columns.arrays
+        columns["file"].extend([file_index] * len(rows))
+        columns["row"].extend(rows)
+
+    def __len__(self) -> int:
+        return len(self.columns["row"])
+
+    def locate(self, unit: int) -> tuple[str, int, int | None]:
+        """``(file name, row, annotation or None)`` of a unit."""
+        name = self.files[self.columns["file"][unit]].name
+        return name, self.columns["row"][unit], self.annotations.get(unit)
+
+    def where(self, unit: int) -> str:
+        """Where a unit is, as details name it: ``a.jsonl, line 3`` (``, annotation 2``)."""
+        name, row, annotation = self.locate(unit)
+        return place(name, row) + (f", annotation {annotation}" if annotation else "")
+
+
+# ---------------------------------------------------------------------------------------------- rejections
+
+#: A rejection whose record is read again from the source at the end.
+DEFERRED = object()
+
+
+class Rejections:
+    """Rejected units with their reasons and detail, kept on disk and given back in input order."""
+
+    def __init__(self, directory: Path) -> None:
+        self.entries = spill.SortedSpill(directory, "rejected")
+        self.counts: Counter[str] = Counter()
+        self.deferred = spill.Columns(unit="q")
+
+    def add(self, unit: int, reasons: Sequence[str], detail: str, record: Any = DEFERRED) -> None:
+        reasons = list(dict.fromkeys(reasons))
+        self.counts.update(reasons)
+        entry: dict[str, Any] = {"reasons": reasons, "detail": detail}
+        if record is DEFERRED:
+            self.deferred["unit"].append(unit)
+        else:
+            entry["record"] = record
+        self.entries.add(unit, records.dumps(entry))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class Wanted:
+    """Row numbers (sorted, unique) answering ``in`` fast for ascending queries, as a second read asks them."""
+
+    def __init__(self, rows: Any) -> None:
+        import array
+
+        self.rows = array.array("q", rows.astype("int64").tobytes())
+        self.at = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, row: object) -> bool:
+        rows, at = self.rows, self.at
+        if at and rows[at - 1] >= row:  # type: ignore[operator]
+            import bisect
+
+            at = bisect.bisect_left(rows, row)
+        while at < len(rows) and rows[at] < row:  # type: ignore[operator]
+            at += 1
+        self.at = at
+        return at < len(rows) and rows[at] == row
+
+
+def _record_of(raw: readers.RawRow, annotation: int, file_format: str) -> Any:
+    if file_format == "labelstudio":
+        found = labelstudio.expand(raw)
+        return found[annotation - 1 if annotation else 0].record
+    return raw.record
+
+
+def reread(units: Units, wanted_units: Any) -> Iterator[tuple[int, Any]]:
+    """``(unit, record)`` for units rejected after reading, in unit order: each file read again, parsing only the
+    rows needed."""
+    import numpy as np
+
+    order = np.unique(np.asarray(wanted_units, dtype=np.int64))
+    if not len(order):
+        return
+    files = units.columns.numpy("file")[order]
+    rows = units.columns.numpy("row")[order]
+    for file_index in np.unique(files):
+        pick = np.flatnonzero(files == file_index)
+        fmt = units.formats.get(int(file_index), "")
+        wanted = Wanted(np.unique(rows[pick]))
+        position = 0
+        for raw in units.files[int(file_index)].rows("reject", wanted):
+            while position < len(pick) and rows[pick[position]] == raw.row:
+                unit = pick[position]
+                found = int(order[unit])
+                yield found, _record_of(raw, units.annotations.get(found, 0), fmt)
+                position += 1
+
+
+def write_rejected(
+    path: str, rejections: Rejections, units: Units, samples: int = 10
+) -> dict[str, list[dict[str, Any]]]:
+    """The rejected-rows artifact in input order; returns up to ``samples`` rejected rows per reason."""
+    again = reread(units, rejections.deferred.numpy("unit"))
+    shown: dict[str, list[dict[str, Any]]] = {}
+    with spill.Output(path) as out:
+        for unit, text in rejections.entries:
+            entry = json.loads(text)
+            if "record" not in entry:
+                found, entry["record"] = next(again)
+                assert found == unit, f"re-read unit {found}, expected {unit}"
+            name, row, annotation = units.locate(unit)
+            rejected: dict[str, Any] = {"file": name, "row": row}
+            if annotation:
+                rejected["annotation"] = annotation
+            rejected.update(entry)
+            out.write(records.dumps(rejected))
+            for reason in rejected["reasons"]:
+                if len(shown.setdefault(reason, [])) < samples:
+                    shown[reason].append(rejected)
+    return shown
+
+
+# ---------------------------------------------------------------------------------------------- items
+
+
+class Items:
+    """What an import made, in order: each item's output line in a spill, its numbers in ``columns``.
+
+    Spill lines are ``block<TAB>units<TAB>line[<TAB>record]`` for an item (units: the rows behind it,
+    comma-separated; record: a one-row item's source row as JSON text, kept so that rejecting it needs no second
+    read) and ``block<TAB>M<k><TAB>json`` for a large meta stored once (:meth:`blob`). A block is what one row (or one
+    prompt of ratings / thumbs) made; a stored-once meta is written in full in the first accepted item of its
+    block that holds it, and the others point there (``{"meta_in": "<id>"}``).
+    """
+
+    def __init__(self, directory: Path, name: str, **typecodes: str) -> None:
+        self.spill = spill.Segments(directory, name)
+        self.columns = spill.Columns(id="Q", rank="Q", lead="i", **typecodes)
+        self.block = 0
+        self.tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.columns["id"])
+
+    def new_block(self) -> int:
+        """A new block; block ids only need to differ from the previous item's."""
+        self.block += 1
+        return self.block
+
+    def blob(self, meta_json: str) -> str:
+        """Store a meta once in this block; returns the token that stands for it in item lines."""
+        self.tokens += 1
+        self.spill.write(f"{self.block}\tM{self.tokens}\t{meta_json}")
+        return str(self.tokens)
+
+    def extend(self, lines: list[str], ids: list[int], numbers: list[tuple[Any, ...]]) -> None:
+        """Pairs made one per row (their own block each): spill lines ready-made, ``numbers`` as (reverse, rank,
+        lead, prompt/chosen/rejected chars, identical + 2 * raw_equal, margin) per pair."""
+        self.spill.write_many(lines)
+        columns = self.columns.arrays
+        columns["id"].extend(ids)
+        reverse, rank, lead, prompt, chosen, rejected, flags, margin = zip(*numbers, strict=True)
+        columns["reverse"].extend(reverse)
+        columns["rank"].extend(rank)
+        columns["lead"].extend(lead)
+        columns["prompt_chars"].extend(prompt)
+        columns["chosen_chars"].extend(chosen)
+        columns["rejected_chars"].extend(rejected)
+        columns["identical"].extend([f & 1 for f in flags])
+        columns["raw_equal"].extend([f >> 1 for f in flags])
+        columns["margin"].extend(margin)
+        self.block = max(self.block, lead[-1] + 1)
+
+    def add(self, line: str, units: str, item_id: int, rank: int, lead: int) -> None:
+        """One item (its other columns are appended by the caller)."""
+        self.spill.write(f"{self.block}\t{units}\t{line}")
+        columns = self.columns.arrays
+        columns["id"].append(item_id)
+        columns["rank"].append(rank)
+        columns["lead"].append(lead)
+
+
+def meta_field(meta: Mapping[str, Any], items: Items, *, inner: bool) -> str:
+    """A meta as JSON in an item line: inline when small, else stored once (``inner``: as an object's keys
+    followed by ``, `` for the item to complete, else as a whole object)."""
+    text = records.dumps(meta)
+    if len(text) <= META_INLINE_BYTES:
+        return (text[1:-1] + ", " if len(text) > 2 else "") if inner else text
+    mark = "\x00" if inner else "\x01"
+    return f"{mark}{items.blob(text)}{mark}"
+
+
+class _Metas:
+    """The stored-once metas of the block being written, and the item that carries each."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, str] = {}
+        self.home: dict[str, str] = {}
+
+    def expand(self, line: str) -> str:
+        item_id = line[8:24]  # every item line starts with {"id": "<16 hex digits>"
+
+        def one(match: re.Match[str]) -> str:
+            kind, token = match.group(1), match.group(2)
+            home = self.home.setdefault(token, item_id)
+            if home == item_id:
+                text = self.blobs[token]
+                return text[1:-1] + ", " if kind == "\x00" else text
+            pointer = f'"meta_in": "{home}"'
+            return pointer + ", " if kind == "\x00" else "{" + pointer + "}"
+
+        return _TOKEN.sub(one, line)
+
+
+# ---------------------------------------------------------------------------------------------- decisions
+
+
+@dataclass
+class Verdict:
+    """Each item's fate: ``route`` 0 rejected, 1 train, 2 eval; the suite's result (reasons per item) and, for a
+    duplicate, the first item with its id."""
+
+    suite: SuiteResult
+    first: Any
+    route: bytes
+    prompts_train: int = 0
+    prompts_eval: int = 0
+
+    def counts(self) -> tuple[int, int]:
+        """Accepted items in train and in eval."""
+        return self.route.count(1), self.route.count(2)
+
+
+def duplicates(ids: Any) -> tuple[Any, Any]:
+    """The distinct ids (sorted) and, for each item, the index of the first item with its id (int32 when the
+    items fit: 4 bytes per item)."""
+    import numpy as np
+
+    kind = np.int32 if len(ids) < 2**31 else np.int64
+    if not len(ids):
+        return ids, np.zeros(0, dtype=kind)
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    distinct = ordered[starts]
+    del ordered
+    sizes = np.diff(np.append(starts, len(ids)))
+    first = np.empty(len(ids), dtype=kind)
+    first[order] = np.repeat(order[starts].astype(kind), sizes)
+    return distinct, first
+
+
+def present(values: Any, distinct: Any) -> Any:
+    """For each value, whether it is among ``distinct`` (sorted)."""
+    import numpy as np
+
+    if not len(distinct):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(distinct, values), len(distinct) - 1)
+    return distinct[at] == values
+
+
+def split(ranks: Any, accepted: Any, eval_fraction: float) -> tuple[Any, int, int]:
+    """Which accepted items go to eval: ``round(eval_fraction * groups)`` prompt groups (at least one, leaving
+    one for train, when ``eval_fraction > 0``), those whose rank hash is smallest. Returns (to_eval, prompts in
+    train, prompts in eval); ValueError when an eval split cannot be held out."""
+    import numpy as np
+
+    groups = np.unique(ranks[accepted])
+    if eval_fraction <= 0:
+        return np.zeros(len(ranks), dtype=bool), len(groups), 0
+    if len(groups) < 2:
+        raise ValueError(
+            f"cannot hold out an eval split: only {len(groups)} distinct prompt(s) remain after validation "
+            f"(eval_fraction={eval_fraction}); add data or set eval_fraction=0"
+        )
+    held = min(max(1, round(eval_fraction * len(groups))), len(groups) - 1)
+    return accepted & (ranks <= groups[held - 1]), len(groups) - held, held
+
+
+def verdict(items: Items, suite: SuiteResult, first: Any, eval_fraction: float) -> Verdict:
+    """Route the accepted items (the suite failed none of them) to train or eval."""
+    import numpy as np
+
+    accepted = suite.failed == 0
+    to_eval, train_groups, eval_groups = split(items.columns.numpy("rank"), accepted, eval_fraction)
+    route = (accepted.astype(np.int8) + to_eval.astype(np.int8)).tobytes()
+    return Verdict(suite, first, route, train_groups, eval_groups)
+
+
+def _settle(failed: dict[str, list[int]], used: set[str], verdict: Verdict, ctx: _Context) -> None:
+    """Reject the units of a block none of whose items was accepted, with their items' reasons."""
+    for unit, indices in failed.items():
+        if unit in used:
+            continue
+        reasons: list[str] = []
+        texts: list[str] = []
+        for index in indices:
+            failed_reasons = ctx.reasons(int(verdict.suite.failed[index]))
+            reasons += failed_reasons
+            first = ctx.units.where(int(ctx.lead[verdict.first[index]]))
+            texts += failure_texts(failed_reasons, ctx.failures, first)
+        record = ctx.records.get(unit)
+        ctx.rejections.add(
+            int(unit) + ctx.offset,
+            reasons,
+            "; ".join(dict.fromkeys(texts)),
+            DEFERRED if record is None else json.loads(record),
+        )
+
+
+@dataclass
+class _Context:
+    units: Units
+    rejections: Rejections
+    lead: Any
+    failures: dict[str, str]
+    known: dict[int, list[str]] = field(default_factory=dict)
+    suite: SuiteResult | None = None
+    offset: int = 0  # added to the unit ids of the spill segment being read
+    records: dict[str, str] = field(default_factory=dict)  # the block's failed one-row items' source rows
+
+    def reasons(self, mask: int) -> list[str]:
+        if mask not in self.known:
+            self.known[mask] = self.suite.reasons_for(mask)  # type: ignore[union-attr]
+        return self.known[mask]
+
+
+def emit(
+    items: Items,
+    verdict: Verdict,
+    units: Units,
+    rejections: Rejections,
+    train: str,
+    held: str,
+    publish: bool = True,
+) -> int:
+    """Write accepted items to ``train`` / ``held`` in order (stored-once metas expanded; nothing is published
+    unless ``publish``) and reject every unit none of whose items was accepted; returns how many units were used."""
+    ctx = _Context(
+        units, rejections, items.columns.numpy("lead"), verdict.suite.failures(), suite=verdict.suite
+    )
+    route = verdict.route
+    used_units = 0
+    block, metas, used, failed = "", None, set[str](), dict[str, list[int]]()
+    index = -1
+    outputs = (None, spill.Output(train), spill.Output(held))
+    try:
+        for offset, text in items.spill.read():
+            block_id, unit_text, line = text.split("\t", 2)
+            if block_id != block or offset != ctx.offset:
+                if failed:
+                    _settle(failed, used, verdict, ctx)
+                    failed, ctx.records = {}, {}
+                used_units += len(used)
+                block, metas, used = block_id, None, set()
+                ctx.offset = offset
+            if unit_text[0] == "M":
+                metas = metas or _Metas()
+                metas.blobs[unit_text[1:]] = line
+                continue
+            index += 1
+            line, _, record = line.partition("\t")
+            where = route[index]
+            if where:
+                if metas is not None and ("\x00" in line or "\x01" in line):
+                    line = metas.expand(line)
+                outputs[where].write(line)  # type: ignore[union-attr]
+                used.update(unit_text.split(","))
+            else:
+                for unit in unit_text.split(","):
+                    failed.setdefault(unit, []).append(index)
+                if record:
+                    ctx.records[unit_text] = record
+        _settle(failed, used, verdict, ctx)
+    except BaseException:
+        for output in outputs[1:]:
+            output.discard()  # type: ignore[union-attr]
+        raise
+    for output in outputs[1:]:
+        output.publish() if publish else output.discard()  # type: ignore[union-attr]
+    return used_units + len(used)
+
+
+# ---------------------------------------------------------------------------------------------- publish
+
+
+def check_split_parameters(eval_fraction: float, min_chars: int, max_chars: int) -> None:
+    """The parameters every import has, checked before any data is read."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if min_chars < 0 or max_chars < max(min_chars, 1):
+        raise ValueError(
+            f"need 0 <= min_chars <= max_chars and max_chars >= 1, got {min_chars} and {max_chars}"
+        )
+
+
+@dataclass
+class Publication:
+    """The rejected rows, the HTML report and the suites an import ran: written whether it succeeds or fails, so
+    the user can always see why rows were rejected."""
+
+    title: str
+    source: str
+    paths: tuple[str, str, str, str, str]  # train, eval, rejected rows, report, suites ("" = not written)
+    parameters: Mapping[str, Any]
+    document: Mapping[str, Any]
+    skipped_files: Sequence[str] = ()
+
+    @property
+    def train_path(self) -> str:
+        return self.paths[0]
+
+    @property
+    def eval_path(self) -> str:
+        return self.paths[1]
+
+    @property
+    def rejected_path(self) -> str:
+        return self.paths[2]
+
+    @property
+    def report_path(self) -> str:
+        return self.paths[3]
+
+    @property
+    def suite_path(self) -> str:
+        return self.paths[4]
+
+    def write(
+        self,
+        units: Units,
+        rejections: Rejections,
+        metrics: Mapping[str, float],
+        results: Sequence[tuple[str, SuiteResult]],
+        import_seconds: float,
+        **sections: Any,
+    ) -> None:
+        """``sections``: warnings, sections_after and suite_note for the report."""
+        from preftune.data import suites, validation
+        from preftune.report import html as reports
+
+        samples = write_rejected(self.rejected_path, rejections, units)
+        page = validation.render_report(
+            self.title,
+            source=self.source,
+            metrics=metrics,
+            parameters=self.parameters,
+            suites=results,
+            counts=rejections.counts,
+            samples=samples,
+            import_seconds=import_seconds,
+            skipped_files=self.skipped_files,
+            **sections,
+        )
+        reports.write(self.report_path, page)
+        if self.suite_path:
+            suites.write_document(self.suite_path, self.document)
