@@ -247,20 +247,32 @@ def _grants(rules: list[dict]) -> set[tuple[str, str, str, str]]:
 
 
 def _kube_calls() -> set[tuple[str, str, str, str]]:
-    """What preftune's Kubernetes client asks of the API server: each public call made once, its HTTP request
-    turned into the RBAC (group, resource, verb, name) it needs."""
-    from preftune.launch import trainjob
+    """What preftune's Kubernetes client asks of the API server: each public call made once through the official
+    client, its HTTP request (taken where the client hands it to urllib3) turned into the RBAC (group, resource,
+    verb, name) it needs."""
+    from kubernetes import client as k8s
+
+    from preftune.launch import kubeapi
 
     seen: list[tuple[str, str]] = []
 
-    class Recorder:
-        def request(self, method: str, url: str, **_: object) -> object:
-            seen.append((method, url.removeprefix("https://api")))
-            return type(
-                "Response", (), {"status_code": 200, "text": "", "json": lambda self: {"items": []}}
-            )()
+    class Response:
+        status, reason, data = 200, "OK", b'{"items": []}'
 
-    client = trainjob.KubeClient("https://api", token="t", session=Recorder())
+        def getheaders(self) -> dict:
+            return {}
+
+        def release_conn(self) -> None:
+            pass
+
+    class Recorder:
+        def request(self, method: str, url: str, **_: object) -> Response:
+            seen.append((method, url.removeprefix("https://api").split("?")[0]))
+            return Response()
+
+    api = k8s.ApiClient(k8s.Configuration(host="https://api"))
+    api.rest_client.pool_manager = Recorder()
+    client = kubeapi.KubeClient(api)
     calls = {
         "create_trainjob": ("ns", {}),
         "get_trainjob": ("ns", "job"),
@@ -269,10 +281,11 @@ def _kube_calls() -> set[tuple[str, str, str, str]]:
         "list_pods": ("ns", "app=x"),
         "pod_log": ("ns", "pod", "node", 10),
     }
-    public = {n for n, v in vars(trainjob.KubeClient).items() if callable(v) and not n.startswith("_")}
-    assert public - {"request", "in_cluster"} == set(calls), "a new API call: add it here and to the Role"
+    public = {n for n, v in vars(kubeapi.KubeClient).items() if callable(v) and not n.startswith("_")}
+    assert public == set(calls), "a new API call: add it here and to the Role"
     for name, args in calls.items():
         getattr(client, name)(*args)
+    assert len(seen) == len(calls)
     grants = set()
     for method, path in seen:
         parts = path.strip("/").split("/")

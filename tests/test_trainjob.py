@@ -8,15 +8,22 @@ schema: take ``spec.versions[0].schema.openAPIV3Schema`` of ``manifests/base/crd
 at the Trainer release tag and drop every ``description``.
 
 The launcher runs against a stand-in for the Kubernetes API on 127.0.0.1 that records every request and answers
-from a script; object storage is the moto server of ``conftest.py``. No cluster, no timing assertions.
+from a script, over TLS with a CA made here: the official client reaches it exactly as in a pod, configured from
+``KUBERNETES_SERVICE_HOST``/``PORT`` and a service-account directory (token, ca.crt, namespace). Object storage is
+the moto server of ``conftest.py``. No cluster, no timing assertions.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
+import ipaddress
 import json
 import os
 import re
+import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +38,7 @@ import yaml
 from kubernetes_validate import utils as kv
 
 from preftune.io import storage
-from preftune.launch import stages, trainjob
+from preftune.launch import failures, kubeapi, stages, trainjob
 from preftune.launch.distributed import Scale, StageFailed, run_stage
 from preftune.train.sft import SFTConfig
 
@@ -151,7 +158,7 @@ def render_sft(tmp: Path, *, num_nodes: int = 2, strategy: str = "ddp") -> dict[
         trainjob.job_kwargs("sft", kwargs),
     )
     return trainjob.render_trainjob(
-        name=trainjob.job_name("sft", out + settings.owner["uid"]),
+        name=trainjob.job_name("sft", out + settings.owner.uid),
         stage="sft",
         call=call,
         output_uri=out,
@@ -221,7 +228,8 @@ def test_rendered_trainjob_carries_the_step(tmp_path: Path) -> None:
         "preftune.launch.distributed",
     ]
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
-    assert trainer["resourcesPerNode"]["limits"] == {"cpu": "16", "memory": "120Gi", "nvidia.com/gpu": 8}
+    # a Quantity is a string or a float in the Trainer models: the GPU count goes as the string "8", not 8.0
+    assert trainer["resourcesPerNode"]["limits"] == {"cpu": "16", "memory": "120Gi", "nvidia.com/gpu": "8"}
     # the stage call: inputs by URI, outputs left to the worker, the global batch of 32 split over 16 workers
     args = trainer["args"]
     assert args[:3] == ["worker", "--output-uri", f"{ROOT.rsplit('/', 1)[0]}/exec-7/trainjob"]
@@ -294,6 +302,29 @@ def test_strict_schema_rejects_a_misspelt_field(tmp_path: Path, crd_validator: j
     assert list(crd_validator.iter_errors(job))
 
 
+def test_the_typed_models_refuse_a_malformed_part_before_submission(tmp_path: Path) -> None:
+    """The Trainer models check each part as it is built: a toleration the API server would reject, or a count
+    given as text, fails in the step with the field named instead of coming back from the cluster."""
+    pod = step_pod()
+    pod["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Sometimes"}]
+    with pytest.raises(ValueError, match="operator"):
+        trainjob.settings_from_pod(pod)
+    settings = trainjob.settings_from_pod(step_pod())
+    with pytest.raises(ValueError, match="num_nodes|numNodes"):
+        trainjob.build_trainjob(
+            name="preftune-sft-x",
+            stage="sft",
+            call="{}",
+            output_uri="s3://b/p",
+            settings=settings,
+            num_nodes="2",
+            procs_per_node=8,
+            strategy="ddp",
+            runtime="torch-distributed",
+            deadline_seconds=60,
+        )
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_rendered_pod_parts_are_valid_kubernetes(tmp_path: Path, version: str) -> None:
     """Env, resources, tolerations, volumes: the core/v1 parts, as the node pod will get them, strictly valid."""
@@ -326,7 +357,7 @@ def test_settings_from_a_cpu_pod_and_defaults() -> None:
     assert settings.gpus_per_node == 0 and settings.namespace == NS
     pod = step_pod()
     pod["spec"]["containers"][1]["env"] = []
-    assert {e["name"] for e in trainjob.settings_from_pod(pod).env} == {
+    assert {e.name for e in trainjob.settings_from_pod(pod).env} == {
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "AWS_ENDPOINT_URL",
@@ -357,7 +388,9 @@ def test_a_launcher_step_gives_its_job_the_compiled_gpus_and_training_resources(
         "limits": {"cpu": "16", "memory": "100Gi"},
     }
     assert settings.node_selector == {"preftune.dev/pool": "gpu"}
-    assert settings.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert [t.to_dict() for t in settings.tolerations] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
     # not a launcher: a CPU step's job stays on CPUs, a GPU step's job takes the step's GPUs
     monkeypatch.setenv(platform.TRAINJOB_LAUNCHERS_ENV, "0")
     assert trainjob.job_gpus(trainjob.settings_from_pod(step_pod(gpus=0)), Scale(num_nodes=2)) == 0
@@ -389,6 +422,7 @@ def test_inputs_and_outputs_must_be_in_object_storage(tmp_path: Path) -> None:
 
 def test_outside_a_cluster_multi_node_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv(failures.LOCAL_RUN_ENV, str(tmp_path / "failure.json"))  # no failure record in s3://
     with pytest.raises(trainjob.KubeError, match=r"num_nodes > 1\) needs a cluster"):
         run_stage("sft", sft_config(), scale=Scale(num_nodes=2), **sft_kwargs(tmp_path))
 
@@ -406,6 +440,8 @@ class FakeKube:
         self.logs: dict[str, str] = {}
         self.job: dict[str, Any] | None = None
         self.gets = 0
+        self.create_error: int | None = None  # answer the POST with this HTTP status
+        self.account_dir = Path()
         self.lock = threading.Lock()
 
     def handle(
@@ -427,6 +463,8 @@ class FakeKube:
                 return 200, {"kind": "PodList", "items": self.pods}
             if method == "GET" and path.endswith("/log"):
                 return 200, self.logs.get(path.split("/")[-2], "")
+            if method == "POST" and path == JOBS and self.create_error:
+                return self.create_error, {"kind": "Status", "message": _refusal(self.create_error)}
             if method == "POST" and path == JOBS:
                 self.job = body
                 return 201, body
@@ -444,8 +482,65 @@ class FakeKube:
         return [r for r in self.requests if r["method"] == method and path_part in r["path"]]
 
 
+def _certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA (the pod's ca.crt) and the API server's certificate for 127.0.0.1 signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-cluster-ca")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+
+    def cert(subject: x509.Name, public_key: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        )
+        if ca:
+            usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+            builder = builder.add_extension(usage, critical=True)
+        else:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            ).add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+            )
+        return builder.sign(ca_key, hashes.SHA256())
+
+    server = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+    paths = folder / "ca.crt", folder / "server.crt", folder / "server.key"
+    paths[0].write_bytes(cert(ca_name, ca_key.public_key(), True).public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert(server, key.public_key(), False).public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return _certificates(tmp_path_factory.mktemp("tls"))
+
+
 @pytest.fixture
-def kube() -> Iterator[tuple[FakeKube, trainjob.KubeClient]]:
+def kube(
+    tls: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[FakeKube, kubeapi.KubeClient]]:
+    """The stand-in API server over TLS, and the launcher's client for it as a pod gets it: in-cluster config
+    from the service environment and a service-account directory (``fake.account_dir``)."""
     fake = FakeKube()
 
     class Handler(BaseHTTPRequestHandler):
@@ -467,16 +562,37 @@ def kube() -> Iterator[tuple[FakeKube, trainjob.KubeClient]]:
         def log_message(self, *args: Any) -> None:
             pass
 
+    ca, cert, key = tls
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text(TOKEN)  # as the kubelet writes it: no trailing newline
+    (account / "ca.crt").write_bytes(ca.read_bytes())
+    (account / "namespace").write_text(NS)
+    fake.account_dir = account
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.server_address[1]))
     try:
-        host, port = server.server_address[:2]
-        yield fake, trainjob.KubeClient(f"http://{host}:{port}", token=TOKEN, timeout=10)
+        yield fake, kubeapi.KubeClient.in_cluster(account, timeout=10)
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def _refusal(status: int) -> str:
+    """What a real API server says when the service account lacks the Role, or Trainer is not installed."""
+    if status == 403:
+        return (
+            f'trainjobs.trainer.kubeflow.org is forbidden: User "system:serviceaccount:{NS}:preftune-pipeline-runner" '
+            f'cannot create resource "trainjobs" in API group "trainer.kubeflow.org" in the namespace "{NS}"'
+        )
+    return "the server could not find the requested resource"
 
 
 def _condition(kind: str, reason: str = "", message: str = "") -> dict[str, Any]:
@@ -547,7 +663,7 @@ def test_launcher_submits_follows_and_collects(
     # the step's own pod was read, then one POST, then GETs until Complete; no DELETE for a finished job
     assert fake.calls("GET", "/pods/")[0]["path"].endswith(POD_NAME)
     (post,) = fake.calls("POST")
-    assert post["auth"] == f"Bearer {TOKEN}"
+    assert post["auth"] == f"bearer {TOKEN}"  # the service-account token, as the official client sends it
     assert post["query"] == {"fieldValidation": ["Strict"]}
     body = post["body"]
     assert body["kind"] == "TrainJob" and body["metadata"]["namespace"] == NS
@@ -557,7 +673,7 @@ def test_launcher_submits_follows_and_collects(
     assert call["kwargs"]["train_data"] == s3.uri("root/run-1/ingest/train")
     assert call["config"]["batch_size"] == 2  # 32 over 2 nodes x 8 GPUs
     assert len(fake.calls("GET", "/trainjobs/")) == 4
-    assert all(r["auth"] == f"Bearer {TOKEN}" for r in fake.requests)
+    assert all(r["auth"] == f"bearer {TOKEN}" for r in fake.requests)
     assert not fake.calls("DELETE")
     # status went to the step log, once per change
     assert sum("Suspended=True (Resumed)" in line for line in lines) == 1
@@ -579,8 +695,12 @@ def test_a_failed_job_fails_the_step_with_its_message_and_logs(kube, s3, tmp_pat
     fake.pods = [
         {"metadata": {"name": "job-node-0-0"}, "status": {"phase": "Running"}},
         {"metadata": {"name": "job-node-1-0"}, "status": {"phase": "Failed"}},
+        {"metadata": {"name": "job-node-2-0"}, "status": {"phase": "Failed"}},
     ]
-    fake.logs = {"job-node-1-0": "Traceback ...\nDataError: train.jsonl: row 7: field 'prompt': missing\n"}
+    fake.logs = {
+        "job-node-1-0": "Traceback ...\nDataError: train.jsonl: row 7: field 'prompt': missing\n",
+        "job-node-2-0": '{"rank": 2, "event": "oom"}\n',  # one JSON line: kept as it was written
+    }
     lines: list[str] = []
     with pytest.raises(trainjob.TrainJobFailed) as info:
         _launch(client, _s3_kwargs(s3, tmp_path), lines)
@@ -588,6 +708,7 @@ def test_a_failed_job_fails_the_step_with_its_message_and_logs(kube, s3, tmp_pat
     assert "failed: jobset failed: node-1 exited with code 1" in message
     assert "job-node-1-0" in message and "row 7: field 'prompt': missing" in message
     assert "job-node-0-0" not in message
+    assert '--- job-node-2-0 (last 30 lines)\n{"rank": 2, "event": "oom"}' in message
     (listing,) = [r for r in fake.requests if r["path"] == f"/api/v1/namespaces/{NS}/pods"]
     assert listing["query"]["labelSelector"] == [
         f"jobset.sigs.k8s.io/jobset-name={fake.job['metadata']['name']}"
@@ -606,7 +727,7 @@ def test_a_job_past_the_timeout_is_deleted(kube, s3, tmp_path: Path, monkeypatch
     assert len(fake.calls("GET", "/trainjobs/")) >= 2
     (delete,) = fake.calls("DELETE")
     assert delete["path"] == f"{JOBS}/{fake.job['metadata']['name']}"
-    assert delete["body"]["propagationPolicy"] == "Background"
+    assert delete["query"]["propagationPolicy"] == ["Background"]
 
 
 def test_transient_api_errors_are_waited_out_and_a_vanished_job_is_an_error(
@@ -637,7 +758,7 @@ def test_without_its_pod_the_step_uses_platform_defaults(kube, s3, tmp_path: Pat
     _launch(client, _s3_kwargs(s3, tmp_path), [], num_gpus=4)
     trainer = fake.job["spec"]["trainer"]
     assert trainer["image"] == "registry.example.com/preftune:fallback"
-    assert trainer["numProcPerNode"] == 4 and trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": 4}
+    assert trainer["numProcPerNode"] == 4 and trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "4"}
     pod = fake.job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][
         0
     ]
@@ -653,18 +774,69 @@ def test_a_job_that_published_nothing_is_an_error(kube, s3, tmp_path: Path, monk
         _launch(client, _s3_kwargs(s3, tmp_path), [])
 
 
-def test_token_file_is_read_on_every_call(kube, tmp_path: Path) -> None:
+def test_the_client_rereads_the_rotating_service_account_token(kube, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubelet rotates a projected token long before a day-long job ends: the client reads the file again
+    once the token it holds is a minute old (the kubernetes client's in-cluster refresh), not once at start."""
+    from kubernetes.config import incluster_config
+
     fake, client = kube
-    token = tmp_path / "token"
-    token.write_text("first\n")
-    rotating = trainjob.KubeClient(client.host, token_file=token)
     with pytest.raises(trainjob.KubeError, match="HTTP 404"):
-        rotating.get_trainjob(NS, "nothing")
-    token.write_text("second\n")
+        client.get_trainjob(NS, "nothing")
+    (fake.account_dir / "token").write_text("rotated")
     with pytest.raises(trainjob.KubeError) as info:
-        rotating.get_trainjob(NS, "nothing")
+        client.get_trainjob(NS, "nothing")
     assert info.value.status == 404 and not info.value.transient
-    assert [r["auth"] for r in fake.requests] == ["Bearer first", "Bearer second"]
+
+    class Later(datetime.datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Later:
+            return super().now(tz) + datetime.timedelta(seconds=61)
+
+    monkeypatch.setattr(
+        incluster_config, "datetime", type("clock", (), {"datetime": Later, "timedelta": datetime.timedelta})
+    )
+    with pytest.raises(trainjob.KubeError):
+        client.get_trainjob(NS, "nothing")
+    assert [r["auth"] for r in fake.requests] == [f"bearer {TOKEN}", f"bearer {TOKEN}", "bearer rotated"]
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_missing_rbac_or_trainer_is_refused_clearly_and_not_retried(
+    kube, s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """A service account without the launcher's Role, or a cluster without Kubeflow Trainer: the step fails at
+    the submission with the server's reason and what to apply or install, marked deterministic (a KFP retry
+    would meet the same refusal); nothing was created, so nothing is deleted."""
+    fake, client = kube
+    monkeypatch.setenv("KFP_POD_NAME", POD_NAME)
+    fake.create_error = status
+    with pytest.raises(trainjob.KubeError) as info:
+        _launch(client, _s3_kwargs(s3, tmp_path), [])
+    message = str(info.value)
+    assert (
+        f"create TrainJob {NS}/preftune-sft-" in message and f"HTTP {status}: {_refusal(status)}" in message
+    )
+    if status == 403:
+        assert "infra/k8s/trainjob-launcher-rbac.yaml" in message and "preftune-trainjob-launcher" in message
+    else:
+        assert "needs Kubeflow Trainer v2.2 or later" in message
+    assert info.value.deterministic and failures.is_deterministic(info.value)
+    assert not fake.calls("DELETE") and not fake.calls("GET", "/trainjobs/")
+
+
+def test_the_launcher_modules_load_no_kubernetes_client_on_import() -> None:
+    """The launcher is imported by every training step (distributed.run_stage); the Kubernetes client and the
+    Trainer models (hundreds of modules) load only when a step really submits a TrainJob."""
+    heavy = ("kubernetes", "kubeflow_trainer_api", "pydantic")
+    code = (
+        "import sys\n"
+        "from preftune.launch import trainjob, trainjob_spec, kubeapi, distributed\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 # ----------------------------------------------------------------------------- the job side, without a cluster

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 
 from preftune.io import storage
+
+logger = logging.getLogger(__name__)
 
 LOCAL_RUN_ENV = "PREFTUNE_FAILURE_FILE"
 
@@ -59,6 +62,18 @@ def record_uri(output_uri: str) -> str:
     return output_uri.rstrip("/") + "-failure.json"
 
 
+def _earlier_failure(record: str) -> dict | None:
+    """The recorded failure of an earlier attempt, or None; an unreachable store means "none found", since
+    running the step again is what would have happened without the record."""
+    try:
+        if not storage.exists(record):
+            return None
+        return json.loads(storage.read_bytes(record))
+    except Exception as error:  # noqa: BLE001 - the step itself reports a store that stays unreachable
+        logger.warning("could not read %s (%s); running the step", record, error)
+        return None
+
+
 @contextlib.contextmanager
 def not_retried(output_uri: str | None) -> Iterator[None]:
     """Run a step's body; on a deterministic error record it, and fail a later attempt that finds the record."""
@@ -66,8 +81,8 @@ def not_retried(output_uri: str | None) -> Iterator[None]:
         yield
         return
     record = record_uri(output_uri)
-    if storage.exists(record):
-        found = json.loads(storage.read_bytes(record))
+    found = _earlier_failure(record)
+    if found is not None:
         raise RepeatedFailure(
             f"an earlier attempt of this step failed with {found['type']}: {found['message']} "
             "(a configuration or data error: retrying cannot help; fix it and start a new run)"

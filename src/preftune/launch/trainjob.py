@@ -1,22 +1,25 @@
 """Multi-node training: hand a pipeline step's stage to a Kubeflow Trainer TrainJob and wait for it.
 
-The step (a KFP pod) renders a ``trainer.kubeflow.org/v1alpha1`` TrainJob on the ``torch-distributed`` runtime
-with the step's own image, the same stage call (see :mod:`preftune.launch.distributed`), the step's GPU count per node,
-node selector, tolerations, service account and object-store environment; submits it; follows its status
+The step (a KFP pod) builds a ``trainer.kubeflow.org/v1alpha1`` TrainJob on the ``torch-distributed`` runtime
+from Kubeflow Trainer's typed models (:mod:`preftune.launch.trainjob_spec`: the step's own image, the same
+stage call as :mod:`preftune.launch.distributed` makes, the step's GPU count per node, node selector,
+tolerations, service account and object-store environment); submits it through the official Kubernetes
+client (:mod:`preftune.launch.kubeapi`, which re-reads the rotating service-account token); follows its status
 conditions into the step log until it completes, fails or runs out of time; then copies what the job's rank 0
 published to object storage into the step's output artifacts, so the rest of the pipeline sees an ordinary
 step. Kubeflow Trainer starts torchrun on every node (it sets the ``PET_*`` variables torchrun reads), so
 nothing here coordinates processes.
 
-The Kubernetes API is reached with plain HTTPS through ``requests`` and the pod's service-account token and CA,
-not the ``kubernetes`` client: five REST calls do not need a generated client, the token file is re-read on
-every call (bound tokens rotate during day-long jobs), and a test can point the same code at a local HTTP
-server. Needs Kubeflow Trainer v2.2 or later (``runtimePatches``); the Role in ``infra/k8s`` grants the calls.
+Not the Kubeflow SDK's ``TrainerClient`` (kubeflow 0.5): its ``train()`` takes the trainer's env as plain values
+(no Secret references), sets neither ``numProcPerNode`` nor separate requests and limits, cannot set the owner
+reference (the step's pod, which garbage-collects the job), fixes the runtime patch's manager, submits without
+strict field validation, reads the runtime first (a cluster-scoped ClusterTrainingRuntime: a ClusterRole) and
+raises API errors as RuntimeErrors without their status, which the retries and the RBAC refusal here need.
+Needs Kubeflow Trainer v2.2 or later (``runtimePatches``); the Role in ``infra/k8s`` grants the calls.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,18 +28,13 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import requests
+from typing import TYPE_CHECKING, Any
 
 from preftune.io import storage
 from preftune.launch import platform
-from preftune.launch.devices import STEP_GPUS_ENV
+from preftune.launch.kubeapi import SERVICE_ACCOUNT_DIR, KubeClient, KubeError
 from preftune.launch.stages import (
-    TORCHRUN_MODULE,
-    WORKER_MODULE,
     Scale,
     StageFailed,
     call_json,
@@ -44,431 +42,86 @@ from preftune.launch.stages import (
     is_artifact,
     per_worker_config,
     stage_spec,
-    worker_env,
 )
+
+# The launcher's public surface: what tests and callers reach as ``trainjob.X`` (explicit re-exports).
+from preftune.launch.trainjob_spec import NODE as NODE
+from preftune.launch.trainjob_spec import JobSettings as JobSettings
+from preftune.launch.trainjob_spec import build_trainjob as build_trainjob
+from preftune.launch.trainjob_spec import default_settings as default_settings
+from preftune.launch.trainjob_spec import gpu_scheduling as gpu_scheduling
+from preftune.launch.trainjob_spec import job_name as job_name
+from preftune.launch.trainjob_spec import render_trainjob as render_trainjob
+from preftune.launch.trainjob_spec import settings_from_pod as settings_from_pod
+
+if TYPE_CHECKING:
+    from kubeflow_trainer_api.models import (
+        IoK8sApimachineryPkgApisMetaV1Condition,
+        TrainerV1alpha1JobStatus,
+        TrainerV1alpha1TrainJob,
+    )
 
 log = logging.getLogger(__name__)
 
-GROUP = "trainer.kubeflow.org"
-VERSION = "v1alpha1"
-PLURAL = "trainjobs"
-API_VERSION = f"{GROUP}/{VERSION}"
-#: The replicated job and container of the torch runtimes that run the trainer (Kubeflow Trainer's names).
-NODE = "node"
-#: Who owns the runtime patch (Trainer requires a domain-prefixed name).
-PATCH_MANAGER = "preftune.dev/launcher"
 #: JobSet's label on the pods of a TrainJob (the JobSet has the TrainJob's name).
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-#: The step's own container in a KFP v2 pod (Argo names the user container ``main``).
-STEP_CONTAINER = "main"
-#: Environment the job inherits from the step when set there as plain values.
-INHERITED_ENV_PREFIXES = ("AWS_", "HF_", "PREFTUNE_", "NCCL_", "PYTORCH_", "TORCH_", "TRANSFORMERS_")
-#: Set by Kubeflow Trainer or torchrun in every worker; never copied into the job.
-RESERVED_ENV = ("PET_", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
-#: The job's pods stay out of an Istio mesh (Kubeflow profile namespaces inject sidecars): a sidecar would hold
-#: the rendezvous traffic between nodes and keep a finished pod running, so the job would hang.
-ISTIO_OPT_OUT = {"sidecar.istio.io/inject": "false"}
-
-
-class KubeError(RuntimeError):
-    """A Kubernetes API call failed; ``status`` is the HTTP status (0 when the server was not reached)."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def transient(self) -> bool:
-        return self.status == 0 or self.status == 429 or self.status >= 500
 
 
 class TrainJobFailed(StageFailed):
     """The TrainJob ended with its Failed condition; the message carries its reason and the pods' last lines."""
 
 
-# ----------------------------------------------------------------------------------------------- API client
-
-
-class KubeClient:
-    """The few Kubernetes API calls the launcher makes, over HTTPS with a bearer token."""
-
-    def __init__(
-        self,
-        host: str,
-        *,
-        token: str | None = None,
-        token_file: str | Path | None = None,
-        ca_file: str | Path | None = None,
-        timeout: float = 30.0,
-        session: requests.Session | None = None,
-    ) -> None:
-        self.host = host.rstrip("/")
-        self._token = token
-        self._token_file = Path(token_file) if token_file else None
-        self.verify: str | bool = str(ca_file) if ca_file else True
-        self.timeout = timeout
-        self.session = session or requests.Session()
-
-    @classmethod
-    def in_cluster(cls, account_dir: Path = SERVICE_ACCOUNT_DIR) -> KubeClient:
-        """The API server of the cluster this pod runs in, as the pod's service account."""
-        host, port = (
-            os.environ.get("KUBERNETES_SERVICE_HOST"),
-            os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
-        )
-        if not host or not (account_dir / "token").is_file():
-            raise KubeError(
-                "not running in a Kubernetes pod (no KUBERNETES_SERVICE_HOST or service-account token): "
-                "multi-node training (num_nodes > 1) needs a cluster with Kubeflow Trainer"
-            )
-        if ":" in host:  # IPv6
-            host = f"[{host}]"
-        return cls(f"https://{host}:{port}", token_file=account_dir / "token", ca_file=account_dir / "ca.crt")
-
-    def _headers(self) -> dict[str, str]:
-        token = self._token_file.read_text(encoding="utf-8").strip() if self._token_file else self._token
-        headers = {"Accept": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        body: Any = None,
-        params: Mapping[str, Any] | None = None,
-        text: bool = False,
-    ) -> Any:
-        try:
-            response = self.session.request(
-                method,
-                self.host + path,
-                json=body,
-                params=params,
-                headers=self._headers(),
-                verify=self.verify,
-                timeout=self.timeout,
-            )
-        except requests.RequestException as exc:
-            raise KubeError(f"{method} {path}: {exc}") from exc
-        if response.status_code >= 400:
-            try:
-                message = response.json().get("message") or response.text
-            except ValueError:
-                message = response.text
-            raise KubeError(
-                f"{method} {path}: HTTP {response.status_code}: {message.strip()}", response.status_code
-            )
-        return response.text if text else response.json()
-
-    def _trainjobs(self, namespace: str) -> str:
-        return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
-
-    def create_trainjob(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        # Strict: a field this cluster's Trainer does not know (an older CRD) is an error, not silently dropped
-        return self.request(
-            "POST", self._trainjobs(namespace), body=body, params={"fieldValidation": "Strict"}
-        )
-
-    def get_trainjob(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.request("GET", f"{self._trainjobs(namespace)}/{name}")
-
-    def delete_trainjob(self, namespace: str, name: str) -> None:
-        # Background: the API returns at once and the garbage collector removes the JobSet and its pods.
-        self.request(
-            "DELETE",
-            f"{self._trainjobs(namespace)}/{name}",
-            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
-        )
-
-    def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.request("GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
-
-    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        found = self.request(
-            "GET", f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": label_selector}
-        )
-        return list(found.get("items", []))
-
-    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str:
-        return self.request(
-            "GET",
-            f"/api/v1/namespaces/{namespace}/pods/{name}/log",
-            params={"container": container, "tailLines": tail_lines},
-            text=True,
-        )
-
-
-# -------------------------------------------------------------------------------------------- job settings
-
-
-@dataclass
-class JobSettings:
-    """What a TrainJob takes over from the step that submits it."""
-
-    namespace: str
-    image: str
-    gpus_per_node: int
-    accelerator_type: str = platform.DEFAULT_ACCELERATOR_TYPE
-    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = field(default_factory=list)
-    env: list[dict[str, Any]] = field(default_factory=list)
-    service_account: str | None = None
-    owner: dict[str, Any] | None = None
-
-
-def _reserved(name: str) -> bool:
-    return any(name == r or (r.endswith("_") and name.startswith(r)) for r in RESERVED_ENV)
-
-
-def _inherited_env(env: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Secret and ConfigMap references (object-store credentials and settings) and preftune/AWS/HF values."""
-    out = []
-    for var in env:
-        name = var.get("name", "")
-        if _reserved(name):
-            continue
-        source = var.get("valueFrom") or {}
-        if "secretKeyRef" in source or "configMapKeyRef" in source:
-            out.append(var)
-        elif "value" in var and name.startswith(INHERITED_ENV_PREFIXES):
-            out.append({"name": name, "value": var["value"]})
-    return out
-
-
-def object_storage_env() -> list[dict[str, Any]]:
-    """The step's object-store environment as the pipelines set it (pipelines/cluster.py), all optional."""
-    env = [
-        {
-            "name": var,
-            "valueFrom": {"secretKeyRef": {"name": platform.s3_secret(), "key": key, "optional": True}},
-        }
-        for key, var in sorted(platform.s3_secret_keys().items())
-    ]
-    env += [
-        {
-            "name": key,
-            "valueFrom": {"configMapKeyRef": {"name": platform.S3_CONFIG_MAP, "key": key, "optional": True}},
-        }
-        for key in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-    ]
-    return env
-
-
-def gpu_scheduling() -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """The node selector and tolerations of GPU pods, as the pipeline was compiled (its label and taint)."""
-    label, toleration = platform.gpu_node_label(), platform.gpu_toleration()
-    return ({label[0]: label[1]} if label else {}), ([toleration] if toleration else [])
-
-
-def default_settings(namespace: str, gpus_per_node: int | None = None) -> JobSettings:
-    """Settings from preftune's platform defaults, for when the step cannot read its own pod."""
-    gpus = platform.accelerator_count() if gpus_per_node is None else gpus_per_node
-    selector, tolerations = gpu_scheduling() if gpus > 0 else ({}, [])
-    return JobSettings(
-        namespace=namespace,
-        image=platform.runtime_image(),
-        gpus_per_node=gpus,
-        accelerator_type=platform.accelerator_type(),
-        node_selector=selector,
-        tolerations=tolerations,
-        env=object_storage_env(),
-    )
-
-
-def settings_from_pod(pod: Mapping[str, Any], *, accelerator_type: str | None = None) -> JobSettings:
-    """The job settings of the step's own pod: image, GPUs, resources, scheduling, identity and environment."""
-    spec, meta = pod.get("spec", {}), pod.get("metadata", {})
-    containers = spec.get("containers", [])
-    main = next(
-        (c for c in containers if c.get("name") == STEP_CONTAINER), containers[0] if containers else {}
-    )
-    accelerator = accelerator_type or platform.accelerator_type()
-    resources = {k: dict(v) for k, v in (main.get("resources") or {}).items() if k in ("requests", "limits")}
-    gpus = int(
-        resources.get("limits", {}).get(accelerator, resources.get("requests", {}).get(accelerator, 0))
-    )
-    owner = None
-    if meta.get("name") and meta.get("uid"):
-        owner = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
-    return JobSettings(
-        namespace=meta.get("namespace", ""),
-        image=main.get("image") or platform.runtime_image(),
-        gpus_per_node=gpus,
-        accelerator_type=accelerator,
-        resources=resources,
-        node_selector=dict(spec.get("nodeSelector") or {}),
-        tolerations=[dict(t) for t in spec.get("tolerations") or [] if not _kubernetes_default_toleration(t)],
-        env=_inherited_env(main.get("env") or []) or object_storage_env(),
-        service_account=spec.get("serviceAccountName"),
-        owner=owner,
-    )
-
-
-def _kubernetes_default_toleration(toleration: Mapping[str, Any]) -> bool:
-    """The not-ready / unreachable tolerations the API server adds to every pod; the job's pods get their own."""
-    return str(toleration.get("key", "")).startswith("node.kubernetes.io/")
-
-
-# ---------------------------------------------------------------------------------------------- rendering
-
-
-def job_name(stage: str, seed: str) -> str:
-    """A TrainJob name: an RFC 1035 label under 63 characters, unique per step execution."""
-    return f"preftune-{stage}-{hashlib.sha256(seed.encode('utf-8')).hexdigest()[:10]}"
-
-
-def _resources_per_node(settings: JobSettings, gpus: int) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for kind in ("requests", "limits"):
-        values = {k: v for k, v in settings.resources.get(kind, {}).items() if k != settings.accelerator_type}
-        if gpus > 0 and (kind == "limits" or settings.accelerator_type in settings.resources.get(kind, {})):
-            values[settings.accelerator_type] = gpus
-        if values:
-            out[kind] = values
-    return out
-
-
-def _merge_env(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per name (the env list is a map keyed by name); later groups win."""
-    merged: dict[str, dict[str, Any]] = {}
-    for group in groups:
-        for var in group:
-            merged[var["name"]] = var
-    return list(merged.values())
-
-
-def _pod_spec(settings: JobSettings) -> dict[str, Any]:
-    """What the job's pods take over from the step's pod: scheduling, identity, and a real /dev/shm."""
-    pod_spec: dict[str, Any] = {
-        # data loaders and NCCL share tensors through /dev/shm, 64 MiB in a default pod
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": platform.shm_size()}}],
-        "containers": [{"name": NODE, "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}],
-    }
-    if settings.node_selector:
-        pod_spec["nodeSelector"] = dict(settings.node_selector)
-    if settings.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in settings.tolerations]
-    if settings.service_account:
-        pod_spec["serviceAccountName"] = settings.service_account
-    return pod_spec
-
-
-def _metadata(name: str, stage: str, settings: JobSettings) -> dict[str, Any]:
-    """The TrainJob's name, labels and owner (the step's pod, so the job goes when the pod goes)."""
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": settings.namespace,
-        "labels": {
-            "app.kubernetes.io/part-of": "preftune",
-            "app.kubernetes.io/component": "trainjob",
-            "preftune.dev/stage": stage,
-        },
-    }
-    if settings.owner:
-        metadata["ownerReferences"] = [dict(settings.owner)]
-    return metadata
-
-
-def render_trainjob(
-    *,
-    name: str,
-    stage: str,
-    call: str,
-    output_uri: str,
-    settings: JobSettings,
-    num_nodes: int,
-    procs_per_node: int,
-    strategy: str,
-    runtime: str,
-    deadline_seconds: int,
-) -> dict[str, Any]:
-    """The TrainJob for one stage call: ``num_nodes`` nodes of ``procs_per_node`` torchrun workers each.
-
-    ``call`` is the stage call's JSON (batch sizes already per worker) and ``output_uri`` where rank 0
-    publishes the model, the report and ``metrics.json``.
-    """
-    gpus = settings.gpus_per_node
-    own = {**worker_env(strategy, cpu=gpus == 0), STEP_GPUS_ENV: str(gpus)}
-    env = _merge_env(settings.env, [{"name": k, "value": v} for k, v in own.items()])
-    pod_spec = _pod_spec(settings)
-    metadata = _metadata(name, stage, settings)
-    trainer: dict[str, Any] = {
-        "image": settings.image,
-        "command": ["python", *TORCHRUN_MODULE, "--module", WORKER_MODULE],
-        "args": ["worker", "--output-uri", output_uri, "--spec-json", call],
-        "env": env,
-        "numNodes": num_nodes,
-        "numProcPerNode": procs_per_node,
-    }
-    resources = _resources_per_node(settings, gpus)
-    if resources:
-        trainer["resourcesPerNode"] = resources
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "TrainJob",
-        "metadata": metadata,
-        "spec": {
-            "runtimeRef": {"name": runtime, "apiGroup": GROUP, "kind": "ClusterTrainingRuntime"},
-            "activeDeadlineSeconds": deadline_seconds,
-            "trainer": trainer,
-            "runtimePatches": [
-                {
-                    "manager": PATCH_MANAGER,
-                    "trainingRuntimeSpec": {
-                        "template": {
-                            "spec": {
-                                "replicatedJobs": [
-                                    {
-                                        "name": NODE,
-                                        "template": {
-                                            "spec": {
-                                                "template": {
-                                                    "metadata": {
-                                                        "labels": dict(ISTIO_OPT_OUT),
-                                                        "annotations": dict(ISTIO_OPT_OUT),
-                                                    },
-                                                    "spec": pod_spec,
-                                                }
-                                            }
-                                        },
-                                    }
-                                ]
-                            }
-                        }
-                    },
-                }
-            ],
-        },
-    }
-
-
 # -------------------------------------------------------------------------------------------------- waiting
 
 
-def _condition_line(cond: Mapping[str, Any]) -> str:
-    reason = f" ({cond['reason']})" if cond.get("reason") else ""
-    message = f": {cond['message']}" if cond.get("message") else ""
-    return f"{cond.get('type')}={cond.get('status')}{reason}{message}"
+def _condition_line(cond: IoK8sApimachineryPkgApisMetaV1Condition) -> str:
+    reason = f" ({cond.reason})" if cond.reason else ""
+    message = f": {cond.message}" if cond.message else ""
+    return f"{cond.type}={cond.status}{reason}{message}"
 
 
-def _jobs_line(jobs: list[Mapping[str, Any]]) -> str:
-    keys = ("active", "ready", "succeeded", "failed", "suspended")
-    return "; ".join(f"{j.get('name')}: " + ", ".join(f"{k} {j.get(k, 0)}" for k in keys) for j in jobs)
+def _jobs_line(jobs: list[TrainerV1alpha1JobStatus]) -> str:
+    return "; ".join(
+        f"{j.name}: active {j.active}, ready {j.ready}, succeeded {j.succeeded}, failed {j.failed}, "
+        f"suspended {j.suspended}"
+        for j in jobs
+    )
 
 
-def terminal_condition(job: Mapping[str, Any]) -> dict[str, Any] | None:
+def parse_trainjob(raw: Mapping[str, Any]) -> TrainerV1alpha1TrainJob:
+    """A TrainJob as the API returned it, as Kubeflow Trainer's typed model."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    return TrainerV1alpha1TrainJob.from_dict(dict(raw))
+
+
+def terminal_condition(job: TrainerV1alpha1TrainJob) -> IoK8sApimachineryPkgApisMetaV1Condition | None:
     """The job's Complete or Failed condition when it is True (Failed first), else None."""
-    conditions = job.get("status", {}).get("conditions", []) or []
+    conditions = (job.status.conditions if job.status else None) or []
     for kind in ("Failed", "Complete"):
         for cond in conditions:
-            if cond.get("type") == kind and cond.get("status") == "True":
-                return dict(cond)
+            if cond.type == kind and cond.status == "True":
+                return cond
     return None
+
+
+def _echo_status(
+    job: TrainerV1alpha1TrainJob, label: str, seen: dict[str, str], echo: Callable[[str], None]
+) -> None:
+    """Echo every condition and child-job count that changed since the last poll.
+
+    ``seen`` holds the last line echoed per condition type, and under "" (no condition's type) the counts.
+    """
+    status = job.status
+    for cond in (status.conditions if status else None) or []:
+        line = _condition_line(cond)
+        if seen.get(cond.type) != line:
+            seen[cond.type] = line
+            echo(f"TrainJob {label}: {line}")
+    jobs = _jobs_line((status.jobs_status if status else None) or [])
+    if jobs and jobs != seen.get(""):
+        seen[""] = jobs
+        echo(f"TrainJob {label}: {jobs}")
 
 
 def wait_for_trainjob(
@@ -480,54 +133,41 @@ def wait_for_trainjob(
     poll: float,
     echo: Callable[[str], None] = print,
     max_errors: int = 10,
-) -> dict[str, Any]:
+) -> TrainerV1alpha1TrainJob:
     """Poll the TrainJob until it completes (returns it), fails (:class:`TrainJobFailed`) or ``timeout`` passes.
 
     Every change of a status condition or of the child jobs' counts is echoed to the step log. A run of
     transient API errors (connection, 429, 5xx) shorter than ``max_errors`` is waited out.
     """
+    label = f"{namespace}/{name}"
     deadline = time.monotonic() + timeout
     seen: dict[str, str] = {}
-    last_jobs = ""
     errors = 0
     while True:
         try:
-            job = client.get_trainjob(namespace, name)
+            job = parse_trainjob(client.get_trainjob(namespace, name))
             errors = 0
         except KubeError as exc:
             if exc.status == 404:
-                raise TrainJobFailed(
-                    f"TrainJob {namespace}/{name} disappeared (deleted outside this step)"
-                ) from None
+                raise TrainJobFailed(f"TrainJob {label} disappeared (deleted outside this step)") from None
             if not exc.transient:
                 raise
             errors += 1
             if errors >= max_errors:
-                raise StageFailed(
-                    f"TrainJob {namespace}/{name}: {errors} API errors in a row; last: {exc}"
-                ) from exc
-            echo(f"TrainJob {namespace}/{name}: status unavailable ({exc}); retrying")
+                raise StageFailed(f"TrainJob {label}: {errors} API errors in a row; last: {exc}") from exc
+            echo(f"TrainJob {label}: status unavailable ({exc}); retrying")
             job = None
         if job is not None:
-            status = job.get("status", {}) or {}
-            for cond in status.get("conditions", []) or []:
-                line = _condition_line(cond)
-                if seen.get(cond.get("type", "")) != line:
-                    seen[cond.get("type", "")] = line
-                    echo(f"TrainJob {namespace}/{name}: {line}")
-            jobs = _jobs_line(status.get("jobsStatus", []) or [])
-            if jobs and jobs != last_jobs:
-                last_jobs = jobs
-                echo(f"TrainJob {namespace}/{name}: {jobs}")
+            _echo_status(job, label, seen, echo)
             final = terminal_condition(job)
-            if final is not None and final["type"] == "Complete":
+            if final is not None and final.type == "Complete":
                 return job
             if final is not None:
-                detail = final.get("message") or final.get("reason") or "no message"
-                raise TrainJobFailed(f"TrainJob {namespace}/{name} failed: {detail}")
+                detail = final.message or final.reason or "no message"
+                raise TrainJobFailed(f"TrainJob {label} failed: {detail}")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise StageFailed(f"TrainJob {namespace}/{name} did not finish within {timeout:g} s")
+            raise StageFailed(f"TrainJob {label} did not finish within {timeout:g} s")
         time.sleep(min(poll, remaining))
 
 
@@ -721,8 +361,8 @@ def run_stage_as_trainjob(
     world = procs * scale.num_nodes
     output_uri = staging_uri(kwargs, stage)
     call = call_json(stage, per_worker_config(stage, config, world), job_kwargs(stage, kwargs))
-    name = job_name(stage, output_uri + (settings.owner or {}).get("uid", ""))
-    body = render_trainjob(
+    name = job_name(stage, output_uri + (settings.owner.uid if settings.owner else ""))
+    job = build_trainjob(
         name=name,
         stage=stage,
         call=call,
@@ -738,7 +378,7 @@ def run_stage_as_trainjob(
         f"submitting TrainJob {namespace}/{name}: {scale.num_nodes} nodes x {procs} workers ({scale.strategy}), "
         f"image {settings.image}, runtime {scale.trainjob_runtime}, outputs under {output_uri}"
     )
-    client.create_trainjob(namespace, body)
+    client.create_trainjob(namespace, job.to_dict())
     with _deleted_unless_finished(client, namespace, name):
         try:
             wait_for_trainjob(
