@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from itertools import chain
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +43,20 @@ def pair_columns() -> dict[str, str]:
         "prompt_chars": "i",
         "chosen_chars": "i",
         "rejected_chars": "i",
-        "identical": "b",
-        "raw_equal": "b",
+        "flags": "b",
         "margin": "d",
     }
 
 
 def add_pair(items: Items, facts: records.PairFacts, units: str, lead: int, seed: int) -> None:
     """One candidate pair: its line to the spill, its numbers to the columns."""
-    items.add(facts.line, units, int(facts.id, 16), rank_key(seed, facts.prompt_key), lead)
+    items.add(facts.line, units, facts.id, rank_key(seed, facts.prompt_key), lead)
     columns = items.columns.arrays
-    columns["reverse"].append(int(facts.reverse, 16))
+    columns["reverse"].append(facts.reverse)
     columns["prompt_chars"].append(facts.prompt_chars)
     columns["chosen_chars"].append(facts.chosen_chars)
     columns["rejected_chars"].append(facts.rejected_chars)
-    columns["identical"].append(facts.identical)
-    columns["raw_equal"].append(facts.raw_equal)
+    columns["flags"].append(facts.flags)
     columns["margin"].append(math.nan if facts.margin is None else facts.margin)
 
 
@@ -216,35 +215,37 @@ class Feedback:
         numbers: list[tuple[int, int, int, int, int, int, int, float]] = []
         ids: list[int] = []
         last_prompt, last_rank = "", 0
+        file_json = encode_basestring(batch[0].file) if batch else ""
         for offset, raw in enumerate(batch):
             unit = first_unit + offset
             if raw.error:
                 self.rejections.add(unit, [raw.error], raw.detail or "", {"raw": raw.raw})
                 continue
-            facts = records.fast_pair(raw.record, raw.file, raw.row)  # type: ignore[arg-type]
+            facts = records.fast_pair(raw.record, file_json, raw.row)  # type: ignore[arg-type]
             if facts is None:
                 try:
                     facts = records.pair_facts(records.normalize_preference(raw))
                 except records.RowError as exc:
                     self.rejections.add(unit, exc.reasons, exc.message, raw.record)
                     continue
-            if facts.prompt_key != last_prompt:
-                last_prompt, last_rank = facts.prompt_key, rank_key(seed, facts.prompt_key)
+            line, pair_id, reverse, prompt_key, prompt, chosen, rejected, flags, margin = facts
+            if prompt_key != last_prompt:
+                last_prompt, last_rank = prompt_key, rank_key(seed, prompt_key)
             raw_text = (
                 f"\t{raw.raw}" if raw.raw and "\n" not in raw.raw else ""
             )  # a JSON line: its own record
-            lines.append(f"{unit}\t{unit}\t{facts.line}{raw_text}\n")
-            ids.append(int(facts.id, 16))
+            lines.append(f"{unit}\t{unit}\t{line}{raw_text}\n")
+            ids.append(pair_id)
             numbers.append(
                 (
-                    int(facts.reverse, 16),
+                    reverse,
                     last_rank,
                     unit,
-                    facts.prompt_chars,
-                    facts.chosen_chars,
-                    facts.rejected_chars,
-                    facts.identical + 2 * facts.raw_equal,
-                    math.nan if facts.margin is None else facts.margin,
+                    prompt,
+                    chosen,
+                    rejected,
+                    flags,
+                    math.nan if margin is None else margin,
                 )
             )
         if lines:
@@ -259,14 +260,8 @@ class Feedback:
             self._annotations(file_index, raw)
             return
         unit = self.units.add(file_index, raw.row)
-        try:
-            if file_fmt == "pairwise":
-                facts = records.fast_pair(raw.record, raw.file, raw.row)  # type: ignore[arg-type]
-                if facts is None:
-                    facts = records.pair_facts(records.normalize_preference(raw))
-                self.items.new_block()
-                add_pair(self.items, facts, str(unit), unit, self.settings.seed)
-            elif file_fmt == "ranked":
+        try:  # pairwise rows go through _pairwise, in batches
+            if file_fmt == "ranked":
                 self._ranked(formats.normalize_ranked(raw, unit))
             else:
                 self._observation(file_fmt, formats.normalize_observation(raw, unit, file_fmt))

@@ -254,7 +254,7 @@ class Items:
 
     def extend(self, lines: list[str], ids: list[int], numbers: list[tuple[Any, ...]]) -> None:
         """Pairs made one per row (their own block each): spill lines ready-made, ``numbers`` as (reverse, rank,
-        lead, prompt/chosen/rejected chars, identical + 2 * raw_equal, margin) per pair."""
+        lead, prompt/chosen/rejected chars, flags, margin) per pair."""
         self.spill.write_many(lines)
         columns = self.columns.arrays
         columns["id"].extend(ids)
@@ -265,8 +265,7 @@ class Items:
         columns["prompt_chars"].extend(prompt)
         columns["chosen_chars"].extend(chosen)
         columns["rejected_chars"].extend(rejected)
-        columns["identical"].extend([f & 1 for f in flags])
-        columns["raw_equal"].extend([f >> 1 for f in flags])
+        columns["flags"].extend(flags)
         columns["margin"].extend(margin)
         self.block = max(self.block, lead[-1] + 1)
 
@@ -332,31 +331,35 @@ class Verdict:
 
 def duplicates(ids: Any) -> tuple[Any, Any]:
     """The distinct ids (sorted) and, for each item, the index of the first item with its id (int32 when the
-    items fit: 4 bytes per item)."""
+    items fit: 4 bytes per item). One stable sort; the temporaries are freed as soon as they are used."""
     import numpy as np
 
     kind = np.int32 if len(ids) < 2**31 else np.int64
     if not len(ids):
         return ids, np.zeros(0, dtype=kind)
-    order = np.argsort(ids, kind="stable")
+    order = np.argsort(ids, kind="stable").astype(kind)
     ordered = ids[order]
-    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1]))).astype(kind)
     distinct = ordered[starts]
     del ordered
     sizes = np.diff(np.append(starts, len(ids)))
     first = np.empty(len(ids), dtype=kind)
-    first[order] = np.repeat(order[starts].astype(kind), sizes)
+    first[order] = np.repeat(order[starts], sizes)
     return distinct, first
 
 
-def present(values: Any, distinct: Any) -> Any:
-    """For each value, whether it is among ``distinct`` (sorted)."""
+def present(values: Any, distinct: Any, chunk: int = 1 << 20) -> Any:
+    """For each value, whether it is among ``distinct`` (sorted); in chunks, so the temporaries stay small."""
     import numpy as np
 
+    found = np.zeros(len(values), dtype=bool)
     if not len(distinct):
-        return np.zeros(len(values), dtype=bool)
-    at = np.minimum(np.searchsorted(distinct, values), len(distinct) - 1)
-    return distinct[at] == values
+        return found
+    for start in range(0, len(values), chunk):
+        part = values[start : start + chunk]
+        at = np.minimum(np.searchsorted(distinct, part), len(distinct) - 1)
+        found[start : start + chunk] = distinct[at] == part
+    return found
 
 
 def split(ranks: Any, accepted: Any, eval_fraction: float) -> tuple[Any, int, int]:

@@ -129,7 +129,7 @@ def _finish(
     columns = {
         "prompt_chars": items.columns.numpy("prompt_chars"),
         "completion_chars": items.columns.numpy("completion_chars"),
-        "is_duplicate": first != np.arange(len(first)),
+        "is_duplicate": first != np.arange(len(first), dtype=first.dtype),
     }
     validator = checkpoints.Validator(publication.document, publication.parameters)
     result = validator.run("examples", columns)

@@ -178,6 +178,7 @@ def _pair_suite(items: Items, validator: checkpoints.Validator, truncation: int)
     distinct, first = duplicates(items.columns.numpy("id"))
     prompt, chosen, rejected = (items.columns.numpy(f"{n}_chars") for n in ("prompt", "chosen", "rejected"))
     pair_chars = prompt + np.maximum(chosen, rejected)
+    flags = items.columns.numpy("flags")
     truncated = pair_chars > truncation if truncation > 0 else np.zeros(len(first), dtype=bool)
     columns = {
         "prompt_chars": prompt,
@@ -185,10 +186,9 @@ def _pair_suite(items: Items, validator: checkpoints.Validator, truncation: int)
         "rejected_chars": rejected,
         "pair_chars": pair_chars,
         "margin": items.columns.numpy("margin"),
-        "identical_pair": items.columns.numpy("identical").astype(bool),
-        "is_duplicate": first != np.arange(len(first)),
-        "is_contradiction": (items.columns.numpy("raw_equal") == 0)
-        & present(items.columns.numpy("reverse"), distinct),
+        "identical_pair": (flags & 1).astype(bool),
+        "is_duplicate": first != np.arange(len(first), dtype=first.dtype),
+        "is_contradiction": (flags & 2 == 0) & present(items.columns.numpy("reverse"), distinct),
         "truncated": truncated,
     }
     return validator.run("pairs", columns), first, truncated

@@ -152,15 +152,14 @@ def data_files(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
     is a directory with no data files.
     """
     files = storage.list_files(uri)
-    single = files == [uri] if storage.is_s3(uri) else storage.local_path(uri).is_file()
+    s3_uri = "s3://{}/{}".format(*storage.split_s3(uri)).rstrip("/") if storage.is_s3(uri) else ""
+    single = files == [s3_uri] if s3_uri else storage.local_path(uri).is_file()
     if single:
         name = PurePosixPath(files[0].split("://", 1)[-1]).name
         if not suffix_of(name) and "." in name:
             raise unsupported(name)
         return [(files[0], name)], []
-    base = uri.rstrip("/")
-    if not storage.is_s3(uri):
-        base = str(storage.local_path(uri)).rstrip("/")
+    base = s3_uri or str(storage.local_path(uri)).rstrip("/")
     chosen: list[tuple[str, str]] = []
     skipped: list[str] = []
     for file_uri in files:

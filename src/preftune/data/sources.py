@@ -145,9 +145,11 @@ def _saved_listing(source: str, names: set[str]) -> Listing | None:
 
 
 def _key(uri: str) -> str:
-    """A comparable form of a file or directory URI (local paths resolved)."""
+    """A comparable form of a file or directory URI: ``s3://bucket/key`` (also for ``minio://``), local paths
+    resolved."""
     if storage.is_s3(uri):
-        return uri.rstrip("/")
+        bucket, key = storage.split_s3(uri)
+        return f"s3://{bucket}/{key}".rstrip("/")
     return str(storage.local_path(uri).resolve())
 
 
@@ -186,13 +188,17 @@ def _partitions(names: list[str], since: str) -> tuple[set[str], set[str]]:
 
 def _file_listing(source: str, since: str, excluded: Sequence[str]) -> Listing:
     files = storage.list_files(source)
-    single = files == [source] if storage.is_s3(source) else storage.local_path(source).is_file()
+    single = (
+        [_key(f) for f in files] == [_key(source)]
+        if storage.is_s3(source)
+        else storage.local_path(source).is_file()
+    )
     if single:
         name = PurePosixPath(files[0].split("://", 1)[-1]).name
         if not readers.suffix_of(name) and "." in name:
             raise readers.unsupported(name)
         return Listing([SourceFile(files[0], name)], unpartitioned=[name])
-    base = source.rstrip("/") if storage.is_s3(source) else str(storage.local_path(source)).rstrip("/")
+    base = _key(source) if storage.is_s3(source) else str(storage.local_path(source)).rstrip("/")
     root = _key(source)
     named = [
         (f, f[len(base) + 1 :] if f.startswith(base + "/") else PurePosixPath(f).name)
