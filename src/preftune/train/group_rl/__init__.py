@@ -42,12 +42,13 @@ from preftune.train.group_rl.rewards import (
 )
 from preftune.train.group_rl.sampling import load_policy, load_reward, sample_groups, score_tokens
 from preftune.train.group_rl.trainer import GroupExperience, GroupRLTrainer
-from preftune.train.group_rl.update import TrainedPolicy, group_update
+from preftune.train.group_rl.update import IterationData, TrainedPolicy, group_update
 
 __all__ = [
     "GRPOConfig",
     "GroupExperience",
     "GroupRLTrainer",
+    "IterationData",
     "RewardFunction",
     "RewardFunctionError",
     "RewardSources",

@@ -17,7 +17,7 @@ from preftune.model.templating import pad_id
 from preftune.train.engine import Engine, Halt, IterationTrainer
 from preftune.train.group_rl.rewards import Rewards, RewardSources
 from preftune.train.group_rl.sampling import group_diversity, sample_groups, score_tokens
-from preftune.train.group_rl.update import TrainedPolicy, group_update
+from preftune.train.group_rl.update import IterationData, TrainedPolicy, group_update
 from preftune.train.kl_control import make_kl_controller
 from preftune.train.loop import make_optimizer, trainable_parameters
 from preftune.train.packed import fused_head_weight
@@ -148,16 +148,15 @@ class GroupRLTrainer(IterationTrainer):
 
     def update(self, experience: GroupExperience) -> Halt | None:
         config, state, logged = self.config, self.state, experience.logged
-        result = group_update(
-            self.trained,
+        data = IterationData(
             experience.rollout,
             experience.advantages,
             self.estimator,
             state.controller.value,
             config,
-            self.accelerator,
             self.pad,
         )
+        result = group_update(self.trained, data, self.accelerator)
         state.all_clip.extend(result.clip_fractions)
         answers = config.prompts_per_iteration * config.num_generations
         state.controller.update(logged["kl"], answers)

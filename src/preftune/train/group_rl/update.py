@@ -49,68 +49,53 @@ def minibatch_logprobs(
     return out.index_put((batch["target_segment"], batch["target_pos"]), token)
 
 
-def group_update(
-    policy: TrainedPolicy,
-    rollout: Rollout,
-    advantages: torch.Tensor,
-    estimator: Estimator,
-    kl_coef: float,
-    config: Any,
-    accelerator: Any,
-    pad: int,
-) -> UpdateResult:
-    """Update the policy on one iteration's answers (see the module docstring); ``kl_coef`` weights the KL term
-    when ``config.kl_penalty`` is ``loss`` (with ``reward`` it is already in the advantages)."""
+@dataclass
+class IterationData:
+    """What one iteration's update trains on: its answers, their advantages, the estimator (ratio level and
+    averaging), the KL coefficient, and the run's settings."""
+
+    rollout: Rollout
+    advantages: torch.Tensor
+    estimator: Estimator
+    kl_coef: float
+    config: Any
+    pad: int
+
+
+def group_update(policy: TrainedPolicy, data: IterationData, accelerator: Any) -> UpdateResult:
+    """Update the policy on one iteration's answers (see the module docstring); ``data.kl_coef`` weights the KL
+    term when ``config.kl_penalty`` is ``loss`` (with ``reward`` it is already in the advantages)."""
     result = UpdateResult()
-    n = rollout.response_ids.shape[0]
-    mini = max(1, config.mini_batch_size // accelerator.num_processes)
+    n = data.rollout.response_ids.shape[0]
+    mini = max(1, data.config.mini_batch_size // accelerator.num_processes)
     policy.model.train()
-    for _ in range(config.update_epochs):
+    for _ in range(data.config.update_epochs):
         order = torch.randperm(n).tolist()
         for start in range(0, n, mini):
-            if not _step(
-                policy,
-                rollout,
-                advantages,
-                order[start : start + mini],
-                estimator,
-                kl_coef,
-                config,
-                accelerator,
-                pad,
-                result,
-            ):
+            if not _step(policy, data, order[start : start + mini], accelerator, result):
                 return result
     return result
 
 
 def _step(
-    policy: TrainedPolicy,
-    rollout: Rollout,
-    advantages: torch.Tensor,
-    rows: list[int],
-    estimator: Estimator,
-    kl_coef: float,
-    config: Any,
-    accelerator: Any,
-    pad: int,
-    result: UpdateResult,
+    policy: TrainedPolicy, data: IterationData, rows: list[int], accelerator: Any, result: UpdateResult
 ) -> bool:
     """One minibatch step; False when a non-finite loss stops the update (that step is then not applied)."""
-    index = torch.tensor(rows, device=advantages.device)
+    config, rollout = data.config, data.rollout
+    index = torch.tensor(rows, device=data.advantages.device)
     in_loss = config.kl_penalty == "loss"
     out = clipped_policy_loss(
-        minibatch_logprobs(policy, rollout, rows, pad, config),
+        minibatch_logprobs(policy, rollout, rows, data.pad, config),
         rollout.logprobs[index],
-        advantages[index],
+        data.advantages[index],
         rollout.response_mask[index],
         clip_low=config.clip_range,
         clip_high=config.clip_range_high,
-        level=estimator.level,
-        aggregation=estimator.aggregation,
+        level=data.estimator.level,
+        aggregation=data.estimator.aggregation,
         max_length=config.max_new_tokens,
         ref_logprobs=rollout.ref_logprobs[index] if in_loss else None,
-        kl_coef=kl_coef if in_loss else 0.0,
+        kl_coef=data.kl_coef if in_loss else 0.0,
     )
     if not finite_everywhere(out.loss, accelerator):
         result.nonfinite = float(out.loss.detach())
