@@ -35,6 +35,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def peak_gpu_mb() -> dict[str, float]:
+    """``{"peak_gpu_mb": ...}``: the most GPU memory torch held at once in this process (empty without CUDA)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
 def _messages(prompt: Any) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
@@ -72,27 +82,76 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
 
 #: A ~20M-parameter Llama (random init) on the bundled tokenizer, for the MFU measurement.
 MFU_SHAPE = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6)
+#: Random-init Llamas the bench builds once into its cache, by name: the ~20M model, a ~125M one (GPT-2 /
+#: Llama-small sized: hidden 768, 12 layers, MLP 2048, a 32k vocabulary, untied LM head) and, for the GPU run
+#: (benchmarks/gpu.sh), Llamas of Qwen2.5-0.5B's and Qwen2.5-1.5B's shapes (grouped-query attention, 152k
+#: vocabulary, tied head). The bundled tokenizer writes the ids (its 1.5k tokens are the first rows of the
+#: embedding), so the texts are the same tokens as the other rows, while the LM head and its softmax cost what
+#: the real vocabulary costs. Missing keys: key/value heads = attention heads, head tied to the embedding.
+SHAPES: dict[str, dict[str, Any]] = {
+    "20m": MFU_SHAPE,
+    "125m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=4096,
+    ),
+    "1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+def shape_config(name: str) -> Any:
+    """The transformers config of the benchmark model ``name`` of :data:`SHAPES` (no weights made)."""
+    from transformers import AutoConfig
+
+    shape = SHAPES[name]
+    config = AutoConfig.from_pretrained(str(TINY_MODEL))
+    for key, value in shape.items():
+        setattr(config, key, value)
+    config.num_key_value_heads = shape.get("num_key_value_heads", shape["num_attention_heads"])
+    config.head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    config.tie_word_embeddings = shape.get("tie_word_embeddings", True)
+    return config
 
 
 def model_dir(name: str) -> str:
-    """``tiny`` (the bundled ~1M-parameter model) or ``20m`` (random init, built once into the cache)."""
+    """``tiny`` (the bundled ~1M-parameter model) or a name of :data:`SHAPES` (random init, built once into the
+    cache)."""
     if name == "tiny":
         return str(TINY_MODEL)
-    if name != "20m":
+    if name not in SHAPES:
         raise ValueError(f"unknown benchmark model {name!r}")
-    out = CACHE / "llama-20m"
-    if (out / "model.safetensors").is_file():
+    out = CACHE / f"llama-{name}"
+    if (out / "config.json").is_file():  # the folder is moved into place whole, once written
         return str(out)
     import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    config = AutoConfig.from_pretrained(str(TINY_MODEL))
-    for key, value in MFU_SHAPE.items():
-        setattr(config, key, value)
-    config.num_key_value_heads = MFU_SHAPE["num_attention_heads"]
-    config.head_dim = MFU_SHAPE["hidden_size"] // MFU_SHAPE["num_attention_heads"]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(shape_config(name))
+    if name.endswith(
+        "b"
+    ):  # billion-sized: a bf16 checkpoint, as such models ship (trained weights load as fp32)
+        model = model.to(torch.bfloat16)
     tmp = out.with_name(out.name + f".{os.getpid()}")
     model.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(TINY_MODEL)).save_pretrained(str(tmp))
@@ -151,6 +210,18 @@ def matmul_params(config: Any) -> int:
     attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
     mlp = 3 * h * i
     return layers * (attn + mlp) + h * v
+
+
+def trl_device_args(precision: str, liger: bool) -> dict[str, Any]:
+    """TRL config arguments for where a run goes: the GPU when there is one (else the CPU), bf16 autocast when
+    ``precision`` is bf16 (TRL's default on capable hardware, so fp32 must be asked for), Liger kernels on request
+    (TRL's ``use_liger_kernel``: fused RMSNorm, SwiGLU, RoPE and its fused linear + cross-entropy losses)."""
+    import torch
+
+    args: dict[str, Any] = {"use_cpu": not torch.cuda.is_available(), "bf16": precision == "bf16"}
+    if liger:
+        args["use_liger_kernel"] = True
+    return args
 
 
 class Timer:

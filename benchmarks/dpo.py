@@ -35,6 +35,8 @@ def run(
     use_lora: bool = True,
     max_length: int = 256,
     levers: dict[str, Any] | None = None,
+    precision: str = "fp32",
+    liger: bool = False,
 ) -> dict[str, Any]:
     model_path = common.model_dir(model)
     tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
@@ -43,9 +45,18 @@ def run(
     features = _features(model_path, train, max_length)
     counts = token_counts(features)
     result = (
-        _ours(model_path, train, evalp, tmp, batch_size, use_lora, max_length, levers or {})
+        _ours(
+            model_path,
+            train,
+            evalp,
+            tmp,
+            batch_size,
+            use_lora,
+            max_length,
+            {**(levers or {}), "precision": precision},
+        )
         if impl == "ours"
-        else _trl(model_path, train, tmp, batch_size, use_lora, max_length, levers or {})
+        else _trl(model_path, train, tmp, batch_size, use_lora, max_length, levers or {}, precision, liger)
     )
     result.update(counts)
     result["pairs"] = pairs
@@ -68,7 +79,6 @@ def _ours(model_path, train, evalp, tmp, batch_size, use_lora, max_length, lever
         eval_steps=0,
         logging_steps=10**6,
         seed=0,
-        precision="fp32",
         **levers,
     )
     metrics = dpo.train_dpo(model_path, train, evalp, str(tmp / "out"), str(tmp / "report.html"), config)
@@ -81,7 +91,9 @@ def _ours(model_path, train, evalp, tmp, batch_size, use_lora, max_length, lever
     }
 
 
-def _trl(model_path, train, tmp, batch_size, use_lora, max_length, levers) -> dict[str, Any]:
+def _trl(
+    model_path, train, tmp, batch_size, use_lora, max_length, levers, precision, liger
+) -> dict[str, Any]:
     import json
 
     from datasets import Dataset
@@ -124,12 +136,11 @@ def _trl(model_path, train, tmp, batch_size, use_lora, max_length, levers) -> di
         logging_steps=10**6,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        **common.trl_device_args(precision, liger),
         seed=0,
         disable_dropout=True,
         dataloader_num_workers=0,
         max_grad_norm=1.0,
-        bf16=False,
         # TRL defaults to activation checkpointing; both sides get the same setting (ours: off unless asked)
         gradient_checkpointing=levers.get("gradient_checkpointing", False),
     )

@@ -22,6 +22,8 @@ def run(
     use_lora: bool = True,
     max_length: int = 256,
     levers: dict[str, Any] | None = None,
+    precision: str = "fp32",
+    liger: bool = False,
 ) -> dict[str, Any]:
     model_path = common.model_dir(model)
     tmp = Path(tempfile.mkdtemp(prefix="bench-rm-"))
@@ -42,7 +44,7 @@ def run(
             eval_steps=0,
             logging_steps=10**6,
             seed=0,
-            precision="fp32",
+            precision=precision,
             **(levers or {}),
         )
         metrics = reward.train_reward_model(
@@ -92,12 +94,11 @@ def run(
             logging_steps=10**6,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
+            **common.trl_device_args(precision, liger),
             seed=0,
             disable_dropout=True,
             dataloader_num_workers=0,
             max_grad_norm=1.0,
-            bf16=False,
             gradient_checkpointing=False,  # TRL's default is on; ours is off (set alike on both sides)
             center_rewards_coefficient=None,
         )

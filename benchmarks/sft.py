@@ -22,6 +22,8 @@ def run(
     use_lora: bool = True,
     max_length: int = 256,
     levers: dict[str, Any] | None = None,
+    precision: str = "fp32",
+    liger: bool = False,
 ) -> dict[str, Any]:
     from preftune.model import modeling
     from preftune.train.batching import load_sft_features
@@ -46,7 +48,7 @@ def run(
             eval_steps=0,
             logging_steps=10**6,
             seed=0,
-            precision="fp32",
+            precision=precision,
             **(levers or {}),
         )
         metrics = sft.train_sft(model_path, train, evalp, str(tmp / "out"), str(tmp / "r.html"), config)
@@ -80,11 +82,10 @@ def run(
             logging_steps=10**6,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
+            **common.trl_device_args(precision, liger),
             seed=0,
             dataloader_num_workers=0,
             max_grad_norm=1.0,
-            bf16=False,
             gradient_checkpointing=False,  # TRL's default is on; ours is off (set alike on both sides)
         )
         trainer = SFTTrainer(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -16,10 +17,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from benchmarks import common
 
     spec = dict(spec)
+    if "threads" in spec:  # a scenario run at its own thread count (the 125M rows: 1 and 2)
+        os.environ["PREFTUNE_BENCH_THREADS"] = str(spec.pop("threads"))
     threads = common.set_threads()
     module = importlib.import_module(f"benchmarks.{spec.pop('task')}")
     result = module.run(spec.pop("impl"), **spec)
     result["peak_rss_mb"] = common.peak_rss_mb()
+    result.update(common.peak_gpu_mb())
     result["threads"] = threads
     return result
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks package sits at the repo root
-from benchmarks.__main__ import goals  # noqa: E402
+from benchmarks.__main__ import FULL, QUICK, REPEATS, ceiling_key, goals, selected  # noqa: E402
 
 
 def row(**overrides: object) -> dict:
@@ -40,7 +40,39 @@ def test_ppo_goals_are_judged_apart() -> None:
         "ours": {"generation_share": 0.3},
         "rollout": {"ratio": 0.97},
     }
-    assert goals(ppo) == [("gen share>=70%", False), ("rollout>=0.9x", True)]
+    assert goals(ppo) == [("gen share>=70%", False), ("rollout>=0.95x", True)]
+    assert goals({**ppo, "rollout": {"ratio": 0.93}})[1] == ("rollout>=0.95x", False)
+
+
+def test_the_125m_rows_run_in_the_full_bench_at_1_and_2_threads_with_issue_22s_goals() -> None:
+    rows = {name: spec for name, spec in FULL.items() if "-125m-" in name}
+    assert set(rows) == {
+        f"{t}-125m-t{n}" for t in ("sft-full", "reward-full", "dpo-full", "ppo") for n in (1, 2)
+    }
+    assert not any("125m" in name for name in QUICK)
+    for name, (task, kwargs, goal, memory) in rows.items():
+        assert kwargs["model"] == "125m" and kwargs["threads"] in (1, 2) and REPEATS[name] >= 3
+        assert (goal, memory) == {
+            "dpo": (2.0, 0.7),
+            "reward": (1.5, 0.7),
+            "sft": (1.5, 0.7),
+            "ppo": (None, None),
+        }[task]
+        assert ceiling_key(kwargs) == f"125m@{kwargs['threads']}"  # MFU against that thread count's ceiling
+    dpo = row(
+        scenario="dpo-full-125m-t2", speedup=2.1, memory_ratio=0.65, goal_speedup=2.0, goal_memory_ratio=0.7
+    )
+    assert goals({**dpo, "ours": {"mfu": 0.55}}) == [
+        (">=2.0x", True),
+        ("mem<=0.7", True),
+        ("MFU>=60%", False),
+    ]
+
+
+def test_only_selects_by_name_or_by_a_part_of_names() -> None:
+    assert [n for n in FULL if selected(n, ["125m"])] == [n for n in FULL if "-125m-" in n]
+    assert [n for n in FULL if selected(n, ["t2"])] == [n for n in FULL if n.endswith("-125m-t2")]
+    assert selected("dpo-lora", ["dpo-lora"]) and not selected("dpo-lora", ["125m"])
 
 
 def test_committed_results_come_from_a_full_run_and_record_each_goal() -> None:

@@ -16,7 +16,7 @@ PPO, GRPO / RLOO, online DPO and evaluate sample through a :class:`GenerationBac
     handed to vLLM as a new ``LoRARequest`` id, which vLLM loads on the next ``generate`` and evicts the old one
     (``max_loras=1``). The base weights never move; the reference (adapter off) is the engine's base model.
   * Full fine-tuning: every weight is pushed into the engine's model in place (``load_weights`` with the
-    policy's ``named_parameters``) and the prefix cache reset, so the KV blocks of the old weights are never
+    policy's ``named_parameters``, vLLM's ``reload_weights``) and the prefix cache reset, so the KV blocks of the old weights are never
     reused.
 
   vLLM reports each sampled token's log-probability (``logprobs_mode="processed_logprobs"``: after

@@ -6,9 +6,9 @@ The design (also in ``preftune.model.generation``'s docstring and docs/architect
   weights), on the training device, with ``gpu_memory_utilization`` of it (the trainer needs the rest).
 - ``sync(policy)`` before each round of sampling. A LoRA policy's adapter is saved to a new folder and becomes a
   new ``LoRARequest`` (fresh id, so vLLM loads it instead of serving a cached one; ``max_loras=1`` evicts the
-  last): a few MB per iteration and the base weights never move. A fully trained policy pushes its weights into
-  the engine's model in place (``load_weights`` over ``named_parameters``) and resets the prefix cache, so no KV
-  block computed with the old weights is reused.
+  last): a few MB per iteration and the base weights never move. A fully trained policy pushes its weights into the
+  engine's model in place (vLLM's ``reload_weights`` over ``named_parameters``, through ``collective_rpc``) and
+  resets the prefix cache, so no KV block computed with the old weights is reused.
 - ``generate`` hands vLLM the prompts as token ids (the chat template already applied by the caller, so both
   backends see the same ids), with stop tokens, temperature and top-p as the transformers backend uses them, and
   asks for the sampled token's log-prob after temperature (``logprobs_mode="processed_logprobs"``).
@@ -56,6 +56,22 @@ def _unwrapped(model: Any) -> Any:
     while isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
+
+
+def refresh_tied_head(model: Any) -> None:
+    """Re-derive the LM head's kernel-side weights from the embedding it is tied to.
+
+    vLLM's in-place reload updates a tied weight once, through the embedding, and rebuilds only the embedding's
+    derived state (its documented limitation 2, ``vllm.model_executor.model_loader.reload``); on the CPU backend
+    the head's GEMM kept packing the old embedding, so sampling went on with the old LM head. Runs inside the
+    engine's worker (``LLM.apply_model``).
+    """
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    weight = getattr(head, "weight", None)
+    if weight is None or embed is None or weight.data_ptr() != embed.weight.data_ptr():
+        return
+    head.quant_method.process_weights_after_loading(head)
 
 
 class VLLMBackend:
@@ -107,16 +123,14 @@ class VLLMBackend:
             model.save_pretrained(str(folder), safe_serialization=True)
             self.lora = self.vllm.lora.request.LoRARequest(f"policy-v{version}", version, str(folder))
             return
-        weights = ((name, param.data) for name, param in model.named_parameters())
-        self.engine_model().load_weights(weights)
+        # vLLM's in-place reload: checkpoint-format names and tensors, repacked by the engine's own loaders
+        # (q/k/v fused, kernels' layouts) as at start-up; it resets the engine's LoRA state with them.
+        weights = [(name, param.detach()) for name, param in model.named_parameters()]
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
+        self.llm.apply_model(refresh_tied_head)
         self.llm.reset_prefix_cache()
-
-    def engine_model(self) -> Any:
-        """The engine's ``torch.nn.Module`` (in-process engine: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
-        executor = self.llm.llm_engine.model_executor
-        worker = executor.driver_worker
-        worker = getattr(worker, "worker", worker)
-        return worker.model_runner.model
 
     def generate(
         self, prompts: Sequence[list[int]], settings: SamplingSettings, *, logprobs: bool = False

@@ -216,6 +216,22 @@ def score_responses(
 
 
 @torch.no_grad()
+def policy_logprobs(rollout: Rollout, policy: Any, tokenizer: Any, config: Any) -> torch.Tensor:
+    """``(B, R)`` log-probs of the sampled tokens under ``policy`` exactly as the scoring pass computes them
+    (packed rows, LM head on response positions, at the sampling temperature): what a sampler's own log-probs
+    (``generate_rollout(logprobs=True)``) are checked against."""
+    n, pad = rollout.query_ids.shape[0], pad_id(tokenizer)
+    fused = fused_head_weight(policy) is not None
+    policy.eval()
+    flat, logprobs = [], []
+    for part in _chunks(n, config.forward_batch_size):
+        batch = rollout.packed(list(range(n))[part], pad, config.pack_length)
+        flat.append(batch["flat"])
+        logprobs.append(_logprobs_and_entropy(policy, batch, config.temperature, fused)[0])
+    return _scatter(torch.cat(flat), torch.cat(logprobs), rollout.response_ids.shape)
+
+
+@torch.no_grad()
 def score_rollout(
     rollout: Rollout,
     policy: Any,
