@@ -1,6 +1,7 @@
 """Write containers/requirements.lock: the exact versions the runtime image installs.
 
-The set is the closure of preftune's runtime dependencies (``[project] dependencies``, no extras), walked through
+The set is the closure of preftune's runtime dependencies (``[project] dependencies`` and the extras of
+:data:`IMAGE_EXTRAS`), walked through
 the metadata of the packages installed in the environment that runs this script (the project venv); the versions
 are the installed ones, so the image gets what ``make test`` tested. Left out: torch and the CUDA / triton wheels
 it pulls in (the CUDA base image provides them; the CPU Dockerfile installs ``torch==<pinned>`` from the PyTorch
@@ -29,6 +30,9 @@ ROOT_DIST = "preftune"
 # torch comes from the base image (CUDA) or from the pinned CPU wheel; these ride along with it.
 EXCLUDED = {"torch", "triton", "pip", "wheel", ROOT_DIST}
 EXCLUDED_PREFIXES = ("nvidia-", "cuda-")
+#: Extras the image carries: live tracking and the registry on MLflow (mlflow-skinny) and TensorBoard event files,
+#: so `report_to` and `registry_uri=mlflow://...` work on a cluster without installing anything at run time.
+IMAGE_EXTRAS = frozenset({"mlflow", "tensorboard"})
 
 
 def excluded(name: str) -> bool:
@@ -40,7 +44,7 @@ def runtime_closure(root: str = ROOT_DIST) -> dict[str, str]:
     env = default_environment()
     pins: dict[str, str] = {}
     # (distribution, extras requested of it)
-    todo: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
+    todo: list[tuple[str, frozenset[str]]] = [(root, IMAGE_EXTRAS if root == ROOT_DIST else frozenset())]
     seen: set[tuple[str, frozenset[str]]] = set()
     while todo:
         name, extras = todo.pop()

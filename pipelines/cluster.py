@@ -1,4 +1,5 @@
-"""How each task runs on a Kubeflow cluster: resources, GPUs, node pool, credentials, shared memory, retries.
+"""How each task runs on a Kubeflow cluster: resources, GPUs, node pool, credentials, tracking, shared memory,
+retries.
 
 Settings are fixed at compile time (preftune.launch.platform, `preftune compile --help`) and each one is also
 written into every step's pod as an environment variable, so the code in the pod sees what the pipeline was
@@ -24,6 +25,23 @@ from preftune.launch.devices import STEP_GPUS_ENV
 
 #: Components whose class is not the default of the helper that wraps them.
 STEP_CLASS = {"evaluate": "evaluate", "promote": "merge"}
+
+#: The optional Secret naming the MLflow server (live tracking, the mlflow registry) and its credentials; each
+#: of its keys becomes the environment variable of the same name, which the MLflow client reads itself.
+MLFLOW_SECRET = "preftune-mlflow"
+MLFLOW_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_EXPERIMENT_NAME",
+)
+#: The KFP run a pod belongs to, from its own metadata (KFP labels and annotates every pod of a run), so that a
+#: tracking run links back to it; KFP itself sets KFP_POD_NAME, KFP_POD_UID and KFP_NAMESPACE.
+KFP_RUN_FIELDS = {
+    "KFP_RUN_ID": "metadata.labels['pipeline/runid']",
+    "KFP_RUN_NAME": "metadata.annotations['pipelines.kubeflow.org/run_name']",
+}
 
 
 def step_class(task: PipelineTask, default: str) -> str:
@@ -63,6 +81,22 @@ def use_hub_settings(task: PipelineTask) -> PipelineTask:
     return task
 
 
+def use_tracking(task: PipelineTask) -> PipelineTask:
+    """MLflow's address and credentials from the optional Secret, and the KFP run and task the step belongs to.
+
+    Optional, so a cluster without an MLflow server needs no Secret (``report_to`` none or tensorboard).
+    """
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=MLFLOW_SECRET,
+        secret_key_to_env={key: key for key in MLFLOW_KEYS},
+        optional=True,
+    )
+    for name, field_path in KFP_RUN_FIELDS.items():
+        kubernetes.use_field_path_as_env(task, env_name=name, field_path=field_path)
+    return task
+
+
 def set_environment(task: PipelineTask, env: dict[str, str]) -> PipelineTask:
     """Set many environment variables at once.
 
@@ -82,7 +116,10 @@ def _common(task: PipelineTask, kind: str, gpus: int) -> PipelineTask:
     """What every step gets: storage and hub settings, the compiled settings as env, its class's resources."""
     use_object_storage(task)
     use_hub_settings(task)
-    set_environment(task, {**platform.compiled_environment(), STEP_GPUS_ENV: str(gpus)})
+    use_tracking(task)
+    set_environment(
+        task, {**platform.compiled_environment(), STEP_GPUS_ENV: str(gpus), "KFP_TASK_NAME": task.name}
+    )
     resources = platform.step_resources(kind)
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)

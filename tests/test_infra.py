@@ -40,7 +40,11 @@ TAINT = ("nvidia.com/gpu", "NO_SCHEDULE")
 GPU_AMIS = {"AL2023_x86_64_NVIDIA", "BOTTLEROCKET_x86_64_NVIDIA"}
 
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-TEMPLATES = {"s3-credentials-secret.template.yaml", "hf-token-secret.template.yaml"}
+TEMPLATES = {
+    "s3-credentials-secret.template.yaml",
+    "hf-token-secret.template.yaml",
+    "mlflow-secret.template.yaml",
+}
 LAUNCHER_PATCH = K8S / "patches" / "kfp-launcher-providers.yaml"
 #: KFP's own Secret for its default artifact store (MinIO): minio:// roots, log archiving, driver logs.
 KFP_ARTIFACT_SECRET = "mlpipeline-minio-artifact"

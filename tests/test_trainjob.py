@@ -171,6 +171,45 @@ def render_sft(tmp: Path, *, num_nodes: int = 2, strategy: str = "ddp") -> dict[
     )
 
 
+def test_the_job_tracks_as_the_step_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """report_to on a multi-node step: rank 0 of the job gets the step's tracking context and the KFP run's ids
+    (resolved from the step pod's labels, which the job's pods lack) as values, and the MLflow Secret by
+    reference like the object-store credentials."""
+    from preftune.launch.distributed import TRACKING_ENV, job_env
+
+    monkeypatch.setenv("KFP_RUN_ID", "run-123")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "nightly")
+    context = {"params": {"report_to": "mlflow"}, "lineage": {"input.train_data": "s3://bucket/train"}}
+    pod = step_pod()
+    pod["spec"]["containers"][1]["env"].append(
+        {
+            "name": "MLFLOW_TRACKING_URI",
+            "valueFrom": {
+                "secretKeyRef": {"name": "preftune-mlflow", "key": "MLFLOW_TRACKING_URI", "optional": True}
+            },
+        }
+    )
+    settings = trainjob.settings_from_pod(pod, accelerator_type="nvidia.com/gpu")
+    job = trainjob.render_trainjob(
+        name="sft-job",
+        stage="sft",
+        call="{}",
+        output_uri="s3://bucket/out",
+        settings=settings,
+        num_nodes=2,
+        procs_per_node=8,
+        strategy="ddp",
+        runtime="torch-distributed",
+        deadline_seconds=60,
+        extra_env=job_env(context),
+    )
+    env = {e["name"]: e for e in job["spec"]["trainer"]["env"]}
+    assert json.loads(env[TRACKING_ENV]["value"]) == context
+    assert env["KFP_RUN_ID"]["value"] == "run-123" and env["MLFLOW_EXPERIMENT_NAME"]["value"] == "nightly"
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "preftune-mlflow"
+    assert "value" not in env["MLFLOW_TRACKING_URI"]
+
+
 # --------------------------------------------------------------------------------------- rendering and schema
 
 

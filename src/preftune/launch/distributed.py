@@ -49,6 +49,7 @@ from preftune.launch.stages import (
     stage_spec,
     worker_env,
 )
+from preftune.report import tracking
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,62 @@ def _plain_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.path if is_artifact(v) else v) for k, v in kwargs.items()}
 
 
-def invoke(stage: str, config: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, float]:
-    """Call the stage's train function in this process."""
+def invoke(
+    stage: str, config: Mapping[str, Any], kwargs: Mapping[str, Any], context: Mapping[str, Any] | None = None
+) -> dict[str, float]:
+    """Call the stage's train function in this process, live-tracked as its ``report_to`` asks (rank 0 only).
+
+    ``context`` is what the launching step knows better than a worker: the global config (a worker's has its
+    share of the batch) and the lineage as URIs (a worker sees local paths).
+    """
     function, config_class = stage_spec(stage).load()
-    return function(config=config_class(**config), **kwargs)
+    with _tracked(stage, config, kwargs, context or {}):
+        metrics = function(config=config_class(**config), **kwargs)
+        tracking.log_final(metrics)
+    return metrics
+
+
+#: How a step passes its tracking context (global config, lineage URIs) to the torchrun workers it starts.
+TRACKING_ENV = "PREFTUNE_TRACKING_CONTEXT"
+
+
+def tracking_context(stage: str, values: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage's global config and its lineage: each input and output argument as a URI (or its value)."""
+    spec = stage_spec(stage)
+    outputs = {*spec.outputs, *spec.optional_outputs}
+    lineage = {}
+    for name, value in kwargs.items():
+        text = value.uri if is_artifact(value) else value
+        if isinstance(text, str) and text:
+            lineage[f"{'output' if name in outputs else 'input'}.{name}"] = text
+    return {"params": dict(values), "lineage": lineage}
+
+
+#: Resolved in the step's pod (KFP_RUN_ID comes from its labels) and handed to a TrainJob's pods as values.
+_JOB_ENV_PREFIXES = ("KFP_", "MLFLOW_EXPERIMENT_NAME")
+
+
+def job_env(context: Mapping[str, Any]) -> dict[str, str]:
+    """What a TrainJob's rank 0 needs to track as this step would: the context and the KFP run's ids."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(_JOB_ENV_PREFIXES)}
+    return {**env, TRACKING_ENV: json.dumps(context, default=str)}
+
+
+def _tracked(
+    stage: str, config: Mapping[str, Any], kwargs: Mapping[str, Any], context: Mapping[str, Any]
+) -> contextlib.AbstractContextManager:
+    """The stage's tracker on rank 0 (every rank runs the same loop; one of them reports)."""
+    report_to = str(config.get("report_to", "none"))
+    if os.environ.get("RANK", "0") != "0":
+        report_to = "none"
+    model_dir = kwargs.get("model_dir")
+    return tracking.tracked(
+        report_to,
+        stage=stage,
+        params=context.get("params") or config,
+        lineage=context.get("lineage") or tracking_context(stage, config, kwargs)["lineage"],
+        log_dir=Path(str(model_dir)) / "tensorboard" / stage if model_dir else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- launching
@@ -119,9 +172,10 @@ def run_stage(stage: str, config: Any, *, scale: Scale | None = None, **kwargs: 
         if scale.num_nodes > 1:
             from preftune.launch import trainjob
 
-            metrics = trainjob.run_stage_as_trainjob(stage, values, kwargs, scale)
+            context = tracking_context(stage, values, kwargs)
+            metrics = trainjob.run_stage_as_trainjob(stage, values, kwargs, scale, extra_env=job_env(context))
         else:
-            metrics = _run_on_this_node(stage, values, kwargs, scale)
+            metrics = _run_on_this_node(stage, values, kwargs, scale, tracking_context(stage, values, kwargs))
     if not scale.keep_checkpoints:
         cleanup.remove_checkpoints(values.get("checkpoint_uri"))
     return metrics
@@ -135,7 +189,7 @@ def _output_uri(output: Any) -> str | None:
 
 
 def _run_on_this_node(
-    stage: str, values: dict[str, Any], kwargs: Mapping[str, Any], scale: Scale
+    stage: str, values: dict[str, Any], kwargs: Mapping[str, Any], scale: Scale, context: Mapping[str, Any]
 ) -> dict[str, float]:
     """One process here, or one torchrun worker per GPU of this pod."""
     if devices.in_kubernetes() and platform.trainjob_launchers():
@@ -151,19 +205,25 @@ def _run_on_this_node(
         if scale.strategy == "fsdp":
             log.info("%s: one process, so FSDP has nothing to shard; training without it", stage)
         threads.limit_threads()
-        return invoke(stage, values, plain)
-    return _run_torchrun(stage, per_worker_config(stage, values, nproc), plain, nproc, scale)
+        return invoke(stage, values, plain, context)
+    env = {TRACKING_ENV: json.dumps(context, default=str)}
+    return _run_torchrun(stage, per_worker_config(stage, values, nproc), plain, nproc, scale, env)
 
 
 def _run_torchrun(
-    stage: str, config: Mapping[str, Any], kwargs: Mapping[str, Any], nproc: int, scale: Scale
+    stage: str,
+    config: Mapping[str, Any],
+    kwargs: Mapping[str, Any],
+    nproc: int,
+    scale: Scale,
+    extra_env: Mapping[str, str],
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix=f"preftune-{stage}-") as tmp:
         spec_path, result_path = Path(tmp) / "call.json", Path(tmp) / "metrics.json"
         spec_path.write_text(call_json(stage, config, kwargs), encoding="utf-8")
         cmd = torchrun_command(nproc, ["--spec", str(spec_path), "--result", str(result_path)])
         cpu = visible_gpus() == 0
-        env = {**os.environ, **worker_env(scale.strategy, cpu=cpu)}
+        env = {**os.environ, **extra_env, **worker_env(scale.strategy, cpu=cpu)}
         if cpu:  # the workers share this container's CPUs (on GPUs each worker's threads only feed its GPU)
             env["OMP_NUM_THREADS"] = str(threads.thread_count(nproc))
         log.info("%s: starting %d workers with torchrun (%s)", stage, nproc, scale.strategy)
@@ -281,7 +341,7 @@ def worker(spec: Mapping[str, Any], *, result: str | None = None, output_uri: st
     with tempfile.TemporaryDirectory(prefix=f"preftune-{stage}-out-") as tmp:
         if output_uri:
             kwargs.update(_output_locals(stage, kwargs, Path(tmp)))
-        metrics = invoke(stage, config, kwargs)
+        metrics = invoke(stage, config, kwargs, json.loads(os.environ.get(TRACKING_ENV) or "{}"))
         state.wait_for_everyone()
         if state.is_main_process:
             if output_uri:

@@ -342,6 +342,7 @@ def run_stage_as_trainjob(
     settings: JobSettings | None = None,
     echo: Callable[[str], None] = print,
     grace_seconds: float = 600.0,
+    extra_env: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """Run one stage call as a TrainJob of ``scale.num_nodes`` nodes and return its metrics.
 
@@ -373,6 +374,7 @@ def run_stage_as_trainjob(
         strategy=scale.strategy,
         runtime=scale.trainjob_runtime,
         deadline_seconds=scale.timeout(),
+        extra_env=extra_env,
     )
     echo(
         f"submitting TrainJob {namespace}/{name}: {scale.num_nodes} nodes x {procs} workers ({scale.strategy}), "

@@ -290,15 +290,19 @@ def build_trainjob(
     strategy: str,
     runtime: str,
     deadline_seconds: int,
+    extra_env: Mapping[str, str] | None = None,
 ) -> TrainerV1alpha1TrainJob:
     """The TrainJob for one stage call: ``num_nodes`` nodes of ``procs_per_node`` torchrun workers each.
+
+    ``extra_env`` are values resolved in the step's pod that the job's pods cannot resolve themselves (the
+    tracking context, the KFP run's ids, which the step reads from its own pod's labels).
 
     ``call`` is the stage call's JSON (batch sizes already per worker) and ``output_uri`` where rank 0
     publishes the model, the report and ``metrics.json``.
     """
     m = _models()
     gpus = settings.gpus_per_node
-    own = {**worker_env(strategy, cpu=gpus == 0), STEP_GPUS_ENV: str(gpus)}
+    own = {**worker_env(strategy, cpu=gpus == 0), STEP_GPUS_ENV: str(gpus), **(extra_env or {})}
     env = _merge_env(settings.env, [m.IoK8sApiCoreV1EnvVar(name=k, value=v) for k, v in own.items()])
     trainer = m.TrainerV1alpha1Trainer(
         image=settings.image,

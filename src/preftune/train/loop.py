@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from preftune.config.fields import check_config  # noqa: F401  (re-exported)
 from preftune.model.precision import precision_of, resolve_precision
+from preftune.report import tracking
 
 
 def make_accelerator(precision: str = "auto", gradient_accumulation_steps: int = 1) -> Accelerator:
@@ -204,16 +205,23 @@ class Meter:
 
 @dataclasses.dataclass
 class History:
-    """Per-step training logs and per-epoch evaluations, for the report's curves."""
+    """Per-step training logs and per-epoch evaluations, for the report's curves; each one also goes to the
+    stage's live tracker when one is open (preftune.report.tracking, opened by the launch layer on rank 0)."""
 
     train: list[dict[str, float]] = dataclasses.field(default_factory=list)
     eval: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
-    def log_train(self, step: int, values: Mapping[str, float]) -> None:
+    def log_train(
+        self, step: int, values: Mapping[str, float], live: Mapping[str, float] | None = None
+    ) -> None:
+        """``live`` values (throughput, gradient norm) go to the tracker only: they depend on the machine or
+        are diagnostics, and the curves stay equal between a resumed run and an uninterrupted one."""
         self.train.append({"step": float(step), **values})
+        tracking.log_metrics(step, {**values, **(live or {})}, prefix="train/")
 
     def log_eval(self, step: int, epoch: float, values: Mapping[str, float]) -> None:
         self.eval.append({"step": float(step), "epoch": float(epoch), **values})
+        tracking.log_metrics(step, {"epoch": epoch, **values}, prefix="eval/")
 
     def state_dict(self) -> dict[str, list[dict[str, float]]]:
         return {"train": list(self.train), "eval": list(self.eval)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from preftune.report import html as reports
 from preftune.train.checkpoint import Checkpointer, NonFiniteStateError, check_finite_state
 from preftune.train.engine.state import LoopState, Resumable
 from preftune.train.loop import History, make_accelerator, progress, resource_metrics
-from preftune.train.snapshots import Snapshots
+from preftune.train.snapshots import Snapshots, snapshot_count
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,19 @@ def checked_gradients(
     None is returned there; otherwise a non-finite norm means the step must not be applied: clipping by an
     infinite norm would turn every gradient into 0 or NaN.
     """
+    value, stop = clip_and_measure(accelerator, parameters, max_norm)
+    return value if stop else None
+
+
+def clip_and_measure(
+    accelerator: Any, parameters: list[torch.nn.Parameter], max_norm: float
+) -> tuple[float, bool]:
+    """:func:`checked_gradients` with the norm always returned (for live tracking): ``(norm, must stop)``."""
     norm = accelerator.clip_grad_norm_(parameters, max_norm) if max_norm > 0 else gradient_norm(parameters)
-    if getattr(accelerator, "scaler", None) is not None:
-        return None
     value = float(torch.as_tensor(norm).float())
-    return None if torch.isfinite(torch.tensor(value)) else value
+    if getattr(accelerator, "scaler", None) is not None:
+        return value, False
+    return value, not math.isfinite(value)
 
 
 def retarget_learning_rate(optimizer: Any, learning_rate: float, scheduler: Any = None) -> None:
@@ -140,11 +149,21 @@ class Artifact:
 
 @dataclass
 class Run:
-    """A finished loop: its final state, the step it resumed from (0 = a fresh start) and its seconds."""
+    """A finished loop: its final state, the step it resumed from (0 = a fresh start) and its seconds; with a
+    stop rule, whether it stopped early, the step of the best evaluation and, when the best weights were put
+    back, their evaluation (``final_eval``)."""
 
     state: LoopState
     resumed_from: int = 0
     seconds: float = 0.0
+    stopped_early: bool = False
+    best_step: int | None = None
+    final_eval: dict[str, float] | None = None
+
+    @property
+    def last_eval(self) -> dict[str, float]:
+        """The evaluation of the weights the run ends with."""
+        return self.final_eval if self.final_eval is not None else self.state.history.eval[-1]
 
     @property
     def history(self) -> History:
@@ -172,6 +191,7 @@ class Engine:
             config.checkpoint_uri, config.checkpoint_every, self.accelerator, stage=stage
         )
         self.artifact: Artifact | None = None
+        self.resumed_tensors: dict[str, torch.Tensor] = {}  # the extra tensors of the checkpoint resumed from
 
     def autocast(self) -> Any:
         """The context every forward of the run executes in: autocast in the compute dtype (none in fp32), so the
@@ -196,15 +216,23 @@ class Engine:
                 "version, or use a new checkpoint_uri"
             )
         state.load_state_dict(restored.state["loop"])
+        self.resumed_tensors = restored.tensors
         if extra is not None:
             extra.load_state_dict(restored.state["trainer"])
         log.info("%s: resumed from %s (step %d)", self.stage, restored.uri, restored.step)
         return True
 
-    def save_checkpoint(self, objects: Objects, state: LoopState, extra: Resumable | None) -> str:
-        """Checkpoint the objects and both states at ``state.step`` (every process must call it)."""
+    def save_checkpoint(
+        self,
+        objects: Objects,
+        state: LoopState,
+        extra: Resumable | None,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+    ) -> str:
+        """Checkpoint the objects, both states and any extra ``tensors`` at ``state.step`` (every process must
+        call it)."""
         saved = {"loop": state.state_dict(), "trainer": extra.state_dict() if extra is not None else {}}
-        return self.checkpointer.save(state.step, **objects, state=saved)
+        return self.checkpointer.save(state.step, **objects, state=saved, tensors=tensors)
 
     def halt(self, halt: Halt, save: Callable[[], str]) -> NoReturn:
         """Stop on a non-finite loss or gradient: checkpoint the last good state (when there is a checkpoint_uri),
@@ -232,7 +260,8 @@ class Engine:
         """The snapshot plan of a run of ``total`` steps (inert without a snapshot directory)."""
         artifact = self.artifact
         directory = artifact.snapshot_dir if artifact and self.accelerator.is_main_process else None
-        return Snapshots(directory, total, artifact.snapshots if artifact else 0, stage=self.stage)
+        count = snapshot_count(artifact.snapshots, getattr(self.config, "use_lora", True)) if artifact else 0
+        return Snapshots(directory, total, count, stage=self.stage)
 
     def snapshot(self, snapshots: Snapshots, step: int, model: Any, values: dict[str, float] | None) -> None:
         """Keep the policy of ``step`` for the reward-vs-KL chart, unless its weights are not finite."""
