@@ -10,7 +10,10 @@ from preftune.components.dpo.component import dpo as dpo_op
 from preftune.components.evaluate.component import evaluate as evaluate_op
 from preftune.components.fingerprint.component import fingerprint as fingerprint_op
 from preftune.components.gate.component import gate as gate_op
+from preftune.components.grpo.component import grpo as grpo_op
 from preftune.components.ingest.component import ingest as ingest_op
+from preftune.components.kto.component import kto as kto_op
+from preftune.components.online_dpo.component import online_dpo as online_dpo_op
 from preftune.components.ppo.component import ppo as ppo_op
 from preftune.components.preference_import.component import preference_import as preference_import_op
 from preftune.components.promote.component import promote as promote_op
@@ -25,7 +28,10 @@ COMPONENTS = {
     "sft": sft_op,
     "reward_model": reward_model_op,
     "ppo": ppo_op,
+    "grpo": grpo_op,
     "dpo": dpo_op,
+    "kto": kto_op,
+    "online_dpo": online_dpo_op,
     "evaluate": evaluate_op,
     "gate": gate_op,
     "champion": champion_op,
@@ -43,7 +49,10 @@ __all__ = [
     "evaluate_op",
     "fingerprint_op",
     "gate_op",
+    "grpo_op",
     "ingest_op",
+    "kto_op",
+    "online_dpo_op",
     "ppo_op",
     "preference_import_op",
     "promote_op",

@@ -39,7 +39,9 @@ def dpo_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.slow
 def test_every_step_succeeded(dpo_run: dict) -> None:
     assert dpo_run["status"] == "SUCCEEDED"
-    assert set(dpo_run["steps"]) == {
+    # the branches of the other dpo_method values (kto, online_dpo) are skipped
+    ran = {name: step for name, step in dpo_run["steps"].items() if step["status"] != "SKIPPED"}
+    assert set(ran) == {
         "fingerprint",
         "fingerprint-2",
         "ingest",
@@ -51,7 +53,7 @@ def test_every_step_succeeded(dpo_run: dict) -> None:
         "gate",
         "promote",
     }
-    assert all(step["status"] == "SUCCEEDED" for step in dpo_run["steps"].values())
+    assert all(step["status"] == "SUCCEEDED" for step in ran.values())
     for name, step in dpo_run["steps"].items():
         if name.startswith("fingerprint") or name in ("champion", "gate"):
             assert step["outputs"], "parameter steps report their outputs"

@@ -47,7 +47,9 @@ def test_every_step_succeeded(rlhf_run: dict) -> None:
         "gate",
         "promote",
     } <= set(steps)
-    assert all(step["status"] == "SUCCEEDED" for step in steps.values())
+    # the branches of the other policy_optimizer values (grpo, rloo) are skipped
+    assert all(step["status"] in ("SUCCEEDED", "SKIPPED") for step in steps.values())
+    assert all(steps[name]["status"] == "SUCCEEDED" for name in ("ppo", "evaluate", "gate", "promote"))
 
 
 @pytest.mark.slow

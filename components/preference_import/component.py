@@ -18,6 +18,8 @@ def preference_import(
     report: Output[HTML],
     metrics: Output[Metrics],
     expectation_suite: Output[Artifact],
+    train_unpaired: Output[Dataset],
+    eval_unpaired: Output[Dataset],
     format: str = "auto",
     ranked_pairs: str = "all",
     min_score_gap: float = 0.5,
@@ -55,6 +57,9 @@ def preference_import(
         report: Validation report (HTML): great-expectations results, rejections by reason, warnings.
         metrics: Rows in / used / rejected, pairs train / eval, and rejections by reason.
         expectation_suite: The expectation suites that ran (JSON); edit and pass back as expectation_suite_uri.
+        train_unpaired: The accepted thumbs and ratings as single answers (JSONL: prompt, completion, label true =
+            desirable: a thumbs up, or a rating above its rater's mean), for KTO; empty for pairwise feedback.
+        eval_unpaired: Held-out unpaired answers, split by prompt like the pairs.
     """
     from preftune.config.components import configs_from
 
@@ -73,6 +78,8 @@ def preference_import(
             rejected_rows.path,
             report.path,
             suite_path=expectation_suite.path,
+            unpaired_train_path=train_unpaired.path,
+            unpaired_eval_path=eval_unpaired.path,
             **dataclasses.asdict(config),
         )
     except RejectedFractionError as err:

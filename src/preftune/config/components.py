@@ -16,7 +16,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from preftune.config import dpo, evaluate, gate, ingest, ppo, preference_import, reward, scale, sft
+from preftune.config import (
+    dpo,
+    evaluate,
+    gate,
+    grpo,
+    ingest,
+    kto,
+    online_dpo,
+    ppo,
+    preference_import,
+    reward,
+    scale,
+    sft,
+)
 from preftune.config.fields import allowed, help_of
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +45,9 @@ VALIDATORS: dict[type, Callable[[Any], None]] = {
     ingest.IngestConfig: ingest.validate,
     preference_import.PreferenceImportConfig: preference_import.validate,
     gate.GateConfig: gate.validate,
+    grpo.GRPOConfig: grpo.validate,
+    kto.KTOConfig: kto.validate,
+    online_dpo.OnlineDPOConfig: online_dpo.validate,
 }
 
 
@@ -124,6 +140,9 @@ SURFACES: dict[str, Surface] = {
             ),
         },
     ),
+    "grpo": Surface((grpo.GRPOConfig, scale.ScaleConfig)),
+    "kto": Surface((kto.KTOConfig, scale.ScaleConfig)),
+    "online_dpo": Surface((online_dpo.OnlineDPOConfig, scale.ScaleConfig)),
     "evaluate": Surface((evaluate.EvalConfig,)),
     "gate": Surface((gate.GateConfig,)),
 }

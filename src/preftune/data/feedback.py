@@ -26,6 +26,7 @@ from preftune.data import formats, labelstudio, pairing, parallel, readers, reco
 from preftune.data.checkpoints import SuiteResult, Validator
 from preftune.data.importing import Items, Rejections, Units, meta_field, rank_key
 from preftune.data.sources import SourceFile
+from preftune.data.unpaired import UnpairedSet
 
 #: Readable rows looked at to recognise a file's format (``format=auto``).
 DETECT_ROWS = 10_000
@@ -141,6 +142,8 @@ class Feedback:
         }
         self.file_formats: dict[str, str] = {}
         self.stats: Counter[str] = Counter()
+        #: Where accepted thumbs and ratings also go unpaired (KTO's examples); set by the import when wanted.
+        self.unpaired: UnpairedSet | None = None
 
     # ------------------------------------------------------------------------------------------ read
 
@@ -431,6 +434,8 @@ class Feedback:
             if name == "rating":
                 mean, std = stats[raters[i]]
                 value = (value - mean) / std if std > 0 else 0.0
+            if self.unpaired is not None:
+                self.unpaired.add(name, prompt, response, value, meta, source)
             group = groups.setdefault(records.canonical_json(prompt), (prompt, units[i], {}))
             found = group[2].setdefault(response.strip(), pairing.Response(response))
             found.units.append(units[i])

@@ -44,6 +44,7 @@ from preftune.data.importing import (
     verdict,
 )
 from preftune.data.readers import DataFormatError
+from preftune.data.unpaired import UnpairedSet
 from preftune.report import html as reports
 
 log = logging.getLogger(__name__)
@@ -355,6 +356,8 @@ def _finish(
     train, held = decided.counts()
     if failure is None:
         metrics.update(pairs_train=train, pairs_eval=held, rows_train=train, rows_eval=held)
+        if feedback.unpaired is not None:
+            metrics.update(feedback.unpaired.publish(items.columns.numpy("rank"), decided.route))
         metrics.update(prompts_train=decided.prompts_train, prompts_eval=decided.prompts_eval)
     publication.write(
         units,
@@ -407,11 +410,15 @@ def import_preferences(
     expectation_suite_uri: str = "",
     suite_path: str = "",
     exclude: Sequence[str] = (),
+    unpaired_train_path: str = "",
+    unpaired_eval_path: str = "",
 ) -> dict[str, float]:
     """Turn collected feedback (jsonl / json / csv / tsv / parquet file, directory, s3 prefix, ``save_to_disk``
     directory or ``hf://`` dataset) into train and eval pair datasets, a rejected-rows file, an HTML validation
     report and (``suite_path``) the expectation suites it ran; see the module docstring. ``exclude``: files and
-    directories never read as input (the import's own outputs never are).
+    directories never read as input (the import's own outputs never are). ``unpaired_train_path`` /
+    ``unpaired_eval_path``: where to write the accepted thumbs and ratings as single desirable / undesirable
+    examples, split by prompt like the pairs (:mod:`preftune.data.unpaired`; "" = not written).
 
     Returns flat metrics (``rows_input``, ``rows_used``, ``rows_rejected``, ``pairs_train``, ``pairs_eval``,
     ``rejected_<reason>``, ...). Raises ValueError for bad parameters, DataFormatError for whole-file problems,
@@ -435,7 +442,8 @@ def import_preferences(
     fmt = settings.check()
     document = suites.load_document(expectation_suite_uri, "preferences")
     outputs = (train_path, eval_path, rejected_path, report_path, suite_path)
-    listing = sources.list_source(source, since, exclude=[*outputs, *exclude])
+    unpaired_paths = (unpaired_train_path, unpaired_eval_path)
+    listing = sources.list_source(source, since, exclude=[*outputs, *unpaired_paths, *exclude])
     publication = Publication(
         "preftune preference import validation", source, outputs, settings.shown(), document, listing.skipped
     )
@@ -446,6 +454,8 @@ def import_preferences(
         units, rejections = Units(listing.files), Rejections(work)
         items = Items(work, "pairs", **pair_columns())
         feedback = Feedback(work, units, rejections, items, settings)
+        if unpaired_train_path:
+            feedback.unpaired = UnpairedSet(work, *unpaired_paths, seed)
         feedback.read(listing.files, fmt, source)
         outcomes = feedback.pair(validator)
         pair_suite = _pair_suite(items, validator, truncation_chars)

@@ -80,6 +80,32 @@ STAGES: dict[str, Stage] = {
         split_batches=(),
         divisible=("rollout_batch_size", "mini_batch_size"),
     ),
+    # GRPO, Dr. GRPO and RLOO (config.estimator picks); each process samples its own prompts' groups
+    "grpo": Stage(
+        "preftune.train.group_rl",
+        "train_grpo",
+        "GRPOConfig",
+        models=("sft_model", "reward_model"),
+        optional_outputs={"snapshot_dir": "dir"},
+        split_batches=(),
+        divisible=("prompts_per_iteration", "mini_batch_size"),
+    ),
+    "online_dpo": Stage(
+        "preftune.train.online_dpo",
+        "train_online_dpo",
+        "OnlineDPOConfig",
+        models=("sft_model", "reward_model"),
+        optional_outputs={"snapshot_dir": "dir"},
+        split_batches=(),
+        divisible=("prompts_per_round", "batch_size"),
+    ),
+    "kto": Stage(
+        "preftune.train.kto",
+        "train_kto",
+        "KTOConfig",
+        models=("sft_model",),
+        optional_outputs={"snapshot_dir": "dir"},
+    ),
 }
 
 

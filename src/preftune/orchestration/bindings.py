@@ -7,6 +7,7 @@ or another task's output. Tasks inside a condition (``dsl.If``) read the enclosi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,3 +97,29 @@ def task_bindings(pipeline: Any) -> list[TaskBinding]:
     root = spec.get("root", {})
     scope = {name: ("parameter", name) for name in root.get("inputDefinitions", {}).get("parameters", {})}
     return list(_walk(spec, root.get("dag", {}), scope))
+
+
+#: A branch condition on a pipeline parameter's value, as KFP compiles ``dsl.If(parameter == "value")``.
+_BRANCH = re.compile(r"parameter_values\['pipelinechannel--(\w+)'\] == '([^'\\]*)'")
+
+
+def branch_choices(pipeline: Any) -> dict[str, list[str]]:
+    """The pipeline parameters that choose a branch (``dsl.If`` / ``dsl.Elif`` on their value: RLHF's
+    ``policy_optimizer``, DPO's ``dpo_method``) and the values that choose one: those the conditions compare
+    with, and the default. Any other value would run no branch at all."""
+    from google.protobuf import json_format
+
+    spec = json_format.MessageToDict(pipeline.pipeline_spec)
+    dags = [spec.get("root", {}).get("dag", {})] + [
+        c["dag"] for c in spec.get("components", {}).values() if "dag" in c
+    ]
+    found: dict[str, list[str]] = {}
+    for dag in dags:
+        for task in dag.get("tasks", {}).values():
+            condition = task.get("triggerPolicy", {}).get("condition", "")
+            for name, value in _BRANCH.findall(condition):
+                found.setdefault(name, []).append(value)
+    defaults = spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {})
+    for name, values in found.items():
+        values.append(defaults.get(name, {}).get("defaultValue", ""))
+    return {name: list(dict.fromkeys(values)) for name, values in found.items()}

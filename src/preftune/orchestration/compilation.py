@@ -113,6 +113,27 @@ ingest_op(source="s3://my-bucket/sft/", source_fingerprint=fp.output)""",
     prompts=pairs.outputs["train_pairs"],
     kl_coef=0.05,
 )""",
+    "grpo": """policy = grpo_op(
+    sft_model=sft.outputs["model"],
+    reward_model=reward.outputs["model"],
+    prompts=pairs.outputs["train_pairs"],
+    estimator="rloo",  # or grpo, dr_grpo
+    num_generations=4,
+)""",
+    "kto": """policy = kto_op(
+    sft_model=sft.outputs["model"],
+    train_pairs=pairs.outputs["train_pairs"],
+    eval_pairs=pairs.outputs["eval_pairs"],
+    train_unpaired=pairs.outputs["train_unpaired"],
+    desirable_weight=1.0,
+)""",
+    "online_dpo": """policy = online_dpo_op(
+    sft_model=sft.outputs["model"],
+    reward_model=reward.outputs["model"],
+    prompts=pairs.outputs["train_pairs"],
+    rounds=8,
+    num_generations=4,
+)""",
     "ingest": """sft_rows = ingest_op(source="s3://my-bucket/sft/")
 sft_rows.outputs["train_data"]  # -> sft_op(train_data=...)""",
     "preference_import": """pairs = preference_import_op(source="s3://my-bucket/feedback/")

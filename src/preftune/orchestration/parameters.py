@@ -15,7 +15,7 @@ from typing import Any
 
 from preftune.config.components import SURFACES, configs_from
 from preftune.config.fields import ConfigError, allowed
-from preftune.orchestration.bindings import TaskBinding, task_bindings
+from preftune.orchestration.bindings import TaskBinding, branch_choices, task_bindings
 from preftune.orchestration.help_format import did_you_mean
 
 _TYPES = {"String": "str", "Integer": "int", "Float": "float", "Boolean": "bool"}
@@ -147,6 +147,11 @@ def check_arguments(pipeline: Any, overrides: Mapping[str, Any]) -> None:
     will; ParameterError names the parameter, the config field and what it accepts."""
     values = {name: p.default for name, p in (pipeline.component_spec.inputs or {}).items()}
     values.update(overrides)
+    for name, choices in branch_choices(pipeline).items():
+        if values.get(name) not in choices:
+            raise ParameterError(
+                f"parameter {name!r} must be one of {', '.join(choices)}, got {values.get(name)!r}"
+            )
     for binding in task_bindings(pipeline):
         if binding.component not in SURFACES:
             continue

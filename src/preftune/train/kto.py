@@ -126,6 +126,30 @@ def load_kto_features(path: str | Path, tokenizer: Any, max_length: int) -> list
     return features
 
 
+def merge_unpaired(pairs: list[dict[str, Any]], unpaired: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training examples when both pairs and unpaired rows are given: every unpaired row, and the pairs of
+    the prompts without any, so a prompt whose thumbs or ratings were also paired by the import is learned from
+    once (as its raw feedback) while pairwise feedback on other prompts still counts."""
+    rated = {tuple(f["prompt_ids"]) for f in unpaired}
+    kept = [f for f in pairs if tuple(f["prompt_ids"]) not in rated]
+    offset = max((f["pair"] for f in unpaired), default=-1) + 1
+    merged = [dict(f) for f in unpaired]
+    merged += [{**f, "pair": f["pair"] + offset if f["pair"] >= 0 else -1} for f in kept]
+    for index, feature in enumerate(merged):
+        feature["index"] = index
+    return merged
+
+
+def _train_features(
+    train_data: str, unpaired_data: str | None, tokenizer: Any, max_length: int
+) -> list[dict[str, Any]]:
+    """The training examples: ``train_data``'s rows, merged with ``unpaired_data``'s when that has any."""
+    if unpaired_data is None or not read_rows(unpaired_data):
+        return load_kto_features(train_data, tokenizer, max_length)
+    unpaired = load_kto_features(unpaired_data, tokenizer, max_length)
+    return merge_unpaired(load_kto_features(train_data, tokenizer, max_length), unpaired)
+
+
 class KTOCollator:
     """KTO batches: each example a packed document ``prompt + its answer + the previous example's answer``
     (PackedPairCollator's chosen / rejected slots), with ``label`` and ``pair`` per example."""
@@ -291,6 +315,11 @@ def _load_reference(sft_model: str, config: KTOConfig) -> Any | None:
     return reference.eval()
 
 
+def _data_hashes(**paths: str | None) -> dict[str, str]:
+    """The lineage's data: each given input's hash."""
+    return {name: storage.sha256_of(path) for name, path in paths.items() if path is not None}
+
+
 def train_kto(
     sft_model: str,
     train_data: str,
@@ -302,6 +331,7 @@ def train_kto(
     sft_model_uri: str | None = None,
     model_uri: str | None = None,
     snapshot_dir: str | None = None,
+    unpaired_data: str | None = None,
 ) -> dict[str, float]:
     """Train a KTO policy from the SFT model and save it as a model artifact.
 
@@ -316,6 +346,7 @@ def train_kto(
         sft_model_uri: The SFT artifact's URI for the lineage and the adapter's base (defaults to ``sft_model``).
         model_uri: Where ``model_dir`` will be published (recorded in the lineage chain).
         snapshot_dir: Where to keep ``config.num_checkpoints`` intermediate policies; None keeps none.
+        unpaired_data: Unpaired examples (the import's thumbs and ratings), merged by :func:`merge_unpaired`.
 
     Returns:
         Metrics: ``first_step_loss`` (half the mean example weight), ``train_loss`` (mean over the last epoch),
@@ -328,7 +359,7 @@ def train_kto(
     engine = Engine("kto", config)
     accelerator = engine.accelerator
     tokenizer = modeling.load_tokenizer(sft_model, trust_remote_code=config.trust_remote_code)
-    train_features = load_kto_features(train_data, tokenizer, config.max_length)
+    train_features = _train_features(train_data, unpaired_data, tokenizer, config.max_length)
     eval_features = load_kto_features(eval_data, tokenizer, config.max_length)
     counts = balance(train_features, config)
     model = ready_for_training(modeling.prepare_for_training(sft_model, **lora_options(config)), config)
@@ -359,11 +390,10 @@ def train_kto(
     run = fit(engine, trainer, model=model, optimizer=optimizer, loader=train_loader, generator=generator)
 
     metrics = _metrics(engine, run, trainer.state, counts)
-    data = {"train_data": storage.sha256_of(train_data), "eval_data": storage.sha256_of(eval_data)}
     engine.save(
         model,
         run,
-        data=data,
+        data=_data_hashes(train_data=train_data, eval_data=eval_data, unpaired_data=unpaired_data),
         metrics=metrics,
         report=lambda: _report(metrics, run.history, config, train_features, counts[2]),
     )
