@@ -8,7 +8,7 @@ from typing import Any
 
 from kfp import dsl
 
-from preftune.components import dpo_op, ppo_op, reward_model_op
+from preftune.components import dpo_op, grpo_op, kto_op, online_dpo_op, ppo_op, reward_model_op
 from preftune.pipelines.cluster import training_step
 
 
@@ -23,15 +23,18 @@ def dpo_step(sft: dsl.PipelineTask, pairs: dsl.PipelineTask, **settings: Any) ->
     return training_step(task.set_display_name("DPO"))
 
 
-def reward_model_step(sft: dsl.PipelineTask, pairs: dsl.PipelineTask, **settings: Any) -> dsl.PipelineTask:
-    """A reward model initialised from the SFT model, trained on the train pairs."""
+def reward_model_step(
+    sft: dsl.PipelineTask, pairs: dsl.PipelineTask, display_name: str = "Reward model", **settings: Any
+) -> dsl.PipelineTask:
+    """A reward model initialised from the SFT model, trained on the train pairs (or the share of them its
+    ``pair_subset`` setting picks: the policy's reward model, or the held-out judge)."""
     task = reward_model_op(
         sft_model=sft.outputs["model"],
         train_pairs=pairs.outputs["train_pairs"],
         eval_pairs=pairs.outputs["eval_pairs"],
         **settings,
     )
-    return training_step(task.set_display_name("Reward model"))
+    return training_step(task.set_display_name(display_name))
 
 
 def ppo_step(
@@ -45,3 +48,45 @@ def ppo_step(
         **settings,
     )
     return training_step(task.set_display_name("PPO"))
+
+
+def grpo_step(
+    sft: dsl.PipelineTask, reward: dsl.PipelineTask, pairs: dsl.PipelineTask, **settings: Any
+) -> dsl.PipelineTask:
+    """GRPO, Dr. GRPO or RLOO (``estimator``) from the SFT model against the reward model, on the train prompts."""
+    task = grpo_op(
+        sft_model=sft.outputs["model"],
+        reward_model=reward.outputs["model"],
+        prompts=pairs.outputs["train_pairs"],
+        **settings,
+    )
+    name = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO"}.get(
+        settings.get("estimator", "grpo"), "GRPO"
+    )
+    return training_step(task.set_display_name(name))
+
+
+def kto_step(sft: dsl.PipelineTask, pairs: dsl.PipelineTask, **settings: Any) -> dsl.PipelineTask:
+    """KTO against the SFT model on the import's unpaired thumbs and ratings (and the pairs of the other
+    prompts), scored on the held-out pairs."""
+    task = kto_op(
+        sft_model=sft.outputs["model"],
+        train_pairs=pairs.outputs["train_pairs"],
+        eval_pairs=pairs.outputs["eval_pairs"],
+        train_unpaired=pairs.outputs["train_unpaired"],
+        **settings,
+    )
+    return training_step(task.set_display_name("KTO"))
+
+
+def online_dpo_step(
+    sft: dsl.PipelineTask, reward: dsl.PipelineTask, pairs: dsl.PipelineTask, **settings: Any
+) -> dsl.PipelineTask:
+    """Online DPO from the SFT model, the reward model ranking its answers to the train prompts each round."""
+    task = online_dpo_op(
+        sft_model=sft.outputs["model"],
+        reward_model=reward.outputs["model"],
+        prompts=pairs.outputs["train_pairs"],
+        **settings,
+    )
+    return training_step(task.set_display_name("Online DPO"))

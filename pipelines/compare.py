@@ -36,23 +36,23 @@ def compare_pipeline(
     sft_learning_rate: float = 2e-3,
     sft_batch_size: int = 16,
     sft_max_steps: int = -1,
-    dpo_epochs: int = 1,
+    dpo_epochs: int = 3,
     dpo_learning_rate: float = 2e-4,
     dpo_batch_size: int = 16,
     dpo_beta: float = 0.1,
     dpo_loss: str = "sigmoid",
     dpo_max_steps: int = -1,
     reward_objective: str = "pairwise",
-    reward_epochs: int = 1,
+    reward_epochs: int = 4,
     reward_learning_rate: float = 1e-3,
     reward_max_steps: int = -1,
-    ppo_iterations: int = 16,
+    ppo_iterations: int = -1,
     ppo_rollout_batch_size: int = 32,
     ppo_learning_rate: float = 1e-3,
     ppo_max_new_tokens: int = 32,
     ppo_kl_coef: float = 0.05,
-    ppo_max_kl: float = 20.0,
-    num_checkpoints: int = 4,
+    ppo_max_kl: float = 8.0,
+    num_checkpoints: int = -1,
     eval_max_new_tokens: int = 48,
     eval_max_prompts: int = 64,
     judge_model: str = "",
@@ -61,6 +61,7 @@ def compare_pipeline(
     distributed_strategy: str = "ddp",
     keep_checkpoints: bool = False,
     precision: str = "auto",
+    report_to: str = "none",
     attn_implementation: str = "auto",
     checkpoint_every: int = 50,
     seed: int = 0,
@@ -85,7 +86,8 @@ def compare_pipeline(
         sft_batch_size: SFT examples per batch, summed over all worker processes (one batch per optimisation
             step).
         sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
-        dpo_epochs: DPO passes over the training pairs.
+        dpo_epochs: Most DPO passes over the training pairs; early stopping on held-out accuracy usually ends
+            sooner.
         dpo_learning_rate: DPO peak learning rate.
         dpo_batch_size: DPO pairs per batch, summed over all worker processes (one batch per optimisation
             step).
@@ -93,16 +95,19 @@ def compare_pipeline(
         dpo_loss: DPO loss type: sigmoid, ipo or hinge.
         dpo_max_steps: Stop DPO after this many steps (-1 = all epochs).
         reward_objective: pairwise (Bradley-Terry on preferences) or regression (on normalised rating scores).
-        reward_epochs: Reward model passes over the training pairs.
+        reward_epochs: Most reward model passes over the training pairs; early stopping on held-out accuracy
+            usually ends sooner, keeping the best evaluation's weights.
         reward_learning_rate: Reward model peak learning rate.
         reward_max_steps: Stop reward model training after this many steps (-1 = all epochs).
-        ppo_iterations: PPO rounds of rollouts and updates.
+        ppo_iterations: PPO rounds of rollouts and updates (-1 = one pass over the prompts, 8 to 64).
         ppo_rollout_batch_size: Prompts sampled per PPO iteration.
         ppo_learning_rate: Policy and critic learning rate.
         ppo_max_new_tokens: Most tokens per sampled response during PPO.
         ppo_kl_coef: KL penalty per token against the SFT model.
-        ppo_max_kl: KL bound per response: PPO stops, keeping the last good policy, when rollouts pass it.
-        num_checkpoints: Intermediate policies of each method scored for the reward-vs-KL chart.
+        ppo_max_kl: KL bound per response, below gate_max_kl: PPO stops, keeping the last good policy, when
+            rollouts pass it.
+        num_checkpoints: Intermediate policies of each method kept, scored for the reward-vs-KL chart and
+            eligible as the promoted candidate (-1 = 8 with LoRA, 3 with full weights).
         eval_max_new_tokens: Longest generated response in evaluation, in tokens.
         eval_max_prompts: Evaluate at most this many held-out prompts.
         judge_model: Reward model URI judging both methods; empty = the RLHF branch's reward model (which
@@ -114,6 +119,9 @@ def compare_pipeline(
             succeeds; by default they are deleted then, since only a retried step needs them.
         precision: Compute precision of every training and evaluation step: auto (bf16 on GPUs that support it,
             else fp32), fp32, bf16 or fp16. Trainable weights are fp32 whatever the checkpoint's dtype.
+        report_to: Live tracking of every training and evaluation step: none, mlflow (the server named by
+            MLFLOW_TRACKING_URI; on a cluster from the preftune-mlflow Secret) or tensorboard (event files under
+            each model output's tensorboard/ folder).
         attn_implementation: Attention kernel of every training and evaluation step: auto (the model's
             default), eager, sdpa, flash_attention_2 or flex_attention; a combination that cannot be masked
             correctly is refused before training.
@@ -126,9 +134,10 @@ def compare_pipeline(
         "distributed_strategy": distributed_strategy,
         "keep_checkpoints": keep_checkpoints,
         "precision": precision,
+        "report_to": report_to,
         "attn_implementation": attn_implementation,
     }
-    compute = {"precision": precision, "attn_implementation": attn_implementation}
+    compute = {"precision": precision, "attn_implementation": attn_implementation, "report_to": report_to}
     sft_rows = ingest_data(sft_data, eval_fraction, seed)
     sft = supervised_fine_tuning(
         base_model,

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from preftune.pipelines.alignment import dpo_step
+from preftune.pipelines.alignment import dpo_step, kto_step, online_dpo_step, reward_model_step
 from preftune.pipelines.data import import_pairs, ingest_data
 from preftune.pipelines.promotion import evaluate_and_promote
 from preftune.pipelines.sft_stage import supervised_fine_tuning
@@ -33,14 +33,26 @@ def dpo_pipeline(
     sft_learning_rate: float = 2e-3,
     sft_batch_size: int = 16,
     sft_max_steps: int = -1,
-    dpo_epochs: int = 1,
+    dpo_epochs: int = 3,
     dpo_learning_rate: float = 2e-4,
     dpo_batch_size: int = 16,
     dpo_beta: float = 0.1,
     dpo_loss: str = "sigmoid",
     dpo_label_smoothing: float = 0.0,
     dpo_max_steps: int = -1,
-    num_checkpoints: int = 4,
+    dpo_method: str = "dpo",
+    kto_epochs: int = 1,
+    kto_desirable_weight: float = 1.0,
+    kto_undesirable_weight: float = 1.0,
+    online_dpo_rounds: int = 8,
+    online_dpo_num_generations: int = 4,
+    online_dpo_learning_rate: float = 5e-4,
+    online_dpo_max_new_tokens: int = 32,
+    online_dpo_max_kl: float = 8.0,
+    reward_epochs: int = 4,
+    reward_learning_rate: float = 1e-3,
+    reward_max_steps: int = -1,
+    num_checkpoints: int = -1,
     eval_max_new_tokens: int = 48,
     eval_max_prompts: int = 64,
     judge_model: str = "",
@@ -55,6 +67,7 @@ def dpo_pipeline(
     distributed_strategy: str = "ddp",
     keep_checkpoints: bool = False,
     precision: str = "auto",
+    report_to: str = "none",
     attn_implementation: str = "auto",
     checkpoint_every: int = 50,
     seed: int = 0,
@@ -79,7 +92,8 @@ def dpo_pipeline(
         sft_batch_size: SFT examples per batch, summed over all worker processes (one batch per optimisation
             step).
         sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
-        dpo_epochs: DPO passes over the training pairs.
+        dpo_epochs: Most DPO passes over the training pairs; early stopping on held-out accuracy usually ends
+            sooner.
         dpo_learning_rate: DPO peak learning rate.
         dpo_batch_size: DPO pairs per batch, summed over all worker processes (one batch per optimisation
             step).
@@ -87,7 +101,24 @@ def dpo_pipeline(
         dpo_loss: DPO loss type: sigmoid, ipo or hinge.
         dpo_label_smoothing: Assumed share of flipped preference labels (conservative DPO; sigmoid loss only).
         dpo_max_steps: Stop DPO after this many steps (-1 = all epochs).
-        num_checkpoints: Intermediate DPO policies kept and scored by evaluation (reward-vs-KL chart).
+        dpo_method: The policy step: dpo (offline, on the imported pairs; the default), kto (on the import's
+            unpaired thumbs and ratings, and the pairs of the other prompts; with dpo_beta, dpo_learning_rate,
+            dpo_batch_size and dpo_max_steps) or online_dpo (a reward model trained on the pairs ranks the
+            policy's own answers into pairs each round; with dpo_beta and dpo_loss).
+        kto_epochs: KTO passes over the training examples.
+        kto_desirable_weight: KTO weight of the desirable examples' loss (lambda_D).
+        kto_undesirable_weight: KTO weight of the undesirable examples' loss (lambda_U).
+        online_dpo_rounds: Online DPO sample, rank and train rounds.
+        online_dpo_num_generations: Online DPO answers sampled per prompt; the best and worst make its pair.
+        online_dpo_learning_rate: Online DPO policy learning rate.
+        online_dpo_max_new_tokens: Most tokens per sampled answer during online DPO.
+        online_dpo_max_kl: Online DPO KL bound per answer, below gate_max_kl: training stops, keeping the last
+            good policy, when the samples pass it (0 = never).
+        reward_epochs: Most passes of online DPO's reward model (its judge) over the training pairs.
+        reward_learning_rate: Peak learning rate of online DPO's reward model.
+        reward_max_steps: Stop online DPO's reward model training after this many steps (-1 = all epochs).
+        num_checkpoints: Intermediate DPO policies kept, scored by evaluation (reward-vs-KL chart) and eligible
+            as the promoted candidate (-1 = 8 with LoRA, 3 with full weights).
         eval_max_new_tokens: Longest generated response in evaluation, in tokens.
         eval_max_prompts: Evaluate at most this many held-out prompts.
         judge_model: Optional reward model URI (s3://, local directory or hub id) that judges the policy against
@@ -107,6 +138,9 @@ def dpo_pipeline(
             succeeds; by default they are deleted then, since only a retried step needs them.
         precision: Compute precision of every training and evaluation step: auto (bf16 on GPUs that support it,
             else fp32), fp32, bf16 or fp16. Trainable weights are fp32 whatever the checkpoint's dtype.
+        report_to: Live tracking of every training and evaluation step: none, mlflow (the server named by
+            MLFLOW_TRACKING_URI; on a cluster from the preftune-mlflow Secret) or tensorboard (event files under
+            each model output's tensorboard/ folder).
         attn_implementation: Attention kernel of every training and evaluation step: auto (the model's
             default), eager, sdpa, flash_attention_2 or flex_attention; a combination that cannot be masked
             correctly is refused before training.
@@ -120,9 +154,10 @@ def dpo_pipeline(
         "distributed_strategy": distributed_strategy,
         "keep_checkpoints": keep_checkpoints,
         "precision": precision,
+        "report_to": report_to,
         "attn_implementation": attn_implementation,
     }
-    compute = {"precision": precision, "attn_implementation": attn_implementation}
+    compute = {"precision": precision, "attn_implementation": attn_implementation, "report_to": report_to}
     sft_rows = ingest_data(sft_data, eval_fraction, seed)
 
     sft = supervised_fine_tuning(
@@ -144,42 +179,93 @@ def dpo_pipeline(
         preference_data, eval_fraction, seed, preference_format, since, max_rejected_fraction
     )
 
-    policy = dpo_step(
-        sft,
-        pairs,
-        beta=dpo_beta,
-        loss_type=dpo_loss,
-        label_smoothing=dpo_label_smoothing,
-        epochs=dpo_epochs,
-        learning_rate=dpo_learning_rate,
-        batch_size=dpo_batch_size,
-        max_length=max_length,
-        use_lora=use_lora,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        seed=seed,
-        max_steps=dpo_max_steps,
-        num_checkpoints=num_checkpoints,
-        checkpoint_every=checkpoint_every,
-        **scale,
-    )
-
-    evaluate_and_promote(
-        policy,
-        sft,
-        pairs,
-        eval_prompts=eval_prompts,
-        registry_uri=registry_uri,
-        model_name=model_name,
-        max_new_tokens=eval_max_new_tokens,
-        max_prompts=eval_max_prompts,
-        seed=seed,
-        min_win_rate_vs_champion=gate_min_win_rate_vs_champion,
-        max_kl=gate_max_kl,
-        min_diversity_ratio=gate_min_diversity_ratio,
-        length_controlled=gate_length_controlled,
-        max_length=max_length,
+    lora = {"use_lora": use_lora, "lora_r": lora_r, "lora_alpha": lora_alpha}
+    # the evaluate / gate / promote tail runs in the branch that trained the policy (kfp.local passes no
+    # artifact through dsl.OneOf yet)
+    tail = {
+        "eval_prompts": eval_prompts,
+        "registry_uri": registry_uri,
+        "model_name": model_name,
+        "max_new_tokens": eval_max_new_tokens,
+        "max_prompts": eval_max_prompts,
+        "seed": seed,
+        "min_win_rate_vs_champion": gate_min_win_rate_vs_champion,
+        "max_kl": gate_max_kl,
+        "min_diversity_ratio": gate_min_diversity_ratio,
+        "length_controlled": gate_length_controlled,
+        "max_length": max_length,
         **compute,
-        judge_uri=judge_model,
-        beta=dpo_beta,
-    )
+        "judge_uri": judge_model,
+        "beta": dpo_beta,
+    }
+    with dsl.If(dpo_method == "dpo", name="dpo"):
+        offline = dpo_step(
+            sft,
+            pairs,
+            beta=dpo_beta,
+            loss_type=dpo_loss,
+            label_smoothing=dpo_label_smoothing,
+            epochs=dpo_epochs,
+            learning_rate=dpo_learning_rate,
+            batch_size=dpo_batch_size,
+            max_length=max_length,
+            use_lora=use_lora,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            seed=seed,
+            max_steps=dpo_max_steps,
+            num_checkpoints=num_checkpoints,
+            checkpoint_every=checkpoint_every,
+            **scale,
+        )
+        evaluate_and_promote(offline, sft, pairs, **tail)
+    with dsl.Elif(dpo_method == "kto", name="kto"):
+        kto = kto_step(
+            sft,
+            pairs,
+            beta=dpo_beta,
+            desirable_weight=kto_desirable_weight,
+            undesirable_weight=kto_undesirable_weight,
+            epochs=kto_epochs,
+            learning_rate=dpo_learning_rate,
+            batch_size=dpo_batch_size,
+            max_length=max_length,
+            seed=seed,
+            max_steps=dpo_max_steps,
+            num_checkpoints=num_checkpoints,
+            checkpoint_every=checkpoint_every,
+            **lora,
+            **scale,
+        )
+        evaluate_and_promote(kto, sft, pairs, **tail)
+    with dsl.Elif(dpo_method == "online_dpo", name="online-dpo"):
+        judge = reward_model_step(
+            sft,
+            pairs,
+            display_name="Online DPO judge",
+            epochs=reward_epochs,
+            learning_rate=reward_learning_rate,
+            max_steps=reward_max_steps,
+            max_length=max_length,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            **lora,
+            **scale,
+        )
+        online = online_dpo_step(
+            sft,
+            judge,
+            pairs,
+            rounds=online_dpo_rounds,
+            num_generations=online_dpo_num_generations,
+            learning_rate=online_dpo_learning_rate,
+            beta=dpo_beta,
+            loss_type=dpo_loss,
+            max_new_tokens=online_dpo_max_new_tokens,
+            kl_blowup=online_dpo_max_kl,
+            seed=seed,
+            num_checkpoints=num_checkpoints,
+            **lora,
+            **scale,
+        )
+        evaluate_and_promote(online, sft, pairs, **tail)

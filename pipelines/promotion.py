@@ -16,14 +16,18 @@ def evaluate_policy(
     *,
     judge: dsl.PipelineTask | None = None,
     judge_uri: str | None = None,
+    heldout_judge: dsl.PipelineTask | None = None,
     **settings: Any,
 ) -> dsl.PipelineTask:
     """The evaluate step of a trained policy against its SFT model, on the held-out pairs, with its training
-    snapshots; ``judge`` is a reward model step of the pipeline, ``judge_uri`` one given by URI (which wins when
-    set); ``settings`` are the evaluate component's other parameters."""
+    snapshots to choose from; ``judge`` is a reward model step of the pipeline, ``judge_uri`` one given by URI
+    (which wins when set); ``heldout_judge`` a reward model step trained on prompts the judge never saw;
+    ``settings`` are the evaluate component's other parameters."""
     judged: dict[str, Any] = {} if judge is None else {"judge": judge.outputs["model"]}
     if judge_uri is not None:
         judged["judge_uri"] = judge_uri
+    if heldout_judge is not None:
+        judged["heldout_judge"] = heldout_judge.outputs["model"]
     evaluation = evaluate_op(
         candidate=policy.outputs["model"],
         reference=sft.outputs["model"],
@@ -50,18 +54,24 @@ def evaluate_and_promote(
     max_kl: float,
     min_diversity_ratio: float,
     length_controlled: bool,
+    min_judge_confirmation: float = 0.5,
     judge: dsl.PipelineTask | None = None,
     judge_uri: str = "",
+    heldout_judge: dsl.PipelineTask | None = None,
+    heldout_judge_uri: str = "",
     beta: float = 0.1,
     max_length: int = 256,
     precision: str = "auto",
     attn_implementation: str = "auto",
+    report_to: str = "none",
 ) -> None:
     """Evaluate the policy, decide by the gate, and publish it to the registry only when the gate passes.
 
-    With an empty ``registry_uri`` there is no champion and nothing is published; the gate still reports
-    whether the candidate would have passed. ``max_length`` truncates the held-out pairs as training did;
-    ``precision`` and ``attn_implementation`` are those of the training steps.
+    The evaluate step chooses the candidate among the final policy and the training snapshots, inside the
+    gate's own bounds; the gate judges that one and promote publishes it (the step's ``selected`` model). With
+    an empty ``registry_uri`` there is no champion and nothing is published; the gate still reports whether the
+    candidate would have passed. ``max_length`` truncates the held-out pairs as training did;
+    ``precision``, ``attn_implementation`` and ``report_to`` are those of the training steps.
     """
     current = data_step(
         champion_op(registry_uri=registry_uri, model_name=model_name).set_display_name("Current champion")
@@ -74,6 +84,8 @@ def evaluate_and_promote(
         "Evaluate against SFT and champion",
         judge=judge,
         judge_uri=None if judge is not None else judge_uri,
+        heldout_judge=heldout_judge,
+        heldout_judge_uri=heldout_judge_uri,
         eval_prompts=eval_prompts,
         champion_uri=current.output,
         max_new_tokens=max_new_tokens,
@@ -83,6 +95,10 @@ def evaluate_and_promote(
         max_length=max_length,
         precision=precision,
         attn_implementation=attn_implementation,
+        report_to=report_to,
+        max_kl=max_kl,
+        min_diversity_ratio=min_diversity_ratio,
+        min_judge_confirmation=min_judge_confirmation,
     )
 
     verdict = data_step(
@@ -92,13 +108,14 @@ def evaluate_and_promote(
             min_win_rate_vs_champion=min_win_rate_vs_champion,
             max_kl=max_kl,
             min_diversity_ratio=min_diversity_ratio,
+            min_judge_confirmation=min_judge_confirmation,
             length_controlled=length_controlled,
         ).set_display_name("Promotion gate")
     )
     passed = dsl.If(verdict.outputs["Output"] == True, name="gate-passed")  # noqa: E712 - a KFP condition
     with passed, dsl.If(registry_uri != "", name="registry-set"):
         publish = promote_op(
-            candidate=policy.outputs["model"],
+            candidate=evaluation.outputs["selected"],
             registry_uri=registry_uri,
             model_name=model_name,
             decision=verdict.outputs["decision"],

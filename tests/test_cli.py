@@ -124,7 +124,8 @@ def test_bad_values_get_clear_messages(item: str, expected: str) -> None:
     [
         (
             "dpo_loss=kto",
-            "parameter 'dpo_loss': DPOConfig.loss_type must be one of sigmoid, ipo, hinge, got 'kto'",
+            # dpo_loss feeds DPO and online DPO alike; KTO is dpo_method=kto, not a loss
+            r"parameter 'dpo_loss': (Online)?DPOConfig.loss_type must be one of sigmoid, ipo, hinge, got 'kto'",
         ),
         ("dpo_beta=0", r"parameter 'dpo_beta': \w+Config.beta must be > 0, got 0.0"),
         (
@@ -172,8 +173,12 @@ def test_default_paths_resolve_to_the_bundled_examples() -> None:
     ("item", "expected"),
     [
         ("dpo_beta=nan", r"parameter 'dpo_beta': \w+Config.beta must be a finite number"),
-        ("dpo_learning_rate=inf", "DPOConfig.learning_rate must be a finite number"),
-        ("gate_max_kl=nan", "GateConfig.max_kl must be a finite number"),
+        (
+            "dpo_learning_rate=inf",
+            r"parameter 'dpo_learning_rate': (DPO|KTO)Config.learning_rate must be a finite",
+        ),
+        # gate_max_kl sets the evaluation's selection bound and the gate's check; the first refusal is named
+        ("gate_max_kl=nan", r"parameter 'gate_max_kl': (Eval|Gate)Config.max_kl must be a finite number"),
         ("sft_learning_rate=nan", "SFTConfig.learning_rate must be a finite number"),
         ("seed=-1", "parameter 'seed': .*must be >= 0, got -1"),
         ("seed=99999999999999999999", "beyond what a pipeline carries exactly"),

@@ -61,9 +61,11 @@ def test_dpo_starts_at_ln2_and_learns_the_preference(
     assert set(metrics) == {
         "first_step_loss", "train_loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin",
         "eval_chosen_reward", "eval_rejected_reward", "steps", "train_pairs", "train_seconds",
-        "resumed_from_step", "stage_seconds", "peak_memory_mb", "train_tokens",
+        "resumed_from_step", "stage_seconds", "peak_memory_mb", "train_tokens", "best_step", "stopped_early",
     }  # fmt: skip
     assert metrics["resumed_from_step"] == 0
+    # the weights kept are those of the earliest best held-out evaluation, one of the four epoch ends
+    assert metrics["best_step"] in (3, 6, 9, 12) and metrics["stopped_early"] in (0, 1)
     # Step 0: policy == reference (dropout off), so h = 0 and the sigmoid loss is -log sigmoid(0) = ln 2.
     assert metrics["first_step_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert metrics["steps"] == 12  # 12 pairs / batch 4 = 3 steps x 4 epochs

@@ -150,8 +150,14 @@ def test_perturbed_candidate_has_positive_finite_kl(tmp_path: Path, tiny, data) 
         "chosen_perplexity_reference",
         "diversity_ratio_vs_reference",
         "frontier_points",
+        "selection_points",
+        "selection_in_bounds",
+        "selected_step",
+        "selected_final",
     }
     assert set(metrics) == expected
+    # no snapshots: the final policy is the candidate, and without a judge there is no frontier to draw
+    assert (metrics["selection_points"], metrics["selected_final"], metrics["frontier_points"]) == (1, 1, 0)
     assert metrics["diversity_ratio_vs_reference"] == pytest.approx(
         metrics["distinct_2_candidate"] / metrics["distinct_2_reference"]
     )
@@ -173,7 +179,9 @@ def test_generations_file_and_report(tmp_path: Path, tiny, data) -> None:
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert html.startswith("<!DOCTYPE html>")
     assert "<table" in html and "kl_candidate_reference" in html and "implicit_reward_accuracy" in html
-    assert html.count("data:image/png;base64,") == 3  # distinct-n, length and reward-vs-KL charts
+    assert (
+        html.count("data:image/png;base64,") == 2
+    )  # distinct-n and length (no snapshots, no judge: no frontier)
     assert "judge" not in html.split("How the metrics are computed")[0]  # no judge, no judge section
 
 
@@ -536,3 +544,56 @@ def test_held_out_pairs_are_truncated_at_max_length_as_dpo_training_does(tmp_pat
     features = [tokenize_pair(tok, messages, chosen, rejected, 10) for messages, chosen, rejected in pairs]
     expected = [(f["prompt_ids"], f[k]) for f in features for k in ("chosen_ids", "rejected_ids")]
     assert scorer.items == expected
+
+
+def test_selection_picks_a_snapshot_inside_the_bounds_when_the_final_policy_is_outside_them(
+    tmp_path: Path, tiny, data, snapshots: str
+) -> None:
+    """The whole path: every policy of the run measured, the bound put between the first snapshot's KL and the
+    final policy's, and the evaluation's candidate (metrics and the ``selected`` copy) is a snapshot inside it."""
+    import dataclasses
+
+    from preftune.eval.gate import decide
+    from preftune.train.snapshots import read_index
+
+    def run(name: str, config: EvalConfig) -> tuple[dict[str, float], list[dict]]:
+        root = tmp_path / name
+        metrics = _run(
+            root,
+            tiny,
+            data,
+            "candidate",
+            config=config,
+            checkpoints=snapshots,
+            frontier_path=str(root / "frontier.jsonl"),
+            selected_path=str(root / "selected"),
+        )
+        lines = (root / "frontier.jsonl").read_text(encoding="utf-8").splitlines()
+        return metrics, [json.loads(x) for x in lines]
+
+    unbounded = dataclasses.replace(FAST, max_kl=-1.0, min_diversity_ratio=-1.0)
+    _, points = run("unbounded", unbounded)
+    kl = {p["label"]: p["kl"] for p in points}
+    assert kl["step 1"] < kl["final"], kl  # a quarter of the way to the candidate drifts less than all of it
+    bound = (kl["step 1"] + kl["final"]) / 2
+    metrics, points = run("bounded", dataclasses.replace(unbounded, max_kl=bound))
+
+    by_label = {p["label"]: p for p in points}
+    assert (
+        by_label["final"]["in_bounds"] is False and "kl_candidate_reference" in by_label["final"]["why_not"]
+    )
+    (chosen,) = [p for p in points if p.get("chosen")]
+    assert chosen["label"] in ("step 1", "step 3") and chosen["in_bounds"] and chosen["kl"] <= bound
+    assert metrics["selected_final"] == 0 and metrics["selected_step"] == chosen["step"]
+    assert metrics["kl_candidate_reference"] == pytest.approx(chosen["kl"])
+    assert metrics["selection_points"] == 3 and metrics["selection_in_bounds"] >= 1
+    # the selected artifact is the chosen snapshot's weights, and the gate passes it on the bound
+    (snap,) = [s for s in read_index(snapshots) if s["step"] == chosen["step"]]
+    selected = tmp_path / "bounded" / "selected" / "model.safetensors"
+    assert selected.read_bytes() == (Path(snap["path"]) / "model.safetensors").read_bytes()
+    decision = decide(metrics, min_win_rate_vs_champion=-1, max_kl=bound, min_diversity_ratio=-1)
+    assert decision["promote"] is True
+    assert (
+        "step"
+        in (tmp_path / "bounded" / "report.html").read_text(encoding="utf-8").split("Model selection")[1]
+    )

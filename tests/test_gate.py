@@ -19,6 +19,7 @@ THRESHOLDS = {
     "min_win_rate_vs_champion": 0.5,
     "max_kl": 5.0,
     "min_diversity_ratio": 0.8,
+    "min_judge_confirmation": 0.5,
     "length_controlled": False,
 }
 GOOD = {
@@ -40,11 +41,13 @@ def test_everything_within_thresholds_promotes() -> None:
         "win_rate_vs_champion",
         "kl_candidate_reference",
         "diversity_ratio",
+        "judge_confirmation",
     ]
     assert all(c["passed"] for c in decision["checks"])
     assert _check(decision, "diversity_ratio")["value"] == pytest.approx(0.9)
     assert _check(decision, "kl_candidate_reference")["threshold"] == 5.0
-    assert len(decision["reasons"]) == 3
+    assert "no held-out judge" in _check(decision, "judge_confirmation")["reason"]
+    assert len(decision["reasons"]) == 4
     json.dumps(decision)
 
 
@@ -60,6 +63,25 @@ def test_each_threshold_blocks_on_its_own(change: dict, failing: str) -> None:
     decision = decide({**GOOD, **change}, **THRESHOLDS)
     assert decision["promote"] is False
     assert [c["name"] for c in decision["checks"] if not c["passed"]] == [failing]
+
+
+def test_the_gate_refuses_a_reward_hacked_candidate() -> None:
+    """Training reward model up, held-out judge flat: the gain is not confirmed, so no promotion -- even though
+    KL, diversity and the win rate all pass."""
+    hacked = {**GOOD, "judge_reward_gain": 1.2, "heldout_reward_gain": 0.02}
+    decision = decide(hacked, **THRESHOLDS)
+    assert decision["promote"] is False
+    check = _check(decision, "judge_confirmation")
+    assert check["value"] == pytest.approx(0.02 / 1.2) and not check["passed"]
+    assert "possible reward hacking" in check["reason"]
+    assert [c["name"] for c in decision["checks"] if not c["passed"]] == ["judge_confirmation"]
+    # the same gain confirmed by the held-out judge (0.7 / 1.2 >= 0.5) promotes
+    assert decide({**hacked, "heldout_reward_gain": 0.7}, **THRESHOLDS)["promote"] is True
+    # a judge gain too small to matter is nothing to confirm; a negative threshold turns the check off
+    assert decide({**hacked, "judge_reward_gain": 0.05}, **THRESHOLDS)["promote"] is True
+    assert decide(hacked, **{**THRESHOLDS, "min_judge_confirmation": -1})["promote"] is True
+    # a broken held-out measurement fails rather than passes
+    assert decide({**hacked, "heldout_reward_gain": math.nan}, **THRESHOLDS)["promote"] is False
 
 
 def test_boundaries_are_inclusive() -> None:

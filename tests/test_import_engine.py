@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -261,28 +262,61 @@ class _Judge:
 
 
 class _Pairs:
+    def __init__(self) -> None:
+        self.calls = 0
+
     def score(self, policy: Any) -> dict[str, float]:
-        raise AssertionError("known values must not be measured again")
+        self.calls += 1
+        return {"implicit_reward_accuracy": 0.75}
+
+
+@dataclass
+class _Probe(FrontierProbe):
+    """A probe whose sampling and KL estimate are counted instead of run on a model."""
+
+    samples = Generations(
+        prompt_ids=[[1], [2]], response_ids=[[3], [4]], texts=["a b", "a b c"], lengths=[2, 4]
+    )
+
+    generated: list[tuple[str, bool]] = field(default_factory=list)
+
+    def generate(self, policy: Any, label: str, raw: bool = False) -> Generations:
+        self.generated.append((label, raw))
+        return self.samples
+
+    def _kl(self, policy: Any, samples: Generations) -> tuple[float, float]:
+        assert samples is self.samples
+        return 0.5, 0.25
 
 
 def test_frontier_probe_reuses_what_is_known() -> None:
-    samples = Generations(
-        prompt_ids=[[1], [2]], response_ids=[[3], [4]], texts=["ab", "abcd"], lengths=[2, 4]
-    )
+    """Display responses already drawn are not drawn again; they double as the KL samples when the display
+    settings already are temperature 1 and top-p 1; each judge scores a point once; the reference is the
+    baseline of every later point's gains and diversity ratio."""
     sampling = {"temperature": 0.7, "top_p": 0.9, "batch_size": 2}
     assert raw_sampling(sampling) == {"temperature": 1.0, "top_p": 1.0, "batch_size": 2}
     judge = _Judge()
-    probe = FrontierProbe(None, None, [[], []], ["p1", "p2"], sampling, judge=judge, pairs=_Pairs())  # type: ignore[arg-type]
-    reference = probe.point(object(), label="reference", step=0, samples=samples, is_reference=True)
-    assert reference == {
+    probe = _Probe(None, None, [[], []], ["p1", "p2"], sampling, judges={"judge": judge})  # type: ignore[arg-type]
+    reference = probe.measure(object(), label="reference", step=0, display=probe.samples, is_reference=True)
+    assert reference.point == {
         "label": "reference",
         "step": 0,
         "kl": 0.0,
         "kl_per_token": 0.0,
+        "distinct_1": 3 / 5,
+        "distinct_2": 2 / 3,
         "mean_length": 3.0,
-        "reward": 3.0,
+        "reward": 4.0,
     }
-    known = {"kl": 0.5, "kl_per_token": 0.25, "implicit_reward_accuracy": 0.75}
-    final = probe.point(object(), label="final", step=9, samples=samples, known=known)
-    assert (final["kl"], final["kl_per_token"], final["implicit_reward_accuracy"]) == (0.5, 0.25, 0.75)
+    assert probe.generated == [] and probe.baseline is reference
+    final = probe.measure(object(), label="final", step=9, display=probe.samples)
+    assert probe.generated == [("final", True)]  # only the temperature-1 samples of the KL estimate
+    assert (final.point["kl"], final.point["kl_per_token"]) == (0.5, 0.25)
+    assert final.point["diversity_ratio"] == 1.0 and final.point["reward_gain"] == 0.0
     assert judge.calls == 2
+    # at temperature 1 and top-p 1 the display responses are the KL samples: nothing more is drawn
+    pairs = _Pairs()
+    raw = _Probe(None, None, [[], []], ["p1", "p2"], raw_sampling(sampling), pairs=pairs)  # type: ignore[arg-type]
+    raw.measure(object(), label="reference", step=0, display=raw.samples, is_reference=True)
+    point = raw.measure(object(), label="step 3", step=3, display=raw.samples).point
+    assert raw.generated == [] and point["implicit_reward_accuracy"] == 0.75 and pairs.calls == 1

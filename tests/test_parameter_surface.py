@@ -27,10 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Component parameters with a default that are not config fields, and why.
 NOT_CONFIG = {
-    "evaluate": {"judge", "checkpoints", "judge_uri", "champion_uri"},  # what to compare with, not settings
+    "evaluate": {"judge", "heldout_judge", "checkpoints", "judge_uri", "heldout_judge_uri", "champion_uri"},
     "gate": {"champion_uri"},  # the champion step's output
     "ingest": {"source_fingerprint"},  # only a cache key
     "preference_import": {"source_fingerprint"},
+    "grpo": {"reward_model"},  # optional input artifacts (None when not given)
+    "online_dpo": {"reward_model"},
+    "kto": {"train_unpaired"},
 }
 
 
@@ -274,8 +277,9 @@ def test_checkpoint_every_is_refused_below_zero_and_zero_turns_it_off(name: str,
 def test_a_parameter_feeding_several_steps_is_checked_in_each() -> None:
     """dpo_beta sets DPO's beta and the evaluation's: both are built and checked."""
     (dpo_task,) = [b for b in task_bindings(PIPELINES["dpo"]) if b.component == "dpo"]
-    (eval_task,) = [b for b in task_bindings(PIPELINES["dpo"]) if b.component == "evaluate"]
-    assert dpo_task.sources["beta"] == eval_task.sources["beta"] == ("parameter", "dpo_beta")
+    evals = [b for b in task_bindings(PIPELINES["dpo"]) if b.component == "evaluate"]  # one per dpo_method
+    assert len(evals) == 3 and dpo_task.sources["beta"] == ("parameter", "dpo_beta")
+    assert all(e.sources["beta"] == ("parameter", "dpo_beta") for e in evals)
     evaluations = [b for b in task_bindings(PIPELINES["compare"]) if b.component == "evaluate"]
     assert len(evaluations) == 2 and all(
         b.sources["max_prompts"] == ("parameter", "eval_max_prompts") for b in evaluations
@@ -300,7 +304,9 @@ def test_readme_tables_show_each_fields_default_allowed_values_and_help(name: st
 
 
 def test_bindings_follow_conditions_up_to_the_pipeline_parameters_and_keep_constant_types() -> None:
-    (promote,) = [b for b in task_bindings(PIPELINES["dpo"]) if b.component == "promote"]  # inside two dsl.If
+    # inside three dsl.If: the dpo_method branch, the gate's and the registry's
+    promote, *others = [b for b in task_bindings(PIPELINES["dpo"]) if b.component == "promote"]
+    assert len(others) == 2 and all(p.sources == promote.sources for p in others)
     assert promote.sources["registry_uri"] == ("parameter", "registry_uri")
     assert promote.sources["model_name"] == ("parameter", "model_name")
     assert promote.sources["run_id"][0] == "constant"

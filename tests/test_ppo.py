@@ -86,10 +86,14 @@ METRICS = {
 
 def test_ppo_raises_the_reward_and_saves_a_loadable_policy(world: dict[str, str], tmp_path: Path) -> None:
     out, report = tmp_path / "ppo", tmp_path / "ppo.html"
-    metrics = train_ppo(world["sft"], world["reward"], world["prompts"], str(out), str(report), _config())
+    # Both learning rates decay linearly to a tenth over the run (the default schedule), so the peak is 6e-3.
+    # Over 12 iterations the toy task's gain ranged 0.03 to 0.87 across seeds; 20 iterations with PPO-max's score
+    # normalisation (off by default, exercised here) gained 1.1 to 4.0 on seeds 0-3, KL at most 39.
+    config = _config(learning_rate=6e-3, iterations=20, normalize_scores=True)
+    metrics = train_ppo(world["sft"], world["reward"], world["prompts"], str(out), str(report), config)
 
     assert set(metrics) == METRICS
-    assert metrics["iterations"] == 12 and metrics["kl_blowups"] == 0
+    assert metrics["iterations"] == 20 and metrics["kl_blowups"] == 0
     assert metrics["reward_last"] > metrics["reward_first"] + 0.3, metrics
     assert metrics["reward_gain"] == pytest.approx(metrics["reward_last"] - metrics["reward_first"])
     assert math.isfinite(metrics["kl_last"]) and 0 < metrics["kl_max"] < 50

@@ -32,7 +32,7 @@ METRICS = {
     "eval_accuracy", "first_eval_accuracy", "eval_mean_margin", "eval_loss", "first_eval_loss", "train_loss",
     "eval_chosen_reward", "eval_rejected_reward", "eval_reward_mean", "eval_reward_std", "steps",
     "train_pairs", "eval_pairs", "train_seconds", "resumed_from_step",
-    "stage_seconds", "peak_memory_mb", "train_tokens",
+    "stage_seconds", "peak_memory_mb", "train_tokens", "best_step", "stopped_early",
 }  # fmt: skip
 
 
@@ -106,6 +106,8 @@ def test_training_raises_pair_accuracy(trained, sft: str, use_lora: bool) -> Non
     buckets = {f"eval_accuracy_margin_{b}" for b in ("none", "low", "mid", "high")}
     assert set(metrics) == METRICS | buckets
     assert metrics["steps"] == 12  # 16 pairs / batch 4 = 4 steps x 3 epochs
+    # evaluated every 2 steps; the loss keeps falling at accuracy 1.0, so the best is late and nothing stops
+    assert metrics["best_step"] in (2, 4, 6, 8, 10, 12) and metrics["best_step"] > 2
     assert metrics["train_pairs"] == 16 == metrics["eval_pairs"]
     assert metrics["first_eval_accuracy"] < 0.9  # a random head does not know the preference
     assert metrics["eval_accuracy"] == 1.0  # eval = train pairs: it has learnt them

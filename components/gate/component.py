@@ -18,6 +18,7 @@ def gate(
     min_win_rate_vs_champion: float = 0.5,
     max_kl: float = 10.0,
     min_diversity_ratio: float = 0.8,
+    min_judge_confirmation: float = 0.5,
     length_controlled: bool = True,
 ) -> bool:
     """Check the evaluation against the promotion thresholds; the pipeline promotes only when this returns true.
@@ -28,7 +29,7 @@ def gate(
     Args:
         evaluation: Metrics of the evaluate step: kl_candidate_reference, distinct_2_candidate,
             distinct_2_reference and, once a champion exists, win_rate_vs_champion (or its length-controlled
-            lc_win_rate_vs_champion).
+            lc_win_rate_vs_champion); with a held-out judge also judge_reward_gain and heldout_reward_gain.
         champion_uri: URI of the current champion (the champion step's output); when set, win_rate_vs_champion
             is required. Empty means there is no champion yet.
 

@@ -19,7 +19,7 @@ def reward_model(
     report: Output[HTML],
     objective: str = "pairwise",
     use_margin: bool = True,
-    epochs: int = 1,
+    epochs: int = 4,
     learning_rate: float = 1e-3,
     batch_size: int = 16,
     max_length: int = 256,
@@ -32,11 +32,15 @@ def reward_model(
     num_nodes: int = 1,
     distributed_strategy: str = "ddp",
     precision: str = "auto",
+    report_to: str = "none",
     attn_implementation: str = "auto",
     trainjob_runtime: str = "torch-distributed",
     keep_checkpoints: bool = False,
     seed: int = 0,
     max_steps: int = -1,
+    early_stopping_patience: int = 4,
+    pair_subset: str = "all",
+    judge_fraction: float = 0.25,
 ):
     """Train a reward model that scores a response to a prompt with one number, imitating human preferences.
 

@@ -30,6 +30,7 @@ def sft(
     num_nodes: int = 1,
     distributed_strategy: str = "ddp",
     precision: str = "auto",
+    report_to: str = "none",
     attn_implementation: str = "auto",
     trainjob_runtime: str = "torch-distributed",
     keep_checkpoints: bool = False,

@@ -43,7 +43,17 @@ class EvalConfig:
         low=2,
     )
     precision: str = shared.precision()
+    report_to: str = shared.report_to()
     attn_implementation: str = shared.attn_implementation()
+    select_snapshot: bool = param(
+        True,
+        "Choose the candidate among the final policy and the training snapshots: the best held-out judge reward "
+        "(else judge reward, else held-out implicit-reward accuracy) inside max_kl, min_diversity_ratio and "
+        "min_judge_confirmation; the gate and promote then use it. False evaluates the final policy only.",
+    )
+    max_kl: float = shared.max_kl()
+    min_diversity_ratio: float = shared.min_diversity_ratio()
+    min_judge_confirmation: float = shared.min_judge_confirmation()
 
     def __post_init__(self) -> None:
         validate(self)

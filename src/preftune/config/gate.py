@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from preftune.config import shared
 from preftune.config.fields import check, param
 
 
@@ -17,13 +18,9 @@ class GateConfig:
         "half); negative = do not check.",
         high=1,
     )
-    max_kl: float = param(
-        10.0, "Highest acceptable KL(candidate || reference) per response, in nats; negative = do not check."
-    )
-    min_diversity_ratio: float = param(
-        0.8,
-        "Lowest acceptable distinct-2 of the candidate divided by that of the reference; negative = do not check.",
-    )
+    max_kl: float = shared.max_kl()
+    min_diversity_ratio: float = shared.min_diversity_ratio()
+    min_judge_confirmation: float = shared.min_judge_confirmation()
     length_controlled: bool = param(
         True,
         "Check the length-controlled win rate against the champion (lc_win_rate_vs_champion), so a candidate "

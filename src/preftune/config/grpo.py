@@ -222,6 +222,7 @@ class GRPOConfig:
     samples_shown: int = samples_shown()
     seed: int = shared.seed("Seed for initialisation, prompt order and sampling.")
     precision: str = shared.precision()
+    report_to: str = shared.report_to()
     attn_implementation: str = shared.attn_implementation()
     trust_remote_code: bool = shared.trust_remote_code()
     checkpoint_uri: str = shared.checkpoint_uri()

@@ -60,6 +60,7 @@ class KTOConfig:
     )
     disable_dropout: bool = param(True, "Turn off dropout so policy and reference are scored alike.")
     precision: str = shared.precision()
+    report_to: str = shared.report_to()
     attn_implementation: str = shared.attn_implementation()
     gradient_checkpointing: bool = shared.gradient_checkpointing()
     trust_remote_code: bool = shared.trust_remote_code()

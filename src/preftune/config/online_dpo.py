@@ -67,6 +67,7 @@ class OnlineDPOConfig:
     samples_shown: int = grpo.samples_shown()
     seed: int = shared.seed("Seed for initialisation, prompt order, sampling and pair order.")
     precision: str = shared.precision()
+    report_to: str = shared.report_to()
     attn_implementation: str = shared.attn_implementation()
     trust_remote_code: bool = shared.trust_remote_code()
     checkpoint_uri: str = shared.checkpoint_uri()

@@ -8,18 +8,23 @@ from preftune.config import shared
 from preftune.config.fields import check, param
 
 OBJECTIVES: tuple[str, ...] = ("pairwise", "regression")
+PAIR_SUBSETS: tuple[str, ...] = ("all", "policy", "judge")
 
 
 @dataclass
 class RewardConfig:
     """Hyper-parameters of reward-model training.
 
-    The defaults train the bundled tiny model's reward head on the bundled pairs in about a minute on 2 CPU
-    cores. For billion-parameter models lower ``learning_rate`` (LoRA: about 1e-4; full fine-tuning: about
-    1e-5) and keep ``epochs`` at 1: reward models overfit quickly.
+    The defaults train to convergence without training past it: up to ``epochs`` passes, evaluated on the
+    held-out pairs every ``eval_steps`` and at each epoch's end, stopping once ``early_stopping_patience``
+    evaluations in a row brought no better accuracy, and keeping the weights of the best evaluation (ties: the
+    lower loss). Reward models overfit within an epoch or two -- InstructGPT (Ouyang et al. 2022) trains one
+    epoch, "Secrets of RLHF" (Zheng et al. 2023) selects reward models on held-out accuracy -- so the epoch
+    count is a ceiling, not a schedule. On the bundled data this takes a few minutes on 2 CPU cores. For
+    billion-parameter models lower ``learning_rate`` (LoRA: about 1e-4; full fine-tuning: about 1e-5).
     """
 
-    epochs: int = shared.epochs(1, "training pairs")
+    epochs: int = shared.epochs(4, "training pairs; early stopping usually ends sooner")
     learning_rate: float = shared.learning_rate(1e-3)
     objective: str = param(
         "pairwise",
@@ -50,9 +55,32 @@ class RewardConfig:
     max_steps: int = shared.max_steps()
     logging_steps: int = shared.logging_steps()
     eval_steps: int = shared.eval_steps(25)
+    early_stopping_patience: int = param(
+        4,
+        "Stop once this many held-out evaluations in a row brought no better accuracy (0 = never stop early); "
+        "the weights of the best evaluation are kept either way.",
+        low=0,
+    )
+    pair_subset: str = param(
+        "all",
+        "Which training pairs: all; policy (all but the judge_fraction share of prompts, for the reward model "
+        "PPO optimises); judge (only that share, for a held-out judge that checks PPO's gains). The split is by "
+        "prompt and seed, so the two never share a prompt.",
+        choices=PAIR_SUBSETS,
+    )
+    judge_fraction: float = param(
+        0.25,
+        "Share of training prompts held out from the policy's reward model to train the held-out judge "
+        "(pair_subset policy or judge).",
+        low=0,
+        high=1,
+        low_inclusive=False,
+        high_inclusive=False,
+    )
     eval_batch_size: int = shared.eval_batch_size("Pairs")
     disable_dropout: bool = param(True, "Turn off dropout so both answers of a pair are scored alike.")
     precision: str = shared.precision()
+    report_to: str = shared.report_to()
     attn_implementation: str = shared.attn_implementation()
     gradient_checkpointing: bool = shared.gradient_checkpointing()
     trust_remote_code: bool = shared.trust_remote_code()

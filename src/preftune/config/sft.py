@@ -45,6 +45,7 @@ class SFTConfig:
     eval_steps: int = shared.eval_steps(50)
     eval_batch_size: int = shared.eval_batch_size("Examples")
     precision: str = shared.precision()
+    report_to: str = shared.report_to()
     attn_implementation: str = shared.attn_implementation()
     gradient_checkpointing: bool = shared.gradient_checkpointing()
     trust_remote_code: bool = shared.trust_remote_code()

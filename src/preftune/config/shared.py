@@ -108,6 +108,21 @@ def mixed_precision() -> Any:
     )
 
 
+#: Where a step's live metrics go (preftune.report.tracking): nowhere, an MLflow server, or TensorBoard files.
+REPORT_TO_CHOICES = ("none", "mlflow", "tensorboard")
+
+
+def report_to() -> Any:
+    return param(
+        "none",
+        "Live tracking of this step's per-step metrics, parameters and lineage: none, mlflow (the server named by "
+        "MLFLOW_TRACKING_URI, with MLFLOW_TRACKING_TOKEN or USERNAME/PASSWORD, from the environment; on a "
+        "cluster from the optional preftune-mlflow Secret) or tensorboard (event files under the model "
+        "output's tensorboard/ folder).",
+        choices=REPORT_TO_CHOICES,
+    )
+
+
 def attn_implementation() -> Any:
     return param(
         "auto",
@@ -132,10 +147,11 @@ def prefix_sharing() -> Any:
 
 def num_checkpoints() -> Any:
     return param(
-        4,
-        "Intermediate policy snapshots kept, evenly spaced over training, for the evaluate step's reward-vs-KL "
-        "chart (0 = none).",
-        low=0,
+        -1,
+        "Intermediate policy snapshots kept, evenly spaced over training: points of the evaluate step's "
+        "reward-vs-KL chart, among which it chooses the candidate inside the gate's bounds (0 = none; -1 = 8 "
+        "with LoRA, whose snapshots are small adapters, 3 with full weights).",
+        low=-1,
     )
 
 
@@ -152,3 +168,27 @@ def checkpoint_every(default: int = 100, unit: str = "optimisation steps") -> An
     """One default for the library and the components: inert until a checkpoint_uri is set, and the components
     always set one."""
     return param(default, f"Write a resumable checkpoint every this many {unit} (0 = never).", low=0)
+
+
+# The gate's bounds: the gate checks them, and the evaluate step chooses its candidate inside them.
+
+
+def max_kl() -> Any:
+    return param(
+        10.0, "Highest acceptable KL(candidate || reference) per response, in nats; negative = do not check."
+    )
+
+
+def min_diversity_ratio() -> Any:
+    return param(
+        0.8,
+        "Lowest acceptable distinct-2 of the candidate divided by that of the reference; negative = do not check.",
+    )
+
+
+def min_judge_confirmation() -> Any:
+    return param(
+        0.5,
+        "Reward-hacking guard: with a held-out judge, the least share of the judge's gain over the reference (in "
+        "its standard deviations) that the held-out judge must confirm in its own; negative = do not check.",
+    )

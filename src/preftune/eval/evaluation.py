@@ -5,6 +5,10 @@ from the reference (a KL estimate on the candidate's own samples), how well it r
 (DPO implicit rewards, perplexity of the chosen answers) and whether its outputs stayed diverse (distinct-n,
 length), and writes the generations and an HTML report a reviewer can read in the Kubeflow UI.
 
+Which policy is the candidate: with training snapshots, every snapshot and the final policy are measured the same
+way (preftune.eval.frontier) and the best one inside the gate's bounds is chosen (preftune.eval.selection); the
+metrics below are then that policy's, and ``selected_path`` receives a copy of it for the gate and promote.
+
 Definitions (also shown in the report):
 
 - ``kl_candidate_reference``: KL(candidate || reference) per response, estimated as the mean over candidate
@@ -21,7 +25,8 @@ Definitions (also shown in the report):
 - ``mean_length_*``: mean number of generated model tokens per response, eos not counted.
 - On preference pairs: the implicit reward of a response is beta * (log pi_cand - log pi_ref) of its tokens
   given the prompt (DPO's reward); ``implicit_reward_accuracy`` is the share of pairs whose chosen reward is
-  strictly higher, ``implicit_reward_margin`` the mean reward difference chosen - rejected, and
+  strictly higher, ``implicit_reward_margin`` the mean reward difference chosen - rejected (both only for a
+  policy of the DPO family: for PPO, GRPO or RLOO the log-ratio is no reward it was trained on), and
   ``chosen_perplexity_*`` is exp(total NLL / total tokens) of the chosen responses (completion tokens + eos).
 - ``diversity_ratio_vs_reference``: ``distinct_2_candidate / distinct_2_reference`` (absent when the reference
   has no bigrams): below 1 the candidate repeats itself more than the model it started from.
@@ -32,19 +37,30 @@ Definitions (also shown in the report):
   rate (preftune.eval.winrate: the win probability at equal response length in words, from a logistic model of the
   outcome on the length difference) with ``length_coefficient_vs_<model>`` the fitted effect of length;
   ``judge_ties_vs_<model>`` counts prompts whose rewards are equal (identical responses are scored once, so they
-  always tie). Each generations row then also carries ``<model>_reward``.
+  always tie). Each generations row then also carries ``<model>_reward``. ``judge_reward_gain`` is the
+  candidate's gain over the reference in the judge's standard deviations (preftune.eval.frontier).
+- With a held-out judge (a second reward model, trained on preferences the training reward model never saw):
+  ``heldout_reward_candidate`` / ``_reference``, ``heldout_win_rate_vs_reference``, ``heldout_judge_ties_vs_
+  reference`` and ``heldout_reward_gain``, as above; rows carry ``<model>_heldout_reward``. The gate's
+  reward-hacking guard compares the two gains.
 - With a champion (the registry's current model): it answers the same prompts with the same settings;
   ``distinct_*_champion`` and ``mean_length_champion`` describe it, and with a judge the candidate is compared
   with it as above.
-- With training snapshots: ``frontier_points`` counts the points of the reward-vs-KL chart (preftune.eval.frontier).
+- With training snapshots: ``frontier_points`` counts the points of the reward-vs-KL chart (the reference, the
+  snapshots, the final policy); ``selection_points`` the policies considered, ``selection_in_bounds`` those
+  inside the bounds, ``selected_step`` the chosen one's training step and ``selected_final`` 1 when it is the
+  final policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,13 +68,14 @@ import torch
 from preftune.config.evaluate import EvalConfig
 from preftune.data.readers import RawRow
 from preftune.data.records import completion_text, read_artifact_rows, to_messages, write_jsonl
-from preftune.eval.frontier import FrontierProbe, frontier_chart, frontier_rows, raw_sampling
+from preftune.eval.evaluation_report import Names, Page, render
+from preftune.eval.frontier import FrontierProbe, Measured, distinct_n, y_metric
 from preftune.eval.judge import Judge, check_reward_model
+from preftune.eval.selection import Bounds, select
 from preftune.eval.winrate import length_controlled_win_rate, win_rate
-from preftune.model import templating
 from preftune.model.modeling import load_causal_lm, load_tokenizer, read_lineage, resolve
 from preftune.model.precision import resolve_precision
-from preftune.model.sampling import Generations, PairScorer, eos_ids_of, estimate_kl, generate_responses
+from preftune.model.sampling import Generations, PairScorer, eos_ids_of, generate_responses
 from preftune.model.templating import render_prompt
 from preftune.report import html as reports
 from preftune.train.snapshots import read_index
@@ -67,26 +84,10 @@ log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
+__all__ = ["EvalConfig", "distinct_n", "evaluate", "judge_metrics", "words"]
 
-# --------------------------------------------------------------------------------------------------- diversity
-
-
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Unique n-grams / total n-grams over all texts, on whitespace words; 0.0 when there are none.
-
-    N-grams are taken inside each text (never across two), so the score measures repetition within and between
-    responses; splitting on whitespace keeps it comparable across tokenizers.
-    """
-    if n < 1:
-        raise ValueError(f"distinct_n: n must be >= 1, got {n}")
-    seen: set[tuple[str, ...]] = set()
-    total = 0
-    for text in texts:
-        words = text.split()
-        for i in range(len(words) - n + 1):
-            seen.add(tuple(words[i : i + n]))
-            total += 1
-    return len(seen) / total if total else 0.0
+#: Training stages whose policy is no DPO implicit-reward model: implicit-reward metrics mean nothing for them.
+RL_STAGES = ("ppo", "grpo", "rloo")
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -161,141 +162,16 @@ def judge_metrics(
     }
 
 
-# ------------------------------------------------------------------------------------------------------ report
-
-
-_METHODS = """<ul>
-<li><b>kl_candidate_reference</b>: KL(candidate || reference) per response, the mean over candidate samples of the
-sum over sampled tokens (eos included) of log p_cand - log p_ref, both under the models' raw distributions
-(temperature 1, no truncation). The samples for this estimate are drawn at temperature 1 and top-p 1, so it is
-unbiased; it can be slightly negative when the models are nearly identical.
-<b>kl_candidate_reference_per_token</b> divides the same total by the number of sampled tokens.</li>
-<li><b>distinct_1 / distinct_2</b>: unique / total word n-grams (whitespace split) over all responses of one model;
-<b>diversity_ratio_vs_reference</b> = distinct_2 of the candidate / distinct_2 of the reference.</li>
-<li><b>mean_length</b>: generated model tokens per response, eos not counted.</li>
-<li><b>implicit_reward_*</b> (held-out pairs): reward = beta * (log pi_cand - log pi_ref) of a response given its
-prompt; accuracy = share of pairs where the chosen reward is strictly higher; margin = mean chosen - rejected.</li>
-<li><b>chosen_perplexity_*</b>: exp(mean NLL per token) of the chosen responses (completion tokens and eos).</li>
-<li><b>judge_*</b> (with a judge reward model): mean reward of each model's displayed responses;
-<b>win_rate_vs_X</b> = share of prompts where the candidate's reward beats model X's (the reference, the
-champion), a tie counting half; <b>lc_win_rate_vs_X</b> = the length-controlled win rate: a logistic model of
-the per-prompt outcome on the difference in response length (words), read at equal length, so an answer does not
-win by being longer; <b>length_coefficient_vs_X</b> = how strongly length moved the outcome (per standard deviation
-of the length difference; positive = longer wins); <b>judge_ties_vs_X</b> = prompts with equal rewards (identical
-responses always tie).</li>
-<li><b>Reward vs KL</b>: each training snapshot, the final candidate and the reference, measured on the same
-prompts from temperature-1 samples: KL to the reference on the x axis, the judge's mean reward (or, without a
-judge, the held-out implicit-reward accuracy) on the y axis: the frontier view of the DPO paper.</li>
-</ul>"""
-
-
-def _win_rate_rows(metrics: Mapping[str, float], opponents: Sequence[str]) -> list[dict[str, Any]]:
-    return [
-        {
-            "against": who,
-            "win rate": metrics[f"win_rate_vs_{who}"],
-            "length-controlled win rate": metrics[f"lc_win_rate_vs_{who}"],
-            "length coefficient": metrics[f"length_coefficient_vs_{who}"],
-            "ties": metrics[f"judge_ties_vs_{who}"],
-            "judge reward, candidate": metrics["judge_reward_candidate"],
-            "judge reward, other": metrics[f"judge_reward_{who}"],
-        }
-        for who in opponents
-        if f"win_rate_vs_{who}" in metrics
-    ]
-
-
-@dataclass(frozen=True)
-class _Names:
-    """The models an evaluation compares, by reference (the judge and the champion resolved)."""
-
-    candidate: str
-    reference: str
-    judge: str | None = None
-    champion: str | None = None
-
-    def models(self) -> list[str]:
-        """Who answers the prompts: the candidate, the reference and, when there is one, the champion."""
-        return ["candidate", "reference"] + (["champion"] if self.champion else [])
-
-
-def _win_rate_section(
-    metrics: Mapping[str, float], rows: Sequence[Mapping[str, Any]], names: _Names
-) -> list[tuple[str, str]]:
-    if names.judge is not None:
-        return [("Win rates under the judge", _judge_section(metrics, rows, names.judge, names.models()[1:]))]
-    if names.champion:
-        return [
-            (
-                "Win rates",
-                "<p class='bad'>No judge reward model was given, so the candidate could not be compared with "
-                "the champion or the reference by reward.</p>",
-            )
-        ]
-    return []
-
-
-def _frontier_section(points: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
-    if not points:
-        return ("Reward vs KL over training", "<p><em>No training snapshots were given.</em></p>")
-    return ("Reward vs KL over training", frontier_chart(points) + reports.table(frontier_rows(points)))
-
-
-def _diversity_charts(metrics: Mapping[str, float], models: Sequence[str]) -> str:
-    distinct = {
-        f"{name} {who}": metrics[f"{name.replace('-', '_')}_{who}"]
-        for name in ("distinct-1", "distinct-2")
-        for who in models
+def heldout_metrics(candidate: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
+    """The held-out judge's view of the candidate against the reference: mean rewards, win rate, ties."""
+    return {
+        "heldout_reward_candidate": sum(candidate) / len(candidate),
+        "heldout_reward_reference": sum(reference) / len(reference),
+        "heldout_win_rate_vs_reference": win_rate(candidate, reference),
+        "heldout_judge_ties_vs_reference": float(
+            sum(c == o for c, o in zip(candidate, reference, strict=True))
+        ),
     }
-    lengths = {who: metrics[f"mean_length_{who}"] for who in models}
-    charts = reports.bar_chart(distinct, "Distinct n-grams (higher = more diverse)", "unique / total")
-    return charts + reports.bar_chart(lengths, "Mean response length", "tokens")
-
-
-def _report(
-    metrics: Mapping[str, float],
-    rows: Sequence[Mapping[str, Any]],
-    points: Sequence[Mapping[str, Any]],
-    names: _Names,
-    config: EvalConfig,
-) -> str:
-    models = names.models()
-    charts = _diversity_charts(metrics, models)
-    columns = ["prompt", *models]
-    if names.judge is not None:
-        columns += [f"{who}_reward" for who in models]
-    sections = [
-        *_win_rate_section(metrics, rows, names),
-        _frontier_section(points),
-        ("Metrics", reports.key_values(dict(metrics))),
-        ("Diversity and length", charts),
-        ("How the metrics are computed", _METHODS),
-        ("Settings", reports.key_values(asdict(config))),
-        ("Generations (same prompts, same seed)", reports.table(rows, columns)),
-    ]
-    intro = f"Candidate {names.candidate} compared with reference {names.reference}" + (
-        f" and champion {names.champion}." if names.champion else "."
-    )
-    return reports.page("preftune evaluation", sections, intro=intro)
-
-
-def _judge_section(
-    metrics: Mapping[str, float], rows: Sequence[Mapping[str, Any]], judge: str, opponents: Sequence[str]
-) -> str:
-    n = len(rows)
-    text = (
-        f"<p>Judge <code>{reports.escape(judge)}</code> scored every model's response to each of {n} prompts "
-        "(ties count half).</p>"
-    )
-    charts = ""
-    for who in opponents:
-        wins = sum(r["candidate_reward"] > r[f"{who}_reward"] for r in rows)
-        ties = int(metrics[f"judge_ties_vs_{who}"])
-        outcome = {"candidate wins": wins / n, "ties": ties / n, f"{who} wins": (n - wins - ties) / n}
-        charts += reports.bar_chart(outcome, f"Per-prompt outcome against the {who}", "share of prompts")
-    means = {who: metrics[f"judge_reward_{who}"] for who in ("candidate", *opponents)}
-    charts += reports.bar_chart(means, "Mean judge reward", "reward")
-    return text + reports.table(_win_rate_rows(metrics, opponents)) + charts
 
 
 # ------------------------------------------------------------------------------------------------------ driver
@@ -338,20 +214,26 @@ def _read_inputs(eval_prompts: str, eval_pairs: str | None, checkpoints: str | N
     return _Inputs(prompts, pairs, read_index(checkpoints) if checkpoints else [])
 
 
-def _resolve_names(candidate: str, reference: str, judge: str | None, champion: str | None) -> _Names:
+def _resolve_names(
+    candidate: str, reference: str, judge: str | None, heldout_judge: str | None, champion: str | None
+) -> Names:
     """A missing judge, or one that is no reward model, fails now rather than after generating."""
-    if judge is not None:
-        judge = resolve(judge)
-        check_reward_model(judge)
+    judges = []
+    for ref in (judge, heldout_judge):
+        if ref is not None:
+            ref = resolve(ref)
+            check_reward_model(ref)
+        judges.append(ref)
     if champion:
         champion = resolve(champion)
-    return _Names(candidate, reference, judge, champion)
+    return Names(candidate, reference, judges[0], judges[1], champion)
 
 
 @dataclass
 class _Session:
-    """What every generation and measurement of one evaluation shares: the candidate and the reference (on one
-    device, with their one tokenizer), the prompts rendered for them, and the display sampling settings."""
+    """What every generation and measurement of one evaluation shares: the final candidate and the reference
+    (on one device, with their one tokenizer), the prompts rendered for them, and the display sampling
+    settings."""
 
     cand_model: Any
     ref_model: Any
@@ -361,13 +243,8 @@ class _Session:
     sampling: dict[str, Any]
     config: EvalConfig
 
-    def generate(self, model: Any, desc: str, sampling: Mapping[str, Any] | None = None) -> Generations:
-        """A model's responses to the prompts (with the display settings unless ``sampling`` is given)."""
-        settings = self.sampling if sampling is None else sampling
-        return generate_responses(model, self.tokenizer, self.rendered, desc=desc, **settings)
 
-
-def _open_session(names: _Names, prompts: list[Messages], config: EvalConfig) -> _Session:
+def _open_session(names: Names, prompts: list[Messages], config: EvalConfig) -> _Session:
     """Load both models after checking that they share a tokenizer with a chat template."""
     tokenizer = load_tokenizer(names.candidate)
     if tokenizer.get_vocab() != load_tokenizer(names.reference).get_vocab():
@@ -408,61 +285,100 @@ def _champion_responses(
     return generations
 
 
+def _judges(names: Names, config: EvalConfig) -> dict[str, Judge]:
+    """The judges by role (``judge``, ``heldout_judge``), loaded once for every point."""
+    options = {
+        "batch_size": config.batch_size,
+        "device": _device(),
+        "max_length": config.max_length,
+        "dtype": resolve_precision(config.precision).compute_dtype,
+        "attn_implementation": config.attn_implementation,
+    }
+    found = {"judge": names.judge, "heldout_judge": names.heldout_judge}
+    return {role: Judge(ref, **options) for role, ref in found.items() if ref is not None}
+
+
+def _final_step(candidate: str, snapshots: Sequence[Mapping[str, Any]]) -> float:
+    """The candidate's training step count from its lineage, else one past the last snapshot."""
+    trained = read_lineage(candidate).get("metrics", {})
+    final_step = trained.get("steps") or trained.get("iterations")
+    if not isinstance(final_step, (int, float)):
+        final_step = max((s["step"] for s in snapshots), default=0) + 1
+    return final_step
+
+
+def _implicit_rewards_apply(candidate: str) -> bool:
+    """False for a policy trained by RL (its lineage says so): DPO's implicit reward is no reward of its."""
+    stage = str(read_lineage(candidate).get("stage", ""))
+    return not any(stage == s or stage.startswith(f"{s}-") for s in RL_STAGES)
+
+
 @dataclass
-class _Responses:
-    """Each model's displayed responses, and the temperature-1 candidate samples the KL is estimated on."""
+class _Policies:
+    """Every policy the evaluation measured: the reference, then the snapshots and the final one, in step order
+    (``paths`` gives each non-reference point's model reference)."""
 
-    candidate: Generations
-    reference: Generations
-    champion: Generations | None
-    kl_samples: Generations
+    reference: Measured
+    candidates: list[Measured]
+    paths: list[str]
 
-    def texts(self) -> dict[str, list[str]]:
-        texts = {"candidate": self.candidate.texts, "reference": self.reference.texts}
-        if self.champion is not None:
-            texts["champion"] = self.champion.texts
-        return texts
+    def points(self) -> list[dict[str, Any]]:
+        return [self.reference.point] + [m.point for m in self.candidates]
 
 
-def _generate(session: _Session, champion: str | None, config: EvalConfig) -> _Responses:
-    """Every model answers the same prompts with the same settings and seed."""
-    candidate = session.generate(session.cand_model, "generate: candidate")
-    reference = session.generate(session.ref_model, "generate: reference")
-    champ = _champion_responses(champion, session.prompts, session.sampling, config) if champion else None
-    if config.temperature == 1.0 and config.top_p == 1.0:
-        kl_samples = candidate  # the display samples already come from the raw distribution
-    else:
-        raw = raw_sampling(session.sampling)
-        kl_samples = session.generate(session.cand_model, "kl: sample candidate", raw)
-    return _Responses(candidate, reference, champ, kl_samples)
+def _measure_policies(
+    session: _Session, probe: FrontierProbe, inputs: _Inputs, candidate: str, scored: bool
+) -> _Policies:
+    """The reference and the final policy always; the snapshots too when there is something to score them by."""
+    reference = probe.measure(session.ref_model, label="reference", step=0, is_reference=True)
+    measured, paths = [], []
+    for snap in inputs.snapshots if scored else []:
+        model = _load_model(snap["path"], session.config)
+        measured.append(probe.measure(model, label=f"step {snap['step']}", step=snap["step"]))
+        paths.append(snap["path"])
+        del model
+    step = _final_step(candidate, inputs.snapshots)
+    measured.append(probe.measure(session.cand_model, label="final", step=step))
+    paths.append(candidate)
+    return _Policies(reference, measured, paths)
 
 
-def _diversity(texts: Sequence[str], lengths: Sequence[int], who: str) -> dict[str, float]:
+def _choose(policies: _Policies, config: EvalConfig) -> tuple[int, str, int]:
+    """The index of the candidate among the measured policies, why, and how many were inside the bounds."""
+    final = len(policies.candidates) - 1
+    if not config.select_snapshot or final == 0:
+        why = "The final policy is the candidate (" + (
+            "select_snapshot is off)."
+            if not config.select_snapshot
+            else "the run kept no snapshots to choose from)."
+        )
+        return final, why, 0
+    bounds = Bounds(config.max_kl, config.min_diversity_ratio, config.min_judge_confirmation)
+    selection = select([m.point for m in policies.candidates], policies.reference.point, bounds)
+    return selection.index, selection.reason, selection.in_bounds
+
+
+def _diversity(generations: Generations, who: str) -> dict[str, float]:
     return {
-        f"distinct_1_{who}": distinct_n(texts, 1),
-        f"distinct_2_{who}": distinct_n(texts, 2),
-        f"mean_length_{who}": sum(lengths) / len(lengths),
+        f"distinct_1_{who}": distinct_n(generations.texts, 1),
+        f"distinct_2_{who}": distinct_n(generations.texts, 2),
+        f"mean_length_{who}": sum(generations.lengths) / len(generations.lengths),
     }
 
 
-def _drift_and_diversity(session: _Session, responses: _Responses, batch_size: int) -> dict[str, float]:
-    """KL of the candidate to the reference, and each model's distinct-n and response length."""
-    kl, kl_token = estimate_kl(
-        session.cand_model,
-        session.ref_model,
-        responses.kl_samples,
-        batch_size=batch_size,
-        pad_id=templating.pad_id(session.tokenizer),
-    )
+def _drift_and_diversity(
+    chosen: Measured, reference: Measured, champion: Generations | None
+) -> dict[str, float]:
+    """KL of the chosen candidate to the reference, and each model's distinct-n and response length."""
     metrics: dict[str, float] = {
-        "num_prompts": float(len(session.prompts)),
-        "kl_candidate_reference": float(kl),
-        "kl_candidate_reference_per_token": float(kl_token),
-        **_diversity(responses.candidate.texts, responses.candidate.lengths, "candidate"),
-        **_diversity(responses.reference.texts, responses.reference.lengths, "reference"),
+        "num_prompts": float(len(chosen.display.texts)),
+        "kl_candidate_reference": chosen.point["kl"],
+        "kl_candidate_reference_per_token": chosen.point["kl_per_token"],
+        **_diversity(chosen.display, "candidate"),
+        **_diversity(reference.display, "reference"),
     }
-    if responses.champion is not None:
-        metrics.update(_diversity(responses.champion.texts, responses.champion.lengths, "champion"))
+    if champion is not None:
+        metrics.update(_diversity(champion, "champion"))
     if metrics["distinct_2_reference"] > 0:
         metrics["diversity_ratio_vs_reference"] = (
             metrics["distinct_2_candidate"] / metrics["distinct_2_reference"]
@@ -478,81 +394,88 @@ def _generation_rows(prompts: Sequence[Messages], texts: Mapping[str, list[str]]
 
 
 def _judge_responses(
-    judge: Judge, prompts: Sequence[Messages], texts: Mapping[str, list[str]], rows: list[dict[str, Any]]
+    judges: Mapping[str, Judge],
+    prompts: Sequence[Messages],
+    texts: Mapping[str, list[str]],
+    rows: list[dict[str, Any]],
 ) -> dict[str, float]:
-    """The judge's verdict on the candidate against every other model; each row gets each model's reward."""
-    rewards = {who: judge.score(prompts, texts[who]) for who in texts}
-    lengths = {who: [words(t) for t in texts[who]] for who in texts}
+    """The judges' verdicts on the candidate against every other model (the held-out judge: against the
+    reference); each row gets each model's rewards."""
     metrics: dict[str, float] = {}
-    for who in texts:
-        if who != "candidate":
+    lengths = {who: [words(t) for t in texts[who]] for who in texts}
+    for role, judge in judges.items():
+        models = list(texts) if role == "judge" else ["candidate", "reference"]
+        rewards = {who: judge.score(prompts, texts[who]) for who in models}
+        suffix = "_reward" if role == "judge" else "_heldout_reward"
+        for i, row in enumerate(rows):
+            row.update({f"{who}{suffix}": rewards[who][i] for who in models})
+        if role == "heldout_judge":
+            metrics.update(heldout_metrics(rewards["candidate"], rewards["reference"]))
+            continue
+        for who in models[1:]:
             metrics.update(
                 judge_metrics(
                     rewards["candidate"], rewards[who], lengths["candidate"], lengths[who], name=who
                 )
             )
-    for i, row in enumerate(rows):
-        for who in texts:
-            row[f"{who}_reward"] = rewards[who][i]
     return metrics
 
 
-@dataclass
-class _Scorers:
-    """What scores the candidate beyond drift and diversity (each set once the evaluation gets to it): a judge's
-    reward, and the held-out implicit-reward accuracy; on the frontier's y axis, the judge wins."""
-
-    judge: Judge | None
-    pairs: PairScorer | None
-
-
-def _final_step(candidate: str, snapshots: Sequence[Mapping[str, Any]]) -> float:
-    """The candidate's training step count from its lineage, else one past the last snapshot."""
-    trained = read_lineage(candidate).get("metrics", {})
-    final_step = trained.get("steps") or trained.get("iterations")
-    if not isinstance(final_step, (int, float)):
-        final_step = max((s["step"] for s in snapshots), default=0) + 1
-    return final_step
+def _pair_metrics(pairs: PairScorer | None, chosen: Measured, model: Any, implicit: bool) -> dict[str, float]:
+    """Held-out pair metrics of the candidate: perplexity always, implicit rewards for DPO-family policies."""
+    if pairs is None:
+        return {}
+    scores = chosen.pair_scores or pairs.score(model)
+    return {k: v for k, v in scores.items() if implicit or not k.startswith("implicit_reward")}
 
 
-def _frontier_points(
-    session: _Session,
-    scorers: _Scorers,
-    snapshots: Sequence[Mapping[str, Any]],
-    candidate: str,
-    kl_samples: Generations,
-    metrics: Mapping[str, float],
-) -> list[dict[str, Any]]:
-    """Reference, each snapshot, then the final candidate, on the same prompts and seed."""
-    if scorers.judge is None and scorers.pairs is None:
-        return []
-    probe = FrontierProbe(
+def _probe(session: _Session, inputs: _Inputs, judges: Mapping[str, Judge]) -> FrontierProbe:
+    """What every policy is measured with; held-out pairs are scored against the reference loaded once."""
+    pairs = None
+    if inputs.pairs:
+        config = session.config
+        pairs = PairScorer(
+            session.ref_model,
+            session.tokenizer,
+            inputs.pairs,
+            beta=config.beta,
+            batch_size=config.batch_size,
+            max_length=config.max_length,
+        )
+    return FrontierProbe(
         session.ref_model,
         session.tokenizer,
         session.prompts,
         session.rendered,
         session.sampling,
-        judge=scorers.judge,
-        # with a judge the chart plots reward, so the snapshots' implicit-reward accuracy is not worth a pass
-        pairs=scorers.pairs if scorers.judge is None else None,
+        judges,
+        pairs,
     )
-    points = []
-    if (
-        scorers.judge is not None
-    ):  # the reference's implicit rewards are 0 by definition: only a judge can place it
-        points.append(probe.point(session.ref_model, label="reference", step=0, is_reference=True))
-    for snap in snapshots:
-        model = _load_model(snap["path"], session.config)
-        points.append(probe.point(model, label=f"step {snap['step']}", step=snap["step"]))
-        del model
-    known = {
-        "kl": metrics["kl_candidate_reference"],
-        "kl_per_token": metrics["kl_candidate_reference_per_token"],
-        **{k: metrics[k] for k in ("implicit_reward_accuracy",) if k in metrics},
+
+
+def _selection_metrics(
+    chosen: Measured, points: Sequence[Mapping[str, Any]], considered: int, inside: int, final: bool
+) -> dict[str, float]:
+    """Each judge's gain for the gate's reward-hacking guard, and what the selection considered and chose."""
+    metrics = {
+        "frontier_points": float(sum(p.get(y_metric(points)[0]) is not None for p in points)),
+        "selection_points": float(considered),
+        "selection_in_bounds": float(inside),
+        "selected_step": float(chosen.point["step"]),
+        "selected_final": float(final),
     }
-    step = _final_step(candidate, snapshots)
-    points.append(probe.point(session.cand_model, label="final", step=step, samples=kl_samples, known=known))
-    return points
+    for key, name in (("reward_gain", "judge_reward_gain"), ("heldout_reward_gain", "heldout_reward_gain")):
+        if key in chosen.point:
+            metrics[name] = chosen.point[key]
+    return metrics
+
+
+def _write_selected(path: str, selected_path: str) -> None:
+    """A copy of the chosen policy's artifact (an adapter keeps naming its parent, so it loads as before)."""
+    target = Path(selected_path)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(resolve(path), target)
 
 
 def evaluate(
@@ -565,11 +488,14 @@ def evaluate(
     config: EvalConfig,
     *,
     judge: str | None = None,
+    heldout_judge: str | None = None,
     champion: str | None = None,
     checkpoints: str | None = None,
     frontier_path: str | None = None,
+    selected_path: str | None = None,
 ) -> dict[str, float]:
-    """Compare a candidate model with its reference (and the champion); write generations and an HTML report.
+    """Choose the candidate among a training run's policies, compare it with its reference (and the champion);
+    write generations and an HTML report.
 
     Args:
         candidate: Model reference of the tuned policy (directory, s3:// URI or hub id; adapters are merged).
@@ -577,55 +503,55 @@ def evaluate(
         eval_prompts: JSONL file or directory of held-out rows with a ``prompt`` (text or chat messages).
         eval_pairs: Optional JSONL of held-out preference pairs (``prompt``, ``chosen``, ``rejected``).
         generations_path: Where to write ``{"prompt", "candidate", "reference"}`` rows, one per prompt (with a
-            champion also ``champion``; with a judge each model's ``<model>_reward``).
+            champion also ``champion``; with judges each model's ``<model>_reward`` / ``<model>_heldout_reward``).
         report_path: Where to write the HTML report.
-        config: Sampling and scoring settings.
+        config: Sampling, scoring and selection settings.
         judge: Optional reward model reference (a reward-model artifact, e.g. from the reward_model step): scores
             every model's responses; adds the ``judge_*``, ``win_rate_vs_*`` and ``lc_win_rate_vs_*`` metrics.
+        heldout_judge: Optional second reward model, trained on preferences the judge never saw: the
+            ``heldout_*`` metrics; it ranks the snapshots and checks that the judge's gain is real.
         champion: Optional model reference of the current champion (the registry's): it answers the same
             prompts with the same settings; with a judge, ``win_rate_vs_champion`` and
             ``lc_win_rate_vs_champion`` compare the candidate with it.
         checkpoints: Optional snapshot directory of the training step (preftune.train.snapshots): each snapshot
-            becomes a point of the reward-vs-KL chart.
+            becomes a point of the reward-vs-KL chart and may be chosen as the candidate.
         frontier_path: Where to write the reward-vs-KL points as JSONL (``label``, ``step``, ``kl``, ``reward``
-            or ``implicit_reward_accuracy``, ...), for comparisons across runs and methods.
+            or ``implicit_reward_accuracy``, ``in_bounds``, ``chosen``, ...), for comparisons across runs.
+        selected_path: Where to copy the chosen policy's model artifact (the gate and promote take it).
 
     Returns:
-        Flat metrics: see the module docstring for each name's definition.
+        Flat metrics of the chosen candidate: see the module docstring for each name's definition.
     """
     inputs = _read_inputs(eval_prompts, eval_pairs, checkpoints, config.max_prompts)
-    names = _resolve_names(candidate, reference, judge, champion)
+    names = _resolve_names(candidate, reference, judge, heldout_judge, champion)
     session = _open_session(names, inputs.prompts, config)
-    responses = _generate(session, names.champion, config)
-    metrics = _drift_and_diversity(session, responses, config.batch_size)
-    scorers = _Scorers(judge=None, pairs=None)
-    if inputs.pairs:
-        scorers.pairs = PairScorer(
-            session.ref_model,
-            session.tokenizer,
-            inputs.pairs,
-            beta=config.beta,
-            batch_size=config.batch_size,
-            max_length=config.max_length,
-        )
-        metrics.update(scorers.pairs.score(session.cand_model))
-    texts = responses.texts()
+    judges = _judges(names, config)
+    probe = _probe(session, inputs, judges)
+    policies = _measure_policies(session, probe, inputs, candidate, scored=bool(judges or probe.pairs))
+    index, reason, inside = _choose(policies, config)
+    chosen, chosen_path = policies.candidates[index], policies.paths[index]
+    final = index == len(policies.candidates) - 1
+    model = session.cand_model if final else _load_model(chosen_path, config)
+    champ = (
+        _champion_responses(names.champion, inputs.prompts, session.sampling, config)
+        if names.champion
+        else None
+    )
+    metrics = _drift_and_diversity(chosen, policies.reference, champ)
+    metrics.update(_pair_metrics(probe.pairs, chosen, model, _implicit_rewards_apply(candidate)))
+    texts = {"candidate": chosen.display.texts, "reference": policies.reference.display.texts}
+    if champ is not None:
+        texts["champion"] = champ.texts
     rows = _generation_rows(inputs.prompts, texts)
-    if names.judge is not None:
-        scorers.judge = Judge(
-            names.judge,
-            batch_size=config.batch_size,
-            device=_device(),
-            max_length=config.max_length,
-            dtype=resolve_precision(config.precision).compute_dtype,
-            attn_implementation=config.attn_implementation,
-        )
-        metrics.update(_judge_responses(scorers.judge, inputs.prompts, texts, rows))
-    points = _frontier_points(session, scorers, inputs.snapshots, candidate, responses.kl_samples, metrics)
-    metrics["frontier_points"] = float(len(points))
+    metrics.update(_judge_responses(judges, inputs.prompts, texts, rows))
+    points = policies.points() if len(policies.candidates) > 1 or policies.reference.rewards else []
+    metrics.update(_selection_metrics(chosen, points, len(policies.candidates), inside, final))
     write_jsonl(generations_path, rows)
     if frontier_path:
         write_jsonl(frontier_path, points)
-    reports.write(report_path, _report(metrics, rows, points, names, config))
+    if selected_path:
+        _write_selected(chosen_path, selected_path)
+    page = Page(metrics, rows, points, reason, dataclasses.replace(names, candidate=chosen_path), config)
+    reports.write(report_path, render(page))
     log.info("evaluation: %s", json.dumps(metrics))
     return metrics

@@ -10,7 +10,14 @@ Each check reads one metric of the evaluate step:
 - ``kl_candidate_reference`` <= ``max_kl`` -- KL(candidate || reference) per response, in nats: alignment must not
   drift far from the SFT model (reward hacking, degenerate text);
 - ``distinct_2_candidate / distinct_2_reference`` >= ``min_diversity_ratio`` -- the candidate's share of unique
-  bigrams relative to the reference's: a collapse of diversity is blocked even when the judge likes the outputs.
+  bigrams relative to the reference's: a collapse of diversity is blocked even when the judge likes the outputs;
+- ``heldout_reward_gain / judge_reward_gain`` >= ``min_judge_confirmation`` -- the reward-hacking guard. With a
+  held-out judge (a reward model trained on preferences the training reward model never saw, or one the user
+  gives) the evaluation reports each judge's gain of the candidate over the reference in its own standard
+  deviations. A policy optimised against the training reward model can learn its blind spots: its gain there
+  rises while an independent judge stays flat. The check refuses a candidate whose training-judge gain the
+  held-out judge does not confirm. It applies only when both gains are reported and the training judge's is at
+  least ``MATERIAL_GAIN`` (a smaller gain is nothing to confirm).
 
 A required metric that is missing or not a finite number fails its check with the reason, so a broken evaluation
 never promotes. A negative threshold turns its check off (reported as "disabled"), for pipelines without a
@@ -29,6 +36,10 @@ KL = "kl_candidate_reference"
 DISTINCT_CANDIDATE = "distinct_2_candidate"
 DISTINCT_REFERENCE = "distinct_2_reference"
 NO_CHAMPION = "no champion yet"
+JUDGE_GAIN = "judge_reward_gain"
+HELDOUT_GAIN = "heldout_reward_gain"
+#: The training judge's standardised gain below which there is nothing for the held-out judge to confirm.
+MATERIAL_GAIN = 0.1
 
 
 def _number(metrics: Mapping[str, Any], name: str) -> tuple[float | None, str | None]:
@@ -108,12 +119,39 @@ def _diversity(metrics: Mapping[str, Any], threshold: float) -> dict[str, Any]:
     )
 
 
+def _confirmation(metrics: Mapping[str, Any], threshold: float) -> dict[str, Any]:
+    name = "judge_confirmation"
+    if threshold < 0:
+        return _check(name, None, threshold, True, f"{name}: disabled")
+    if HELDOUT_GAIN not in metrics or JUDGE_GAIN not in metrics:
+        return _check(name, None, threshold, True, f"{name}: no held-out judge, not checked")
+    gain, problem = _number(metrics, JUDGE_GAIN)
+    heldout, problem_heldout = _number(metrics, HELDOUT_GAIN)
+    if gain is None or heldout is None:
+        return _check(name, None, threshold, False, f"{name}: {problem or problem_heldout}")
+    if gain < MATERIAL_GAIN:
+        return _check(
+            name, None, threshold, True, f"{name}: the judge's gain {gain:.3g} sd is nothing to confirm"
+        )
+    ratio = heldout / gain
+    passed = ratio >= threshold
+    return _check(
+        name,
+        ratio,
+        threshold,
+        passed,
+        f"{name} {ratio:.4g} (held-out judge gain {heldout:.3g} sd / judge gain {gain:.3g} sd) "
+        f"{'>=' if passed else '<'} {threshold:.4g}" + ("" if passed else ": possible reward hacking"),
+    )
+
+
 def decide(
     metrics: Mapping[str, Any],
     *,
     min_win_rate_vs_champion: float,
     max_kl: float,
     min_diversity_ratio: float,
+    min_judge_confirmation: float = -1.0,
     has_champion: bool | None = None,
     length_controlled: bool = True,
 ) -> dict[str, Any]:
@@ -121,6 +159,7 @@ def decide(
 
     ``has_champion``: True makes the win rate against the champion required (a champion exists, so the
     evaluation must have compared with it); None or False let its absence mean "no champion yet".
+    ``min_judge_confirmation`` defaults to off for callers that check drift and diversity only.
     ``length_controlled`` checks ``lc_win_rate_vs_champion`` instead of the raw ``win_rate_vs_champion``.
     """
     checks = [
@@ -132,6 +171,7 @@ def decide(
         ),
         _kl(metrics, float(max_kl)),
         _diversity(metrics, float(min_diversity_ratio)),
+        _confirmation(metrics, float(min_judge_confirmation)),
     ]
     return {
         "promote": all(c["passed"] for c in checks),
@@ -152,7 +192,24 @@ def render_report(decision: Mapping[str, Any], metrics: Mapping[str, Any]) -> st
             ("Checks", reports.table(rows)),
             ("Evaluation metrics", reports.key_values(dict(sorted(metrics.items())))),
         ],
-        intro="The candidate is promoted only when every check passes.",
+        intro=f"{candidate_sentence(metrics)} It is promoted only when every check passes.",
+    )
+
+
+def candidate_sentence(metrics: Mapping[str, Any]) -> str:
+    """Which policy of the run the evaluation handed to the gate (preftune.eval.selection), in words."""
+    if "selected_step" not in metrics:
+        return "The candidate is the training step's final policy."
+    considered = int(metrics.get("selection_points", 0))
+    inside = int(metrics.get("selection_in_bounds", 0))
+    which = (
+        "the final policy"
+        if metrics.get("selected_final")
+        else f"the training snapshot of step {int(metrics['selected_step'])}"
+    )
+    return (
+        f"The candidate is {which}: the evaluation chose it from {considered} policies of the run "
+        f"({inside} inside the bounds on KL and diversity) by its held-out score; its report says why."
     )
 
 
@@ -163,6 +220,7 @@ def run_gate(
     min_win_rate_vs_champion: float,
     max_kl: float,
     min_diversity_ratio: float,
+    min_judge_confirmation: float = -1.0,
     champion_uri: str = "",
     length_controlled: bool = False,
 ) -> dict[str, Any]:
@@ -175,6 +233,7 @@ def run_gate(
         min_win_rate_vs_champion=min_win_rate_vs_champion,
         max_kl=max_kl,
         min_diversity_ratio=min_diversity_ratio,
+        min_judge_confirmation=min_judge_confirmation,
         has_champion=True if champion_uri else None,
         length_controlled=length_controlled,
     )

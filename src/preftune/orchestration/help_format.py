@@ -36,7 +36,11 @@ class WrappedHelp(argparse.RawDescriptionHelpFormatter):
             lead = indent + line[: len(line) - len(line.lstrip())]
             more = lead + ("      " if line.startswith("  ") and not line.startswith("      ") else "")
             lines += textwrap.wrap(
-                line.strip(), width=max(width, 40), initial_indent=lead, subsequent_indent=more
+                line.strip(),
+                width=max(width, 40),
+                initial_indent=lead,
+                subsequent_indent=more,
+                break_on_hyphens=False,  # names like preftune-mlflow or dr_grpo stay whole
             )
         return "\n".join(lines)
 

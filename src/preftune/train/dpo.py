@@ -37,7 +37,7 @@ from preftune.train.batching import (
     model_inputs,
     shifted,
 )
-from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Resumable, Run, fit
+from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Resumable, Run, StopRule, fit
 from preftune.train.loop import History, Meter, config_rows, lora_options, make_optimizer, ready_for_training
 from preftune.train.packed import check_kernel, fused_head_weight, scored_logprobs
 
@@ -219,11 +219,14 @@ def _evaluate(model: Any, loader: DataLoader, accelerator: Any, config: DPOConfi
 
 
 def _reference_summary(features: list[dict[str, Any]], config: DPOConfig) -> dict[str, float]:
-    """Eval metrics at step 0, where the policy is the reference: computed from the stored log-probs."""
+    """Eval metrics at step 0, where the policy is the reference: computed from the stored log-probs. Every
+    implicit reward is 0 there, so no pair is ranked: the reward accuracy is left out rather than shown as 0."""
     ref_c = torch.tensor([f["ref_chosen_logps"] for f in features])
     ref_r = torch.tensor([f["ref_rejected_logps"] for f in features])
     batch = {"ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
-    return _summary(*_losses(config, ref_c, ref_r, batch))
+    summary = _summary(*_losses(config, ref_c, ref_r, batch))
+    del summary["reward_accuracy"]
+    return summary
 
 
 def _reference_pass(
@@ -276,6 +279,8 @@ class DPOTrainer(EpochTrainer):
         self.config, self.accelerator = config, accelerator
         self.eval_loader, self.eval_features = eval_loader, eval_features
         self.state = DPOState()
+        # the earliest best held-out accuracy: the same ranking of pairs for the least drift
+        self.stop_rule = StopRule("reward_accuracy", config.early_stopping_patience)
 
     def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> Loss:
         config = self.config
@@ -344,7 +349,9 @@ def train_dpo(
         Metrics: ``first_step_loss`` (mean loss of the first optimisation step; ln 2 for sigmoid),
         ``train_loss`` (mean over the last epoch), ``eval_loss``, ``eval_reward_accuracy`` (share of eval pairs
         whose chosen implicit reward beats the rejected one), ``eval_reward_margin``, ``eval_chosen_reward``,
-        ``eval_rejected_reward``, ``steps``, ``train_pairs``, ``train_seconds``.
+        ``eval_rejected_reward`` (all of the weights kept: the best held-out evaluation), ``steps`` (run),
+        ``best_step`` (the step of the weights kept), ``stopped_early`` (1 when early stopping ended training),
+        ``train_pairs``, ``train_seconds``.
     """
     validate(config)
     engine = Engine("dpo", config)
@@ -393,7 +400,7 @@ def train_dpo(
 
 
 def _metrics(engine: Engine, run: Run, state: DPOState, pairs: int) -> dict[str, float]:
-    final = run.history.eval[-1]
+    final = run.last_eval
     return {
         "first_step_loss": state.first.means()["loss"],
         "train_loss": run.state.epoch_meter.means().get("loss", float("nan")),
@@ -403,11 +410,18 @@ def _metrics(engine: Engine, run: Run, state: DPOState, pairs: int) -> dict[str,
         "eval_chosen_reward": final["chosen_reward"],
         "eval_rejected_reward": final["rejected_reward"],
         "steps": float(run.state.step),
+        "best_step": float(run.best_step if run.best_step is not None else run.state.step),
+        "stopped_early": float(run.stopped_early),
         "train_pairs": float(pairs),
         "train_seconds": run.seconds,
         "resumed_from_step": float(run.resumed_from),
         **engine.resources(run.state.tokens),
     }
+
+
+def _columns(rows: list[dict[str, float]]) -> list[str]:
+    """Every key of the rows, in first-seen order (the step-0 row has no reward accuracy)."""
+    return list(dict.fromkeys(k for row in rows for k in row))
 
 
 def _report(
@@ -421,7 +435,9 @@ def _report(
     intro = (
         f"DPO ({config.loss_type}, beta={config.beta}) on {pairs} pairs for {int(metrics['steps'])} steps against "
         f"the SFT model: eval reward accuracy {metrics['eval_reward_accuracy']:.1%}, margin "
-        f"{metrics['eval_reward_margin']:.3f}. First-step loss {metrics['first_step_loss']:.4f}"
+        f"{metrics['eval_reward_margin']:.3f} (the weights of step {int(metrics['best_step'])}, the earliest best "
+        f"held-out accuracy{'; training then stopped early' if metrics['stopped_early'] else ''}). First-step "
+        f"loss {metrics['first_step_loss']:.4f}"
         + (" (ln 2 = 0.6931 expected)." if config.loss_type == "sigmoid" else ".")
     )
 
@@ -454,7 +470,7 @@ def _report(
                 "Learning rate",
                 reports.line_chart({"learning rate": history.series("train", "lr")}, "Learning rate"),
             ),
-            ("Evaluations", reports.table(history.eval)),
+            ("Evaluations", reports.table(history.eval, _columns(history.eval))),
             ("Data", reports.key_values(data)),
             ("Configuration", reports.table(config_rows(config))),
         ],

@@ -23,6 +23,13 @@ of the token where the classifier pools ``prompt + answer`` scored alone (:func:
 evaluation and the saved model's later scoring (preftune.model.scoring) read the same token of the same context. With
 both levers off, the batch is 2B right-padded rows pooled by the classifier itself.
 
+Training runs to convergence: the engine evaluates on the held-out pairs every ``eval_steps`` and at each epoch's
+end, stops after ``early_stopping_patience`` evaluations without a better accuracy, and ends with the weights of
+the best evaluation (ties: the lower loss; preftune.train.engine.stopping). With ``pair_subset`` the training
+pairs are split by prompt (:func:`split_by_prompt`): ``policy`` trains the reward model PPO optimises,
+``judge`` a held-out judge on prompts it never sees, which the evaluate step uses to check that PPO's gain is
+not reward hacking.
+
 Held-out metrics (on the eval pairs, whatever the objective): ``eval_accuracy`` (share of pairs with
 r_chosen > r_rejected; a tie is not a win), ``eval_mean_margin`` (mean r_chosen - r_rejected) and
 ``eval_accuracy_margin_<bucket>``: accuracy by the data's own margin. Buckets: ``none`` (pairs without a
@@ -34,6 +41,8 @@ margin scale (rank gaps, z-score differences); the thresholds are in the report.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -58,7 +67,7 @@ from preftune.train.batching import (
     pack_documents,
     read_rows,
 )
-from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Resumable, Run, fit
+from preftune.train.engine import Artifact, Engine, EpochTrainer, Loss, Resumable, Run, StopRule, fit
 from preftune.train.loop import History, config_rows, lora_options, make_optimizer, ready_for_training
 from preftune.train.packed import check_kernel, classifier_outputs_at
 
@@ -117,6 +126,25 @@ def load_reward_features(
                 "otherwise use objective='pairwise'"
             )
     return features
+
+
+def split_by_prompt(
+    features: list[dict[str, Any]], subset: str, fraction: float, seed: int
+) -> list[dict[str, Any]]:
+    """The pairs of ``subset``: ``all``; ``judge``, the pairs whose prompt falls in the ``fraction`` share that a
+    seeded hash of its tokens picks; ``policy``, the others. Every pair of a prompt lands on the same side, and
+    the two sides with the same seed and fraction partition the pairs. Re-indexed 0..n-1."""
+    if subset == "all":
+        return features
+
+    def judged(f: dict[str, Any]) -> bool:
+        key = json.dumps([seed, f["prompt_ids"]]).encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64 < fraction
+
+    kept = [f for f in features if judged(f) == (subset == "judge")]
+    if not kept:
+        raise DataError(f"pair_subset {subset!r} with judge_fraction {fraction} leaves no training pairs")
+    return [{**f, "index": i} for i, f in enumerate(kept)]
 
 
 class RewardCollator:
@@ -358,12 +386,14 @@ class RewardState(Resumable):
 
 
 class RewardTrainer(EpochTrainer):
-    """The reward model's objective for the engine; keeps the eval pairs' rewards of the latest evaluation."""
+    """The reward model's objective for the engine; keeps the eval pairs' rewards of the latest evaluation, and
+    stops on held-out accuracy (ties: the lower loss)."""
 
     def __init__(
         self, config: RewardConfig, accelerator: Any, eval_loader: DataLoader, eval_count: int
     ) -> None:
         self.config, self.accelerator = config, accelerator
+        self.stop_rule = StopRule("accuracy", config.early_stopping_patience, ties_by_loss=True)
         self.eval_loader, self.eval_count = eval_loader, eval_count
         self.state = RewardState()
         self.last: tuple[list[float], list[float]] | None = (
@@ -448,13 +478,15 @@ def train_reward_model(
         ``eval_loss``, ``train_loss`` (mean over the last epoch), ``eval_accuracy_margin_<none|low|mid|high>``
         (by the data's margin; see the module docstring), ``eval_chosen_reward``, ``eval_rejected_reward``,
         ``eval_reward_mean`` and ``eval_reward_std`` (over all held-out responses: a scale for PPO),
-        ``steps``, ``train_pairs``, ``eval_pairs``, ``train_seconds``.
+        ``steps`` (run), ``best_step`` (the step of the weights kept), ``stopped_early`` (1 when early stopping
+        ended training), ``train_pairs`` (after ``pair_subset``), ``eval_pairs``, ``train_seconds``.
     """
     validate(config)
     engine = Engine("reward", config)
     tokenizer = modeling.load_tokenizer(sft_model, trust_remote_code=config.trust_remote_code)
     need_scores = config.objective == "regression"
     train_features = load_reward_features(train_pairs, tokenizer, config.max_length, need_scores=need_scores)
+    train_features = split_by_prompt(train_features, config.pair_subset, config.judge_fraction, config.seed)
     eval_features = load_reward_features(eval_pairs, tokenizer, config.max_length, need_scores=need_scores)
     model, reward_pad = _reward_model(sft_model, tokenizer, config)
     collator = _collator(model, tokenizer, config, reward_pad, engine.accelerator.device)
@@ -500,7 +532,7 @@ def train_reward_model(
 def _metrics(
     engine: Engine, run: Run, state: RewardState, after: list[dict[str, Any]], pairs: int, eval_pairs: int
 ) -> dict[str, float]:
-    final = run.history.eval[-1]
+    final = run.last_eval
     return {
         "eval_accuracy": final["accuracy"],
         "first_eval_accuracy": state.first_eval["accuracy"],
@@ -514,6 +546,8 @@ def _metrics(
         "eval_reward_mean": final["reward_mean"],
         "eval_reward_std": final["reward_std"],
         "steps": float(run.state.step),
+        "best_step": float(run.best_step if run.best_step is not None else run.state.step),
+        "stopped_early": float(run.stopped_early),
         "train_pairs": float(pairs),
         "eval_pairs": float(eval_pairs),
         "train_seconds": run.seconds,
@@ -552,7 +586,14 @@ def _report(
     intro = (
         f"Reward model ({objective}) trained on {int(metrics['train_pairs'])} pairs for {int(metrics['steps'])} "
         f"steps: held-out pair accuracy {metrics['first_eval_accuracy']:.1%} before training, "
-        f"{metrics['eval_accuracy']:.1%} after; mean reward margin {metrics['eval_mean_margin']:.3f}."
+        f"{metrics['eval_accuracy']:.1%} after (the weights of step {int(metrics['best_step'])}, the best "
+        f"held-out evaluation{', after which training stopped early' if metrics['stopped_early'] else ''}); "
+        f"mean reward margin {metrics['eval_mean_margin']:.3f}."
+        + (
+            f" Trained on the '{config.pair_subset}' share of the prompts."
+            if config.pair_subset != "all"
+            else ""
+        )
     )
 
     def chart(name: str, title: str) -> str:

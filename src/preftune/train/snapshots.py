@@ -18,6 +18,17 @@ from preftune.model import modeling
 INDEX_FILE = "index.json"
 
 
+#: How many snapshots ``num_checkpoints = -1`` keeps: more where each is cheap (a LoRA adapter), for a real choice.
+AUTO_COUNT = {"lora": 8, "full": 3}
+
+
+def snapshot_count(requested: int, use_lora: bool) -> int:
+    """The number of snapshots to keep: ``requested``, or for -1 :data:`AUTO_COUNT` by what a snapshot holds."""
+    if requested == -1:
+        return AUTO_COUNT["lora" if use_lora else "full"]
+    return requested
+
+
 def snapshot_steps(total_steps: int, count: int) -> list[int]:
     """``count`` steps spread evenly strictly inside ``(0, total_steps)``; fewer when the run is short.
 

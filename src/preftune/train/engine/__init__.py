@@ -26,10 +26,13 @@ from preftune.train.engine.services import (
     checked_gradients,
     finite_everywhere,
 )
-from preftune.train.engine.state import EpochState, LoopState, Resumable
+from preftune.train.engine.state import BestSoFar, EpochState, LoopState, Resumable
+from preftune.train.engine.stopping import EarlyStopping, StopRule
 
 __all__ = [
     "Artifact",
+    "BestSoFar",
+    "EarlyStopping",
     "Engine",
     "EpochState",
     "EpochTrainer",
@@ -41,6 +44,7 @@ __all__ = [
     "NonFiniteLossError",
     "Resumable",
     "Run",
+    "StopRule",
     "batch_tokens",
     "chain_digest",
     "checked_gradients",

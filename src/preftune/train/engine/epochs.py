@@ -5,7 +5,8 @@ its evaluation, what it logs) and calls :func:`fit`; the loop does the rest, in 
 fingerprint the batch, loss (under the run's autocast), the NaN stop, backward, clipping, the stop on non-finite
 gradients (before they are applied) and the optimiser (through accelerate's accumulation); and after every
 optimiser step: the running means of its batches, the schedule, the logging window, snapshots, periodic
-evaluation and checkpoints. Every epoch ends with an evaluation.
+evaluation and checkpoints. Every epoch ends with an evaluation. A trainer with a ``stop_rule`` stops early and
+ends with its best weights (preftune.train.engine.stopping).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from preftune.train.engine.services import (
     Run,
     batch_tokens,
     chain_digest,
-    checked_gradients,
+    clip_and_measure,
     finite_everywhere,
     retarget_learning_rate,
 )
 from preftune.train.engine.state import EpochState, Resumable
+from preftune.train.engine.stopping import EarlyStopping, StopRule
 from preftune.train.loop import Meter, make_scheduler, plan_steps
 
 
@@ -43,11 +45,13 @@ class EpochTrainer:
     """What a stage trained in epochs supplies to :func:`fit`; subclass it and fill in the two methods.
 
     ``name`` keys its model, optimiser and schedule in a checkpoint; ``state``, when set, is the trainer's own
-    resumable state (saved with the loop's own).
+    resumable state (saved with the loop's own); ``stop_rule``, when set, stops training early on its held-out
+    metric and restores the best weights at the end.
     """
 
     name: str = "model"
     state: Resumable | None = None
+    stop_rule: StopRule | None = None
 
     def compute_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> Loss:
         """The batch's loss (what backward runs on) and its logged values, gathered over every process."""
@@ -110,23 +114,51 @@ class _EpochLoop:
         self.pending, self.pending_tokens = "", 0
         self.window: list[Loss] = []  # the losses of an unfinished accumulation window
         self.resumed_from = 0
+        rule = trainer.stop_rule
+        self.stopping = EarlyStopping(rule, self.state.best) if rule is not None else None
+        self.stopped = False  # by the stop rule
+        self.last_norm: float | None = None  # the last step's gradient norm, for live tracking
+        self.mark = (time.perf_counter(), 0)  # when the logging window began, and the tokens by then
 
     def run(self) -> Run:
         self._start()
         self.bar = self.engine.progress(self.total, self.state.step)
         self.model.train()
         began = time.perf_counter()
-        while self.state.step < self.total:
+        self.mark = (began, self.state.tokens)
+        while self.state.step < self.total and not self.stopped:
             self._epoch()
         self.bar.close()
-        return Run(self.state, self.resumed_from, time.perf_counter() - began)
+        run = Run(self.state, self.resumed_from, time.perf_counter() - began)
+        return self._finish(run)
+
+    def _finish(self, run: Run) -> Run:
+        """With a stop rule: the best weights back in the model, and their evaluation as the run's final one."""
+        run.stopped_early = self.stopped
+        if self.stopping is None:
+            return run
+        run.best_step = self.state.best.step
+        if self.stopping.restore(self.accelerator.unwrap_model(self.model), self.state.step):
+            run.final_eval = self._evaluate()
+            self.model.train()
+        return run
+
+    def _observe(self, step: int, epoch: float, values: dict[str, float]) -> None:
+        """Log an evaluation and show it to the stop rule (which may end training here)."""
+        self.state.history.log_eval(step, epoch, values)
+        if self.stopping is not None and self.stopping.observe(
+            step, values, self.accelerator.unwrap_model(self.model)
+        ):
+            self.stopped = True
 
     def _start(self) -> None:
         state = self.state
         if not self.engine.resume(self.objects, state, self.trainer.state):
             self.snapshots.keep_until(0)
-            state.history.log_eval(0, 0.0, self._evaluate(first=True))
+            self._observe(0, 0.0, self._evaluate(first=True))
             return
+        if self.stopping is not None:
+            self.stopping.load(self.engine.resumed_tensors)
         retarget_learning_rate(self.optimizer, self.config.learning_rate, self.scheduler)
         self.resumed_from = state.step
         self.snapshots.keep_until(state.step)
@@ -147,7 +179,8 @@ class _EpochLoop:
                 state.epoch_meter = Meter()
             if self._batch(number, batch) and self._stepped(number):
                 break
-        state.history.log_eval(state.step, state.epoch, self._evaluate())
+        if not self.stopped:
+            self._observe(state.step, state.epoch, self._evaluate())
 
     def _batch(self, number: int, batch: dict[str, torch.Tensor]) -> bool:
         """Forward and backward of one batch; True when it completed an optimiser step."""
@@ -160,13 +193,25 @@ class _EpochLoop:
             self._check_finite(out.loss, number)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients:
-                norm = checked_gradients(accelerator, list(self.model.parameters()), config.max_grad_norm)
-                if norm is not None:
+                norm, stop = clip_and_measure(
+                    accelerator, list(self.model.parameters()), config.max_grad_norm
+                )
+                if stop:
                     self._stop_on_gradients(norm, out.loss, number)
+                self.last_norm = norm
             self.optimizer.step()
             self.optimizer.zero_grad()
         self.window.append(out)
         return bool(accelerator.sync_gradients)
+
+    def _live(self) -> dict[str, float]:
+        """Throughput of the logging window (this process's tokens per second) and the last gradient norm."""
+        now, (began, tokens) = time.perf_counter(), self.mark
+        self.mark = (now, self.state.tokens)
+        live = {"tokens_per_second": (self.state.tokens - tokens) / max(now - began, 1e-9)}
+        if self.last_norm is not None:
+            live["grad_norm"] = float(self.last_norm)
+        return live
 
     def _stepped(self, number: int) -> bool:
         """After an optimiser step: schedule, logs, snapshot, evaluation, checkpoint. True when training is done."""
@@ -183,7 +228,7 @@ class _EpochLoop:
         self.bar.update(1)
         if step % config.logging_steps == 0 or step == self.total:
             logged = state.window.means()
-            state.history.log_train(step, {**logged, "lr": self.scheduler.get_last_lr()[0]})
+            state.history.log_train(step, {**logged, "lr": self.scheduler.get_last_lr()[0]}, self._live())
             self.bar.set_postfix(**self.trainer.postfix(logged))
             state.window = Meter()
         if self.snapshots.due(step):
@@ -193,7 +238,9 @@ class _EpochLoop:
             return True
         if config.eval_steps > 0 and step % config.eval_steps == 0 and number < len(self.loader):
             epoch = state.epoch - 1 + number / len(self.loader)
-            state.history.log_eval(step, epoch, self._evaluate())
+            self._observe(step, epoch, self._evaluate())
+            if self.stopped:
+                return True
         if self.engine.checkpointer.due(step):
             self._save(number)
         return False
@@ -206,7 +253,8 @@ class _EpochLoop:
 
     def _save(self, batch: int) -> str:
         self.state.batch = batch
-        return self.engine.save_checkpoint(self.objects, self.state, self.trainer.state)
+        tensors = self.stopping.tensors() if self.stopping is not None else None
+        return self.engine.save_checkpoint(self.objects, self.state, self.trainer.state, tensors)
 
     def _check_finite(self, loss: torch.Tensor, number: int) -> None:
         """Stop with a clear error on a NaN or infinite loss, after checkpointing the last good step."""

@@ -53,12 +53,24 @@ class LoopState(Resumable):
 
 
 @dataclasses.dataclass
+class BestSoFar(Resumable):
+    """Early stopping's record (preftune.train.engine.stopping): the best evaluation so far (its value, loss
+    and step) and how many evaluations since brought nothing."""
+
+    value: float | None = None
+    loss: float | None = None
+    step: int = -1
+    waited: int = 0
+
+
+@dataclasses.dataclass
 class EpochState(LoopState):
     """The epoch loop's position and running means, enough to continue exactly where it stopped.
 
     ``epoch`` and ``batch`` say how far into the data the last completed step went; ``epoch_start`` is the data
     generator's state when that epoch began (a uint8 list), so the resumed epoch draws the same order.
-    ``window`` averages over the current logging window, ``epoch_meter`` over the current epoch.
+    ``window`` averages over the current logging window, ``epoch_meter`` over the current epoch; ``best`` is
+    early stopping's record.
     """
 
     epoch: int = 0
@@ -66,3 +78,4 @@ class EpochState(LoopState):
     epoch_start: list[int] = dataclasses.field(default_factory=list)
     window: Meter = dataclasses.field(default_factory=Meter)
     epoch_meter: Meter = dataclasses.field(default_factory=Meter)
+    best: BestSoFar = dataclasses.field(default_factory=BestSoFar)

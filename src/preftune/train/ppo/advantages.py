@@ -50,14 +50,21 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1.0 - var_error / var_returns)
 
 
-def rollout_stats(rollout: Any, shaped: Advantages, kl_coef: float, accelerator: Any) -> dict[str, float]:
-    """The iteration's rollout values, as means over every process's responses: score, shaped reward, KL to the
-    reference (per response), entropy (per token), length, eos rate, and the critic's explained variance."""
+def rollout_stats(
+    rollout: Any,
+    shaped: Advantages,
+    kl_coef: float,
+    accelerator: Any,
+    raw_scores: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """The iteration's rollout values, as means over every process's responses: score (the reward model's own,
+    ``raw_scores`` when the rollout's were normalised), shaped reward, KL to the reference (per response), entropy
+    (per token), length, eos rate, and the critic's explained variance."""
     mask = shaped.mask
     stats = accelerator.gather_for_metrics(
         torch.stack(
             [
-                rollout.scores,
+                rollout.scores if raw_scores is None else raw_scores,
                 shaped.kl.sum(dim=1),
                 mask.sum(dim=1),
                 rollout.ended.float(),

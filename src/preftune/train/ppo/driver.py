@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from preftune.config.ppo import PPOConfig, validate
 from preftune.io import storage
@@ -13,6 +14,17 @@ from preftune.train.ppo.models import check_lengths, check_tokenizers, load_mode
 from preftune.train.ppo.prompts import encode_prompts, load_prompts
 from preftune.train.ppo.report import ppo_metrics, report
 from preftune.train.ppo.trainer import PPOTrainer
+
+#: The iteration count ``iterations = -1`` picks: one pass over the prompts, within these bounds.
+AUTO_ITERATIONS = (8, 64)
+
+
+def planned_iterations(config: PPOConfig, prompts: int) -> int:
+    """``config.iterations``, or for -1 one pass over the unique prompts, clamped to :data:`AUTO_ITERATIONS`."""
+    if config.iterations != -1:
+        return config.iterations
+    low, high = AUTO_ITERATIONS
+    return min(max(math.ceil(prompts / config.rollout_batch_size), low), high)
 
 
 def train_ppo(
@@ -66,8 +78,10 @@ def train_ppo(
         if model is not None:  # rollouts are scored and trained as packed rows, one prompt + response each
             check_kernel(model, engine.accelerator.device, packed=True)
     encoded, truncated = encode_prompts(tokenizer, prompt_rows, config.max_prompt_length)
+    config = dataclasses.replace(config, iterations=planned_iterations(config, len(prompt_rows)))
+    engine.config = config
 
-    trainer = PPOTrainer(engine, models, tokenizer, prompt_rows, encoded)
+    trainer = PPOTrainer(engine, models, tokenizer, prompt_rows, encoded, config.iterations)
     engine.artifact = Artifact(
         tokenizer,
         model_dir,

@@ -47,23 +47,30 @@ def ppo_metrics(engine: Engine, run: Run, state: PPOState) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------------- report
 
-_CURVES: dict[str, str] = {
-    "score": "Mean reward-model score of the sampled responses",
-    "reward": "Mean shaped reward per response (score - kl_coef x KL)",
-    "kl": "KL to the SFT model per response (nats, mean of sum log pi - log ref)",
-    "kl_coef": "KL coefficient",
-    "entropy": "Policy entropy per token on its samples (nats)",
-    "response_length": "Mean response length (tokens, eos included)",
-    "eos_rate": "Share of responses that ended with eos",
-    "policy_loss": "Clipped policy loss",
-    "value_loss": "Clipped value loss",
-    "clip_fraction": "Share of tokens whose ratio was clipped",
-    "value_clip_fraction": "Share of tokens whose value was clipped",
-    "approx_kl": "Approx. KL(rollout policy || updated policy) per token",
-    "explained_variance": "Critic explained variance of the returns",
-    "early_stop": "Updates stopped early on max_approx_kl (1 = yes)",
-    "ppo_steps": "Optimisation steps in the iteration",
+#: Each logged value's section heading and chart title.
+_CURVES: dict[str, tuple[str, str]] = {
+    "score": ("Reward-model score", "Mean reward-model score of the sampled responses"),
+    "reward": ("Shaped reward", "Mean shaped reward per response (normalised score - kl_coef x KL)"),
+    "kl": ("KL to the SFT model", "KL to the SFT model per response (nats, mean of sum log pi - log ref)"),
+    "kl_coef": ("KL coefficient", "KL coefficient (adaptive controller)"),
+    "entropy": ("Policy entropy", "Policy entropy per token on its samples (nats)"),
+    "response_length": ("Response length", "Mean response length (tokens, eos included)"),
+    "eos_rate": ("Responses ending with eos", "Share of responses that ended with eos"),
+    "policy_loss": ("Policy loss", "Clipped policy loss"),
+    "value_loss": ("Value loss", "Clipped value loss"),
+    "clip_fraction": ("Policy clip fraction", "Share of tokens whose ratio was clipped"),
+    "value_clip_fraction": ("Value clip fraction", "Share of tokens whose value was clipped"),
+    "approx_kl": ("Update size", "Approx. KL(rollout policy || updated policy) per token"),
+    "explained_variance": ("Critic explained variance", "Critic explained variance of the returns"),
+    "early_stop": ("Early-stopped updates", "Updates stopped early on max_approx_kl (1 = yes)"),
+    "ppo_steps": ("Optimisation steps", "Optimisation steps in the iteration"),
+    "lr": ("Learning rate", "Policy learning rate (linear decay to a tenth)"),
 }
+
+
+def _heading(name: str) -> str:
+    """A readable heading for a logged value with no entry in _CURVES (``kl_blowup`` -> "Kl blowup")."""
+    return name.replace("_", " ").capitalize()
 
 
 def report(
@@ -87,14 +94,9 @@ def report(
     names = [k for k in _CURVES if any(k in r for r in history.train)]
     names += sorted({k for r in history.train for k in r} - set(_CURVES) - {"step"})
     for name in names:
-        sections.append(
-            (
-                name,
-                reports.line_chart(
-                    {name: history.series("train", name)}, _CURVES.get(name, name), "iteration"
-                ),
-            )
-        )
+        heading, title = _CURVES.get(name, (_heading(name), _heading(name)))
+        chart = reports.line_chart({heading: history.series("train", name)}, title, "iteration")
+        sections.append((heading, chart))
     sections += [
         (
             "Sample responses (first and last iterations)",

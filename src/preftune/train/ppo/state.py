@@ -8,13 +8,15 @@ from typing import Any
 from preftune.train.engine import Resumable
 from preftune.train.kl_control import KLController
 from preftune.train.ppo.prompts import PromptCycler
+from preftune.train.ppo.scores import RunningMoments
 
 
 @dataclass
 class PPOState(Resumable):
     """PPO's resumable state, saved whole in every checkpoint.
 
-    ``controller`` holds the KL coefficient, ``cycler`` the prompt order; then the counts and logs its metrics
+    ``controller`` holds the KL coefficient, ``cycler`` the prompt order, ``scores`` the running moments of the
+    reward model's scores (their normalisation); then the counts and logs its metrics
     and report are made of: iterations whose updates stopped early, KL blow-ups (and the report's note about
     one), seconds and tokens of generation, every update step's clip fraction, and the sample responses shown
     (by iteration, as a string key).
@@ -22,6 +24,7 @@ class PPOState(Resumable):
 
     controller: KLController
     cycler: PromptCycler
+    scores: RunningMoments = field(default_factory=RunningMoments)
     early_stops: int = 0
     blowups: int = 0
     blowup_note: str = ""

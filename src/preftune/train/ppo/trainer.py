@@ -1,5 +1,6 @@
-"""One PPO iteration for the engine's RL loop: ``collect`` (rollout, scores, advantages; the KL blow-up check)
-and ``update`` (the minibatch update, then the KL controller)."""
+"""One PPO iteration for the engine's RL loop: ``collect`` (rollout, scores normalised, advantages; the KL
+blow-up check) and ``update`` (the learning rates of this iteration, the minibatch update, then the KL
+controller)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class PPOExperience:
     logged: dict[str, float]
     rollout: Rollout
     shaped: Advantages
+    raw_scores: torch.Tensor
     halt: bool = False
 
 
@@ -50,8 +52,10 @@ class PPOTrainer(IterationTrainer):
         tokenizer: Any,
         prompts: list[Messages],
         encoded: list[list[int]],
+        iterations: int,
     ) -> None:
         config, accelerator = engine.config, engine.accelerator
+        self.iterations = iterations
         self.config, self.accelerator, self.tokenizer = config, accelerator, tokenizer
         self.autocast = engine.autocast
         self.prompts, self.encoded = prompts, encoded
@@ -106,18 +110,25 @@ class PPOTrainer(IterationTrainer):
         # reference and the reward
         critic = accelerator.unwrap_model(self.trained.critic)
         score_rollout(rollout, policy, self.reference, critic, self.reward, self.tokenizer, config)
+        raw_scores = rollout.scores
+        if config.normalize_scores:
+            state.scores.update(accelerator.gather_for_metrics(raw_scores))
+            rollout.scores = state.scores.normalise(raw_scores, config.normalized_score_clip)
         kl_coef = state.controller.value
         shaped = shaped_advantages(rollout, kl_coef, config, self.reduce)
-        logged = rollout_stats(rollout, shaped, kl_coef, accelerator)
-        experience = PPOExperience(iteration, torch.tensor(indices), tokens, logged, rollout, shaped)
-        if iteration == 1 or iteration == config.iterations:
-            self._keep_samples(iteration, rollout)
+        logged = rollout_stats(rollout, shaped, kl_coef, accelerator, raw_scores)
+        experience = PPOExperience(
+            iteration, torch.tensor(indices), tokens, logged, rollout, shaped, raw_scores
+        )
+        if iteration == 1 or iteration == self.iterations:
+            self._keep_samples(iteration, rollout, raw_scores)
         if config.kl_blowup > 0 and logged["kl"] > config.kl_blowup:
             self._blow_up(experience)
         return experience
 
     def update(self, experience: PPOExperience) -> Halt | None:
         config, state, logged = self.config, self.state, experience.logged
+        logged["lr"] = self._set_learning_rates(experience.iteration)
         result = ppo_update(
             self.trained,
             experience.rollout,
@@ -151,10 +162,22 @@ class PPOTrainer(IterationTrainer):
             "stop": "y" if logged["early_stop"] else "n",
         }
 
-    def _keep_samples(self, iteration: int, rollout: Rollout) -> None:
+    def _set_learning_rates(self, iteration: int) -> float:
+        """Both learning rates for this iteration: linear from the configured ones at the first iteration to a
+        tenth of them at the last (a function of the iteration alone, so a resumed run has the same)."""
+        done = (iteration - 1) / max(self.iterations - 1, 1)
+        factor = 1.0 - 0.9 * min(done, 1.0)
+        rates = ((self.trained.policy_optimizer, self.config.learning_rate),)
+        rates += ((self.trained.critic_optimizer, self.config.critic_learning_rate),)
+        for optimizer, base in rates:
+            for group in optimizer.param_groups:
+                group["lr"] = base * factor
+        return self.config.learning_rate * factor
+
+    def _keep_samples(self, iteration: int, rollout: Rollout, scores: torch.Tensor) -> None:
         rows = [
             {"iteration": iteration, "prompt": prompt_text(p), "response": t, "score": float(s)}
-            for p, t, s in zip(rollout.prompts, rollout.texts, rollout.scores.tolist(), strict=True)
+            for p, t, s in zip(rollout.prompts, rollout.texts, scores.tolist(), strict=True)
         ]
         self.state.samples[str(iteration)] = rows[: self.config.samples_shown]
 
@@ -169,6 +192,6 @@ class PPOTrainer(IterationTrainer):
             "policy saved is the one that produced these rollouts; lower learning_rate or raise kl_coef."
         )
         log.warning(state.blowup_note)
-        self._keep_samples(iteration, experience.rollout)
+        self._keep_samples(iteration, experience.rollout, experience.raw_scores)
         experience.logged = {**experience.logged, "kl_blowup": 1.0}
         experience.halt = True
