@@ -136,7 +136,8 @@ def _rlhf_rows(rlhf: Summary) -> list[list[str]]:
             f"PPO ({iterations} iterations)",
             f"mean reward {ppo['reward_first']:.2f} over the first {k} iterations -> {ppo['reward_last']:.2f} over "
             f"the last {k}, KL max {ppo['kl_max']:.2f} nats (bound {_p(rlhf, 'ppo_max_kl'):g}), "
-            f"{ppo['early_stops']:.0f} early stops of an epoch at the approx-KL limit",
+            f"{ppo['early_stops']:.0f} early stop{'' if ppo['early_stops'] == 1 else 's'} of an epoch at the "
+            "approx-KL limit",
         ],
         ["", "evaluate (reward model as judge)", _evaluate_text(_m(rlhf, "evaluate"))],
         ["", "gate -> promote", _gate(rlhf)],
@@ -168,14 +169,15 @@ def compare_block(runs: Mapping[str, Summary]) -> str:
     """The RLHF-or-DPO table: the compare run's figures side by side."""
     compare = runs["preftune-compare"]
     m = _m(compare, "compare")
-    sft_seconds = compare["steps"]["sft"].get("seconds") or 0
+    sft = compare["steps"]["sft"]
+    sft_note = "cached" if sft.get("cached") else f"{sft.get('seconds') or 0:.0f} s"
 
     def both(label: str, key: str, fmt: Callable[[float], str]) -> list[str]:
         return [label, fmt(m[f"dpo_{key}"]), fmt(m[f"rlhf_{key}"])]
 
     rows = [
         both(
-            f"wall time after the shared SFT step ({sft_seconds:.0f} s)",
+            f"wall time after the shared SFT step ({sft_note})",
             "wall_seconds",
             lambda v: f"{v:.0f} s",
         ),

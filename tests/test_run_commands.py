@@ -215,3 +215,31 @@ def test_step_progress_lines_are_parsed_from_tqdm() -> None:
     parsed = [parse_progress(line) for line in lines]
     assert parsed[0] == ("dpo", 0.0, 3.0) and parsed[-1] == ("dpo", 3.0, 3.0)
     assert parse_progress("plain output") is None
+
+
+def test_the_summary_shows_skipped_branches_on_one_line_and_headlines_of_any_branch() -> None:
+    """A method chosen by dsl.If leaves the other methods' steps SKIPPED: one line for all of them, and the
+    chosen branch's evaluate-2 shows the headline metrics an evaluate step shows."""
+    from preftune.orchestration.run_summary import format_summary
+
+    def step(status: str, **metrics: float) -> dict:
+        return {"status": status, "metrics": metrics, "outputs": {}}
+
+    summary = {
+        "pipeline": "preftune-dpo",
+        "status": "SUCCEEDED",
+        "duration_seconds": 12,
+        "run_dir": "/tmp/run",
+        "steps": {
+            "kto": step("SUCCEEDED"),
+            "evaluate-2": step("SUCCEEDED", kl_candidate_reference=0.5),
+            "dpo": step("SKIPPED"),
+            "evaluate": step("SKIPPED"),
+            "promote": step("SKIPPED"),
+        },
+    }
+    lines = format_summary(summary, {"evaluate": ["kl_candidate_reference"]}).splitlines()
+    assert [line for line in lines if "SKIPPED" in line] == [
+        "  SKIPPED     dpo, evaluate, promote (their condition was false)"
+    ]
+    assert any(line.strip() == "kl_candidate_reference = 0.5" for line in lines)

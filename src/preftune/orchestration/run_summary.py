@@ -10,6 +10,7 @@ the promotion after a gate that said no, whose test was false).
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -172,7 +173,8 @@ def _shown_metrics(
     producer = steps.get(step.get("inputs_from", {}).get("candidate", ""), {})
     trained_by_dpo = str(producer.get("component", "")).startswith("comp-dpo")
     shown = []
-    for key in headline.get(name, []):
+    keys = headline.get(name) or headline.get(re.sub(r"-\d+$", "", name), [])  # evaluate-2: another branch's
+    for key in keys:
         value = step["metrics"].get(key)
         if value is None or (key in DPO_ONLY_METRICS and not trained_by_dpo):
             continue
@@ -213,8 +215,13 @@ def format_summary(summary: Mapping[str, Any], headline: Mapping[str, list[str]]
     seconds = summary.get("duration_seconds") or 0
     lines = [f"{summary['pipeline']}: {summary['status']} in {seconds:.0f} s"]
     steps = summary["steps"]
+    skipped = [name for name, step in steps.items() if step["status"] == SKIPPED]
     for name, step in steps.items():
-        lines += _step_lines(name, step, steps, headline)
+        if step["status"] != SKIPPED:
+            lines += _step_lines(name, step, steps, headline)
+    if skipped:  # dsl.If branches not taken (other methods, a gate that said no): one line, not one per step
+        lines += textwrap.wrap(", ".join(skipped) + " (their condition was false)", width=110,
+                               initial_indent=f"  {SKIPPED:<11} ", subsequent_indent=_INDENT)  # fmt: skip
     run_dir = Path(summary["run_dir"])
     if summary["status"] in (FAILED, INTERRUPTED) and summary.get("resume"):
         lines.append(f"resume with:   {summary['resume']}")

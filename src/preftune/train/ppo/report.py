@@ -65,11 +65,15 @@ _CURVES: dict[str, tuple[str, str]] = {
     "early_stop": ("Early-stopped updates", "Updates stopped early on max_approx_kl (1 = yes)"),
     "ppo_steps": ("Optimisation steps", "Optimisation steps in the iteration"),
     "lr": ("Learning rate", "Policy learning rate (linear decay to a tenth)"),
+    "kl_blowup": (
+        "Stopped at the KL bound",
+        "1 at the iteration whose rollout KL passed max_kl (training stopped)",
+    ),
 }
 
 
 def _heading(name: str) -> str:
-    """A readable heading for a logged value with no entry in _CURVES (``kl_blowup`` -> "Kl blowup")."""
+    """A readable heading for a logged value with no entry in _CURVES (``score_std`` -> "Score std")."""
     return name.replace("_", " ").capitalize()
 
 
