@@ -25,7 +25,15 @@ from preftune.orchestration import compilation
 
 ROOT = compilation.source_root()
 PIPELINE_FILES = sorted((ROOT / "pipelines").glob("*.yaml"))
-TRAINING = {"exec-sft", "exec-dpo", "exec-reward-model", "exec-ppo"}
+TRAINING = {
+    "exec-sft",
+    "exec-dpo",
+    "exec-reward-model",
+    "exec-ppo",
+    "exec-grpo",
+    "exec-kto",
+    "exec-online-dpo",
+}
 EVALUATE = {"exec-evaluate"}
 MERGE = {"exec-promote"}
 CUSTOM = {
@@ -194,7 +202,12 @@ def test_each_setting_reaches_the_yaml_and_the_pods_environment(custom: Path) ->
         assert env[platform.S3_SECRET_ENV] == "team-minio" and env[platform.HF_TOKEN_SECRET_ENV] == "team-hf"
         assert env[platform.OFFLINE_SWITCH_ENV] == "1"
         assert all(env[name] == "1" for name in platform.OFFLINE_ENV)
-        assert {r["secretName"] for r in k8s[name]["secretAsEnv"]} == {"team-minio", "team-hf"}
+        # the optional MLflow Secret (report_to=mlflow, registry_uri=mlflow://) keeps its name
+        assert {r["secretName"] for r in k8s[name]["secretAsEnv"]} == {
+            "team-minio",
+            "team-hf",
+            "preftune-mlflow",
+        }
     dpo, evaluate = executors["exec-dpo"], executors["exec-evaluate"]
     assert dpo["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/mig-1g.10gb"
     assert int(dpo["container"]["resources"]["accelerator"]["resourceCount"]) == 2

@@ -50,9 +50,9 @@ def _install_recorders(trace: dict[str, list]) -> None:
 
     log_train, log_eval = loop.History.log_train, loop.History.log_eval
 
-    def record_train(self, step, values):
+    def record_train(self, step, values, live=None):  # live: throughput, machine-dependent, not compared
         trace["train"].append({"step": step, **{k: float(v) for k, v in values.items()}})
-        return log_train(self, step, values)
+        return log_train(self, step, values, live)
 
     def record_eval(self, step, epoch, values):
         trace["eval"].append({"step": step, **{k: float(v) for k, v in values.items()}})
