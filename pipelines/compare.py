@@ -37,7 +37,7 @@ def compare_pipeline(
     sft_batch_size: int = 16,
     sft_max_steps: int = -1,
     dpo_epochs: int = 3,
-    dpo_learning_rate: float = 2e-4,
+    dpo_learning_rate: float = -1.0,
     dpo_batch_size: int = 16,
     dpo_beta: float = 0.1,
     dpo_loss: str = "sigmoid",
@@ -48,7 +48,7 @@ def compare_pipeline(
     reward_max_steps: int = -1,
     ppo_iterations: int = -1,
     ppo_rollout_batch_size: int = 32,
-    ppo_learning_rate: float = 1e-3,
+    ppo_learning_rate: float = -1.0,
     ppo_max_new_tokens: int = 32,
     ppo_kl_coef: float = 0.05,
     ppo_max_kl: float = 8.0,
@@ -88,7 +88,7 @@ def compare_pipeline(
         sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
         dpo_epochs: Most DPO passes over the training pairs; early stopping on held-out accuracy usually ends
             sooner.
-        dpo_learning_rate: DPO peak learning rate.
+        dpo_learning_rate: DPO peak learning rate (-1 = 2e-4 with LoRA, 2e-5 with full weights).
         dpo_batch_size: DPO pairs per batch, summed over all worker processes (one batch per optimisation
             step).
         dpo_beta: DPO beta: strength of the pull towards the SFT reference.
@@ -101,13 +101,13 @@ def compare_pipeline(
         reward_max_steps: Stop reward model training after this many steps (-1 = all epochs).
         ppo_iterations: PPO rounds of rollouts and updates (-1 = one pass over the prompts, 8 to 64).
         ppo_rollout_batch_size: Prompts sampled per PPO iteration.
-        ppo_learning_rate: Policy and critic learning rate.
+        ppo_learning_rate: Policy and critic learning rate (-1 = 1e-3 with LoRA, 1e-4 with full weights).
         ppo_max_new_tokens: Most tokens per sampled response during PPO.
         ppo_kl_coef: KL penalty per token against the SFT model.
         ppo_max_kl: KL bound per response, below gate_max_kl: PPO stops, keeping the last good policy, when
             rollouts pass it.
         num_checkpoints: Intermediate policies of each method kept, scored for the reward-vs-KL chart and
-            eligible as the promoted candidate (-1 = 8 with LoRA, 3 with full weights).
+            eligible as the promoted candidate (-1 = 8 with LoRA or up to 100M parameters, else 3).
         eval_max_new_tokens: Longest generated response in evaluation, in tokens.
         eval_max_prompts: Evaluate at most this many held-out prompts.
         judge_model: Reward model URI judging both methods; empty = the RLHF branch's reward model (which

@@ -34,7 +34,7 @@ def dpo_pipeline(
     sft_batch_size: int = 16,
     sft_max_steps: int = -1,
     dpo_epochs: int = 3,
-    dpo_learning_rate: float = 2e-4,
+    dpo_learning_rate: float = -1.0,
     dpo_batch_size: int = 16,
     dpo_beta: float = 0.1,
     dpo_loss: str = "sigmoid",
@@ -46,7 +46,7 @@ def dpo_pipeline(
     kto_undesirable_weight: float = 1.0,
     online_dpo_rounds: int = 8,
     online_dpo_num_generations: int = 4,
-    online_dpo_learning_rate: float = 5e-4,
+    online_dpo_learning_rate: float = -1.0,
     online_dpo_max_new_tokens: int = 32,
     online_dpo_max_kl: float = 8.0,
     reward_epochs: int = 4,
@@ -56,6 +56,7 @@ def dpo_pipeline(
     eval_max_new_tokens: int = 48,
     eval_max_prompts: int = 64,
     judge_model: str = "",
+    heldout_judge_model: str = "",
     registry_uri: str = "",
     model_name: str = "preftune-dpo",
     gate_min_win_rate_vs_champion: float = 0.5,
@@ -94,7 +95,7 @@ def dpo_pipeline(
         sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
         dpo_epochs: Most DPO passes over the training pairs; early stopping on held-out accuracy usually ends
             sooner.
-        dpo_learning_rate: DPO peak learning rate.
+        dpo_learning_rate: DPO (and KTO) peak learning rate (-1 = 2e-4 with LoRA, 2e-5 with full weights).
         dpo_batch_size: DPO pairs per batch, summed over all worker processes (one batch per optimisation
             step).
         dpo_beta: DPO beta: strength of the pull towards the SFT reference.
@@ -110,7 +111,8 @@ def dpo_pipeline(
         kto_undesirable_weight: KTO weight of the undesirable examples' loss (lambda_U).
         online_dpo_rounds: Online DPO sample, rank and train rounds.
         online_dpo_num_generations: Online DPO answers sampled per prompt; the best and worst make its pair.
-        online_dpo_learning_rate: Online DPO policy learning rate.
+        online_dpo_learning_rate: Online DPO policy learning rate (-1 = 5e-4 with LoRA, 5e-5 with full
+            weights).
         online_dpo_max_new_tokens: Most tokens per sampled answer during online DPO.
         online_dpo_max_kl: Online DPO KL bound per answer, below gate_max_kl: training stops, keeping the last
             good policy, when the samples pass it (0 = never).
@@ -118,11 +120,14 @@ def dpo_pipeline(
         reward_learning_rate: Peak learning rate of online DPO's reward model.
         reward_max_steps: Stop online DPO's reward model training after this many steps (-1 = all epochs).
         num_checkpoints: Intermediate DPO policies kept, scored by evaluation (reward-vs-KL chart) and eligible
-            as the promoted candidate (-1 = 8 with LoRA, 3 with full weights).
+            as the promoted candidate (-1 = 8 with LoRA or up to 100M parameters, else 3).
         eval_max_new_tokens: Longest generated response in evaluation, in tokens.
         eval_max_prompts: Evaluate at most this many held-out prompts.
         judge_model: Optional reward model URI (s3://, local directory or hub id) that judges the policy against
             the SFT model and the champion; without one the candidate cannot be compared with a champion.
+        heldout_judge_model: Optional reward model URI trained on preferences the policy never saw; when set,
+            the gate promotes only a candidate whose gain this second judge confirms (a reward-hacking
+            guard).
         registry_uri: Model registry root (s3://bucket/prefix); empty = no registry: nothing is promoted.
         model_name: Name of the policy in the registry.
         gate_min_win_rate_vs_champion: Promote only when the judge prefers the candidate over the champion on
@@ -195,6 +200,7 @@ def dpo_pipeline(
         "length_controlled": gate_length_controlled,
         "max_length": max_length,
         **compute,
+        "heldout_judge_uri": heldout_judge_model,
         "judge_uri": judge_model,
         "beta": dpo_beta,
     }

@@ -43,7 +43,7 @@ def rlhf_pipeline(
     ppo_iterations: int = -1,
     ppo_rollout_batch_size: int = 32,
     ppo_epochs: int = 2,
-    ppo_learning_rate: float = 1e-3,
+    ppo_learning_rate: float = -1.0,
     ppo_max_new_tokens: int = 32,
     ppo_temperature: float = 1.0,
     ppo_top_p: float = 1.0,
@@ -53,7 +53,7 @@ def rlhf_pipeline(
     ppo_max_kl: float = 8.0,
     grpo_iterations: int = 16,
     grpo_num_generations: int = 4,
-    grpo_learning_rate: float = 5e-4,
+    grpo_learning_rate: float = -1.0,
     grpo_max_new_tokens: int = 32,
     grpo_kl_coef: float = 0.04,
     grpo_kl_penalty: str = "loss",
@@ -64,6 +64,7 @@ def rlhf_pipeline(
     num_checkpoints: int = -1,
     eval_max_new_tokens: int = 48,
     eval_max_prompts: int = 64,
+    heldout_judge_model: str = "",
     registry_uri: str = "",
     model_name: str = "preftune-rlhf",
     gate_min_win_rate_vs_champion: float = 0.5,
@@ -112,7 +113,7 @@ def rlhf_pipeline(
         ppo_iterations: PPO rounds of rollouts and updates (-1 = one pass over the prompts, 8 to 64).
         ppo_rollout_batch_size: Prompts sampled per PPO iteration.
         ppo_epochs: Passes over each iteration's rollouts.
-        ppo_learning_rate: Policy and critic learning rate.
+        ppo_learning_rate: Policy and critic learning rate (-1 = 1e-3 with LoRA, 1e-4 with full weights).
         ppo_max_new_tokens: Most tokens per sampled response during PPO.
         ppo_temperature: Sampling temperature of the rollouts.
         ppo_top_p: Nucleus sampling threshold of the rollouts (1 = off).
@@ -123,7 +124,7 @@ def rlhf_pipeline(
             rollouts pass it.
         grpo_iterations: GRPO / RLOO sampling and update rounds.
         grpo_num_generations: GRPO / RLOO answers sampled per prompt (the group each answer is judged against).
-        grpo_learning_rate: GRPO / RLOO policy learning rate.
+        grpo_learning_rate: GRPO / RLOO policy learning rate (-1 = 5e-4 with LoRA, 5e-5 with full weights).
         grpo_max_new_tokens: Most tokens per sampled answer during GRPO / RLOO.
         grpo_kl_coef: GRPO / RLOO weight of the KL to the SFT model.
         grpo_kl_penalty: Where GRPO / RLOO's KL acts: loss (a per-token term) or reward (taken off each answer's
@@ -135,9 +136,12 @@ def rlhf_pipeline(
         grpo_reward_weights: Comma-separated weights of grpo_reward_functions (empty = 1 each).
         grpo_checkpoint_every: Resumable GRPO / RLOO checkpoint every this many iterations (0 = never).
         num_checkpoints: Intermediate PPO policies kept, scored by evaluation (reward-vs-KL chart) and eligible
-            as the promoted candidate (-1 = 8 with LoRA, 3 with full weights).
+            as the promoted candidate (-1 = 8 with LoRA or up to 100M parameters, else 3).
         eval_max_new_tokens: Longest generated response in evaluation, in tokens.
         eval_max_prompts: Evaluate at most this many held-out prompts.
+        heldout_judge_model: Optional reward model URI trained on preferences the policy never saw; when set,
+            the gate promotes only a candidate whose gain this second judge confirms (a reward-hacking
+            guard).
         registry_uri: Model registry root (s3://bucket/prefix); empty = no registry: nothing is promoted.
         model_name: Name of the policy in the registry.
         gate_min_win_rate_vs_champion: Promote only when the reward model prefers the candidate over the
@@ -243,6 +247,7 @@ def rlhf_pipeline(
         "length_controlled": gate_length_controlled,
         "max_length": max_length,
         **compute,
+        "heldout_judge_uri": heldout_judge_model,
         "judge": reward,
     }
     with dsl.If(policy_optimizer == "ppo", name="ppo"):

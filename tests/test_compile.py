@@ -103,3 +103,18 @@ def test_bad_image_references_are_refused(image: str) -> None:
 
     with pytest.raises(platform.SettingError, match="REPOSITORY"):
         platform.check_image(image)
+
+
+@pytest.mark.parametrize("pipeline", ["dpo", "rlhf"])
+def test_every_evaluate_step_gets_the_held_out_judge_parameter(pipeline: str) -> None:
+    """The reward-hacking guard reaches evaluation in every method's branch, not only the default one."""
+    spec = next(yaml.safe_load_all((ROOT / "pipelines" / f"{pipeline}.yaml").read_text()))
+    wired = [
+        task["inputs"]["parameters"].get("heldout_judge_uri")
+        for component in spec["components"].values()
+        for name, task in component.get("dag", {}).get("tasks", {}).items()
+        if task["componentRef"]["name"].startswith("comp-evaluate")
+    ]
+    assert len(wired) == 3  # dpo / kto / online DPO, or ppo / grpo / rloo
+    assert all(w == {"componentInputParameter": "pipelinechannel--heldout_judge_model"} for w in wired)
+    assert spec["root"]["inputDefinitions"]["parameters"]["heldout_judge_model"]["defaultValue"] == ""

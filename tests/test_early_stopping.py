@@ -87,6 +87,9 @@ def test_running_moments_normalise_by_every_score_so_far() -> None:
 
 def test_automatic_counts() -> None:
     assert snapshot_count(-1, use_lora=True) == 8 and snapshot_count(-1, use_lora=False) == 3
+    # full weights of a small model are cheap to keep: as many as adapters; of a large one, 3
+    assert snapshot_count(-1, use_lora=False, parameters=500_000) == 8
+    assert snapshot_count(-1, use_lora=False, parameters=7_000_000_000) == 3
     assert snapshot_count(5, use_lora=True) == 5
     config = PPOConfig(rollout_batch_size=32)
     assert planned_iterations(config, 20) == 8  # at least 8

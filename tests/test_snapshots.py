@@ -10,9 +10,9 @@ import pytest
 from preftune.train.snapshots import Snapshots, read_index, snapshot_steps
 
 
-def test_snapshot_steps_are_evenly_spread_inside_the_run() -> None:
-    assert snapshot_steps(100, 4) == [20, 40, 60, 80]
-    assert snapshot_steps(30, 4) == [6, 12, 18, 24]
+def test_snapshot_steps_are_spread_inside_the_run_denser_early() -> None:
+    assert snapshot_steps(100, 4) == [4, 16, 36, 64]  # 100 * (k / 5)^2
+    assert snapshot_steps(255, 8) == [3, 13, 28, 50, 79, 113, 154, 201]
     assert snapshot_steps(3, 4) == [1, 2]  # a short run keeps fewer; never step 0 or the final step
     assert snapshot_steps(1, 4) == []
     assert snapshot_steps(50, 0) == []
@@ -32,7 +32,7 @@ def test_index_lists_saved_snapshots_and_refuses_escapes(tmp_path: Path) -> None
     model = make_model(tokenizer)
     keeper = Snapshots(str(tmp_path / "snaps"), total_steps=9, count=2, stage="ppo")
     assert read_index(tmp_path / "snaps") == []  # an index exists from the start, empty
-    assert [s for s in range(10) if keeper.due(s)] == [3, 6]
+    assert [s for s in range(10) if keeper.due(s)] == [1, 4]  # 9 * (1/3)^2, 9 * (2/3)^2
     keeper.save(3, model, tokenizer, parent_uri="base", parameters={"lr": 1.0}, values={"kl": 0.5})
     (entry,) = read_index(tmp_path / "snaps")
     assert entry["step"] == 3 and entry["values"] == {"kl": 0.5}

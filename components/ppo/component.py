@@ -22,7 +22,7 @@ def ppo(
     iterations: int = -1,
     rollout_batch_size: int = 32,
     ppo_epochs: int = 2,
-    learning_rate: float = 1e-3,
+    learning_rate: float = -1.0,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
     top_p: float = 1.0,

@@ -132,6 +132,8 @@ def check_field(config: Any, field: dataclasses.Field) -> None:
     bounds = bounds_of(field)
     if bounds is not None and not bounds.admits(value):
         raise refuse(config, field.name, f"{field.name} must be {bounds.text()}, got {value!r}")
+    if field.metadata.get("by_lora") and value != -1 and value <= 0:
+        raise refuse(config, field.name, f"{field.name} must be {allowed(field)}, got {value!r}")
 
 
 def check(config: Any) -> None:

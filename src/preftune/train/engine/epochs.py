@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from preftune.config.shared import learning_rate_of
 from preftune.train.engine.services import (
     Engine,
     Halt,
@@ -108,7 +109,7 @@ class _EpochLoop:
             "schedulers": {name: scheduler},
         }
         self.state = EpochState(epoch_start=generator.get_state().tolist())
-        self.snapshots = engine.snapshots(total)
+        self.snapshots = engine.snapshots(total, model)
         self.skip = 0  # batches of the current epoch consumed before a resume
         # the fingerprint and token count including the batches of an unfinished accumulation window
         self.pending, self.pending_tokens = "", 0
@@ -159,7 +160,7 @@ class _EpochLoop:
             return
         if self.stopping is not None:
             self.stopping.load(self.engine.resumed_tensors)
-        retarget_learning_rate(self.optimizer, self.config.learning_rate, self.scheduler)
+        retarget_learning_rate(self.optimizer, learning_rate_of(self.config), self.scheduler)
         self.resumed_from = state.step
         self.snapshots.keep_until(state.step)
         # the saved epoch starts again, without the batches it had consumed

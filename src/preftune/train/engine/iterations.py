@@ -70,7 +70,7 @@ class _IterationLoop:
         self.engine, self.trainer, self.total = engine, trainer, total
         self.objects = {"modules": trainer.modules, "optimizers": trainer.optimizers}
         self.state = LoopState()
-        self.snapshots = engine.snapshots(total)
+        self.snapshots = engine.snapshots(total, trainer.policy)
 
     def run(self) -> Run:
         engine, state = self.engine, self.state

@@ -256,11 +256,14 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ artifacts
 
-    def snapshots(self, total: int) -> Snapshots:
-        """The snapshot plan of a run of ``total`` steps (inert without a snapshot directory)."""
+    def snapshots(self, total: int, policy: Any = None) -> Snapshots:
+        """The snapshot plan of a run of ``total`` steps (inert without a snapshot directory); ``policy`` (the
+        trained model, when given) lets the count follow what a snapshot of it costs."""
         artifact = self.artifact
         directory = artifact.snapshot_dir if artifact and self.accelerator.is_main_process else None
-        count = snapshot_count(artifact.snapshots, getattr(self.config, "use_lora", True)) if artifact else 0
+        parameters = None if policy is None else sum(p.numel() for p in policy.parameters())
+        use_lora = getattr(self.config, "use_lora", True)
+        count = snapshot_count(artifact.snapshots, use_lora, parameters) if artifact else 0
         return Snapshots(directory, total, count, stage=self.stage)
 
     def snapshot(self, snapshots: Snapshots, step: int, model: Any, values: dict[str, float] | None) -> None:

@@ -62,7 +62,7 @@ def train_grpo(
         sft_model_uri: The SFT artifact's URI for the lineage and the adapter's base (defaults to ``sft_model``).
         model_uri: Where ``model_dir`` will be published (recorded in the lineage chain).
         snapshot_dir: Where to keep ``config.num_checkpoints`` intermediate policies, saved after the updates of
-            evenly spaced iterations (preftune.train.snapshots); None keeps none.
+            iterations, denser early (preftune.train.snapshots); None keeps none.
 
     Returns:
         Metrics: ``reward_first`` / ``reward_last`` (mean reward of the answers before any KL penalty, over the

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from preftune.config.shared import learning_rate_of
 from preftune.model.sampling import eos_ids_of
 from preftune.model.templating import pad_id
 from preftune.train.engine import Engine, Halt, IterationTrainer
@@ -61,8 +62,10 @@ class PPOTrainer(IterationTrainer):
         self.prompts, self.encoded = prompts, encoded
         policy, reference, critic, reward = models
         self.eos_ids, self.pad = eos_ids_of(tokenizer, policy), pad_id(tokenizer)
-        policy_opt = make_optimizer(policy, config.learning_rate, config.weight_decay)
-        critic_opt = make_optimizer(critic, config.critic_learning_rate, config.weight_decay)
+        policy_opt = make_optimizer(policy, learning_rate_of(config), config.weight_decay)
+        critic_opt = make_optimizer(
+            critic, learning_rate_of(config, "critic_learning_rate"), config.weight_decay
+        )
         policy, critic, policy_opt, critic_opt = accelerator.prepare(policy, critic, policy_opt, critic_opt)
         if reference is not None:
             reference, reward = reference.to(accelerator.device), reward.to(accelerator.device)
@@ -167,12 +170,13 @@ class PPOTrainer(IterationTrainer):
         tenth of them at the last (a function of the iteration alone, so a resumed run has the same)."""
         done = (iteration - 1) / max(self.iterations - 1, 1)
         factor = 1.0 - 0.9 * min(done, 1.0)
-        rates = ((self.trained.policy_optimizer, self.config.learning_rate),)
-        rates += ((self.trained.critic_optimizer, self.config.critic_learning_rate),)
+        policy_rate = learning_rate_of(self.config)
+        rates = ((self.trained.policy_optimizer, policy_rate),)
+        rates += ((self.trained.critic_optimizer, learning_rate_of(self.config, "critic_learning_rate")),)
         for optimizer, base in rates:
             for group in optimizer.param_groups:
                 group["lr"] = base * factor
-        return self.config.learning_rate * factor
+        return policy_rate * factor
 
     def _keep_samples(self, iteration: int, rollout: Rollout, scores: torch.Tensor) -> None:
         rows = [
