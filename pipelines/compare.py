@@ -37,7 +37,7 @@ def compare_pipeline(
     sft_batch_size: int = 16,
     sft_max_steps: int = -1,
     dpo_epochs: int = 3,
-    dpo_learning_rate: float = -1.0,
+    dpo_learning_rate: float = 2e-4,
     dpo_batch_size: int = 16,
     dpo_beta: float = 0.1,
     dpo_loss: str = "sigmoid",
@@ -88,7 +88,7 @@ def compare_pipeline(
         sft_max_steps: Stop SFT after this many steps (-1 = all epochs).
         dpo_epochs: Most DPO passes over the training pairs; early stopping on held-out accuracy usually ends
             sooner.
-        dpo_learning_rate: DPO peak learning rate (-1 = 2e-4 with LoRA, 2e-5 with full weights).
+        dpo_learning_rate: DPO peak learning rate.
         dpo_batch_size: DPO pairs per batch, summed over all worker processes (one batch per optimisation
             step).
         dpo_beta: DPO beta: strength of the pull towards the SFT reference.

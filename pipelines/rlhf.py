@@ -53,7 +53,7 @@ def rlhf_pipeline(
     ppo_max_kl: float = 8.0,
     grpo_iterations: int = 16,
     grpo_num_generations: int = 4,
-    grpo_learning_rate: float = -1.0,
+    grpo_learning_rate: float = 5e-4,
     grpo_max_new_tokens: int = 32,
     grpo_kl_coef: float = 0.04,
     grpo_kl_penalty: str = "loss",
@@ -124,7 +124,7 @@ def rlhf_pipeline(
             rollouts pass it.
         grpo_iterations: GRPO / RLOO sampling and update rounds.
         grpo_num_generations: GRPO / RLOO answers sampled per prompt (the group each answer is judged against).
-        grpo_learning_rate: GRPO / RLOO policy learning rate (-1 = 5e-4 with LoRA, 5e-5 with full weights).
+        grpo_learning_rate: GRPO / RLOO policy learning rate.
         grpo_max_new_tokens: Most tokens per sampled answer during GRPO / RLOO.
         grpo_kl_coef: GRPO / RLOO weight of the KL to the SFT model.
         grpo_kl_penalty: Where GRPO / RLOO's KL acts: loss (a per-token term) or reward (taken off each answer's

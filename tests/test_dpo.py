@@ -153,23 +153,3 @@ def test_reference_scores_match_one_pair_at_a_time(sft: str, pairs: str) -> None
             assert f["ref_chosen_logps"] == pytest.approx(float(chosen[0]), abs=1e-4)
             assert f["ref_rejected_logps"] == pytest.approx(float(rejected[0]), abs=1e-4)
             assert f["ref_chosen_logps"] != f["ref_rejected_logps"]
-
-
-@pytest.mark.parametrize(("use_lora", "expected"), [(True, 2e-4), (False, 2e-5)])
-def test_the_default_learning_rate_follows_use_lora(
-    sft: str, pairs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_lora: bool, expected: float
-) -> None:
-    """-1 (the default) trains all weights at a tenth of LoRA's rate: the optimiser gets the resolved rate."""
-    from preftune.train import dpo as dpo_module
-
-    seen = []
-    real = dpo_module.make_optimizer
-
-    def spy(model, learning_rate, weight_decay):  # noqa: ANN001, ANN202 - the patched function's own shape
-        seen.append(learning_rate)
-        return real(model, learning_rate, weight_decay)
-
-    monkeypatch.setattr(dpo_module, "make_optimizer", spy)
-    config = _config(learning_rate=-1.0, use_lora=use_lora, max_steps=1, warmup_ratio=0.0)
-    train_dpo(sft, pairs, pairs, str(tmp_path / "m"), str(tmp_path / "r.html"), config)
-    assert seen == [pytest.approx(expected)]

@@ -242,3 +242,26 @@ def test_config_errors_name_the_field() -> None:
         validate(_config(mini_batch_size=64))
     with pytest.raises(ValueError, match="top_p"):
         validate(_config(top_p=0.0))
+
+
+@pytest.mark.parametrize(("use_lora", "expected"), [(True, 1e-3), (False, 1e-4)])
+def test_default_learning_rates_follow_use_lora(
+    world: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_lora: bool, expected: float
+) -> None:
+    """-1 (the default) trains all weights at a tenth of LoRA's rates: the optimisers get the resolved ones."""
+    from preftune.train.ppo import trainer
+
+    seen = []
+    real = trainer.make_optimizer
+
+    def spy(model, learning_rate, weight_decay):  # noqa: ANN001, ANN202 - the patched function's own shape
+        seen.append(learning_rate)
+        return real(model, learning_rate, weight_decay)
+
+    monkeypatch.setattr(trainer, "make_optimizer", spy)
+    config = _config(iterations=1, rollout_batch_size=8, use_lora=use_lora, learning_rate=-1.0)
+    config.critic_learning_rate = -1.0
+    train_ppo(
+        world["sft"], world["reward"], world["prompts"], str(tmp_path / "m"), str(tmp_path / "r"), config
+    )
+    assert seen == [pytest.approx(expected)] * 2  # policy, critic

@@ -22,7 +22,7 @@ def dpo(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     epochs: int = 3,
-    learning_rate: float = -1.0,
+    learning_rate: float = 2e-4,
     batch_size: int = 16,
     max_length: int = 256,
     use_lora: bool = True,

@@ -25,7 +25,7 @@ def grpo(
     num_generations: int = 4,
     mini_batch_size: int = 16,
     update_epochs: int = 1,
-    learning_rate: float = -1.0,
+    learning_rate: float = 5e-4,
     max_prompt_length: int = 128,
     max_new_tokens: int = 32,
     temperature: float = 1.0,

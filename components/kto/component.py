@@ -23,7 +23,7 @@ def kto(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     epochs: int = 1,
-    learning_rate: float = -1.0,
+    learning_rate: float = 2e-4,
     batch_size: int = 16,
     max_length: int = 256,
     use_lora: bool = True,

@@ -173,7 +173,7 @@ class GRPOConfig:
         "Passes over each iteration's answers (more than 1 reuses samples, which the clip then bounds).",
         low=1,
     )
-    learning_rate: float = shared.lora_scaled_learning_rate(5e-4, "Policy learning rate (constant)")
+    learning_rate: float = _positive(5e-4, "Policy learning rate (constant).")
     weight_decay: float = shared.weight_decay()
     max_grad_norm: float = shared.max_grad_norm()
     max_prompt_length: int = max_prompt_length()

@@ -24,9 +24,7 @@ class KTOConfig:
     """Hyper-parameters of KTO."""
 
     epochs: int = shared.epochs(1, "training examples")
-    learning_rate: float = shared.lora_scaled_learning_rate(
-        2e-4, "Peak learning rate (linear warm-up, then linear decay)"
-    )
+    learning_rate: float = shared.learning_rate(2e-4)
     beta: float = param(
         0.1, "Strength of the pull towards the reference (higher = stay closer).", low=0, low_inclusive=False
     )

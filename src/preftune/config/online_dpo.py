@@ -33,7 +33,7 @@ class OnlineDPOConfig:
     num_generations: int = grpo.num_generations()
     batch_size: int = param(8, "Pairs per optimisation step, summed over all worker processes.", low=1)
     dpo_epochs: int = param(2, "Passes over each round's pairs.", low=1)
-    learning_rate: float = shared.lora_scaled_learning_rate(5e-4, "Policy learning rate (constant)")
+    learning_rate: float = param(5e-4, "Policy learning rate (constant).", low=0, low_inclusive=False)
     beta: float = param(
         0.1, "Strength of the pull towards the SFT model (higher = stay closer).", low=0, low_inclusive=False
     )

@@ -25,7 +25,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from preftune.config.dpo import DPOConfig, validate
-from preftune.config.shared import learning_rate_of
 from preftune.io import storage
 from preftune.model import modeling
 from preftune.model.losses import dpo_loss, sequence_logprobs
@@ -361,7 +360,7 @@ def train_dpo(
     train_features = load_pair_features(train_pairs, tokenizer, config.max_length)
     eval_features = load_pair_features(eval_pairs, tokenizer, config.max_length)
     model, config, collator = _policy(sft_model, tokenizer, config, accelerator.device)
-    optimizer = make_optimizer(model, learning_rate_of(config), config.weight_decay)
+    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     with engine.autocast():  # the reference computes as the policy's training forward will
         ref_seconds = _reference_pass(

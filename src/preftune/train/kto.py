@@ -33,7 +33,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from preftune.config.kto import KTOConfig, validate
-from preftune.config.shared import learning_rate_of
 from preftune.data.records import to_messages
 from preftune.io import storage
 from preftune.model import modeling
@@ -365,7 +364,7 @@ def train_kto(
     counts = balance(train_features, config)
     model = ready_for_training(modeling.prepare_for_training(sft_model, **lora_options(config)), config)
     reference = _load_reference(sft_model, config)
-    optimizer = make_optimizer(model, learning_rate_of(config), config.weight_decay)
+    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     if reference is not None:
         reference = reference.to(accelerator.device)

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from preftune.config.shared import learning_rate_of
 from preftune.model.policy_losses import ESTIMATORS, sequence_kl
 from preftune.model.sampling import eos_ids_of
 from preftune.model.templating import pad_id
@@ -99,7 +98,7 @@ class GroupRLTrainer(IterationTrainer):
         self.config, self.accelerator, self.tokenizer, self.rewards = config, accelerator, tokenizer, rewards
         self.prompts, self.records, self.encoded = prompts, records, encoded
         self.eos_ids, self.pad = eos_ids_of(tokenizer, policy), pad_id(tokenizer)
-        optimizer = make_optimizer(policy, learning_rate_of(config), config.weight_decay)
+        optimizer = make_optimizer(policy, config.learning_rate, config.weight_decay)
         policy, optimizer = accelerator.prepare(policy, optimizer)
         self.reference = reference.to(accelerator.device) if reference is not None else None
         if rewards.model is not None:
