@@ -20,7 +20,7 @@ REGISTRY ?= $(PIPELINE_ROOT)/registry
 IMAGE ?= localhost/preftune:0.1.0-cpu
 CONTAINER_TOOLS := /usr/bin/podman /usr/sbin/runc /usr/sbin/debootstrap
 
-.PHONY: venv tools demo test lint compile figures bench clean image
+.PHONY: venv tools demo test lint compile figures bench bench-alignment clean image
 
 # The runtime dependencies install at the versions the image pins (containers/requirements.lock), so a fresh
 # machine tests exactly what the image carries and what components/*/metadata.yaml says was verified.
@@ -96,6 +96,10 @@ test: $(STAMP) $(TOOLS_STAMP) $(MLFLOW_STAMP) $(CHROMIUM) image
 QUICK ?=
 bench: $(STAMP)
 	PYTHONPATH=. $(BIN)/python -m benchmarks $(if $(QUICK),--quick,)
+
+# Issue 16's alignment-quality benchmark: DPO and RLHF on defaults, two tasks labelled by outside scorers.
+bench-alignment: $(STAMP)
+	PYTHONPATH=. $(BIN)/python -m benchmarks.alignment
 
 clean:
 	rm -rf $(PIPELINE_ROOT) build dist .pytest_cache .ruff_cache
