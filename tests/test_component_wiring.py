@@ -47,6 +47,8 @@ def changed(name: str, value: object, component: str) -> object:
         return not value
     if isinstance(value, str):
         return value + "-changed"
+    if field is not None and field.metadata.get("by_lora"):
+        return 3e-3  # -1 = the default by use_lora; anything else must be positive
     candidates = [value + 3, value + 1] if isinstance(value, int) else [value + 0.25, value / 2]
     bounds = bounds_of(field) if field is not None else None
     return next(c for c in candidates if bounds is None or bounds.admits(c))
