@@ -118,7 +118,7 @@ def test_snapshots_become_the_reward_vs_kl_path(dpo_run: dict) -> None:
     evaluation = dpo_run["steps"]["evaluate"]["metrics"]
     assert evaluation["frontier_points"] == 3  # no judge: the snapshots and the final model, by accuracy
     report = Path(dpo_run["steps"]["evaluate"]["artifacts"]["report"]).read_text(encoding="utf-8")
-    assert "Reward vs KL over training" in report and "<td>step 10</td>" in report
+    assert "Reward vs KL over training" in report and "<td>step 13</td>" in report
 
 
 @pytest.mark.slow

@@ -486,7 +486,7 @@ def test_every_snapshot_is_a_point_of_the_frontier(full_eval: dict) -> None:
     metrics = full_eval["metrics"]
     assert metrics["frontier_points"] == 4  # the reference, two snapshots, the final model
     html = full_eval["report"].read_text(encoding="utf-8")
-    for label in ("reference", "step 1", "step 3", "final"):
+    for label in ("reference", "step 1", "step 2", "final"):
         assert f"<td>{label}</td>" in html
     assert "Judge reward vs KL to the reference" not in html  # the title is inside the chart image
     assert "Reward vs KL over training" in html
@@ -583,7 +583,7 @@ def test_selection_picks_a_snapshot_inside_the_bounds_when_the_final_policy_is_o
         by_label["final"]["in_bounds"] is False and "kl_candidate_reference" in by_label["final"]["why_not"]
     )
     (chosen,) = [p for p in points if p.get("chosen")]
-    assert chosen["label"] in ("step 1", "step 3") and chosen["in_bounds"] and chosen["kl"] <= bound
+    assert chosen["label"] in ("step 1", "step 2") and chosen["in_bounds"] and chosen["kl"] <= bound
     assert metrics["selected_final"] == 0 and metrics["selected_step"] == chosen["step"]
     assert metrics["kl_candidate_reference"] == pytest.approx(chosen["kl"])
     assert metrics["selection_points"] == 3 and metrics["selection_in_bounds"] >= 1

@@ -124,7 +124,7 @@ def test_online_dpo_raises_the_judge_s_reward_against_the_sft_reference(
         lineage["stage"] == "online_dpo" and lineage["parent"] == world["sft"] and lineage["adapter"] is True
     )
     assert lineage["parameters"]["rounds"] == 10 and lineage["parameters"]["num_generations"] == 4
-    assert [s["step"] for s in read_index(tmp_path / "snapshots")] == [3, 7]
+    assert [s["step"] for s in read_index(tmp_path / "snapshots")] == [1, 4]  # denser early
     html = report.read_text()
     assert "Online DPO training" in html and "ln 2 = 0.6931 expected" in html and "chosen_score" in html
 

@@ -185,11 +185,12 @@ def read_run(path: Path) -> RunInfo | None:
 
 
 def runs_under(root: Path) -> Iterator[RunInfo]:
-    """Every run directory directly under ``root``, oldest first by their recorded creation time."""
+    """Every run directory directly under ``root``, oldest first by their recorded creation time (to the
+    nanosecond where recorded: two runs can start in the same second)."""
     if not root.is_dir():
         return iter(())
     found = [run for child in root.iterdir() if child.is_dir() and (run := read_run(child))]
-    return iter(sorted(found, key=lambda run: (run.created, run.run_id)))
+    return iter(sorted(found, key=lambda run: (run.created, run.record.get("created_ns", 0), run.run_id)))
 
 
 def find_run(root: Path, ref: str) -> RunInfo:

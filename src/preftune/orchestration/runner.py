@@ -407,6 +407,7 @@ def _open_run(
             "run_id": run_dir.name,
             "pipeline": pipeline.name,
             "created": now(),
+            "created_ns": time.time_ns(),  # orders runs started within the same second
             "parameters": resolve_arguments(pipeline, overrides),
             "cache_root": str(root / CACHE if cache else run_dir / CACHE),
         }
