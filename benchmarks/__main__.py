@@ -40,6 +40,11 @@ FULL = {
         0.8,
     ),
     "ppo-lora": ("ppo", {"iterations": 8, "use_lora": True}, None, None),
+    # issue 19: GRPO, RLOO and KTO against TRL's trainers; sampled (GRPO, RLOO) or trained (KTO) tokens/s
+    "grpo-lora": ("grpo", {"estimator": "grpo", "iterations": 8, "use_lora": True}, 1.5, 1.0),
+    "rloo-lora": ("grpo", {"estimator": "rloo", "iterations": 8, "use_lora": True}, 1.5, 1.0),
+    "kto-lora": ("kto", {"pairs": 256, "use_lora": True}, 1.5, 1.0),
+    "kto-full": ("kto", {"pairs": 256, "use_lora": False}, 1.5, 1.0),
     **{
         f"{name}-125m-t{threads}": (task, {**kwargs, "model": "125m", "threads": threads}, goal, mem_goal)
         for threads in (1, 2)
@@ -49,6 +54,8 @@ FULL = {
             "reward-full": ("reward", {"pairs": 64, "use_lora": False}, 1.5, 0.7),
             "dpo-full": ("dpo", {"pairs": 64, "use_lora": False}, 2.0, 0.7),
             "ppo": ("ppo", {"iterations": 2, "use_lora": True}, None, None),
+            # issue 22 with issue 19's goal; LoRA, as PPO's row: 2 iterations of 4 prompts x 4 answers
+            "grpo-lora": ("grpo", {"iterations": 2, "prompts": 4, "use_lora": True}, 1.5, 1.0),
         }.items()
     },
 }
@@ -60,6 +67,10 @@ QUICK = {
     "reward-lora": ("reward", {"pairs": 96, "use_lora": True}, 1.3, None),
     "sft-lora": ("sft", {"examples": 96, "use_lora": True}, 1.2, None),
     "ppo-lora": ("ppo", {"iterations": 2, "use_lora": True}, None, None),
+    "grpo-lora": ("grpo", {"estimator": "grpo", "iterations": 2, "use_lora": True}, 1.5, 1.0),
+    "rloo-lora": ("grpo", {"estimator": "rloo", "iterations": 2, "use_lora": True}, 1.5, 1.0),
+    "kto-lora": ("kto", {"pairs": 48, "use_lora": True}, 1.5, 1.0),
+    "kto-full": ("kto", {"pairs": 48, "use_lora": False}, 1.5, 1.0),
 }
 #: PPO goals (issue 7): generation's share of an iteration, and our rollout against a bare generate.
 #: Issue 22 raised the rollout goal to 0.95x.
@@ -201,8 +212,10 @@ def flops(task: str, r: dict[str, Any], ceiling: dict[str, Any]) -> float | None
         return 8.0 * body * r["useful_tokens"] + 8.0 * head * r["scored_tokens"]
     if task == "reward":
         return 6.0 * body * r["useful_tokens"]
-    if task == "ppo":
-        return None  # generation, four scoring passes and two trained models: no single-model MFU
+    if task in ("ppo", "grpo"):
+        return None  # generation, several scoring passes and training: no single-model MFU
+    if task == "kto":
+        return None  # the mismatched answers' passes sit outside the useful tokens: no formula stated
     return 6.0 * (body + head) * r["useful_tokens"]
 
 
@@ -215,6 +228,12 @@ def main() -> None:
         default="",
         help="comma-separated scenario names or parts of names ('125m': the ~125M rows, 't2': the 2-thread "
         "ones); 'import' is the preference import at scale",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only (full sizes): also merge the rows run into the committed results.json, replacing rows "
+        "of the same names and keeping the others, with this run's machine and load noted under 'merged'",
     )
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument(
@@ -252,6 +271,22 @@ def main() -> None:
         data_import.main(["--quick"] if args.quick else [])
 
 
+def alternate(
+    name: str, task: str, kwargs: dict[str, Any], repeats: int, started: float
+) -> dict[str, list[dict[str, Any]]]:
+    """``repeats`` measurements per side, ours and TRL's alternating which goes first, so load hits both alike."""
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+    for i in range(repeats):
+        for impl in ("ours", "trl") if i % 2 == 0 else ("trl", "ours"):
+            runs[impl].append(worker({"task": task, "impl": impl, **kwargs}))
+        print(
+            f"  {name}: run {i + 1}/{repeats} ours {runs['ours'][-1]['seconds']:.2f}s "
+            f"trl {runs['trl'][-1]['seconds']:.2f}s  [{time.time() - started:.0f}s elapsed]",
+            flush=True,
+        )
+    return runs
+
+
 def run(args: argparse.Namespace) -> None:
     scenarios = QUICK if args.quick else FULL
     if args.only:
@@ -283,18 +318,9 @@ def run(args: argparse.Namespace) -> None:
 
     rows = []
     for name, (task, kwargs, goal, mem_goal) in scenarios.items():
-        if task == "ppo":  # the cached reward model is built here, not inside a measured process
-            worker({"task": "ppo", "impl": "prepare", "model": kwargs.get("model", "tiny")})
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
-        repeats = min(args.repeats, REPEATS.get(name, args.repeats))
-        for i in range(repeats):
-            for impl in ("ours", "trl") if i % 2 == 0 else ("trl", "ours"):
-                runs[impl].append(worker({"task": task, "impl": impl, **kwargs}))
-            print(
-                f"  {name}: run {i + 1}/{repeats} ours {runs['ours'][-1]['seconds']:.2f}s "
-                f"trl {runs['trl'][-1]['seconds']:.2f}s  [{time.time() - started:.0f}s elapsed]",
-                flush=True,
-            )
+        if task in ("ppo", "grpo"):  # cached models are built here, not inside a measured process
+            worker({"task": task, "impl": "prepare", "model": kwargs.get("model", "tiny")})
+        runs = alternate(name, task, kwargs, min(args.repeats, REPEATS.get(name, args.repeats)), started)
         row = summarise(name, task, kwargs, goal, mem_goal, runs, ceilings[ceiling_key(kwargs)], gate)
         if task == "ppo":
             processes = 1 if args.quick or "threads" in kwargs else 3
@@ -336,12 +362,44 @@ def run(args: argparse.Namespace) -> None:
         "dpo_ablations": ablations,
         "seconds": time.time() - started,
     }
-    # Only a full run of every scenario replaces the committed results; a quick or partial one goes beside them.
+    write_results(args, out)
+
+
+def write_results(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Only a full run of every scenario replaces the committed results; a quick or partial one goes beside
+    them, and ``--merge`` then also puts a partial run's rows into the committed results."""
+    rows = out["rows"]
     stem = "results-quick" if args.quick else "results-partial" if args.only else "results"
     (HERE / f"{stem}.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
-    print_table(rows, ablations)
+    print_table(rows, out["dpo_ablations"])
     plot(rows, HERE / f"{stem}.png")
     print(f"wrote {HERE / f'{stem}.json'} and {HERE / f'{stem}.png'} in {out['seconds']:.0f}s")
+    if args.merge and args.only and not args.quick:
+        merged = merge(json.loads((HERE / "results.json").read_text(encoding="utf-8")), out)
+        (HERE / "results.json").write_text(json.dumps(merged, indent=2), encoding="utf-8")
+        plot(merged["rows"], HERE / "results.png")
+        print(f"merged {len(rows)} row(s) into {HERE / 'results.json'} and {HERE / 'results.png'}")
+
+
+def merge(committed: dict[str, Any], partial: dict[str, Any]) -> dict[str, Any]:
+    """``committed`` with ``partial``'s rows in place of rows of the same names (new ones appended in the order
+    of :data:`FULL`), its ceilings and gate entries added, and its run noted under ``merged`` (scenarios,
+    machine with load average, repeats, seconds), so the top-level run description stays the full run's."""
+    fresh = {r["scenario"]: r for r in partial["rows"]}
+    rows = [fresh.pop(r["scenario"], r) for r in committed["rows"]]
+    order = list(FULL)
+    rows += sorted(fresh.values(), key=lambda r: order.index(r["scenario"]) if r["scenario"] in order else 0)
+    note = {k: partial[k] for k in ("machine", "repeats", "threads", "forked", "seconds")}
+    return {
+        **committed,
+        "gate": {**partial["gate"], **committed["gate"]},
+        "ceilings": {**committed["ceilings"], **partial["ceilings"]},
+        "rows": rows,
+        "merged": [
+            *committed.get("merged", []),
+            {"scenarios": [r["scenario"] for r in partial["rows"]], **note},
+        ],
+    }
 
 
 def summarise(name, task, kwargs, goal, mem_goal, runs, ceiling, gate) -> dict[str, Any]:
@@ -362,9 +420,11 @@ def summarise(name, task, kwargs, goal, mem_goal, runs, ceiling, gate) -> dict[s
             ),
             "all_tokens_per_s": tps,
         }
-        if task == "ppo":
+        if task in ("ppo", "grpo"):
             for key in ("seconds_per_iteration", "generation_share"):
                 row[impl][key] = statistics.median(r[key] for r in results)
+        if task in ("grpo", "kto"):  # sampled answers / trained examples: equal on both sides by design
+            row[impl]["examples"] = statistics.median(r["examples"] for r in results)
     gate_key = "dpo" if task == "dpo" else "reward" if task == "reward" else None
     row["correct"] = gate[gate_key]["ok"] if gate_key else None
     if row["correct"] is False:
@@ -430,10 +490,26 @@ def print_table(rows, ablations) -> None:
             f"  rollout vs bare generate {rollout['ratio']:.2f}x ({rollout['ours_tokens_per_s']:.0f} vs "
             f"{rollout['bare_tokens_per_s']:.0f} tok/s; goal >= {PPO_ROLLOUT_RATIO_GOAL}x)"
         )
+    print_group_rl(rows)
     if ablations:
         print("\nDPO levers (ours, tiny model, LoRA):")
         for a in ablations:
             print(f"  {a['levers']:<28}{a['tokens_per_s']:>9.0f} tok/s {a['peak_rss_mb']:>7.0f} MiB")
+
+
+def print_group_rl(rows: list[dict[str, Any]]) -> None:
+    """The GRPO / RLOO rows' detail: answers sampled per side, seconds per iteration, generation share."""
+    for r in rows:
+        if r["task"] != "grpo":
+            continue
+        ours, trl = r["ours"], r["trl"]
+        print(
+            f"\n{r['scenario']} (tok/s = sampled tokens per second of the training loop; answers sampled: ours "
+            f"{ours['examples']:.0f}, TRL {trl['examples']:.0f}):\n"
+            f"  seconds per iteration  ours {ours['seconds_per_iteration']:.2f}  TRL "
+            f"{trl['seconds_per_iteration']:.2f}\n"
+            f"  generation share       ours {ours['generation_share']:.1%}  TRL {trl['generation_share']:.1%}"
+        )
 
 
 def plot(rows, path: Path) -> None:
