@@ -217,16 +217,21 @@ class KTOTrainer(EpochTrainer):
         self.eval_loader = eval_loader
         self.state = KTOState()
         self.reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
+        # Eval mode for the reference pass only matters with dropout or activation checkpointing on; otherwise
+        # the switch there and back (a walk over every module, twice a step) changes nothing but the time.
+        self.switch_mode = not config.disable_dropout or config.gradient_checkpointing
 
     def _reference(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The SFT model's log-probs of the batch's answers and mismatched answers (no gradients)."""
         config = self.config
         ref = self.reference if self.reference is not None else self.accelerator.unwrap_model(model)
         was_training = ref.training
-        ref.eval()
+        if self.switch_mode:
+            ref.eval()
         with torch.no_grad(), adapter_off(ref) if self.reference is None else nullcontext():
             out = pair_logprobs(ref, batch, fused_head=config.fused_head, chunk_size=config.head_chunk_size)
-        ref.train(was_training)
+        if self.switch_mode:
+            ref.train(was_training)
         return out
 
     def _parts(
