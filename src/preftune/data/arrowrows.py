@@ -22,8 +22,9 @@ MAX_ROW_GROUP_BYTES = 2 << 30
 BATCH_ROWS = 4096
 
 
-def parquet_batches(file_uri: str) -> Iterator[Any]:
-    """Record batches of one parquet file; TextFormatError for a file that is not readable parquet."""
+def parquet_batches(file_uri: str, batch_rows: int = BATCH_ROWS) -> Iterator[Any]:
+    """Record batches of one parquet file (``batch_rows`` rows each); TextFormatError for a file that is not
+    readable parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -35,7 +36,7 @@ def parquet_batches(file_uri: str) -> Iterator[Any]:
         try:
             parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
             _check_row_groups(parquet.metadata)
-            yield from parquet.iter_batches(batch_size=BATCH_ROWS)
+            yield from parquet.iter_batches(batch_size=batch_rows)
         except (pa.ArrowException, OSError) as exc:
             raise TextFormatError(f"not a readable parquet file ({exc})") from exc
 

@@ -22,7 +22,7 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
-from preftune.data import formats, labelstudio, pairing, parallel, readers, records, spill
+from preftune.data import formats, labelstudio, pairbatch, pairing, parallel, readers, records, spill
 from preftune.data.checkpoints import SuiteResult, Validator
 from preftune.data.importing import Items, Rejections, Units, meta_field, rank_key
 from preftune.data.sources import SourceFile
@@ -165,7 +165,8 @@ class Feedback:
 
     def read_one(self, file_index: int, source_file: SourceFile, fmt: str, only: str = "") -> str:
         """Every row of one file; returns its format (with ``only``, a file of another format is not read)."""
-        rows = source_file.rows("reject")
+        reader = source_file.rows("reject")
+        rows: Iterator[readers.RawRow] = reader
         file_fmt = fmt
         if fmt == "auto":
             head = _head(rows)
@@ -179,6 +180,16 @@ class Feedback:
         if file_fmt != "pairwise":
             for raw in rows:
                 self._take(file_index, raw, file_fmt)
+            return file_fmt
+        blocks = source_file.blocks()
+        if blocks is not None:
+            if fmt != "auto":
+                _head(
+                    reader
+                )  # a file none of whose first lines reads is refused, as the row reader refuses it
+            reader.close()
+            for block in blocks:
+                self._pairwise_block(file_index, block)
             return file_fmt
         batch: list[readers.RawRow] = []
         for raw in rows:
@@ -208,12 +219,46 @@ class Feedback:
         self.units.formats[file_index] = "pairwise"
         self.file_formats[source_file.name] = "pairwise"
 
+    def _pairwise_block(self, file_index: int, block: Any) -> None:
+        """A block of pairwise rows (:mod:`blocks`): the rows :mod:`pairbatch` makes column-wise, the others
+        through the row path, each run of rows in order, so the result is the row path's."""
+        import numpy as np
+
+        first_unit = len(self.units)
+        self.units.extend_rows(file_index, block.rows)
+        if block.table is None:
+            self._pairwise_rows(first_unit, block.raw_rows(0, len(block.rows)))
+            return
+        built = pairbatch.build(
+            block.table,
+            block.rows,
+            first_unit,
+            encode_basestring(block.name),
+            self.settings.seed,
+            block.lines(),
+            block.meta_exact,
+        )
+        taken = built.taken
+        edges = [0, *(np.flatnonzero(taken[1:] != taken[:-1]) + 1).tolist(), len(taken)]
+        before = np.concatenate(([0], np.cumsum(taken))).tolist()
+        for start, stop in zip(edges, edges[1:], strict=False):
+            if not taken[start]:
+                self._pairwise_rows(first_unit + start, block.raw_rows(start, stop))
+                continue
+            a, b = before[start], before[stop]
+            numbers = {name: values[a:b] for name, values in built.columns.items()}
+            self.items.extend_arrays(built.text(a, b), b - a, numbers)
+
     def _pairwise(self, file_index: int, batch: list[readers.RawRow]) -> None:
-        """A batch of pairwise rows: each one pair (or rejected), written to the spill and columns in one go --
-        the hot path of a large import, so per-row work is kept to the row's own."""
-        units, items, seed = self.units, self.items, self.settings.seed
-        first_unit = len(units)
-        units.extend(file_index, [raw.row for raw in batch])
+        """A batch of pairwise rows read row by row: each one pair (or rejected)."""
+        first_unit = len(self.units)
+        self.units.extend(file_index, [raw.row for raw in batch])
+        self._pairwise_rows(first_unit, batch)
+
+    def _pairwise_rows(self, first_unit: int, batch: list[readers.RawRow]) -> None:
+        """Pairwise rows whose units start at ``first_unit``: each one pair (or rejected), written to the spill and
+        columns in one go, so per-row work is kept to the row's own."""
+        items, seed = self.items, self.settings.seed
         lines: list[str] = []
         numbers: list[tuple[int, int, int, int, int, int, int, float]] = []
         ids: list[int] = []

@@ -99,6 +99,14 @@ class Units:
         columns["file"].extend([file_index] * len(rows))
         columns["row"].extend(rows)
 
+    def extend_rows(self, file_index: int, rows: Any) -> None:
+        """Rows of one file, in order, none of them an annotation (numpy row numbers)."""
+        import numpy as np
+
+        columns = self.columns.arrays
+        columns["file"].frombytes(np.full(len(rows), file_index, dtype=np.int32).tobytes())
+        columns["row"].frombytes(np.asarray(rows, dtype=np.uint32).tobytes())
+
     def __len__(self) -> int:
         return len(self.columns["row"])
 
@@ -268,6 +276,16 @@ class Items:
         columns["flags"].extend(flags)
         columns["margin"].extend(margin)
         self.block = max(self.block, lead[-1] + 1)
+
+    def extend_arrays(self, data: Any, count: int, numbers: Mapping[str, Any]) -> None:
+        """Pairs made one per row, a batch at once (:mod:`pairbatch`): ``count`` spill lines already encoded (each
+        ending in a newline) and every column as a numpy array."""
+        import numpy as np
+
+        self.spill.write_bytes(data, count)
+        for name, values in self.columns.arrays.items():
+            values.frombytes(np.ascontiguousarray(numbers[name], dtype=values.typecode).tobytes())
+        self.block = max(self.block, int(numbers["lead"][-1]) + 1)
 
     def add(self, line: str, units: str, item_id: int, rank: int, lead: int) -> None:
         """One item (its other columns are appended by the caller)."""

@@ -185,12 +185,17 @@ def data_files(uri: str) -> tuple[list[tuple[str, str]], list[str]]:
 # ---------------------------------------------------------------------------------------------- formats
 
 
+def problem_row(name: str, number: int, problem: Problem, raw: str | None) -> RawRow:
+    """An unreadable row as the importers take it (``on_error="reject"``): its reason, detail and text."""
+    return RawRow(name, number, None, problem.reason, problem.detail, raw)
+
+
 def _problem_row(name: str, number: int, problem: Problem, raw: str | None, on_error: OnError) -> RawRow:
     if on_error == "raise":
         raise DataFormatError(
             problem.detail, file=name, row=number, field=problem.field, reason=problem.reason
         )
-    return RawRow(name, number, None, problem.reason, problem.detail, raw)
+    return problem_row(name, number, problem, raw)
 
 
 def jsonl_rows(

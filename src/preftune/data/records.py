@@ -297,6 +297,11 @@ def _meta(record: Mapping[str, Any], consumed: Iterable[str]) -> dict[str, Any]:
     return jsonable(meta)
 
 
+def row_meta(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A pairwise row's meta: every column besides the pair's own (prompt, chosen, rejected, margin)."""
+    return _meta(record, PREFERENCE_FIELDS)
+
+
 def _check_prompt(prompt: list[dict[str, str]], file: str, row: int, field: str) -> None:
     """The contract's prompt ends with a user turn (the model answers it)."""
     if prompt and prompt[-1]["role"] != "user":

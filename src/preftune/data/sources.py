@@ -53,6 +53,12 @@ class SourceFile:
             return
         yield from readers.arrow_rows(self._batches(), self.name, on_error, wanted)
 
+    def blocks(self) -> Iterator[Any] | None:
+        """Its rows a block at a time (:mod:`blocks`), or None when it is read row by row."""
+        from preftune.data import blocks
+
+        return blocks.file_blocks(self.uri, self.name) if self.kind == "file" else None
+
     def _batches(self) -> Iterator[Any]:
         datasets = _datasets()
         if self.kind == "saved":

@@ -83,6 +83,13 @@ class LineSpill:
         self.handle.write("".join(lines))
         self.lines += len(lines)
 
+    def write_bytes(self, data: Any, lines: int) -> None:
+        """``lines`` lines already encoded, each ending in a newline (a buffer: Arrow's, bytes)."""
+        assert self.handle is not None, "the spill was already closed for reading"
+        self.handle.flush()
+        self.handle.buffer.write(data)
+        self.lines += lines
+
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
@@ -118,6 +125,10 @@ class Segments:
     def write_many(self, lines: list[str]) -> None:
         self.current.write_many(lines)
         self.lines += len(lines)
+
+    def write_bytes(self, data: Any, lines: int) -> None:
+        self.current.write_bytes(data, lines)
+        self.lines += lines
 
     def adopt(self, path: Path, lines: int, offset: int) -> None:
         """Splice in a finished spill file whose unit ids start at 0 (they become ``offset`` on)."""

@@ -146,3 +146,26 @@ def read_document(stream: io.BufferedIOBase) -> bytes:
             f"a JSON array larger than {MAX_DOCUMENT_BYTES >> 20} MiB is not read whole; write it as JSON Lines"
         )
     return data
+
+
+def line_chunks(stream: io.BufferedIOBase, size: int = 4 << 20) -> Iterator[tuple[int, bytes]]:
+    """Whole lines about ``size`` bytes at a time: ``(lines before the chunk, chunk)``, every chunk ending in a
+    newline (one is added after a last line without). The same bound as :func:`lines`: TextFormatError for a line
+    longer than :data:`MAX_LINE_BYTES`."""
+    number = 0
+    pending = b""
+    while True:
+        data = stream.read(size)
+        if not data:
+            break
+        data = pending + data if pending else data
+        end = data.rfind(b"\n") + 1
+        if end:
+            chunk = data[:end]
+            yield number, chunk
+            number += chunk.count(b"\n")
+        pending = data[end:]
+        if len(pending) > MAX_LINE_BYTES:
+            raise TextFormatError(f"line longer than {MAX_LINE_BYTES >> 20} MiB", number + 1)
+    if pending:
+        yield number, pending + b"\n"
