@@ -257,8 +257,32 @@ class Validator:
         self.import_seconds = 0.0
         self._gx: Any = None
         self._context: Any = None
+        self._loading: Any = None
+
+    def preload(self) -> None:
+        """Start importing great-expectations in a thread, while the import reads its rows: its ~5 s of module
+        loading then overlaps reading, which spends most of its time in Arrow kernels, file I/O and worker
+        processes. The modules the read itself imports are imported first, here, so that the two threads never
+        import one module at once."""
+        import concurrent.futures
+        import multiprocessing
+        import threading
+
+        import numpy
+        import pyarrow.compute
+        import pyarrow.json
+        import pyarrow.parquet
+
+        del concurrent, multiprocessing, numpy, pyarrow  # imported for their side effect: loaded here, first
+
+        if self._loading is None and self._gx is None:
+            self._loading = threading.Thread(target=load_great_expectations, daemon=True)
+            self._loading.start()
 
     def _start(self) -> Any:
+        if self._loading is not None:
+            self._loading.join()
+            self._loading = None
         if self._gx is None:
             self._gx, self.import_seconds = load_great_expectations()
             self._context = _context(self._gx)

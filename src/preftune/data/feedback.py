@@ -213,7 +213,7 @@ class Feedback:
             if name == "lead":
                 data = (np.frombuffer(data, dtype=np.int32) + offset).astype(np.int32).tobytes()
             values.frombytes(data)
-        self.items.spill.adopt(where / "pairs.spill", result.lines, offset)
+        self.items.spill.adopt_parts(list(result.parts), offset)
         for unit, reasons, detail, record in parallel.rejected(result):
             self.rejections.add(unit + offset, reasons, detail, record)
         self.units.formats[file_index] = "pairwise"
@@ -247,7 +247,7 @@ class Feedback:
                 continue
             a, b = before[start], before[stop]
             numbers = {name: values[a:b] for name, values in built.columns.items()}
-            self.items.extend_arrays(built.text(a, b), b - a, numbers)
+            self.items.extend_arrays(*built.text(a, b), b - a, numbers)
 
     def _pairwise(self, file_index: int, batch: list[readers.RawRow]) -> None:
         """A batch of pairwise rows read row by row: each one pair (or rejected)."""
@@ -527,11 +527,12 @@ def read_worker(
     collected.close()
     if file_fmt != "pairwise":
         return parallel.FileResult(file_fmt)
-    items.spill.current.close()
+    items.spill.close()
     for name, values in {**items.columns.arrays, "rows": units.columns["row"]}.items():
         (where / f"{name}.col").write_bytes(values.tobytes())
-    items.spill.parts[0][0].path.rename(where / "pairs.spill")
-    return parallel.FileResult("pairwise", len(units), items.spill.lines, str(where))
+    return parallel.FileResult(
+        "pairwise", len(units), items.spill.lines, str(where), tuple(items.spill.parts)
+    )
 
 
 class _Collected:

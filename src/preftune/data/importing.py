@@ -161,6 +161,12 @@ class Wanted:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def between(self, first: int, last: int) -> list[int]:
+        """The row numbers from ``first`` to ``last`` (a batch's range), by bisection."""
+        import bisect
+
+        return list(self.rows[bisect.bisect_left(self.rows, first) : bisect.bisect_right(self.rows, last)])
+
     def __contains__(self, row: object) -> bool:
         rows, at = self.rows, self.at
         if at and rows[at - 1] >= row:  # type: ignore[operator]
@@ -277,12 +283,12 @@ class Items:
         columns["margin"].extend(margin)
         self.block = max(self.block, lead[-1] + 1)
 
-    def extend_arrays(self, data: Any, count: int, numbers: Mapping[str, Any]) -> None:
-        """Pairs made one per row, a batch at once (:mod:`pairbatch`): ``count`` spill lines already encoded (each
-        ending in a newline) and every column as a numpy array."""
+    def extend_arrays(self, lines: Any, records: Any, count: int, numbers: Mapping[str, Any]) -> None:
+        """Pairs made one per row, a batch at once (:mod:`pairbatch`): ``count`` output lines and their rows' texts
+        (None: not kept), encoded and each ending in a newline, and every column as a numpy array."""
         import numpy as np
 
-        self.spill.write_bytes(data, count)
+        self.spill.write_pairs(lines, records, count)
         for name, values in self.columns.arrays.items():
             values.frombytes(np.ascontiguousarray(numbers[name], dtype=values.typecode).tobytes())
         self.block = max(self.block, int(numbers["lead"][-1]) + 1)
@@ -446,6 +452,77 @@ class _Context:
         return self.known[mask]
 
 
+class _Emitter:
+    """Writes the items of one spill in order (see :func:`emit`), one block of items at a time."""
+
+    def __init__(self, ctx: _Context, verdict: Verdict, outputs: tuple[Any, ...]) -> None:
+        self.ctx, self.verdict, self.outputs = ctx, verdict, outputs
+        self.used_units, self.index = 0, -1
+        self.block, self.metas = "", None
+        self.used: set[str] = set()
+        self.failed: dict[str, list[int]] = {}
+
+    def end_block(self) -> None:
+        """Reject the block's units none of whose items was accepted; count the used ones."""
+        if self.failed:
+            _settle(self.failed, self.used, self.verdict, self.ctx)
+            self.failed, self.ctx.records = {}, {}
+        self.used_units += len(self.used)
+        self.block, self.metas, self.used = "", None, set()
+
+    def line(self, offset: int, text: str) -> None:
+        """One spill line: an item, or a stored-once meta of its block."""
+        block_id, unit_text, line = text.split("\t", 2)
+        if block_id != self.block or offset != self.ctx.offset:
+            self.end_block()
+            self.block, self.ctx.offset = block_id, offset
+        if unit_text[0] == "M":
+            self.metas = self.metas or _Metas()
+            self.metas.blobs[unit_text[1:]] = line
+            return
+        self.index += 1
+        line, _, record = line.partition("\t")
+        where = self.verdict.route[self.index]
+        if where:
+            if self.metas is not None and ("\x00" in line or "\x01" in line):
+                line = self.metas.expand(line)
+            self.outputs[where].write(line)
+            self.used.update(unit_text.split(","))
+        else:
+            for unit in unit_text.split(","):
+                self.failed.setdefault(unit, []).append(self.index)
+            if record:
+                self.ctx.records[unit_text] = record
+
+    def pairs(self, part: spill.PairPart) -> None:
+        """Pairs made a batch at a time, one unit each (its lead): written, or their unit rejected, a chunk of
+        lines at a time -- selection and writing in C (itertools.compress and join), not a Python step per line."""
+        from itertools import compress
+
+        import numpy as np
+
+        self.end_block()
+        routes = np.frombuffer(self.verdict.route, dtype=np.int8)
+        self.ctx.offset = 0
+        for lines, texts in part.chunks():
+            first = self.index + 1
+            route = routes[first : first + len(lines)]
+            for where in (1, 2):
+                chosen = route == where
+                if chosen.any():
+                    self.outputs[where].write_bytes(
+                        b"\n".join(compress(lines, chosen)) + b"\n", int(chosen.sum())
+                    )
+            for at in np.flatnonzero(route == 0).tolist():
+                unit = str(int(self.ctx.lead[first + at]))
+                self.failed = {unit: [first + at]}
+                if texts is not None:
+                    self.ctx.records[unit] = texts[at].decode("utf-8")
+                self.end_block()
+            self.used_units += int(np.count_nonzero(route))
+            self.index += len(lines)
+
+
 def emit(
     items: Items,
     verdict: Verdict,
@@ -460,46 +537,23 @@ def emit(
     ctx = _Context(
         units, rejections, items.columns.numpy("lead"), verdict.suite.failures(), suite=verdict.suite
     )
-    route = verdict.route
-    used_units = 0
-    block, metas, used, failed = "", None, set[str](), dict[str, list[int]]()
-    index = -1
     outputs = (None, spill.Output(train), spill.Output(held))
+    emitter = _Emitter(ctx, verdict, outputs)
     try:
-        for offset, text in items.spill.read():
-            block_id, unit_text, line = text.split("\t", 2)
-            if block_id != block or offset != ctx.offset:
-                if failed:
-                    _settle(failed, used, verdict, ctx)
-                    failed, ctx.records = {}, {}
-                used_units += len(used)
-                block, metas, used = block_id, None, set()
-                ctx.offset = offset
-            if unit_text[0] == "M":
-                metas = metas or _Metas()
-                metas.blobs[unit_text[1:]] = line
+        for part, offset in items.spill.parts:
+            if isinstance(part, spill.PairPart):
+                emitter.pairs(part)
                 continue
-            index += 1
-            line, _, record = line.partition("\t")
-            where = route[index]
-            if where:
-                if metas is not None and ("\x00" in line or "\x01" in line):
-                    line = metas.expand(line)
-                outputs[where].write(line)  # type: ignore[union-attr]
-                used.update(unit_text.split(","))
-            else:
-                for unit in unit_text.split(","):
-                    failed.setdefault(unit, []).append(index)
-                if record:
-                    ctx.records[unit_text] = record
-        _settle(failed, used, verdict, ctx)
+            for text in part.read():
+                emitter.line(offset, text)
+        emitter.end_block()
     except BaseException:
         for output in outputs[1:]:
             output.discard()  # type: ignore[union-attr]
         raise
     for output in outputs[1:]:
         output.publish() if publish else output.discard()  # type: ignore[union-attr]
-    return used_units + len(used)
+    return emitter.used_units
 
 
 # ---------------------------------------------------------------------------------------------- publish

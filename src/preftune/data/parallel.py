@@ -62,6 +62,7 @@ class FileResult:
     rows: int = 0
     lines: int = 0
     directory: str = ""
+    parts: tuple[Any, ...] = ()  # the worker's spill parts, in order (files under ``directory``)
 
 
 def results(

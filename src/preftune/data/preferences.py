@@ -450,6 +450,7 @@ def import_preferences(
     validator = checkpoints.Validator(
         document, {"min_chars": min_chars, "max_chars": max_chars, "truncation_chars": truncation_chars}
     )
+    validator.preload()
     with spill.workspace() as work:
         units, rejections = Units(listing.files), Rejections(work)
         items = Items(work, "pairs", **pair_columns())

@@ -83,13 +83,6 @@ class LineSpill:
         self.handle.write("".join(lines))
         self.lines += len(lines)
 
-    def write_bytes(self, data: Any, lines: int) -> None:
-        """``lines`` lines already encoded, each ending in a newline (a buffer: Arrow's, bytes)."""
-        assert self.handle is not None, "the spill was already closed for reading"
-        self.handle.flush()
-        self.handle.buffer.write(data)
-        self.lines += lines
-
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
@@ -103,46 +96,129 @@ class LineSpill:
                 yield line[:-1]
 
 
+class PairPart:
+    """Pairs made a batch at a time (:mod:`pairbatch`), one unit each: their output lines in one file and, when
+    their source rows are JSON Lines, each row's text in another, line for line (so a rejected row needs no second
+    read). Read back in chunks of whole lines, never whole."""
+
+    def __init__(self, directory: Path, name: str, with_records: bool) -> None:
+        self.paths = (directory / f"{name}.lines", directory / f"{name}.records")
+        self.with_records = with_records
+        self.handles: tuple[Any, ...] | None = tuple(
+            open(path, "wb")  # noqa: SIM115 - closed by close()
+            for path in self.paths[: 1 + with_records]
+        )
+        self.lines = 0
+
+    def write(self, lines: Any, records: Any, count: int) -> None:
+        """``count`` output lines and (when kept) as many record lines, each ending in a newline."""
+        assert self.handles is not None, "the part was already closed for reading"
+        self.handles[0].write(lines)
+        if self.with_records:
+            self.handles[1].write(records)
+        self.lines += count
+
+    def close(self) -> None:
+        if self.handles is not None:
+            for handle in self.handles:
+                handle.close()
+            self.handles = None
+
+    def chunks(self, size: int = 4 << 20) -> Iterator[tuple[list[bytes], list[bytes] | None]]:
+        """Output lines (without newlines) a few megabytes at a time, with their records (None when not kept)."""
+        self.close()
+        records = _Taker(self.paths[1], size) if self.with_records else None
+        for lines in _line_chunks(self.paths[0], size):
+            yield lines, (records.take(len(lines)) if records is not None else None)
+
+
+def _line_chunks(path: Path, size: int) -> Iterator[list[bytes]]:
+    """A file's lines (without newlines) about ``size`` bytes at a time, split in C."""
+    with open(path, "rb") as handle:
+        pending = b""
+        while data := handle.read(size):
+            data = pending + data if pending else data
+            end = data.rfind(b"\n")
+            pending = data[end + 1 :]
+            if end >= 0:
+                yield data[:end].split(b"\n")
+        if pending:
+            yield [pending]
+
+
+class _Taker:
+    """The lines of a file handed out ``n`` at a time."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.chunks = _line_chunks(path, size)
+        self.buffered: list[bytes] = []
+
+    def take(self, count: int) -> list[bytes]:
+        while len(self.buffered) < count:
+            self.buffered.extend(next(self.chunks))
+        taken, self.buffered = self.buffered[:count], self.buffered[count:]
+        return taken
+
+
 class Segments:
-    """A spill written in segments: lines written here, and whole spill files made elsewhere (another process)
-    spliced in between, each with the number to add to the unit ids in its lines. :meth:`read` gives
-    ``(offset, line)`` in order."""
+    """A spill written in segments: lines written here, pairs written a batch at a time (:class:`PairPart`), and
+    the parts of a spill made elsewhere (another process) spliced in between, each with the number to add to the
+    unit ids in its lines. ``parts`` lists them in order."""
 
     def __init__(self, directory: Path, name: str) -> None:
         self.directory, self.name = directory, name
-        self.parts: list[tuple[LineSpill, int]] = []
+        self.parts: list[tuple[LineSpill | PairPart, int]] = []
         self.lines = 0
+        self.pairs: PairPart | None = None
         self._open()
 
     def _open(self) -> None:
         self.current = LineSpill(self.directory / f"{self.name}-{len(self.parts)}.spill")
         self.parts.append((self.current, 0))
 
+    def _text(self) -> None:
+        """Back to lines after pairs written a batch at a time."""
+        if self.pairs is not None:
+            self.pairs.close()
+            self.pairs = None
+            self._open()
+
+    def write_pairs(self, lines: Any, records: Any, count: int) -> None:
+        """Pairs made a batch at a time (:class:`PairPart`; ``records`` None: their rows are re-read if needed)."""
+        with_records = records is not None
+        if self.pairs is None or self.pairs.with_records != with_records:
+            self.current.close()
+            if self.pairs is not None:
+                self.pairs.close()
+            self.pairs = PairPart(self.directory, f"{self.name}-{len(self.parts)}", with_records)
+            self.parts.append((self.pairs, 0))
+        self.pairs.write(lines, records, count)
+        self.lines += count
+
+    def close(self) -> None:
+        """Every part finished (a worker hands its parts over)."""
+        self.current.close()
+        if self.pairs is not None:
+            self.pairs.close()
+
+    def adopt_parts(self, parts: list[tuple[LineSpill | PairPart, int]], offset: int) -> None:
+        """Splice in the finished parts of another spill (a worker's), unit ids in its lines offset by ``offset``."""
+        self.close()
+        self.pairs = None
+        for part, _ in parts:
+            self.parts.append((part, offset))
+            self.lines += part.lines
+        self._open()
+
     def write(self, line: str) -> None:
+        self._text()
         self.current.write(line)
         self.lines += 1
 
     def write_many(self, lines: list[str]) -> None:
+        self._text()
         self.current.write_many(lines)
         self.lines += len(lines)
-
-    def write_bytes(self, data: Any, lines: int) -> None:
-        self.current.write_bytes(data, lines)
-        self.lines += lines
-
-    def adopt(self, path: Path, lines: int, offset: int) -> None:
-        """Splice in a finished spill file whose unit ids start at 0 (they become ``offset`` on)."""
-        self.current.close()
-        adopted = LineSpill.__new__(LineSpill)
-        adopted.path, adopted.handle, adopted.lines = path, None, lines
-        self.parts.append((adopted, offset))
-        self.lines += lines
-        self._open()
-
-    def read(self) -> Iterator[tuple[int, str]]:
-        for part, offset in self.parts:
-            for line in part.read():
-                yield offset, line
 
 
 class SortedSpill:
@@ -206,6 +282,12 @@ class Output:
         self.handle.write(line)
         self.handle.write("\n")
         self.lines += 1
+
+    def write_bytes(self, data: bytes, lines: int) -> None:
+        """``lines`` lines already encoded, each ending in a newline."""
+        self.handle.flush()
+        self.handle.buffer.write(data)
+        self.lines += lines
 
     def publish(self) -> None:
         self.handle.close()
