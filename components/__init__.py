@@ -4,6 +4,7 @@
 """
 
 from preftune.components.champion.component import champion as champion_op
+from preftune.components.choose_methods.component import choose_methods as choose_methods_op
 from preftune.components.collect.component import collect as collect_op
 from preftune.components.compare.component import compare as compare_op
 from preftune.components.dpo.component import dpo as dpo_op
@@ -19,6 +20,7 @@ from preftune.components.preference_import.component import preference_import as
 from preftune.components.promote.component import promote as promote_op
 from preftune.components.reward_model.component import reward_model as reward_model_op
 from preftune.components.sft.component import sft as sft_op
+from preftune.components.skip_method.component import skip_method as skip_method_op
 
 #: Component name (folder under components/) -> component.
 COMPONENTS = {
@@ -37,12 +39,15 @@ COMPONENTS = {
     "champion": champion_op,
     "promote": promote_op,
     "collect": collect_op,
+    "choose_methods": choose_methods_op,
+    "skip_method": skip_method_op,
     "compare": compare_op,
 }
 
 __all__ = [
     "COMPONENTS",
     "champion_op",
+    "choose_methods_op",
     "collect_op",
     "compare_op",
     "dpo_op",
@@ -58,4 +63,5 @@ __all__ = [
     "promote_op",
     "reward_model_op",
     "sft_op",
+    "skip_method_op",
 ]

@@ -9,7 +9,7 @@ It reads the newest successful ``preftune-dpo``, ``preftune-rlhf`` and ``preftun
 ``--runs`` (their ``summary.json``) and replaces what stands between each pair of markers in the README::
 
     <!-- figures:demo -->        ...  <!-- /figures:demo -->         the demo table (DPO and RLHF runs)
-    <!-- figures:compare -->     ...  <!-- /figures:compare -->      the RLHF-or-DPO table (compare run)
+    <!-- figures:compare -->     ...  <!-- /figures:compare -->      the which-method table (compare run)
     <!-- figures:verdict -->     ...  <!-- /figures:verdict -->      the compare run's printed verdict
 
 A block whose runs are missing is left as it is, and said so.
@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from preftune.eval.comparison import LABELS, METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 Summary = Mapping[str, Any]
@@ -166,40 +168,43 @@ def demo_block(runs: Mapping[str, Summary]) -> str:
 
 
 def compare_block(runs: Mapping[str, Summary]) -> str:
-    """The RLHF-or-DPO table: the compare run's figures side by side."""
+    """The which-method table: the compare run's figures, one column per method it compared."""
     compare = runs["preftune-compare"]
     m = _m(compare, "compare")
+    methods = [x for x in METHODS if f"{x}_judge_reward" in m]
     sft = compare["steps"]["sft"]
     sft_note = "cached" if sft.get("cached") else f"{sft.get('seconds') or 0:.0f} s"
 
-    def both(label: str, key: str, fmt: Callable[[float], str]) -> list[str]:
-        return [label, fmt(m[f"dpo_{key}"]), fmt(m[f"rlhf_{key}"])]
+    def each(label: str, key: str, fmt: Callable[[float], str]) -> list[str]:
+        return [label, *(fmt(m[f"{x}_{key}"]) for x in methods)]
 
     rows = [
-        both(
-            f"wall time after the shared SFT step ({sft_note})",
-            "wall_seconds",
-            lambda v: f"{v:.0f} s",
-        ),
-        both("tokens processed in training", "train_tokens", lambda v: f"{v:,.0f}"),
-        both("peak memory", "peak_memory_mb", lambda v: f"{v:.0f} MiB"),
-        both("mean judge reward", "judge_reward", lambda v: f"{v:.2f}"),
+        each(f"wall time after the shared SFT step ({sft_note})", "wall_seconds", lambda v: f"{v:.0f} s"),
+        each("tokens processed in training", "train_tokens", lambda v: f"{v:,.0f}"),
+        each("peak memory", "peak_memory_mb", lambda v: f"{v:.0f} MiB"),
+        each("mean judge reward", "judge_reward", lambda v: f"{v:.2f}"),
         [
             "win rate vs SFT (length-controlled)",
-            f"{m['dpo_win_rate_vs_sft']:.2f} ({m['dpo_lc_win_rate_vs_sft']:.2f})",
-            f"{m['rlhf_win_rate_vs_sft']:.2f} ({m['rlhf_lc_win_rate_vs_sft']:.2f})",
+            *(f"{m[f'{x}_win_rate_vs_sft']:.2f} ({m[f'{x}_lc_win_rate_vs_sft']:.2f})" for x in methods),
         ],
-        [
-            f"head to head, ties split ({m['head_to_head_prompts']:.0f} prompts, {m['head_to_head_ties']:.0f} ties)",
-            f"{m['dpo_win_rate_vs_rlhf']:.2f}",
-            f"{m['rlhf_win_rate_vs_dpo']:.2f}",
-        ],
-        both("KL to SFT, nats per response", "kl_to_sft", lambda v: f"{v:.2f}"),
-        both("distinct-2", "distinct_2", lambda v: f"{v:.2f}"),
-        both("mean answer length, tokens", "mean_length", lambda v: f"{v:.1f}"),
+        each(
+            f"head to head vs the others, length-controlled ({m['head_to_head_prompts']:.0f} prompts)",
+            "head_to_head",
+            lambda v: f"{v:.2f}",
+        ),
+        each("KL to SFT, nats per response", "kl_to_sft", lambda v: f"{v:.2f}"),
+        each("distinct-2", "distinct_2", lambda v: f"{v:.2f}"),
+        each("mean answer length, tokens", "mean_length", lambda v: f"{v:.1f}"),
     ]
-    intro = f"On the bundled data, defaults ({_seconds(compare['duration_seconds'])} in all):"
-    return intro + "\n\n" + table(["figure", "DPO", "RLHF (reward model + PPO)"], rows, "lrr")
+    intro = (
+        f"On the bundled data, defaults, `methods={compare['parameters'].get('methods', 'dpo,rlhf')}` "
+        f"({_seconds(compare['duration_seconds'])} in all):"
+    )
+    header = ["figure", *(_COLUMNS.get(x, LABELS[x]) for x in methods)]
+    return intro + "\n\n" + table(header, rows, "l" + "r" * len(methods))
+
+
+_COLUMNS = {"rlhf": "RLHF (reward model + PPO)"}
 
 
 def verdict_block(runs: Mapping[str, Summary]) -> str:

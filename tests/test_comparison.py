@@ -1,4 +1,4 @@
-"""The RLHF-vs-DPO comparison: head-to-head win rates, each method's figures, the verdict and its report."""
+"""The comparison of alignment methods: head-to-head win rates, each method's figures, the verdict, its report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from preftune.eval.comparison import compare, head_to_head, verdict
+from preftune.eval.comparison import (
+    compare,
+    compare_artifacts,
+    head_to_head,
+    mark_skipped,
+    parse_methods,
+    verdict,
+)
 
 TRAINING = {
     "sft": {"stage_seconds": 30.0, "train_tokens": 1000.0, "peak_memory_mb": 500.0},
@@ -46,14 +53,14 @@ def test_head_to_head_by_hand() -> None:
     # prompt 0: DPO wins; 1: tie; 2: RLHF wins; 3: RLHF wins. DPO 1 + 0.5 = 1.5 of 4; RLHF 2.5 of 4.
     dpo = _rows([1.0, 2.0, 0.0, 0.0], ["a b", "c d", "e f", "g h"])
     rlhf = _rows([0.0, 2.0, 1.0, 3.0], ["a b", "c d", "e f", "g h"])
-    result = head_to_head(dpo, rlhf)
+    result = head_to_head({"dpo": dpo, "rlhf": rlhf})
     assert result["dpo_win_rate_vs_rlhf"] == pytest.approx(0.375)
     assert result["rlhf_win_rate_vs_dpo"] == pytest.approx(0.625)
     assert result["dpo_win_rate_vs_rlhf"] + result["rlhf_win_rate_vs_dpo"] == pytest.approx(1.0)
     assert result["dpo_lc_win_rate_vs_rlhf"] == pytest.approx(0.375)  # equal lengths: nothing to control
     assert result["head_to_head_ties"] == 1 and result["head_to_head_prompts"] == 4
     with pytest.raises(ValueError, match="same prompts"):
-        head_to_head(dpo, list(reversed(rlhf)))
+        head_to_head({"dpo": dpo, "rlhf": list(reversed(rlhf))})
 
 
 def test_compare_writes_every_figure_for_both_methods(tmp_path: Path) -> None:
@@ -92,6 +99,8 @@ def test_compare_writes_every_figure_for_both_methods(tmp_path: Path) -> None:
 
 def test_verdict_calls_a_draw_and_drops_the_caveat_with_an_independent_judge() -> None:
     m = {
+        "rlhf_head_to_head": 0.52,
+        "dpo_head_to_head": 0.48,
         "rlhf_lc_win_rate_vs_dpo": 0.52,
         "rlhf_win_rate_vs_dpo": 0.5,
         "dpo_win_rate_vs_rlhf": 0.5,
@@ -100,7 +109,7 @@ def test_verdict_calls_a_draw_and_drops_the_caveat_with_an_independent_judge() -
             "distinct_2", "mean_length",
         )},
     }  # fmt: skip
-    sentences = verdict(m, judge_is_rlhf_reward_model=False)
+    sentences = verdict(m, judge_is_reward_model=False)
     assert sentences[0].startswith("Neither method is clearly better")
     assert not any("favours RLHF" in s for s in sentences)
 
@@ -115,4 +124,102 @@ def test_generations_without_judge_rewards_are_refused(tmp_path: Path) -> None:
             generations={"dpo": str(path), "rlhf": str(path)},
             frontiers={},
             report_path=str(tmp_path / "r.html"),
+        )
+
+
+def test_head_to_head_of_three_methods_by_hand() -> None:
+    # per prompt rewards: DPO 1 0 2, GRPO 2 0 1, KTO 0 0 3 (equal lengths: LC = raw)
+    rows = {
+        "dpo": _rows([1.0, 0.0, 2.0], ["a"] * 3),
+        "grpo": _rows([2.0, 0.0, 1.0], ["a"] * 3),
+        "kto": _rows([0.0, 0.0, 3.0], ["a"] * 3),
+    }
+    result = head_to_head(rows)
+    # DPO vs GRPO: loss, tie, win = 1.5 / 3; DPO vs KTO: win, tie, loss = 1.5 / 3; GRPO vs KTO: same = 1.5 / 3
+    assert result["dpo_win_rate_vs_grpo"] == pytest.approx(0.5)
+    assert result["grpo_win_rate_vs_kto"] + result["kto_win_rate_vs_grpo"] == pytest.approx(1.0)
+    assert result["head_to_head_ties"] == 3  # prompt 1 ties in each of the three pairs
+    assert result["head_to_head_prompts"] == 3
+    for method in rows:
+        assert result[f"{method}_head_to_head"] == pytest.approx(0.5)
+    rows["kto"] = _rows([3.0, 3.0, 3.0], ["a"] * 3)  # KTO now wins every prompt against both
+    result = head_to_head(rows)
+    assert result["kto_head_to_head"] == pytest.approx(1.0)
+    assert result["dpo_head_to_head"] == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_methods_are_parsed_and_checked() -> None:
+    assert parse_methods("all") == ["dpo", "rlhf", "grpo", "rloo", "kto", "online_dpo"]
+    assert parse_methods(" KTO, dpo ,") == ["dpo", "kto"]  # report order, case and spaces forgiven
+    with pytest.raises(ValueError, match=r"unknown method\(s\) \['ppo'\]"):
+        parse_methods("dpo,ppo")
+    with pytest.raises(ValueError, match="at least two methods"):
+        parse_methods("grpo")
+
+
+def _write_rows(path: Path, rewards: list[float]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(rewards, ["x y"] * len(rewards))))
+    return str(path)
+
+
+def test_a_subset_of_three_methods_is_compared_and_ranked(tmp_path: Path) -> None:
+    training = {
+        **TRAINING,
+        "grpo": {"stage_seconds": 60.0, "train_tokens": 4000.0, "peak_memory_mb": 700.0},
+        "kto": {"stage_seconds": 30.0, "train_tokens": 1500.0, "peak_memory_mb": 650.0},
+        "online_dpo": {"stage_seconds": 90.0, "train_tokens": 6000.0, "peak_memory_mb": 900.0},
+    }
+    rewards = {"grpo": [3.0, 3.0, 3.0, 3.0], "kto": [1.0, 2.0, 0.0, 0.0], "online_dpo": [2.0, 1.0, 1.0, 1.0]}
+    report = tmp_path / "report.html"
+    metrics = compare(
+        training=training,
+        evaluations={m: _evaluation(sum(r) / 4, 0.7, 1.0) for m, r in rewards.items()},
+        generations={m: _write_rows(tmp_path / f"{m}.jsonl", r) for m, r in rewards.items()},
+        frontiers={},
+        report_path=str(report),
+    )
+    assert metrics["grpo_wall_seconds"] == 80  # its own step plus the reward model it needs
+    assert metrics["kto_wall_seconds"] == 30 and metrics["online_dpo_wall_seconds"] == 110
+    assert not any(k.startswith(("dpo_", "rlhf_", "rloo_")) for k in metrics)
+    assert metrics["grpo_head_to_head"] == pytest.approx(1.0)
+    html = report.read_text()
+    assert "GRPO gave the best answers" in html and "Online DPO&#x27;s (the runner-up)" in html
+    assert "favours GRPO and Online DPO" in html and "favours KTO" not in html
+    assert "KTO, GRPO and Online DPO" not in html and "GRPO, KTO and Online DPO: the comparison" in html
+
+
+def test_compare_artifacts_leaves_out_the_skipped_methods(tmp_path: Path) -> None:
+    class Artifact:
+        def __init__(self, path: Path, metadata: dict | None = None) -> None:
+            self.path, self.metadata = str(path), dict(metadata or {})
+
+    def skipped(method: str) -> tuple:
+        arts = tuple(Artifact(tmp_path / f"skip-{method}-{k}") for k in range(3))
+        for art in arts:
+            mark_skipped(art, method)
+        return arts
+
+    evaluated = {
+        "dpo": (
+            Artifact(tmp_path, _evaluation(0.5, 0.6, 0.4)),
+            Artifact(_write_rows(tmp_path / "d.jsonl", [1.0, 0.0])),
+            None,
+        ),
+        "rlhf": (
+            Artifact(tmp_path, _evaluation(1.5, 0.8, 2.0)),
+            Artifact(_write_rows(tmp_path / "r.jsonl", [2.0, 1.0])),
+            None,
+        ),
+        "kto": skipped("kto"),
+        "grpo": (None, None, None),  # not wired at all
+    }
+    stages = {name: Artifact(tmp_path, m) for name, m in TRAINING.items()}
+    stages["kto"] = skipped("kto")[0]
+    metrics = compare_artifacts(stages, evaluated, report_path=str(tmp_path / "r.html"))
+    assert metrics["rlhf_win_rate_vs_dpo"] == pytest.approx(1.0)
+    assert not any(k.startswith(("kto_", "grpo_")) for k in metrics)
+    assert (tmp_path / "skip-kto-0").read_text() == ""
+    with pytest.raises(ValueError, match="at least two methods"):
+        compare_artifacts(
+            stages, {**evaluated, "rlhf": skipped("rlhf")}, report_path=str(tmp_path / "x.html")
         )

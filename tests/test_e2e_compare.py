@@ -1,4 +1,5 @@
-"""End to end: `preftune run compare` through kfp.local, DPO and RLHF from one SFT model, judged alike."""
+"""End to end: `preftune run compare` through kfp.local, three of the six methods from one SFT model, judged alike;
+the other three run their stand-in step, and the compare step reads each method through dsl.OneOf."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ FIGURES = (
     "wall_seconds", "gpu_hours", "train_tokens", "peak_memory_mb", "judge_reward", "win_rate_vs_sft",
     "lc_win_rate_vs_sft", "kl_to_sft", "distinct_2", "diversity_ratio_vs_sft", "mean_length",
 )  # fmt: skip
+
+
+#: The evaluate steps of DPO, RLHF and KTO (the compiler numbers them in the pipeline's method order).
+EVALUATIONS = ("evaluate", "evaluate-2", "evaluate-5")
 
 
 @pytest.fixture(scope="module")
@@ -33,43 +38,52 @@ def compare_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "num_checkpoints": 1,
         "eval_max_prompts": 8,
         "eval_max_new_tokens": 16,
+        "methods": "kto, rlhf,dpo",
     }
     return run_cli("compare", params, tmp / "runs")
 
 
 @pytest.mark.slow
-def test_both_branches_ran_from_the_same_sft_model(compare_run: dict) -> None:
+def test_the_chosen_branches_ran_from_the_same_sft_model(compare_run: dict) -> None:
     steps = compare_run["steps"]
     assert compare_run["status"] == "SUCCEEDED"
-    assert {"sft", "dpo", "reward-model", "ppo", "evaluate", "evaluate-2", "compare"} <= set(steps)
-    assert all(step["status"] == "SUCCEEDED" for step in steps.values())
+    ran = {name for name, step in steps.items() if step["status"] == "SUCCEEDED"}
+    assert {"choose-methods", "sft", "dpo", "reward-model", "ppo", "kto", "compare", *EVALUATIONS} <= ran
+    assert not {"grpo", "grpo-2", "online-dpo"} & ran  # switched off: their stand-ins ran instead
+    skipped = sorted(steps[n]["outputs"]["Output"] for n in ran if n.startswith("skip-method"))
+    assert skipped == ["grpo skipped", "online_dpo skipped", "rloo skipped"]
     sft = steps["sft"]["artifacts"]["model"]
-    for stage in ("dpo", "reward-model", "ppo"):
+    for stage in ("dpo", "reward-model", "ppo", "kto"):
         assert read_lineage(steps[stage]["artifacts"]["model"])["parent"] == sft, stage
-    # both evaluations: the same prompts, the same reference and judge (the RLHF reward model)
+    # every evaluation: the same prompts, the same reference and judge (the pipeline's reward model)
     rows = [
         [json.loads(x) for x in Path(steps[e]["artifacts"]["generations"]).read_text().splitlines()]
-        for e in ("evaluate", "evaluate-2")
+        for e in EVALUATIONS
     ]
-    assert [r["prompt"] for r in rows[0]] == [r["prompt"] for r in rows[1]] and len(rows[0]) == 8
-    assert [r["reference"] for r in rows[0]] == [
-        r["reference"] for r in rows[1]
-    ]  # same seed: same SFT answers
-    # the same judge: the SFT answers get the same rewards (up to float noise from how texts were batched)
-    assert [r["reference_reward"] for r in rows[0]] == pytest.approx(
-        [r["reference_reward"] for r in rows[1]], abs=1e-4
-    )
+    for other in rows[1:]:
+        assert [r["prompt"] for r in other] == [r["prompt"] for r in rows[0]] and len(other) == 8
+        assert [r["reference"] for r in other] == [r["reference"] for r in rows[0]]  # same seed: same answers
+        # the same judge: the SFT answers get the same rewards (up to float noise from how texts were batched)
+        assert [r["reference_reward"] for r in other] == pytest.approx(
+            [r["reference_reward"] for r in rows[0]], abs=1e-4
+        )
 
 
 @pytest.mark.slow
-def test_the_report_has_every_figure_for_both_methods(compare_run: dict) -> None:
+def test_the_report_has_every_figure_for_the_chosen_methods(compare_run: dict) -> None:
     comparison = compare_run["steps"]["compare"]
     metrics = comparison["metrics"]
     for figure in FIGURES:
-        for method in ("dpo", "rlhf"):
+        for method in ("dpo", "rlhf", "kto"):
             assert f"{method}_{figure}" in metrics, f"{method}_{figure}"
-    assert metrics["rlhf_wall_seconds"] > 0 and metrics["dpo_train_tokens"] > 0
-    assert metrics["dpo_win_rate_vs_rlhf"] + metrics["rlhf_win_rate_vs_dpo"] == pytest.approx(1.0)
+    assert not any(k.startswith(("grpo_", "rloo_", "online_dpo_")) for k in metrics)
+    assert (
+        metrics["rlhf_wall_seconds"] > 0
+        and metrics["dpo_train_tokens"] > 0
+        and metrics["kto_train_tokens"] > 0
+    )
+    for a, b in (("dpo", "rlhf"), ("dpo", "kto"), ("rlhf", "kto")):
+        assert metrics[f"{a}_win_rate_vs_{b}"] + metrics[f"{b}_win_rate_vs_{a}"] == pytest.approx(1.0)
     assert metrics["head_to_head_prompts"] == 8
     html = Path(comparison["artifacts"]["report"]).read_text(encoding="utf-8")
     for section in ("Verdict", "Side by side", "Head to head under the judge", "Reward vs KL over training"):
@@ -85,4 +99,4 @@ def test_the_verdict_is_an_output_and_printed(compare_run: dict) -> None:
     for sentence in sentences:
         assert sentence in printed
     assert "rlhf_win_rate_vs_dpo = " in printed  # the compare step's headline metrics
-    assert printed.count(" win_rate_vs_reference = ") == 2  # both evaluations' headlines (not lc_...)
+    assert printed.count(" win_rate_vs_reference = ") == 3  # every evaluation's headline (not lc_...)

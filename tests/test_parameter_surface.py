@@ -280,8 +280,9 @@ def test_a_parameter_feeding_several_steps_is_checked_in_each() -> None:
     evals = [b for b in task_bindings(PIPELINES["dpo"]) if b.component == "evaluate"]  # one per dpo_method
     assert len(evals) == 3 and dpo_task.sources["beta"] == ("parameter", "dpo_beta")
     assert all(e.sources["beta"] == ("parameter", "dpo_beta") for e in evals)
+    # one evaluation per method of the compare pipeline
     evaluations = [b for b in task_bindings(PIPELINES["compare"]) if b.component == "evaluate"]
-    assert len(evaluations) == 2 and all(
+    assert len(evaluations) == 6 and all(
         b.sources["max_prompts"] == ("parameter", "eval_max_prompts") for b in evaluations
     )
 

@@ -128,3 +128,40 @@ def test_the_demo_table_is_written_from_the_runs(tmp_path: Path, capsys: pytest.
     assert "stale\n<!-- /figures:compare -->" in text  # no compare run: left as it was, and said so
     assert "compare: left as it is (no successful preftune-compare run)" in capsys.readouterr().err
     assert script.main(["--runs", str(runs), "--readme", str(readme), "--check"]) == 0  # idempotent
+
+
+def test_the_compare_table_has_a_column_per_compared_method(tmp_path: Path) -> None:
+    figures = {
+        "wall_seconds": 30.0,
+        "train_tokens": 1234.0,
+        "peak_memory_mb": 512.0,
+        "judge_reward": 1.5,
+        "win_rate_vs_sft": 0.75,
+        "lc_win_rate_vs_sft": 0.7,
+        "head_to_head": 0.5,
+        "kl_to_sft": 0.25,
+        "distinct_2": 0.5,
+        "mean_length": 12.0,
+    }
+    metrics = {f"{m}_{k}": v for m in ("dpo", "grpo", "kto") for k, v in figures.items()}
+    metrics.update(grpo_head_to_head=0.8, head_to_head_prompts=64.0)
+    compare = {
+        "pipeline": "preftune-compare",
+        "status": "SUCCEEDED",
+        "duration_seconds": 400.0,
+        "parameters": {"methods": "dpo,grpo,kto"},
+        "steps": {
+            "sft": _step({}, seconds=27.0),
+            "compare": _step(metrics, outputs={"Output": "GRPO gave the best answers.\nSecond sentence."}),
+        },
+    }
+    runs, readme = tmp_path / "runs", tmp_path / "README.md"
+    readme.write_text(README + "<!-- figures:verdict -->\nstale\n<!-- /figures:verdict -->\n")
+    _write_run(runs, compare, "2026-01-02T00:00:00")
+    assert _script().main(["--runs", str(runs), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "On the bundled data, defaults, `methods=dpo,grpo,kto` (6 min 40 s in all):" in text
+    assert "| figure | DPO | GRPO | KTO |\n|---|---:|---:|---:|" in text
+    assert "| peak memory | 512 MiB | 512 MiB | 512 MiB |" in text
+    assert "| head to head vs the others, length-controlled (64 prompts) | 0.50 | 0.80 | 0.50 |" in text
+    assert "*GRPO gave the best answers. Second sentence.*" in text

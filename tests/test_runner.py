@@ -2,6 +2,7 @@
 refusals before anything runs, failures said and not retried when deterministic, resume, and the steps dying
 with the runner."""
 
+import inspect
 import json
 import os
 import signal
@@ -113,6 +114,27 @@ def sleeper(pid_file: str, metrics: Output[Metrics]):
 @dsl.pipeline(name="sleep-test")
 def sleep_pipeline(pid_file: str):
     sleeper(pid_file=pid_file)
+
+
+@dsl.pipeline(name="oneof-test")
+def oneof_pipeline(big: bool = True):
+    """Rows from whichever branch ran, through dsl.OneOf artifacts (kfp.local alone refuses these)."""
+    with dsl.If(big == True):  # noqa: E712 - a KFP condition
+        many = make_rows(count=5)
+    with dsl.Else():
+        few = make_rows(count=2)
+    check_rows(rows=dsl.OneOf(many.outputs["rows"], few.outputs["rows"]), fail=False)
+
+
+@pytest.mark.parametrize(("big", "lines"), [(True, 5), (False, 2)])
+def test_artifacts_pass_through_oneof_from_the_branch_that_ran(tmp_path: Path, big: bool, lines: int) -> None:
+    from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
+
+    before = inspect.getattr_static(OrchestratorUtils, "get_dag_output_artifacts")
+    summary = run_pipeline(oneof_pipeline, {"big": big}, tmp_path)
+    assert summary["status"] == SUCCEEDED, format_summary(summary)
+    assert summary["steps"]["check-rows"]["metrics"] == {"lines": lines}
+    assert inspect.getattr_static(OrchestratorUtils, "get_dag_output_artifacts") is before  # put back
 
 
 def test_summary_of_a_successful_run(tmp_path: Path) -> None:

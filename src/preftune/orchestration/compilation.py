@@ -157,18 +157,25 @@ pairs.outputs["train_pairs"], pairs.outputs["eval_pairs"]  # -> dpo_op / reward 
     eval_prompts="s3://my-bucket/eval_prompts.jsonl",
     eval_pairs=pairs.outputs["eval_pairs"],
 )""",
-    "compare": """compare_op(
+    "compare": """compare_op(  # any two or more methods; leave the others out
     sft_metrics=sft.outputs["metrics"],
     dpo_metrics=dpo.outputs["metrics"],
-    reward_metrics=reward.outputs["metrics"],
-    ppo_metrics=ppo.outputs["metrics"],
+    kto_metrics=kto.outputs["metrics"],
     dpo_evaluation=dpo_eval.outputs["metrics"],
-    rlhf_evaluation=ppo_eval.outputs["metrics"],
+    kto_evaluation=kto_eval.outputs["metrics"],
     dpo_generations=dpo_eval.outputs["generations"],
-    rlhf_generations=ppo_eval.outputs["generations"],
+    kto_generations=kto_eval.outputs["generations"],
     dpo_frontier=dpo_eval.outputs["frontier"],
-    rlhf_frontier=ppo_eval.outputs["frontier"],
+    kto_frontier=kto_eval.outputs["frontier"],
 )""",
+    "choose_methods": """chosen = choose_methods_op(methods="dpo,grpo,kto")
+with dsl.If(chosen.outputs["grpo"] == True):  # noqa: E712
+    grpo_op(...)""",
+    "skip_method": """with dsl.If(chosen.outputs["kto"] == True):  # noqa: E712
+    kto_eval = evaluate_op(...)
+with dsl.Else():
+    skipped = skip_method_op(method="kto")
+compare_op(..., kto_evaluation=dsl.OneOf(kto_eval.outputs["metrics"], skipped.outputs["evaluation"]))""",
 }
 
 

@@ -46,9 +46,16 @@ HEADLINE_METRICS: dict[str, list[str]] = {
         "frontier_points",
     ],
     "promote": ["version"],
-    "compare": ["rlhf_win_rate_vs_dpo", "dpo_win_rate_vs_rlhf", "head_to_head_ties", "head_to_head_prompts"],
+    "compare": [
+        "rlhf_win_rate_vs_dpo",
+        "dpo_win_rate_vs_rlhf",
+        *(f"{method}_head_to_head" for method in ("dpo", "rlhf", "grpo", "rloo", "kto", "online_dpo")),
+        "head_to_head_ties",
+        "head_to_head_prompts",
+    ],
 }
-HEADLINE_METRICS["evaluate-2"] = HEADLINE_METRICS["evaluate"]  # the compare pipeline's second evaluation
+for _k in range(2, 7):  # the compare pipeline's other evaluations, one per method
+    HEADLINE_METRICS[f"evaluate-{_k}"] = HEADLINE_METRICS["evaluate"]
 
 #: Metrics about DPO's implicit reward: they mean something only for a policy trained by DPO.
 DPO_ONLY_METRICS = frozenset({"implicit_reward_accuracy", "implicit_reward_margin"})

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from preftune.orchestration import run_dirs, step_main
+from preftune.orchestration import oneof_outputs, run_dirs, step_main
 from preftune.orchestration.console import STEP_ENV, Console, duration, parse_progress
 from preftune.orchestration.run_dirs import RunDirError, now, read_json, write_json
 from preftune.orchestration.run_summary import (
@@ -152,9 +153,10 @@ class _StepLog:
 class LocalExecution:
     """kfp.local with what a preftune run adds, for the duration of one run.
 
-    Three functions of kfp.local are replaced while it runs (and put back after): the pipeline's resource name
-    (this run's directory name), the execution of one task (step lines, retries, the record of each task) and
-    the subprocess of one step (its log file, progress, process group and failure record).
+    Four functions of kfp.local are replaced while it runs (and put back after): the pipeline's resource name
+    (this run's directory name), the execution of one task (step lines, retries, the record of each task), the
+    subprocess of one step (its log file, progress, process group and failure record) and the outputs of a
+    condition group (:mod:`.oneof_outputs`: artifacts through ``dsl.OneOf``).
     """
 
     def __init__(
@@ -171,13 +173,18 @@ class LocalExecution:
 
     def __enter__(self) -> LocalExecution:
         from kfp.local import executor_input_utils, subprocess_task_handler
-        from kfp.local.orchestrator import task_executor
+        from kfp.local.orchestrator import orchestrator_utils, task_executor
 
         self._execute_task = task_executor.execute_single_task
         self._pipe = os.pipe()  # the read end goes to every step; the write end stays here until the run ends
         self._swap(executor_input_utils, "get_local_pipeline_resource_name", lambda _name: self.run_dir.name)
         self._swap(task_executor, "execute_single_task", self._execute)
         self._swap(subprocess_task_handler, "run_local_subprocess", self._run_step)
+        self._swap(
+            orchestrator_utils.OrchestratorUtils,
+            "get_dag_output_artifacts",
+            classmethod(oneof_outputs.dag_output_artifacts),
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -190,7 +197,8 @@ class LocalExecution:
             self._pipe = None
 
     def _swap(self, owner: Any, name: str, value: Any) -> None:
-        self._restore.append((owner, name, getattr(owner, name)))
+        # the attribute as stored (a classmethod object on a class), so putting it back restores it exactly
+        self._restore.append((owner, name, inspect.getattr_static(owner, name)))
         setattr(owner, name, value)
 
     def _log_path(self, task: str) -> Path:

@@ -1,0 +1,1 @@
+"""The choose_methods component."""

@@ -1,0 +1,1 @@
+"""The skip_method component."""
