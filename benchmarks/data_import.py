@@ -258,9 +258,16 @@ def _s3_env(endpoint: str) -> dict[str, str]:
 
 
 def run(
-    sizes: list[int], kinds: list[str], stores: list[str], data_dir: Path, timeout: float
+    sizes: list[int],
+    kinds: list[str],
+    stores: list[str],
+    data_dir: Path,
+    timeout: float,
+    progress: Any = None,
 ) -> list[dict[str, Any]]:
-    """Every (size, format, store) import, one fresh process each; results as rows."""
+    """Every (size, format, store) import, one fresh process each; results as rows. A run that fails or is
+    killed at ``timeout`` seconds is a row with its ``error``; ``progress(rows)`` is called after each run, so a
+    long benchmark keeps what it measured."""
     results = []
     server = None
     try:
@@ -282,10 +289,18 @@ def run(
                             server[1], f"bench-{size}-{kind.replace('.', '-')}", local, "feedback"
                         )
                         env = _env(_s3_env(server[1]))
-                    measured = measure(source, env, timeout)
-                    row = _row(size, kind, store, measured)
+                    started = time.perf_counter()
+                    try:
+                        row = _row(size, kind, store, measure(source, env, timeout))
+                    except RuntimeError as exc:
+                        seconds = time.perf_counter() - started
+                        row = {"rows": size, "format": kind, "store": store, "seconds": seconds}
+                        row["error"] = str(exc)[-1500:]
+                    row["load_average"] = list(os.getloadavg())
                     results.append(row)
                     print(_line(row), flush=True)
+                    if progress is not None:
+                        progress(results)
     finally:
         if server is not None:
             server[0].stop()
@@ -334,6 +349,11 @@ def _row(size: int, kind: str, store: str, measured: dict[str, Any]) -> dict[str
 
 
 def _line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return (
+            f"  import {row['rows']:>10,} rows {row['format']:<8} {row['store']:<5} FAILED after "
+            f"{row['seconds']:.0f} s: {row['error'].splitlines()[0]}"
+        )
     goals = ", ".join(f"{name} {'MET' if met else 'MISSED'}" for name, met in row["goals"].items())
     return (
         f"  import {row['rows']:>10,} rows {row['format']:<8} {row['store']:<5} {row['seconds']:8.1f} s "
@@ -352,7 +372,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--formats", default="jsonl.gz,parquet")
     parser.add_argument("--stores", default="local,s3")
-    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument(
+        "--timeout", type=float, default=1200, help="seconds one import may run before it is killed"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of the results file that this run does not measure (run --sizes 10000000 alone)",
+    )
     args = parser.parse_args(argv)
     sizes = (
         [int(s) for s in args.sizes.split(",")]
@@ -366,18 +393,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"preference import: {', '.join(f'{s:,}' for s in sizes)} rows; load average {os.getloadavg()[0]:.2f}"
     )
-    rows = run(sizes, args.formats.split(","), args.stores.split(","), data_dir, args.timeout)
-    result = {
-        "quick": args.quick,
-        "cpus": os.cpu_count(),
-        "load_average_start": os.getloadavg()[0],
-        "seconds": time.time() - started,
-        "rows": rows,
-    }
-    stem = "results-import-quick" if args.quick else "results-import"
-    (HERE / f"{stem}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(f"wrote {HERE / f'{stem}.json'}")
+    path = HERE / ("results-import-quick.json" if args.quick else "results-import.json")
+    kept = _kept_rows(path) if args.merge else []
+    load = os.getloadavg()[0]
+
+    def write(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        measured = {(r["rows"], r["format"], r["store"]) for r in rows}
+        result = {
+            "quick": args.quick,
+            "cpus": os.cpu_count(),
+            "load_average_start": load,
+            "seconds": time.time() - started,
+            "rows": [r for r in kept if (r["rows"], r["format"], r["store"]) not in measured] + rows,
+        }
+        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        return result
+
+    result = write(run(sizes, args.formats.split(","), args.stores.split(","), data_dir, args.timeout, write))
+    print(f"wrote {path}")
     return result
+
+
+def _kept_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        return list(json.loads(path.read_text(encoding="utf-8")).get("rows", []))
+    except (OSError, ValueError):
+        return []
 
 
 if __name__ == "__main__":
