@@ -226,3 +226,13 @@ def test_a_gzip_bomb_is_refused_on_the_block_path(tmp_path: Path) -> None:
     paths = [str(tmp_path / "out" / n) for n in ("train", "eval", "rejected", "report.html")]
     with pytest.raises(ValueError, match="compression bomb"):
         import_preferences(str(bomb), *paths, eval_fraction=0.0, format="pairwise")
+
+
+def test_integer_margins_beyond_a_float_are_left_to_the_row_path() -> None:
+    margins = pa.array([2**62, -1, 3, None, 2**53 - 1], type=pa.int64())
+    table = pa.table({"prompt": ["p"] * 5, "chosen": ["a"] * 5, "rejected": ["b"] * 5, "margin": margins})
+    built = pairbatch.build(table, np.arange(1, 6), 0, '"f"', 0)
+    assert built.taken.tolist() == [False, False, True, True, True]
+    for k, index in enumerate(np.flatnonzero(built.taken).tolist()):
+        facts = _row_facts(table.slice(index, 1).to_pylist()[0], '"f"', index + 1)
+        assert facts is not None and built.lines.to_pylist()[k] == facts.line + "\n"
