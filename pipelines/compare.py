@@ -106,7 +106,7 @@ def compare_pipeline(
     kto_undesirable_weight: float = 1.0,
     online_dpo_rounds: int = 8,
     online_dpo_num_generations: int = 4,
-    online_dpo_learning_rate: float = 5e-4,
+    online_dpo_learning_rate: float = -1.0,
     online_dpo_max_new_tokens: int = 32,
     online_dpo_max_kl: float = 8.0,
     num_checkpoints: int = -1,
@@ -180,7 +180,7 @@ def compare_pipeline(
         kto_undesirable_weight: KTO weight of the undesirable examples' loss.
         online_dpo_rounds: Online DPO rounds of sampling, ranking by the reward model and a DPO update.
         online_dpo_num_generations: Online DPO answers sampled per prompt each round, ranked into pairs.
-        online_dpo_learning_rate: Online DPO learning rate.
+        online_dpo_learning_rate: Online DPO learning rate (-1 = 5e-4 with LoRA, 5e-5 with full weights).
         online_dpo_max_new_tokens: Most tokens per sampled answer during online DPO.
         online_dpo_max_kl: Online DPO KL bound per answer: training stops, keeping the last good policy, when
             its samples pass it.

@@ -46,7 +46,7 @@ def dpo_pipeline(
     kto_undesirable_weight: float = 1.0,
     online_dpo_rounds: int = 8,
     online_dpo_num_generations: int = 4,
-    online_dpo_learning_rate: float = 5e-4,
+    online_dpo_learning_rate: float = -1.0,
     online_dpo_max_new_tokens: int = 32,
     online_dpo_max_kl: float = 8.0,
     reward_epochs: int = 4,
@@ -111,7 +111,7 @@ def dpo_pipeline(
         kto_undesirable_weight: KTO weight of the undesirable examples' loss (lambda_U).
         online_dpo_rounds: Online DPO sample, rank and train rounds.
         online_dpo_num_generations: Online DPO answers sampled per prompt; the best and worst make its pair.
-        online_dpo_learning_rate: Online DPO policy learning rate.
+        online_dpo_learning_rate: Online DPO policy learning rate (-1 = 5e-4 with LoRA, 5e-5 with full weights).
         online_dpo_max_new_tokens: Most tokens per sampled answer during online DPO.
         online_dpo_max_kl: Online DPO KL bound per answer, below gate_max_kl: training stops, keeping the last
             good policy, when the samples pass it (0 = never).

@@ -164,3 +164,25 @@ def test_a_round_without_pairs_trains_nothing(world: dict[str, str], tmp_path: P
     )  # fmt: skip
     assert metrics["pairs"] == 0 and metrics["iterations"] == 2
     assert math.isnan(metrics["first_step_loss"]) and metrics["kl_max"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(("use_lora", "expected"), [(True, 5e-4), (False, 5e-5)])
+def test_the_default_learning_rate_follows_use_lora(
+    world: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_lora: bool, expected: float
+) -> None:
+    """-1 (the default) trains all weights at a tenth of LoRA's rate: the optimiser gets the resolved one."""
+    from preftune.train import online_dpo
+
+    seen = []
+    real = online_dpo.make_optimizer
+
+    def spy(model, learning_rate, weight_decay):  # noqa: ANN001, ANN202 - the patched function's own shape
+        seen.append(learning_rate)
+        return real(model, learning_rate, weight_decay)
+
+    monkeypatch.setattr(online_dpo, "make_optimizer", spy)
+    config = _config(rounds=1, prompts_per_round=6, use_lora=use_lora, learning_rate=-1.0)
+    train_online_dpo(
+        world["sft"], world["reward"], world["prompts"], str(tmp_path / "m"), str(tmp_path / "r.html"), config
+    )
+    assert seen == [pytest.approx(expected)]

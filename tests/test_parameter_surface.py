@@ -337,7 +337,7 @@ def test_config_parameters_are_documented_from_the_metadata_only() -> None:
 # ------------------------------------------------------------------------------ learning rates by use_lora
 
 
-def test_ppo_learning_rates_default_to_a_tenth_with_full_weights() -> None:
+def test_ppo_and_online_dpo_learning_rates_default_to_a_tenth_with_full_weights() -> None:
     from preftune.config.grpo import GRPOConfig
     from preftune.config.kto import KTOConfig
     from preftune.config.online_dpo import OnlineDPOConfig
@@ -348,8 +348,11 @@ def test_ppo_learning_rates_default_to_a_tenth_with_full_weights() -> None:
     assert learning_rate_of(ppo, "critic_learning_rate") == pytest.approx(1e-4)
     assert learning_rate_of(PPOConfig()) == learning_rate_of(PPOConfig(), "critic_learning_rate") == 1e-3
     assert learning_rate_of(PPOConfig(use_lora=False, learning_rate=3e-4)) == 3e-4  # a value set is kept
+    # online DPO with full weights passed its KL stop at LoRA's rate on the alignment benchmark
+    assert learning_rate_of(OnlineDPOConfig(use_lora=False)) == pytest.approx(5e-5)
+    assert learning_rate_of(OnlineDPOConfig()) == pytest.approx(5e-4)
     # the other methods keep one rate: a tenth of it barely moved them on the alignment benchmark
-    for cls in (DPOConfig, GRPOConfig, KTOConfig, OnlineDPOConfig, SFTConfig):
+    for cls in (DPOConfig, GRPOConfig, KTOConfig, SFTConfig):
         assert learning_rate_of(cls(use_lora=False)) == cls().learning_rate > 0, cls
 
 

@@ -23,7 +23,7 @@ def online_dpo(
     num_generations: int = 4,
     batch_size: int = 8,
     dpo_epochs: int = 2,
-    learning_rate: float = 5e-4,
+    learning_rate: float = -1.0,
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     min_score_gap: float = 0.0,

@@ -35,6 +35,7 @@ import torch
 from accelerate.utils import gather_object
 
 from preftune.config.online_dpo import OnlineDPOConfig, validate
+from preftune.config.shared import learning_rate_of
 from preftune.io import storage
 from preftune.model import modeling
 from preftune.model.losses import dpo_loss
@@ -133,7 +134,7 @@ class OnlineDPOTrainer(IterationTrainer):
         self.config, self.accelerator, self.tokenizer, self.rewards = config, accelerator, tokenizer, rewards
         self.prompts, self.records, self.encoded = prompts, records, encoded
         self.eos_ids = eos_ids_of(tokenizer, policy)
-        optimizer = make_optimizer(policy, config.learning_rate, config.weight_decay)
+        optimizer = make_optimizer(policy, learning_rate_of(config), config.weight_decay)
         policy, optimizer = accelerator.prepare(policy, optimizer)
         self.reference = reference.to(accelerator.device) if reference is not None else None
         if rewards.model is not None:
