@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preftune.config import shared
+from preftune.config import generation, shared
 from preftune.config.fields import check, param
 
 
@@ -42,6 +42,11 @@ class EvalConfig:
         "training truncates (the pipelines pass the training steps' max_length).",
         low=2,
     )
+    generation_backend: str = generation.backend()
+    kv_cache: str = generation.kv_cache()
+    compile_decode: bool = generation.compile_decode()
+    length_bucketing: bool = generation.length_bucketing()
+    vllm_gpu_memory_utilization: float = generation.vllm_gpu_memory_utilization()
     precision: str = shared.precision()
     report_to: str = shared.report_to()
     attn_implementation: str = shared.attn_implementation()
@@ -62,3 +67,4 @@ class EvalConfig:
 def validate(config: EvalConfig) -> None:
     """Refuse out-of-range settings before any model is loaded."""
     check(config)
+    generation.validate(config)

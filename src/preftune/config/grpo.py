@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from preftune.config import shared
+from preftune.config import generation, shared
 from preftune.config.fields import check, param, refuse
 from preftune.config.ppo import KL_CONTROLLERS
 
@@ -218,6 +218,11 @@ class GRPOConfig:
     lora_target_modules: str = shared.lora_target_modules()
     forward_batch_size: int = forward_batch_size()
     pack_length: int = pack_length()
+    generation_backend: str = generation.backend()
+    kv_cache: str = generation.kv_cache()
+    compile_decode: bool = generation.compile_decode()
+    length_bucketing: bool = generation.length_bucketing()
+    vllm_gpu_memory_utilization: float = generation.vllm_gpu_memory_utilization()
     num_checkpoints: int = shared.num_checkpoints()
     samples_shown: int = samples_shown()
     seed: int = shared.seed("Seed for initialisation, prompt order and sampling.")
@@ -263,6 +268,7 @@ def check_rewards(config: Any) -> None:
 def validate(config: GRPOConfig) -> None:
     """Refuse out-of-range settings before any model is loaded."""
     check(config)
+    generation.validate(config)
     check_rewards(config)
     answers = config.prompts_per_iteration * config.num_generations
     if config.mini_batch_size > answers:

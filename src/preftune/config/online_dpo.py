@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preftune.config import grpo, shared
+from preftune.config import generation, grpo, shared
 from preftune.config.dpo import DPO_LOSS_TYPES
 from preftune.config.fields import check, param, refuse
 
@@ -64,6 +64,11 @@ class OnlineDPOConfig:
     lora_target_modules: str = shared.lora_target_modules()
     forward_batch_size: int = grpo.forward_batch_size()
     pack_length: int = grpo.pack_length()
+    generation_backend: str = generation.backend()
+    kv_cache: str = generation.kv_cache()
+    compile_decode: bool = generation.compile_decode()
+    length_bucketing: bool = generation.length_bucketing()
+    vllm_gpu_memory_utilization: float = generation.vllm_gpu_memory_utilization()
     prefix_sharing: bool = shared.prefix_sharing()
     num_checkpoints: int = shared.num_checkpoints()
     samples_shown: int = grpo.samples_shown()
@@ -79,6 +84,7 @@ class OnlineDPOConfig:
 def validate(config: OnlineDPOConfig) -> None:
     """Refuse out-of-range settings before any model is loaded."""
     check(config)
+    generation.validate(config)
     grpo.check_rewards(config)
     if config.batch_size > config.prompts_per_round:
         raise refuse(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from preftune.config import shared
+from preftune.config import generation, shared
 from preftune.config.fields import check, param, refuse
 
 KL_CONTROLLERS = ("fixed", "adaptive")
@@ -146,6 +146,11 @@ class PPOConfig:
         "each isolated by the attention mask (0 = one sequence per row).",
         low=0,
     )
+    generation_backend: str = generation.backend()
+    kv_cache: str = generation.kv_cache()
+    compile_decode: bool = generation.compile_decode()
+    length_bucketing: bool = generation.length_bucketing()
+    vllm_gpu_memory_utilization: float = generation.vllm_gpu_memory_utilization()
     num_checkpoints: int = shared.num_checkpoints()
     samples_shown: int = param(8, "Responses of the first and last iterations shown in the report.", low=0)
     seed: int = shared.seed("Seed for initialisation, prompt order and sampling.")
@@ -160,6 +165,7 @@ class PPOConfig:
 def validate(config: PPOConfig) -> None:
     """Refuse out-of-range settings before any model is loaded."""
     check(config)
+    generation.validate(config)
     if config.mini_batch_size > config.rollout_batch_size:
         raise refuse(
             config,
