@@ -73,6 +73,7 @@ from preftune.eval.frontier import FrontierProbe, Measured, distinct_n, y_metric
 from preftune.eval.judge import Judge, check_reward_model
 from preftune.eval.selection import Bounds, select
 from preftune.eval.winrate import length_controlled_win_rate, win_rate
+from preftune.model.generation.stage import require_backend, stage_backend
 from preftune.model.modeling import load_causal_lm, load_tokenizer, read_lineage, resolve
 from preftune.model.precision import resolve_precision
 from preftune.model.sampling import Generations, PairScorer, eos_ids_of, generate_responses
@@ -201,15 +202,19 @@ def _read_pairs(path: str) -> list[tuple[Messages, str, str]]:
 
 @dataclass
 class _Inputs:
-    """What the models are evaluated on: read and checked before any model is loaded, so bad input fails fast."""
+    """What the models are evaluated on: read and checked (with the generation backend's availability) before any
+    model is loaded, so bad input fails fast."""
 
     prompts: list[Messages]
     pairs: list[tuple[Messages, str, str]] | None
     snapshots: list[dict[str, Any]]
 
 
-def _read_inputs(eval_prompts: str, eval_pairs: str | None, checkpoints: str | None, limit: int) -> _Inputs:
-    prompts = _read_prompts(eval_prompts, limit)
+def _read_inputs(
+    eval_prompts: str, eval_pairs: str | None, checkpoints: str | None, config: EvalConfig
+) -> _Inputs:
+    require_backend(config)  # vllm where it cannot run: refused before anything is read or loaded
+    prompts = _read_prompts(eval_prompts, config.max_prompts)
     pairs = _read_pairs(eval_pairs) if eval_pairs else None
     return _Inputs(prompts, pairs, read_index(checkpoints) if checkpoints else [])
 
@@ -233,7 +238,7 @@ def _resolve_names(
 class _Session:
     """What every generation and measurement of one evaluation shares: the final candidate and the reference
     (on one device, with their one tokenizer), the prompts rendered for them, and the display sampling
-    settings."""
+    settings (``backend``: the generation backend every policy is sampled with)."""
 
     cand_model: Any
     ref_model: Any
@@ -267,7 +272,16 @@ def _open_session(names: Names, prompts: list[Messages], config: EvalConfig) -> 
         "eos_ids": eos_ids_of(tokenizer, cand_model, ref_model),
     }
     rendered = [render_prompt(tokenizer, messages) for messages in prompts]
+    # one backend for every policy measured: generate_responses hands it each policy's weights in turn
+    sampling["backend"] = _backend(ref_model, tokenizer, rendered, names.reference, config)
     return _Session(cand_model, ref_model, tokenizer, prompts, rendered, sampling, config)
+
+
+def _backend(model: Any, tokenizer: Any, rendered: Sequence[str], ref: str, config: EvalConfig) -> Any:
+    """The generation backend of the config's settings; a vLLM engine starts from ``ref``'s weights with room for
+    the longest prompt and ``max_new_tokens`` (preftune.model.generation.stage)."""
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in rendered), default=1)
+    return stage_backend(model, config, model_ref=ref, max_model_len=longest + config.max_new_tokens)
 
 
 def _champion_responses(
@@ -279,8 +293,14 @@ def _champion_responses(
         raise ValueError(f"the tokenizer of champion {champion} has no chat template")
     model = _load_model(champion, config)
     rendered = [render_prompt(tokenizer, messages) for messages in prompts]
-    settings = {k: v for k, v in sampling.items() if k != "eos_ids"}
-    generations = generate_responses(model, tokenizer, rendered, desc="generate: champion", **settings)
+    settings = {k: v for k, v in sampling.items() if k not in ("eos_ids", "backend")}
+    backend = _backend(model, tokenizer, rendered, champion, config)  # its architecture may differ
+    try:
+        generations = generate_responses(
+            model, tokenizer, rendered, desc="generate: champion", backend=backend, **settings
+        )
+    finally:
+        backend.close()
     del model
     return generations
 
@@ -522,12 +542,15 @@ def evaluate(
     Returns:
         Flat metrics of the chosen candidate: see the module docstring for each name's definition.
     """
-    inputs = _read_inputs(eval_prompts, eval_pairs, checkpoints, config.max_prompts)
+    inputs = _read_inputs(eval_prompts, eval_pairs, checkpoints, config)
     names = _resolve_names(candidate, reference, judge, heldout_judge, champion)
     session = _open_session(names, inputs.prompts, config)
-    judges = _judges(names, config)
-    probe = _probe(session, inputs, judges)
-    policies = _measure_policies(session, probe, inputs, candidate, scored=bool(judges or probe.pairs))
+    try:
+        judges = _judges(names, config)
+        probe = _probe(session, inputs, judges)
+        policies = _measure_policies(session, probe, inputs, candidate, scored=bool(judges or probe.pairs))
+    finally:
+        session.sampling["backend"].close()  # one engine at a time: the champion's comes next
     index, reason, inside = _choose(policies, config)
     chosen, chosen_path = policies.candidates[index], policies.paths[index]
     final = index == len(policies.candidates) - 1

@@ -38,6 +38,8 @@ from preftune.config.online_dpo import OnlineDPOConfig, validate
 from preftune.config.shared import learning_rate_of
 from preftune.io import storage
 from preftune.model import modeling
+from preftune.model.generation import GenerationBackend
+from preftune.model.generation.stage import require_backend
 from preftune.model.losses import dpo_loss
 from preftune.model.policy_losses import best_worst_pairs, sequence_kl
 from preftune.model.sampling import eos_ids_of
@@ -64,7 +66,7 @@ from preftune.train.loop import History, Meter, config_rows, make_optimizer, tra
 from preftune.train.packed import fused_head_weight
 from preftune.train.ppo.models import adapter_off, check_lengths
 from preftune.train.ppo.prompts import Messages, PromptCycler, encode_prompts, prompt_text
-from preftune.train.ppo.rollout import Rollout, _chunks
+from preftune.train.ppo.rollout import Rollout, _chunks, rollout_backend
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ class OnlineDPOTrainer(IterationTrainer):
         prompts: list[Messages],
         records: list[dict[str, Any]],
         encoded: list[list[int]],
+        backend: GenerationBackend | None = None,
     ) -> None:
         config, accelerator = engine.config, engine.accelerator
         self.config, self.accelerator, self.tokenizer, self.rewards = config, accelerator, tokenizer, rewards
@@ -141,6 +144,8 @@ class OnlineDPOTrainer(IterationTrainer):
             rewards.model.to(accelerator.device)
         self.policy, self.optimizer, self.params = policy, optimizer, trainable_parameters(policy)
         self.fused = fused_head_weight(policy) is not None
+        # built once per run (the vllm engine from the SFT model); each round of sampling hands it the weights
+        self.backend = backend or rollout_backend(accelerator.unwrap_model(policy), config)
         self.collator = PackedPairCollator(
             tokenizer, prefix_sharing=config.prefix_sharing, pack_length=config.pack_length
         )
@@ -156,7 +161,15 @@ class OnlineDPOTrainer(IterationTrainer):
         policy = accelerator.unwrap_model(self.policy)
         began = time.perf_counter()
         rollout = sample_groups(
-            policy, self.tokenizer, self.prompts, self.encoded, mine, config, self.eos_ids, accelerator.device
+            policy,
+            self.tokenizer,
+            self.prompts,
+            self.encoded,
+            mine,
+            config,
+            self.eos_ids,
+            accelerator.device,
+            backend=self.backend,
         )
         state.rollout_seconds += time.perf_counter() - began
         state.rollout_tokens += int(rollout.response_mask.sum())
@@ -335,6 +348,7 @@ def train_online_dpo(
         ``rollout_tokens_per_second``, ``resumed_from_iteration`` and the engine's resources.
     """
     validate(config)
+    require_backend(config)  # vllm where it cannot run: refused before anything is loaded
     engine = Engine("online_dpo", config)
     prompt_rows, records = load_prompt_records(prompts)  # bad input fails before any model is loaded
     rewards, described = reward_sources(reward_model, config)
@@ -343,7 +357,10 @@ def train_online_dpo(
     check_lengths(policy, config)
     encoded, truncated = encode_prompts(tokenizer, prompt_rows, config.max_prompt_length)
 
-    trainer = OnlineDPOTrainer(engine, policy, reference, rewards, tokenizer, prompt_rows, records, encoded)
+    backend = rollout_backend(policy, config, model_ref=sft_model)
+    trainer = OnlineDPOTrainer(
+        engine, policy, reference, rewards, tokenizer, prompt_rows, records, encoded, backend
+    )
     engine.artifact = Artifact(
         tokenizer,
         model_dir,
@@ -354,7 +371,10 @@ def train_online_dpo(
         snapshot_dir=snapshot_dir,
         snapshots=config.num_checkpoints,
     )
-    run = run_iterations(engine, trainer, config.rounds)
+    try:
+        run = run_iterations(engine, trainer, config.rounds)
+    finally:
+        backend.close()
 
     metrics = _metrics(engine, run, trainer.state)
     engine.save(

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +51,7 @@ def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def _unwrapped(model: Any) -> Any:
+def unwrapped(model: Any) -> Any:
     """The module under DDP's (or accelerate's) wrapper."""
     import torch
 
@@ -89,11 +91,17 @@ class VLLMBackend:
         seed: int = 0,
         enable_lora: bool = False,
         max_lora_rank: int = 16,
+        owned_dir: str = "",
         **engine: Any,
     ) -> None:
+        """``owned_dir``: a directory the backend removes when it closes (the merged weights it started from)."""
         vllm = require_vllm()
         if not model_dir:
             raise ValueError("the vllm backend needs the model directory its engine starts from")
+        # the engine in this process: sync reaches its model's weights directly instead of pickling them to a
+        # worker process
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.owned_dir = owned_dir
         self.vllm = vllm
         self.enable_lora = enable_lora
         self.llm = vllm.LLM(
@@ -114,7 +122,7 @@ class VLLMBackend:
         self._adapters = tempfile.TemporaryDirectory(prefix="preftune-vllm-lora-")
 
     def sync(self, model: Any) -> None:
-        model = _unwrapped(model)
+        model = unwrapped(model)
         if is_peft(model):
             if not self.enable_lora:
                 raise ValueError("a LoRA policy needs the vllm backend started with enable_lora=True")
@@ -163,3 +171,5 @@ class VLLMBackend:
     def close(self) -> None:
         self.llm = None
         self._adapters.cleanup()
+        if self.owned_dir:
+            shutil.rmtree(self.owned_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ from typing import Any
 from preftune.config.grpo import GRPOConfig, validate
 from preftune.io import storage
 from preftune.model import modeling
+from preftune.model.generation.stage import require_backend
 from preftune.train.engine import Artifact, Engine, run_iterations
 from preftune.train.group_rl.prompts import load_prompt_records
 from preftune.train.group_rl.report import group_metrics, report
@@ -17,6 +18,7 @@ from preftune.train.group_rl.sampling import load_policy, load_reward
 from preftune.train.group_rl.trainer import GroupRLTrainer
 from preftune.train.ppo.models import check_lengths
 from preftune.train.ppo.prompts import encode_prompts
+from preftune.train.ppo.rollout import rollout_backend
 
 
 def reward_sources(reward_model: str | None, config: Any) -> tuple[RewardSources, str]:
@@ -73,6 +75,7 @@ def train_grpo(
         ``rollout_tokens_per_second``, ``resumed_from_iteration`` and the engine's resources.
     """
     validate(config)
+    require_backend(config)  # vllm where it cannot run: refused before anything is loaded
     engine = Engine(config.estimator, config)
     prompt_rows, records = load_prompt_records(prompts)  # bad input fails before any model is loaded
     rewards, described = reward_sources(reward_model, config)
@@ -81,7 +84,10 @@ def train_grpo(
     check_lengths(policy, config)
     encoded, truncated = encode_prompts(tokenizer, prompt_rows, config.max_prompt_length)
 
-    trainer = GroupRLTrainer(engine, policy, reference, rewards, tokenizer, prompt_rows, records, encoded)
+    backend = rollout_backend(policy, config, model_ref=sft_model)
+    trainer = GroupRLTrainer(
+        engine, policy, reference, rewards, tokenizer, prompt_rows, records, encoded, backend
+    )
     engine.artifact = Artifact(
         tokenizer,
         model_dir,
@@ -92,7 +98,10 @@ def train_grpo(
         snapshot_dir=snapshot_dir,
         snapshots=config.num_checkpoints,
     )
-    run = run_iterations(engine, trainer, config.iterations)
+    try:
+        run = run_iterations(engine, trainer, config.iterations)
+    finally:
+        backend.close()
 
     metrics = group_metrics(engine, run, trainer.state)
     engine.save(

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from preftune.model import modeling
+from preftune.model.generation import GenerationBackend
 from preftune.model.templating import pad_id
 from preftune.train.loop import disable_dropout, lora_options, model_options
 from preftune.train.packed import fused_head_weight
@@ -72,12 +73,22 @@ def sample_groups(
     config: Any,
     eos_ids: list[int],
     device: torch.device,
+    *,
+    backend: GenerationBackend | None = None,
 ) -> Rollout:
     """``config.num_generations`` answers to each prompt of ``indices``, as one rollout whose rows ``[g * K, (g
-    + 1) * K)`` are prompt g's answers."""
+    + 1) * K)`` are prompt g's answers, drawn by ``backend`` (the run's, handed the policy's weights first;
+    default: the transformers backend with the config's generation options)."""
     rows = [i for i in indices for _ in range(config.num_generations)]
     return generate_rollout(
-        policy, tokenizer, [prompts[i] for i in rows], [encoded[i] for i in rows], config, eos_ids, device
+        policy,
+        tokenizer,
+        [prompts[i] for i in rows],
+        [encoded[i] for i in rows],
+        config,
+        eos_ids,
+        device,
+        backend=backend,
     )
 
 

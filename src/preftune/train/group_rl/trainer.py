@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from preftune.model.generation import GenerationBackend
 from preftune.model.policy_losses import ESTIMATORS, sequence_kl
 from preftune.model.sampling import eos_ids_of
 from preftune.model.templating import pad_id
@@ -22,7 +23,7 @@ from preftune.train.kl_control import make_kl_controller
 from preftune.train.loop import make_optimizer, trainable_parameters
 from preftune.train.packed import fused_head_weight
 from preftune.train.ppo.prompts import Messages, PromptCycler, prompt_text
-from preftune.train.ppo.rollout import Rollout
+from preftune.train.ppo.rollout import Rollout, rollout_backend
 from preftune.train.ppo.state import PPOState
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class GroupRLTrainer(IterationTrainer):
         prompts: list[Messages],
         records: list[dict[str, Any]],
         encoded: list[list[int]],
+        backend: GenerationBackend | None = None,
     ) -> None:
         config, accelerator = engine.config, engine.accelerator
         self.config, self.accelerator, self.tokenizer, self.rewards = config, accelerator, tokenizer, rewards
@@ -107,6 +109,8 @@ class GroupRLTrainer(IterationTrainer):
             policy, optimizer, trainable_parameters(policy), fused_head_weight(policy) is not None
         )
         self.policy = policy
+        # built once per run (the vllm engine from the SFT model); each round of sampling hands it the weights
+        self.backend = backend or rollout_backend(accelerator.unwrap_model(policy), config)
         self.modules, self.optimizers = {"policy": policy}, {"policy": optimizer}
         controller = make_kl_controller(
             config.kl_controller, config.kl_coef, config.target_kl, config.kl_horizon
@@ -124,7 +128,15 @@ class GroupRLTrainer(IterationTrainer):
         policy = accelerator.unwrap_model(self.policy)
         began = time.perf_counter()
         rollout = sample_groups(
-            policy, self.tokenizer, self.prompts, self.encoded, mine, config, self.eos_ids, accelerator.device
+            policy,
+            self.tokenizer,
+            self.prompts,
+            self.encoded,
+            mine,
+            config,
+            self.eos_ids,
+            accelerator.device,
+            backend=self.backend,
         )
         state.rollout_seconds += time.perf_counter() - began
         state.rollout_tokens += int(rollout.response_mask.sum())

@@ -8,11 +8,13 @@ import math
 from preftune.config.ppo import PPOConfig, validate
 from preftune.io import storage
 from preftune.model import modeling
+from preftune.model.generation.stage import require_backend
 from preftune.train.engine import Artifact, Engine, run_iterations
 from preftune.train.packed import check_kernel
 from preftune.train.ppo.models import check_lengths, check_tokenizers, load_models
 from preftune.train.ppo.prompts import encode_prompts, load_prompts
 from preftune.train.ppo.report import ppo_metrics, report
+from preftune.train.ppo.rollout import rollout_backend
 from preftune.train.ppo.trainer import PPOTrainer
 
 #: The iteration count ``iterations = -1`` picks: one pass over the prompts, within these bounds.
@@ -67,6 +69,7 @@ def train_ppo(
         ``rollout_tokens_per_second`` (sampled tokens per second of generation).
     """
     validate(config)
+    require_backend(config)  # vllm where it cannot run: refused before anything is loaded
     engine = Engine("ppo", config)
     prompt_rows = load_prompts(prompts)  # bad input fails before any model is loaded
     tokenizer = modeling.load_tokenizer(sft_model, trust_remote_code=config.trust_remote_code)
@@ -81,7 +84,8 @@ def train_ppo(
     config = dataclasses.replace(config, iterations=planned_iterations(config, len(prompt_rows)))
     engine.config = config
 
-    trainer = PPOTrainer(engine, models, tokenizer, prompt_rows, encoded, config.iterations)
+    backend = rollout_backend(models[0], config, model_ref=sft_model)  # once per run
+    trainer = PPOTrainer(engine, models, tokenizer, prompt_rows, encoded, config.iterations, backend)
     engine.artifact = Artifact(
         tokenizer,
         model_dir,
@@ -92,8 +96,10 @@ def train_ppo(
         snapshot_dir=snapshot_dir,
         snapshots=config.num_checkpoints,
     )
-    run = run_iterations(engine, trainer, config.iterations)
-
+    try:
+        run = run_iterations(engine, trainer, config.iterations)
+    finally:
+        backend.close()
     metrics = ppo_metrics(engine, run, trainer.state)
     engine.save(
         trainer.policy,

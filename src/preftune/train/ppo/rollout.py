@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 
-from preftune.config.generation import options_of
 from preftune.config.ppo import PPOConfig
 from preftune.model.generation import GenerationBackend, SamplingSettings
-from preftune.model.generation.transformers_backend import TransformersBackend
+from preftune.model.generation.stage import stage_backend
 from preftune.model.losses import head_dtype
 from preftune.model.sampling import generate
 from preftune.model.templating import completion_ids, pad_id, turn_frame
@@ -100,16 +99,17 @@ def _generate(*args: Any, **kwargs: Any) -> torch.Tensor:
     return generate(*args, **kwargs)
 
 
-def rollout_backend(policy: Any, config: Any) -> GenerationBackend:
-    """The transformers backend with the stage's generation options (the vllm backend is built by the trainer
-    once, from the SFT model's directory: ``preftune.model.generation.make_backend``)."""
-    options = options_of(config)
-    if options.backend != "transformers":
-        raise ValueError(
-            f"generation_backend {options.backend!r}: the trainer builds that backend once and passes it to "
-            "generate_rollout(backend=...)"
-        )
-    return TransformersBackend(policy, options, generate_fn=_generate)
+def rollout_backend(policy: Any, config: Any, model_ref: str = "") -> GenerationBackend:
+    """The backend of the stage's generation options, built once per run: the transformers backend with the speed
+    options, or (``generation_backend`` vllm) a vLLM engine started from ``model_ref``, the SFT model the policy
+    starts from, whose weights ``generate_rollout`` hands over each round (``preftune.model.generation.stage``)."""
+    return stage_backend(
+        policy,
+        config,
+        model_ref=model_ref,
+        max_model_len=config.max_prompt_length + config.max_new_tokens,
+        generate_fn=_generate,
+    )
 
 
 def sampling_settings(config: Any, eos_ids: list[int], pad: int) -> SamplingSettings:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from preftune.config.shared import learning_rate_of
+from preftune.model.generation import GenerationBackend
 from preftune.model.sampling import eos_ids_of
 from preftune.model.templating import pad_id
 from preftune.train.engine import Engine, Halt, IterationTrainer
@@ -20,7 +21,7 @@ from preftune.train.loop import make_optimizer, trainable_parameters
 from preftune.train.packed import fused_head_weight
 from preftune.train.ppo.advantages import Advantages, rollout_stats, shaped_advantages
 from preftune.train.ppo.prompts import Messages, PromptCycler, prompt_text
-from preftune.train.ppo.rollout import Rollout, generate_rollout, score_rollout
+from preftune.train.ppo.rollout import Rollout, generate_rollout, rollout_backend, score_rollout
 from preftune.train.ppo.state import PPOState
 from preftune.train.ppo.update import ActorCritic, ppo_update
 
@@ -54,6 +55,7 @@ class PPOTrainer(IterationTrainer):
         prompts: list[Messages],
         encoded: list[list[int]],
         iterations: int,
+        backend: GenerationBackend | None = None,
     ) -> None:
         config, accelerator = engine.config, engine.accelerator
         self.iterations = iterations
@@ -80,6 +82,8 @@ class PPOTrainer(IterationTrainer):
             fused_head_weight(policy) is not None,
         )
         self.policy = policy
+        # built once per run (the vllm engine from the SFT model); each rollout hands it the policy's weights
+        self.backend = backend or rollout_backend(accelerator.unwrap_model(policy), config)
         self.modules = {"policy": policy, "critic": critic}
         self.optimizers = {"policy": policy_opt, "critic": critic_opt}
         controller = make_kl_controller(
@@ -105,6 +109,7 @@ class PPOTrainer(IterationTrainer):
             config,
             self.eos_ids,
             accelerator.device,
+            backend=self.backend,
         )
         state.rollout_seconds += time.perf_counter() - began
         state.rollout_tokens += int(rollout.response_mask.sum())
