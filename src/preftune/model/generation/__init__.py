@@ -23,6 +23,9 @@ PPO, GRPO / RLOO, online DPO and evaluate sample through a :class:`GenerationBac
   temperature, as the PPO ratio needs); the trainers still score every sample with their own forward pass, so
   the two engines' numerics never mix in a loss. Without vLLM installed the backend refuses with
   :class:`NeedsVLLM`, saying what to install.
+
+Each stage builds its backend once per run from its config with :mod:`.stage`, whose docstring is the design of
+the hand-off: refused before anything loads where vLLM is missing, one engine per run, the weights every round.
 """
 
 from __future__ import annotations
