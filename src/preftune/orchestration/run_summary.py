@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.eval.methods import METHODS
+
 SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
 NOT_RUN = "NOT_RUN"
@@ -31,6 +33,9 @@ HEADLINE_METRICS: dict[str, list[str]] = {
     "dpo": ["first_step_loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin"],
     "reward-model": ["first_eval_accuracy", "eval_accuracy", "eval_mean_margin"],
     "ppo": ["reward_first", "reward_last", "kl_last", "kl_max", "early_stops"],
+    "grpo": ["reward_first", "reward_last", "kl_last", "kl_max", "kl_blowups"],
+    "kto": ["first_step_loss", "eval_loss", "eval_reward_accuracy", "eval_kl"],
+    "online-dpo": ["reward_first", "reward_last", "kl_last", "kl_max", "pairs"],
     "evaluate": [
         "win_rate_vs_reference",
         "lc_win_rate_vs_reference",
@@ -49,13 +54,14 @@ HEADLINE_METRICS: dict[str, list[str]] = {
     "compare": [
         "rlhf_win_rate_vs_dpo",
         "dpo_win_rate_vs_rlhf",
-        *(f"{method}_head_to_head" for method in ("dpo", "rlhf", "grpo", "rloo", "kto", "online_dpo")),
+        *(f"{method}_head_to_head" for method in METHODS),
         "head_to_head_ties",
         "head_to_head_prompts",
     ],
 }
 for _k in range(2, 7):  # the compare pipeline's other evaluations, one per method
     HEADLINE_METRICS[f"evaluate-{_k}"] = HEADLINE_METRICS["evaluate"]
+HEADLINE_METRICS["grpo-2"] = HEADLINE_METRICS["grpo"]  # the compare pipeline's RLOO step
 
 #: Metrics about DPO's implicit reward: they mean something only for a policy trained by DPO.
 DPO_ONLY_METRICS = frozenset({"implicit_reward_accuracy", "implicit_reward_margin"})
