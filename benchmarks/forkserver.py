@@ -25,7 +25,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-_BENCH = ["benchmarks.common", "benchmarks.dpo", "benchmarks.reward", "benchmarks.sft", "benchmarks.ppo"]
+_BENCH = [
+    "benchmarks.common",
+    "benchmarks.dpo",
+    "benchmarks.reward",
+    "benchmarks.sft",
+    "benchmarks.ppo",
+    "benchmarks.grpo",
+    "benchmarks.kto",
+]
 #: What a fresh process of each side imports anyway (the libraries, not any data or model).
 PRELOAD: dict[str, list[str]] = {
     "ours": [
@@ -34,6 +42,8 @@ PRELOAD: dict[str, list[str]] = {
         "preftune.train.reward",
         "preftune.train.sft",
         "preftune.train.ppo",
+        "preftune.train.group_rl",
+        "preftune.train.kto",
         "preftune.report.html",
         "benchmarks.ceiling",
         *_BENCH,
@@ -46,6 +56,8 @@ PRELOAD: dict[str, list[str]] = {
         "trl.trainer.reward_trainer",
         "trl.trainer.sft_trainer",
         "trl.trainer.rloo_trainer",
+        "trl.trainer.grpo_trainer",
+        "trl.trainer.kto_trainer",
         "preftune.model.modeling",
         "preftune.model.templating",
         "preftune.train.batching",
