@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from preftune.eval.comparison import LABELS, METHODS
+from preftune.eval.methods import METHODS, long_label
 
 ROOT = Path(__file__).resolve().parents[1]
 Summary = Mapping[str, Any]
@@ -200,11 +200,8 @@ def compare_block(runs: Mapping[str, Summary]) -> str:
         f"On the bundled data, defaults, `methods={compare['parameters'].get('methods', 'dpo,rlhf')}` "
         f"({_seconds(compare['duration_seconds'])} in all):"
     )
-    header = ["figure", *(_COLUMNS.get(x, LABELS[x]) for x in methods)]
+    header = ["figure", *(long_label(x) for x in methods)]
     return intro + "\n\n" + table(header, rows, "l" + "r" * len(methods))
-
-
-_COLUMNS = {"rlhf": "RLHF (reward model + PPO)"}
 
 
 def verdict_block(runs: Mapping[str, Summary]) -> str:

@@ -23,17 +23,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from preftune.data.records import read_artifact_rows
-from preftune.eval.methods import LABELS, METHODS, REWARD_MODEL_METHODS, STAGES
+from preftune.eval.methods import LABELS, METHODS, REWARD_MODEL_METHODS, STAGES, long_label
 from preftune.eval.winrate import length_controlled_win_rate, win_rate
 from preftune.report import html as reports
 
 log = logging.getLogger(__name__)
-
-_LONG = {"rlhf": "RLHF (reward model + PPO)"}
-
-
-def _long(method: str) -> str:
-    return _LONG.get(method, LABELS[method])
 
 
 def chosen_methods(methods: Sequence[str]) -> list[str]:
@@ -139,7 +133,7 @@ def _quality(m: Mapping[str, float], methods: Sequence[str]) -> str:
     two = len(methods) == 2
     if lc > 0.55:
         lead = (
-            f"{_long(best)} gave the {'better' if two else 'best'} answers: the judge prefers its answer to "
+            f"{long_label(best)} gave the {'better' if two else 'best'} answers: the judge prefers its answer to "
             f"{LABELS[runner]}'s{'' if two else ' (the runner-up)'} on {raw:.0%} of prompts ({lc:.0%} "
             "length-controlled)"
         )

@@ -13,6 +13,15 @@ LABELS = {
     "online_dpo": "Online DPO",
 }
 METHODS = tuple(LABELS)
+#: Where a label alone would not say what a method trains (verdicts, table headers).
+_LONG_LABELS = {"rlhf": "RLHF (reward model + PPO)"}
+
+
+def long_label(method: str) -> str:
+    """The method's label, spelled out where the short one hides what it trains."""
+    return _LONG_LABELS.get(method, LABELS[method])
+
+
 #: Training stages of each method after the shared SFT step. Methods that learn from a reward model pay for it:
 #: each would train one if it ran alone.
 STAGES = {
