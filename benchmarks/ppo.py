@@ -110,6 +110,8 @@ def _ours(model_path, reward_path, prompts, tmp, iterations, use_lora, levers) -
         "seconds": metrics["train_seconds"],
         "generation_seconds": metrics["rollout_seconds"],
         "sampled_tokens": round(sampled),
+        "scored_tokens": metrics["train_tokens"],  # prompt + response, no padding, every iteration
+        "ppo_epochs": EPOCHS,
         "reward_first": metrics["reward_first"],
         "reward_last": metrics["reward_last"],
     }
