@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +40,7 @@ from preftune.model import modeling
 from preftune.model.generation import GenerationBackend
 from preftune.model.generation.stage import require_backend
 from preftune.model.losses import dpo_loss
-from preftune.model.policy_losses import best_worst_pairs, sequence_kl
+from preftune.model.policy_losses import best_worst_pairs
 from preftune.model.sampling import eos_ids_of
 from preftune.report import html as reports
 from preftune.train.batching import PackedPairCollator
@@ -60,7 +59,7 @@ from preftune.train.group_rl.driver import reward_sources
 from preftune.train.group_rl.prompts import load_prompt_records
 from preftune.train.group_rl.report import curve_sections, rollout_metrics, sample_section
 from preftune.train.group_rl.rewards import RewardSources
-from preftune.train.group_rl.sampling import load_policy, sample_groups, score_tokens
+from preftune.train.group_rl.sampling import load_policy, sample_round
 from preftune.train.group_rl.trainer import sample_stats
 from preftune.train.loop import History, Meter, config_rows, make_optimizer, trainable_parameters
 from preftune.train.packed import fused_head_weight
@@ -155,30 +154,8 @@ class OnlineDPOTrainer(IterationTrainer):
 
     def collect(self, iteration: int) -> RoundExperience:
         config, accelerator, state = self.config, self.accelerator, self.state
-        indices = state.cycler.take(self.per_process * accelerator.num_processes)
-        rank = accelerator.process_index
-        mine = indices[rank * self.per_process : (rank + 1) * self.per_process]
-        policy = accelerator.unwrap_model(self.policy)
-        began = time.perf_counter()
-        rollout = sample_groups(
-            policy,
-            self.tokenizer,
-            self.prompts,
-            self.encoded,
-            mine,
-            config,
-            self.eos_ids,
-            accelerator.device,
-            backend=self.backend,
-        )
-        state.rollout_seconds += time.perf_counter() - began
-        state.rollout_tokens += int(rollout.response_mask.sum())
-        tokens = int(rollout.query_mask.sum() + rollout.response_mask.sum())
-        score_tokens(rollout, policy, self.reference, self.tokenizer, config)
-        rows = [i for i in mine for _ in range(config.num_generations)]
-        rewards = self.rewards(rollout.prompts, [self.records[i] for i in rows], rollout.texts, rollout.ended)
-        rollout.scores = rewards.total
-        kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.response_mask)
+        sampled = sample_round(self)
+        rollout, rewards, kl = sampled.rollout, sampled.rewards, sampled.kl
         logged = sample_stats(rollout, rewards, kl, rewards.total, config.num_generations, accelerator)
         pairs = rollout_pairs(rollout, rewards.total, config.num_generations, config.min_score_gap)
         self._reference_logps(pairs)
@@ -189,7 +166,7 @@ class OnlineDPOTrainer(IterationTrainer):
             logged["chosen_score"] = sum(p["chosen_score"] for p in pairs) / len(pairs)
             logged["rejected_score"] = sum(p["rejected_score"] for p in pairs) / len(pairs)
         state.pairs += len(pairs)
-        experience = RoundExperience(iteration, torch.tensor(indices), tokens, logged, pairs)
+        experience = RoundExperience(iteration, sampled.indices, sampled.tokens, logged, pairs)
         if iteration == 1 or iteration == config.rounds:
             self._keep_samples(iteration, rollout)
         if config.kl_blowup > 0 and logged["kl"] > config.kl_blowup:

@@ -8,14 +8,18 @@ group's K answers are K rows of one rollout, next to each other.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from preftune.model import modeling
 from preftune.model.generation import GenerationBackend
+from preftune.model.policy_losses import sequence_kl
 from preftune.model.templating import pad_id
+from preftune.train.group_rl.rewards import Rewards
 from preftune.train.loop import disable_dropout, lora_options, model_options
 from preftune.train.packed import fused_head_weight
 from preftune.train.ppo.models import TokenValueModel, adapter_off
@@ -123,3 +127,49 @@ def group_diversity(texts: list[str], group_size: int) -> torch.Tensor:
         [len(set(texts[g : g + group_size])) / group_size for g in range(0, len(texts), group_size)],
         dtype=torch.float32,
     )
+
+
+@dataclass
+class SampledRound:
+    """One round of sampling, scored: every process's prompt indices (in the cycler's order), this process's
+    groups with their log-probs under policy and reference, their rewards and sequence KL, and the tokens they
+    hold (prompt + answers, no padding)."""
+
+    indices: torch.Tensor
+    rollout: Rollout
+    rewards: Rewards
+    kl: torch.Tensor
+    tokens: int
+
+
+def sample_round(trainer: Any) -> SampledRound:
+    """Draw this round's prompts, sample ``num_generations`` answers to each, and score them: the part of a round
+    that GRPO / RLOO and online DPO share. ``trainer`` is either one's trainer (its config, accelerator, state,
+    models, prompts and reward sources); generation time and sampled tokens are added to its state."""
+    config, accelerator, state = trainer.config, trainer.accelerator, trainer.state
+    indices = state.cycler.take(trainer.per_process * accelerator.num_processes)
+    rank = accelerator.process_index
+    mine = indices[rank * trainer.per_process : (rank + 1) * trainer.per_process]
+    policy = accelerator.unwrap_model(trainer.policy)
+    began = time.perf_counter()
+    rollout = sample_groups(
+        policy,
+        trainer.tokenizer,
+        trainer.prompts,
+        trainer.encoded,
+        mine,
+        config,
+        trainer.eos_ids,
+        accelerator.device,
+        backend=trainer.backend,
+    )
+    state.rollout_seconds += time.perf_counter() - began
+    state.rollout_tokens += int(rollout.response_mask.sum())
+    tokens = int(rollout.query_mask.sum() + rollout.response_mask.sum())
+    score_tokens(rollout, policy, trainer.reference, trainer.tokenizer, config)
+    rows = [i for i in mine for _ in range(config.num_generations)]
+    records = [trainer.records[i] for i in rows]
+    rewards = trainer.rewards(rollout.prompts, records, rollout.texts, rollout.ended)
+    rollout.scores = rewards.total
+    kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.response_mask)
+    return SampledRound(torch.tensor(indices), rollout, rewards, kl, tokens)

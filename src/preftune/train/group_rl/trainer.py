@@ -5,19 +5,18 @@ controller)."""
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from preftune.model.generation import GenerationBackend
-from preftune.model.policy_losses import ESTIMATORS, sequence_kl
+from preftune.model.policy_losses import ESTIMATORS
 from preftune.model.sampling import eos_ids_of
 from preftune.model.templating import pad_id
 from preftune.train.engine import Engine, Halt, IterationTrainer
 from preftune.train.group_rl.rewards import Rewards, RewardSources
-from preftune.train.group_rl.sampling import group_diversity, sample_groups, score_tokens
+from preftune.train.group_rl.sampling import group_diversity, sample_round
 from preftune.train.group_rl.update import IterationData, TrainedPolicy, group_update
 from preftune.train.kl_control import make_kl_controller
 from preftune.train.loop import make_optimizer, trainable_parameters
@@ -122,36 +121,14 @@ class GroupRLTrainer(IterationTrainer):
 
     def collect(self, iteration: int) -> GroupExperience:
         config, accelerator, state = self.config, self.accelerator, self.state
-        indices = state.cycler.take(self.per_process * accelerator.num_processes)
-        rank = accelerator.process_index
-        mine = indices[rank * self.per_process : (rank + 1) * self.per_process]
-        policy = accelerator.unwrap_model(self.policy)
-        began = time.perf_counter()
-        rollout = sample_groups(
-            policy,
-            self.tokenizer,
-            self.prompts,
-            self.encoded,
-            mine,
-            config,
-            self.eos_ids,
-            accelerator.device,
-            backend=self.backend,
-        )
-        state.rollout_seconds += time.perf_counter() - began
-        state.rollout_tokens += int(rollout.response_mask.sum())
-        tokens = int(rollout.query_mask.sum() + rollout.response_mask.sum())
-        score_tokens(rollout, policy, self.reference, self.tokenizer, config)
-        rows = [i for i in mine for _ in range(config.num_generations)]
-        rewards = self.rewards(rollout.prompts, [self.records[i] for i in rows], rollout.texts, rollout.ended)
-        kl = sequence_kl(rollout.logprobs, rollout.ref_logprobs, rollout.response_mask)
+        sampled = sample_round(self)
+        rollout, rewards, kl = sampled.rollout, sampled.rewards, sampled.kl
         kl_coef = state.controller.value
         penalised = rewards.total - kl_coef * kl if config.kl_penalty == "reward" else rewards.total
-        rollout.scores = rewards.total
         advantages = self.estimator.advantages(penalised, config.num_generations)
         logged = sample_stats(rollout, rewards, kl, penalised, config.num_generations, accelerator)
         logged["kl_coef"] = kl_coef
-        experience = GroupExperience(iteration, torch.tensor(indices), tokens, logged, rollout, advantages)
+        experience = GroupExperience(iteration, sampled.indices, sampled.tokens, logged, rollout, advantages)
         if iteration == 1 or iteration == config.iterations:
             self._keep_samples(iteration, rollout)
         if config.kl_blowup > 0 and logged["kl"] > config.kl_blowup:
