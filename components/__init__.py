@@ -18,6 +18,7 @@ from preftune.components.online_dpo.component import online_dpo as online_dpo_op
 from preftune.components.ppo.component import ppo as ppo_op
 from preftune.components.preference_import.component import preference_import as preference_import_op
 from preftune.components.promote.component import promote as promote_op
+from preftune.components.refuse_choice.component import refuse_choice as refuse_choice_op
 from preftune.components.reward_model.component import reward_model as reward_model_op
 from preftune.components.sft.component import sft as sft_op
 from preftune.components.skip_method.component import skip_method as skip_method_op
@@ -41,6 +42,7 @@ COMPONENTS = {
     "collect": collect_op,
     "choose_methods": choose_methods_op,
     "skip_method": skip_method_op,
+    "refuse_choice": refuse_choice_op,
     "compare": compare_op,
 }
 
@@ -61,6 +63,7 @@ __all__ = [
     "ppo_op",
     "preference_import_op",
     "promote_op",
+    "refuse_choice_op",
     "reward_model_op",
     "sft_op",
     "skip_method_op",

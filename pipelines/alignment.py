@@ -8,8 +8,16 @@ from typing import Any
 
 from kfp import dsl
 
-from preftune.components import dpo_op, grpo_op, kto_op, online_dpo_op, ppo_op, reward_model_op
-from preftune.pipelines.cluster import training_step
+from preftune.components import (
+    dpo_op,
+    grpo_op,
+    kto_op,
+    online_dpo_op,
+    ppo_op,
+    refuse_choice_op,
+    reward_model_op,
+)
+from preftune.pipelines.cluster import data_step, training_step
 
 
 def dpo_step(sft: dsl.PipelineTask, pairs: dsl.PipelineTask, **settings: Any) -> dsl.PipelineTask:
@@ -90,3 +98,10 @@ def online_dpo_step(
         **settings,
     )
     return training_step(task.set_display_name("Online DPO"))
+
+
+def refuse_other_choice(parameter: str, value: Any, allowed: tuple[str, ...]) -> dsl.PipelineTask:
+    """The ``dsl.Else`` of a method choice: a step that fails the run when the parameter's value has no branch
+    (a run from the Kubeflow UI is not checked before it starts), naming the parameter and the values allowed."""
+    task = refuse_choice_op(parameter=parameter, value=value, allowed=",".join(allowed))
+    return data_step(task.set_display_name(f"Unknown {parameter}"))

@@ -2,7 +2,13 @@
 
 from kfp import dsl
 
-from preftune.pipelines.alignment import dpo_step, kto_step, online_dpo_step, reward_model_step
+from preftune.pipelines.alignment import (
+    dpo_step,
+    kto_step,
+    online_dpo_step,
+    refuse_other_choice,
+    reward_model_step,
+)
 from preftune.pipelines.data import import_pairs, ingest_data
 from preftune.pipelines.promotion import evaluate_and_promote
 from preftune.pipelines.sft_stage import supervised_fine_tuning
@@ -274,3 +280,5 @@ def dpo_pipeline(
             **scale,
         )
         evaluate_and_promote(online, sft, pairs, **tail)
+    with dsl.Else(name="unknown-dpo-method"):
+        refuse_other_choice("dpo_method", dpo_method, ("dpo", "kto", "online_dpo"))

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from preftune.pipelines.alignment import grpo_step, ppo_step, reward_model_step
+from preftune.pipelines.alignment import grpo_step, ppo_step, refuse_other_choice, reward_model_step
 from preftune.pipelines.data import import_pairs, ingest_data
 from preftune.pipelines.promotion import evaluate_and_promote
 from preftune.pipelines.sft_stage import supervised_fine_tuning
@@ -281,3 +281,5 @@ def rlhf_pipeline(
     with dsl.Elif(policy_optimizer == "rloo", name="rloo"):
         rloo = grpo_step(sft, reward, pairs, estimator="rloo", **grpo_settings)
         evaluate_and_promote(rloo, sft, pairs, **tail)
+    with dsl.Else(name="unknown-policy-optimizer"):
+        refuse_other_choice("policy_optimizer", policy_optimizer, ("ppo", "grpo", "rloo"))

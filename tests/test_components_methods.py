@@ -20,6 +20,7 @@ import preftune.launch.distributed
 from components.grpo.component import grpo
 from components.kto.component import kto
 from components.online_dpo.component import online_dpo
+from components.refuse_choice.component import refuse_choice
 from preftune.data.preferences import import_preferences
 from preftune.launch.stages import STAGES
 from preftune.orchestration import compilation
@@ -196,7 +197,9 @@ def test_each_method_is_a_branch_whose_evaluate_step_reads_its_model_and_snapsho
     components = spec["components"]
     (group,) = [t for n, t in spec["root"]["dag"]["tasks"].items() if n.startswith("condition-branches")]
     branches_dag = components[group["componentRef"]["name"]]["dag"]
-    conditions = list(branches_dag["tasks"].values())
+    conditions = [
+        t for t in branches_dag["tasks"].values() if not t["taskInfo"]["name"].startswith("unknown")
+    ]
     assert len(conditions) == len(branches)
     for condition, (value, step) in zip(conditions, branches.items(), strict=True):
         rule = condition["triggerPolicy"]["condition"]
@@ -209,6 +212,35 @@ def test_each_method_is_a_branch_whose_evaluate_step_reads_its_model_and_snapsho
             source = artifacts[name]["taskOutputArtifact"]
             assert (source["producerTask"], source["outputArtifactKey"]) == (step, port)
         assert any(n.split("-")[0] == "gate" for n in tasks)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "parameter", "allowed"),
+    [("rlhf", "policy_optimizer", "ppo,grpo,rloo"), ("dpo", "dpo_method", "dpo,kto,online_dpo")],
+)
+def test_a_value_no_branch_takes_fails_the_run_in_the_else_branch(pipeline, parameter, allowed) -> None:
+    """A run from the Kubeflow UI is not checked before it starts: the dsl.Else runs refuse_choice, which fails."""
+    spec = _spec(pipeline)
+    components = spec["components"]
+    (group,) = [t for n, t in spec["root"]["dag"]["tasks"].items() if n.startswith("condition-branches")]
+    (other,) = [
+        t
+        for t in components[group["componentRef"]["name"]]["dag"]["tasks"].values()
+        if t["taskInfo"]["name"].startswith("unknown")
+    ]
+    rule = other["triggerPolicy"]["condition"]
+    for value in allowed.split(","):
+        assert f"!(inputs.parameter_values['pipelinechannel--{parameter}'] == '{value}')" in rule
+    (refuse,) = components[other["componentRef"]["name"]]["dag"]["tasks"].values()
+    assert refuse["componentRef"]["name"] == "comp-refuse-choice"
+    inputs = refuse["inputs"]["parameters"]
+    assert inputs["allowed"]["runtimeValue"]["constant"] == allowed
+    assert inputs["parameter"]["runtimeValue"]["constant"] == parameter
+    assert inputs["value"]["componentInputParameter"] == f"pipelinechannel--{parameter}"
+    with pytest.raises(
+        ValueError, match=rf"{parameter}='grpoo' names no method .*use one of: {allowed.replace(',', ', ')}"
+    ):
+        refuse_choice.python_func(parameter=parameter, value="grpoo", allowed=allowed)
 
 
 def test_run_refuses_a_method_no_branch_takes() -> None:

@@ -171,6 +171,12 @@ pairs.outputs["train_pairs"], pairs.outputs["eval_pairs"]  # -> dpo_op / reward 
     "choose_methods": """chosen = choose_methods_op(methods="dpo,grpo,kto")
 with dsl.If(chosen.outputs["grpo"] == True):  # noqa: E712
     grpo_op(...)""",
+    "refuse_choice": """with dsl.If(policy_optimizer == "ppo"):
+    ppo_op(...)
+with dsl.Elif(policy_optimizer == "grpo"):
+    grpo_op(...)
+with dsl.Else():  # a misspelt value fails the run instead of training nothing
+    refuse_choice_op(parameter="policy_optimizer", value=policy_optimizer, allowed="ppo,grpo")""",
     "skip_method": """with dsl.If(chosen.outputs["kto"] == True):  # noqa: E712
     kto_eval = evaluate_op(...)
 with dsl.Else():

@@ -1,0 +1,1 @@
+"""The refuse_choice component."""
