@@ -23,8 +23,10 @@ from preftune.train.engine.services import (
     Run,
     batch_tokens,
     chain_digest,
+    checked_gradient_groups,
     checked_gradients,
     finite_everywhere,
+    step_optimizers,
 )
 from preftune.train.engine.state import BestSoFar, EpochState, LoopState, Resumable
 from preftune.train.engine.stopping import EarlyStopping, StopRule
@@ -47,8 +49,10 @@ __all__ = [
     "StopRule",
     "batch_tokens",
     "chain_digest",
+    "checked_gradient_groups",
     "checked_gradients",
     "finite_everywhere",
     "fit",
     "run_iterations",
+    "step_optimizers",
 ]

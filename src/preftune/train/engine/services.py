@@ -74,6 +74,44 @@ def checked_gradients(
     return value if stop else None
 
 
+def checked_gradient_groups(
+    accelerator: Any, groups: list[list[torch.nn.Parameter]], max_norm: float
+) -> list[float | None]:
+    """:func:`checked_gradients` for the parameters of several optimisers stepped together (PPO's policy and
+    critic), each group clipped on its own.
+
+    accelerate's ``clip_grad_norm_`` unscales the gradients of every prepared optimiser on each call, and fp16's
+    gradient scaler refuses a second unscale before the step. So under fp16 the gradients are unscaled once
+    here and each group is clipped by torch directly; without a scaler each group goes through accelerate's own
+    clipping (which FSDP and DeepSpeed need).
+    """
+    if getattr(accelerator, "scaler", None) is None:
+        return [checked_gradients(accelerator, params, max_norm) for params in groups]
+    accelerator.unscale_gradients()
+    for params in groups:
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return [None for _ in groups]  # the scaler skips a step whose gradients overflowed
+
+
+def step_optimizers(accelerator: Any, optimizers: list[Any]) -> None:
+    """Step optimisers whose gradients came from one backward (PPO's policy and critic).
+
+    Under fp16 each of accelerate's optimisers steps through the shared gradient scaler and then updates it,
+    which forgets that the next optimiser's gradients were already unscaled: the second would be unscaled twice
+    (its update shrunk by the loss scale). So under fp16 all step through the scaler first and it is updated
+    once; otherwise each steps as usual.
+    """
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        for optimizer in optimizers:
+            optimizer.step()
+        return
+    for optimizer in optimizers:
+        scaler.step(getattr(optimizer, "optimizer", optimizer))  # the torch optimiser under accelerate's wrapper
+    scaler.update()
+
+
 def clip_and_measure(
     accelerator: Any, parameters: list[torch.nn.Parameter], max_norm: float
 ) -> tuple[float, bool]:

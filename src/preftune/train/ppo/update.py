@@ -13,7 +13,7 @@ import torch
 
 from preftune.config.ppo import PPOConfig
 from preftune.model.losses import ppo_policy_loss, ppo_value_loss
-from preftune.train.engine import checked_gradients, finite_everywhere
+from preftune.train.engine import checked_gradient_groups, finite_everywhere, step_optimizers
 from preftune.train.loop import Meter
 from preftune.train.packed import scored_logprobs
 from preftune.train.ppo.advantages import Advantages
@@ -126,18 +126,16 @@ def _step(
         result.nonfinite, result.stopped = float(loss.detach()), True
         return False
     accelerator.backward(loss)
-    norms = [
-        checked_gradients(accelerator, params, config.max_grad_norm)
-        for params in (models.policy_params, models.critic_params)
-    ]
+    norms = checked_gradient_groups(
+        accelerator, [models.policy_params, models.critic_params], config.max_grad_norm
+    )
     if any(norm is not None for norm in norms):
         models.policy_optimizer.zero_grad()
         models.critic_optimizer.zero_grad()
         bad = next(norm for norm in norms if norm is not None)
         result.nonfinite, result.what, result.stopped = bad, "gradient norm", True
         return False
-    models.policy_optimizer.step()
-    models.critic_optimizer.step()
+    step_optimizers(accelerator, [models.policy_optimizer, models.critic_optimizer])
     models.policy_optimizer.zero_grad()
     models.critic_optimizer.zero_grad()
     result.steps += 1
