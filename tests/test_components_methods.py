@@ -21,7 +21,7 @@ from components.grpo.component import grpo
 from components.kto.component import kto
 from components.online_dpo.component import online_dpo
 from components.refuse_choice.component import refuse_choice
-from preftune.data.preferences import import_preferences
+from preftune.data.preferences import RejectedFractionError, import_preferences
 from preftune.launch.stages import STAGES
 from preftune.orchestration import compilation
 from preftune.train.kto import merge_unpaired
@@ -123,6 +123,28 @@ def test_thumbs_become_unpaired_examples_split_by_prompt_like_the_pairs(tmp_path
     assert prompts(out["eval"]) == prompts(out["ueval"])
     assert not prompts(out["utrain"]) & prompts(out["eval"])
     assert prompts(out["train"]) <= prompts(out["utrain"])
+
+
+def test_thumbs_without_a_pair_kept_for_kto_do_not_count_as_rejected(tmp_path: Path) -> None:
+    """Most prompts of thumbs feedback have one judgement: KTO trains on it, so it does not fail the import."""
+    rows = []
+    for i in range(10):
+        rows.append({"prompt": f"Q{i}?", "response": f"A good answer {i}.", "label": True})
+        rows.append({"prompt": f"Q{i}?", "response": f"Bad {i}", "label": False})
+    rows += [{"prompt": f"Q{i}?", "response": f"One answer {i}.", "label": i % 2 == 0} for i in range(10, 40)]
+    metrics, out = _import(tmp_path, rows)
+    assert metrics["rows_rejected"] == metrics["rejected_unpaired"] == metrics["rows_unpaired_kept"] == 30
+    assert len(out["utrain"]) + len(out["ueval"]) == 50
+    assert "30 rows made no pair" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    # without an unpaired set nothing uses them: 60% rejected fails the import, as before
+    source = _write(tmp_path / "again.jsonl", rows)
+    paths = [str(tmp_path / f"x-{n}") for n in ("train.jsonl", "eval.jsonl", "rejected.jsonl", "report.html")]
+    with pytest.raises(RejectedFractionError, match=r"30 of 50 rows \(60%\) were rejected"):
+        import_preferences(source, *paths)
+    # an invalid row still counts
+    rows.append({"prompt": "", "response": "x", "label": True})
+    with pytest.raises(RejectedFractionError, match=r"1 of 51 rows .* besides 30 unpaired rows kept for KTO"):
+        _import(tmp_path, rows, max_rejected_fraction=0.01)
 
 
 def test_ratings_are_desirable_above_their_raters_mean(tmp_path: Path) -> None:

@@ -40,8 +40,10 @@ def preference_import(
     (see docs/preference_formats.md). Pairs are split by prompt, so no held-out prompt is ever trained on. Every
     input row is used in at least one pair or lands in ``rejected_rows`` with its reasons (empty texts, chosen
     equal to rejected, duplicates, contradictions, unpaired, ...). The step fails, after writing its outputs,
-    when more than ``max_rejected_fraction`` of the rows were rejected. Rows are streamed, so memory does not
-    grow with the input; the content rules run as great-expectations suites through Checkpoints.
+    when more than ``max_rejected_fraction`` of the rows were rejected; thumbs and ratings that made no pair
+    are valid judgements the unpaired outputs keep (KTO trains on them), and do not count. Rows are streamed, so
+    memory does not grow with the input; the content rules run as great-expectations suites through
+    Checkpoints.
 
     Args:
         source: URI of the feedback: a jsonl, json, csv or parquet file, a directory or s3:// prefix of them

@@ -46,7 +46,8 @@ class PreferenceImportConfig:
     )
     max_rejected_fraction: float = param(
         0.5,
-        "Fail the step, after writing its outputs, when a larger share of input rows is rejected.",
+        "Fail the step, after writing its outputs, when a larger share of input rows is rejected (rows that made "
+        "no pair but went to the unpaired set for KTO do not count).",
         low=0,
         high=1,
     )

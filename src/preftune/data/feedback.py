@@ -142,6 +142,8 @@ class Feedback:
         }
         self.file_formats: dict[str, str] = {}
         self.stats: Counter[str] = Counter()
+        #: Thumbs and rating rows that made no pair but whose judgement the unpaired set holds (KTO uses them).
+        self.unpaired_kept = 0
         #: Where accepted thumbs and ratings also go unpaired (KTO's examples); set by the import when wanted.
         self.unpaired: UnpairedSet | None = None
 
@@ -506,6 +508,8 @@ class Feedback:
                     key, prompt, listed, cap=settings.max_pairs_per_prompt, seed=settings.seed, out=out
                 )
             self._account(out)
+            if self.unpaired is not None:
+                self.unpaired_kept += len(out.unpaired)
             if out.candidates:
                 yield (
                     first,

@@ -253,13 +253,26 @@ def _metrics(done: _Done) -> dict[str, float]:
     return metrics
 
 
+def _counted_rejected_fraction(metrics: dict[str, float]) -> float:
+    """The share of input rows rejected, less those the unpaired set keeps for KTO."""
+    rows_input = metrics["rows_input"]
+    kept = metrics.get("rows_unpaired_kept", 0)
+    return (metrics["rows_rejected"] - kept) / rows_input if rows_input else 0.0
+
+
 def _warnings(metrics: dict[str, float], settings: _Settings, unpartitioned: list[str]) -> list[str]:
     """What the report should put first: things that are not errors but that a person should look at."""
     out = []
-    if metrics["rows_input"] and metrics["rejected_fraction"] > settings.max_rejected_fraction:
+    counted = _counted_rejected_fraction(metrics)
+    if counted > settings.max_rejected_fraction:
         out.append(
-            f"{metrics['rejected_fraction']:.0%} of rows were rejected, more than max_rejected_fraction="
+            f"{counted:.0%} of rows were rejected, more than max_rejected_fraction="
             f"{settings.max_rejected_fraction:g}: the step fails."
+        )
+    if metrics.get("rows_unpaired_kept"):
+        out.append(
+            f"{int(metrics['rows_unpaired_kept'])} rows made no pair; the unpaired set keeps them for KTO, and "
+            "they do not count against max_rejected_fraction."
         )
     up = metrics.get("label_up_fraction")
     if up is not None and not suites.LABEL_BALANCE <= up <= 1 - suites.LABEL_BALANCE:
@@ -315,12 +328,17 @@ def _sections(done: _Done, since: str) -> list[tuple[str, str]]:
 def _check_rejected_fraction(
     metrics: dict[str, float], settings: _Settings, publication: Publication, counts: Counter[str]
 ) -> None:
-    """Fail (the outputs are written by now) when more rows were rejected than ``max_rejected_fraction``."""
-    rows_input, rejected = metrics["rows_input"], metrics["rows_rejected"]
-    if rows_input and rejected / rows_input > settings.max_rejected_fraction:
+    """Fail (the outputs are written by now) when more rows were rejected than ``max_rejected_fraction``; rows
+    rejected only for making no pair while the unpaired set (KTO's examples) holds them are not counted: with
+    thumbs, most prompts often have a single judgement, and KTO trains on every one."""
+    rows_input = metrics["rows_input"]
+    kept = metrics.get("rows_unpaired_kept", 0)
+    rejected = metrics["rows_rejected"] - kept
+    if _counted_rejected_fraction(metrics) > settings.max_rejected_fraction:
+        also = f", besides {int(kept)} unpaired rows kept for KTO" if kept else ""
         raise RejectedFractionError(
-            f"{int(rejected)} of {int(rows_input)} rows ({rejected / rows_input:.0%}) were rejected, more than "
-            f"max_rejected_fraction={settings.max_rejected_fraction:g}; most common reasons: "
+            f"{int(rejected)} of {int(rows_input)} rows ({rejected / rows_input:.0%}) were rejected{also}, more "
+            f"than max_rejected_fraction={settings.max_rejected_fraction:g}; most common reasons: "
             f"{listed(counts, 4, ' ')}. See the rejected rows ({publication.rejected_path}) and the report "
             f"({publication.report_path})",
             metrics,
@@ -358,6 +376,7 @@ def _finish(
         metrics.update(pairs_train=train, pairs_eval=held, rows_train=train, rows_eval=held)
         if feedback.unpaired is not None:
             metrics.update(feedback.unpaired.publish(items.columns.numpy("rank"), decided.route))
+            metrics["rows_unpaired_kept"] = feedback.unpaired_kept
         metrics.update(prompts_train=decided.prompts_train, prompts_eval=decided.prompts_eval)
     publication.write(
         units,

@@ -108,7 +108,9 @@ def step_optimizers(accelerator: Any, optimizers: list[Any]) -> None:
             optimizer.step()
         return
     for optimizer in optimizers:
-        scaler.step(getattr(optimizer, "optimizer", optimizer))  # the torch optimiser under accelerate's wrapper
+        scaler.step(
+            getattr(optimizer, "optimizer", optimizer)
+        )  # the torch optimiser under accelerate's wrapper
     scaler.update()
 
 
