@@ -5,6 +5,7 @@ its model registry, and where the second run takes its champion from that regist
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,6 +90,58 @@ def test_a_stage_tracks_live_metrics_params_lineage_and_its_kfp_run(
     assert run.data.tags["lineage.output.model_dir"] == model.uri
     assert run.data.tags["lineage.input.base_model"] == base
     assert run.data.tags["preftune.stage"] == "sft"
+
+
+def test_a_retried_kfp_task_continues_its_unfinished_run(client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preempted pod leaves its run RUNNING, a failed one FAILED; KFP's retry (same run, task and output URIs)
+    continues that run, with a changed setting as a tag. A loop iteration (other outputs) and a finished task
+    get runs of their own."""
+    from preftune.report import tracking
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "retry-test")
+    monkeypatch.setenv("KFP_RUN_ID", "run-7")
+    monkeypatch.setenv("KFP_TASK_NAME", "dpo")
+    lineage = {"output.model_dir": "s3://bucket/run-7/dpo/model"}
+
+    def attempt(pod: str, steps: range, fail: bool = False, lr: str = "0.001", **lineage_of: str) -> None:
+        monkeypatch.setenv("KFP_POD_NAME", pod)
+        params = {"learning_rate": lr, "beta": "0.1"}
+        outputs = lineage_of or lineage
+        with (
+            contextlib.suppress(RuntimeError),
+            tracking.tracked("mlflow", stage="dpo", params=params, lineage=outputs),
+        ):
+            for step in steps:
+                tracking.log_metrics(step, {"loss": 1.0 / step}, prefix="train/")
+            if fail:
+                raise RuntimeError("the pod failed")
+
+    # first attempt: preempted (SIGKILL: the run is never closed)
+    first = tracking.MlflowTracker("dpo")
+    first.start(
+        {"learning_rate": "0.001", "beta": "0.1"},
+        {**tracking.kfp_tags(), "lineage.output.model_dir": lineage["output.model_dir"]},
+    )
+    for step in (1, 2):
+        first.metrics(step, {"train/loss": 1.0 / step})
+    attempt("dpo-pod-2", range(2, 4), fail=True)  # resumes at its checkpoint, then fails
+    attempt("dpo-pod-3", range(3, 6), lr="0.0005")  # resumed with a lower learning rate, finishes
+
+    (run,) = runs_of(client, "retry-test", **{"kfp.run_id": "run-7", "kfp.task_name": "dpo"})
+    assert run.info.run_id == first.run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5]
+    assert run.data.tags[tracking.ATTEMPT_TAG] == "3" and run.data.tags["kfp.pod_name"] == "dpo-pod-3"
+    assert run.data.params["learning_rate"] == "0.001"
+    assert run.data.tags[f"{tracking.RETRY_PARAM_TAG}learning_rate"] == "0.0005"
+
+    # the same task finished: a later run of it (cache off, rerun by hand) gets a new MLflow run
+    attempt("dpo-pod-4", range(1, 3))
+    # another loop iteration: same task name, its own outputs
+    attempt("dpo-pod-5", range(1, 3), fail=True, **{"output.model_dir": "s3://bucket/run-7/dpo-2/model"})
+    runs = runs_of(client, "retry-test", **{"kfp.run_id": "run-7", "kfp.task_name": "dpo"})
+    assert len(runs) == 3
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,11 @@ KFP_TAGS = {
     "KFP_POD_UID": "kfp.pod_uid",
     "KFP_NAMESPACE": "kfp.namespace",
 }
+#: Tag counting the attempts of a KFP task that tracked to one MLflow run (a retried pod continues its run).
+ATTEMPT_TAG = "preftune.attempt"
+#: Prefix of tags holding a parameter a retry changed (MLflow never changes a logged parameter).
+RETRY_PARAM_TAG = "preftune.retry_param."
+_OUTPUTS = "lineage.output."
 #: The experiment runs go to when ``MLFLOW_EXPERIMENT_NAME`` is not set.
 DEFAULT_EXPERIMENT = "preftune"
 _MLFLOW_EXTRA = "pip install 'preftune[mlflow]'"
@@ -110,14 +115,47 @@ class MlflowTracker:
             return found.experiment_id
 
     def start(self, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param, RunTag
 
-        run = self.client.create_run(self._experiment_id(), tags=dict(tags), run_name=self.run_name)
+        experiment = self._experiment_id()
+        earlier = self._unfinished_attempt(experiment, tags)
+        logged: dict[str, str] = {}
+        if earlier is None:
+            run = self.client.create_run(experiment, tags=dict(tags), run_name=self.run_name)
+            attempt = 1
+        else:
+            run, logged = earlier, dict(earlier.data.params)
+            attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
+            self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        for at in range(0, len(items), 100):  # the server's limit per batch
-            self.client.log_batch(self.run_id, params=items[at : at + 100])
-        log.info("tracking to MLflow run %s (experiment %s)", self.run_id, self.experiment)
+        # MLflow refuses to change a logged parameter: a retry's changed setting (a lowered learning rate) is a tag
+        items = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
+        changed = {
+            f"{RETRY_PARAM_TAG}{k}": v[:5000]
+            for k, v in params.items()
+            if logged.get(k, v[:6000]) != v[:6000]
+        }
+        run_tags = [RunTag(k, v) for k, v in {**tags, **changed, ATTEMPT_TAG: str(attempt)}.items()]
+        for at in range(0, max(len(items), len(run_tags)), 100):  # the server's limit per batch
+            self.client.log_batch(self.run_id, params=items[at : at + 100], tags=run_tags[at : at + 100])
+        how = "continuing" if earlier is not None else "tracking to"
+        log.info("%s MLflow run %s (experiment %s, attempt %d)", how, self.run_id, self.experiment, attempt)
+
+    def _unfinished_attempt(self, experiment: str, tags: Mapping[str, str]) -> Any:
+        """The run of an earlier attempt of this KFP task that did not finish (its pod was preempted or failed, and
+        KFP retried it): a resumed step's curves continue in the same run. An attempt is the same KFP run, task
+        and output URIs (a retry writes where the first attempt would have; iterations of a loop do not). None
+        outside KFP."""
+        same = {
+            k: v for k, v in tags.items() if k in ("kfp.run_id", "kfp.task_name") or k.startswith(_OUTPUTS)
+        }
+        if not {"kfp.run_id", "kfp.task_name"} <= set(same) or len(same) == 2:
+            return None
+        query = " and ".join(f"tags.`{k}` = '{_quoted(v)}'" for k, v in sorted(same.items()))
+        found = self.client.search_runs(
+            [experiment], filter_string=f"{query} and attributes.status != 'FINISHED'", max_results=1
+        )
+        return found[0] if found else None
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -192,6 +230,11 @@ class _Active:
 
 
 _active: _Active | None = None
+
+
+def _quoted(value: str) -> str:
+    """A value inside a single-quoted MLflow search string."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def make_tracker(report_to: str, *, run_name: str, log_dir: str | Path | None) -> Tracker | None:
