@@ -87,17 +87,17 @@ def _ours(
     model_path, prompts, tmp, estimator, iterations, n_prompts, generations, use_lora
 ) -> dict[str, Any]:
     from preftune.train import group_rl
-    from preftune.train.group_rl import trainer
+    from preftune.train.group_rl import sampling
 
     counts = {"sequences": 0}
-    sample = trainer.sample_groups
+    sample = sampling.sample_groups
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         rollout = sample(*args, **kwargs)
         counts["sequences"] += int(rollout.response_ids.shape[0])
         return rollout
 
-    trainer.sample_groups = counted
+    sampling.sample_groups = counted
     config = group_rl.GRPOConfig(
         estimator=estimator,
         iterations=iterations,
@@ -123,7 +123,7 @@ def _ours(
             model_path, None, prompts, str(tmp / "out"), str(tmp / "r.html"), config
         )
     finally:
-        trainer.sample_groups = sample
+        sampling.sample_groups = sample
     return {
         "seconds": metrics["train_seconds"],
         "generation_seconds": metrics["rollout_seconds"],
