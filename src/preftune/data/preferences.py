@@ -253,17 +253,18 @@ def _metrics(done: _Done) -> dict[str, float]:
     return metrics
 
 
-def _counted_rejected_fraction(metrics: dict[str, float]) -> float:
-    """The share of input rows rejected, less those the unpaired set keeps for KTO."""
+def _counted_rejected(metrics: dict[str, float]) -> tuple[float, float]:
+    """The rows rejected less those the unpaired set keeps for KTO, and their share of the input rows: what
+    ``max_rejected_fraction`` bounds."""
     rows_input = metrics["rows_input"]
-    kept = metrics.get("rows_unpaired_kept", 0)
-    return (metrics["rows_rejected"] - kept) / rows_input if rows_input else 0.0
+    rejected = metrics["rows_rejected"] - metrics.get("rows_unpaired_kept", 0)
+    return rejected, rejected / rows_input if rows_input else 0.0
 
 
 def _warnings(metrics: dict[str, float], settings: _Settings, unpartitioned: list[str]) -> list[str]:
     """What the report should put first: things that are not errors but that a person should look at."""
     out = []
-    counted = _counted_rejected_fraction(metrics)
+    _, counted = _counted_rejected(metrics)
     if counted > settings.max_rejected_fraction:
         out.append(
             f"{counted:.0%} of rows were rejected, more than max_rejected_fraction="
@@ -331,13 +332,12 @@ def _check_rejected_fraction(
     """Fail (the outputs are written by now) when more rows were rejected than ``max_rejected_fraction``; rows
     rejected only for making no pair while the unpaired set (KTO's examples) holds them are not counted: with
     thumbs, most prompts often have a single judgement, and KTO trains on every one."""
-    rows_input = metrics["rows_input"]
-    kept = metrics.get("rows_unpaired_kept", 0)
-    rejected = metrics["rows_rejected"] - kept
-    if _counted_rejected_fraction(metrics) > settings.max_rejected_fraction:
+    rejected, fraction = _counted_rejected(metrics)
+    if fraction > settings.max_rejected_fraction:
+        kept = metrics.get("rows_unpaired_kept", 0)
         also = f", besides {int(kept)} unpaired rows kept for KTO" if kept else ""
         raise RejectedFractionError(
-            f"{int(rejected)} of {int(rows_input)} rows ({rejected / rows_input:.0%}) were rejected{also}, more "
+            f"{int(rejected)} of {int(metrics['rows_input'])} rows ({fraction:.0%}) were rejected{also}, more "
             f"than max_rejected_fraction={settings.max_rejected_fraction:g}; most common reasons: "
             f"{listed(counts, 4, ' ')}. See the rejected rows ({publication.rejected_path}) and the report "
             f"({publication.report_path})",

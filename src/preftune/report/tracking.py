@@ -121,20 +121,17 @@ class MlflowTracker:
         earlier = self._unfinished_attempt(experiment, tags)
         logged: dict[str, str] = {}
         if earlier is None:
-            run = self.client.create_run(experiment, tags=dict(tags), run_name=self.run_name)
+            run = self.client.create_run(experiment, run_name=self.run_name)  # tags: with the params below
             attempt = 1
         else:
             run, logged = earlier, dict(earlier.data.params)
             attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
             self.client.update_run(run.info.run_id, status="RUNNING")
         self.run_id = run.info.run_id
+        values = {k: v[:6000] for k, v in params.items()}  # the server's limit per value
         # MLflow refuses to change a logged parameter: a retry's changed setting (a lowered learning rate) is a tag
-        items = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
-        changed = {
-            f"{RETRY_PARAM_TAG}{k}": v[:5000]
-            for k, v in params.items()
-            if logged.get(k, v[:6000]) != v[:6000]
-        }
+        items = [Param(k, v) for k, v in values.items() if k not in logged]
+        changed = {f"{RETRY_PARAM_TAG}{k}": v[:5000] for k, v in values.items() if logged.get(k, v) != v}
         run_tags = [RunTag(k, v) for k, v in {**tags, **changed, ATTEMPT_TAG: str(attempt)}.items()]
         for at in range(0, max(len(items), len(run_tags)), 100):  # the server's limit per batch
             self.client.log_batch(self.run_id, params=items[at : at + 100], tags=run_tags[at : at + 100])

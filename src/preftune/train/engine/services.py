@@ -108,9 +108,8 @@ def step_optimizers(accelerator: Any, optimizers: list[Any]) -> None:
             optimizer.step()
         return
     for optimizer in optimizers:
-        scaler.step(
-            getattr(optimizer, "optimizer", optimizer)
-        )  # the torch optimiser under accelerate's wrapper
+        # the torch optimiser under accelerate's wrapper, which would update the scaler itself
+        scaler.step(getattr(optimizer, "optimizer", optimizer))
     scaler.update()
 
 

@@ -29,6 +29,7 @@ from preftune.train.ppo.rollout import (
     _chunks,
     _logprobs_and_entropy,
     _scatter,
+    count_rollout,
     generate_rollout,
 )
 
@@ -147,9 +148,9 @@ def sample_round(trainer: Any) -> SampledRound:
     that GRPO / RLOO and online DPO share. ``trainer`` is either one's trainer (its config, accelerator, state,
     models, prompts and reward sources); generation time and sampled tokens are added to its state."""
     config, accelerator, state = trainer.config, trainer.accelerator, trainer.state
-    indices = state.cycler.take(trainer.per_process * accelerator.num_processes)
-    rank = accelerator.process_index
-    mine = indices[rank * trainer.per_process : (rank + 1) * trainer.per_process]
+    indices, mine = state.cycler.draw(
+        trainer.per_process, accelerator.num_processes, accelerator.process_index
+    )
     policy = accelerator.unwrap_model(trainer.policy)
     began = time.perf_counter()
     rollout = sample_groups(
@@ -163,9 +164,7 @@ def sample_round(trainer: Any) -> SampledRound:
         accelerator.device,
         backend=trainer.backend,
     )
-    state.rollout_seconds += time.perf_counter() - began
-    state.rollout_tokens += int(rollout.response_mask.sum())
-    tokens = int(rollout.query_mask.sum() + rollout.response_mask.sum())
+    tokens = count_rollout(state, time.perf_counter() - began, rollout)
     score_tokens(rollout, policy, trainer.reference, trainer.tokenizer, config)
     rows = [i for i in mine for _ in range(config.num_generations)]
     records = [trainer.records[i] for i in rows]

@@ -75,6 +75,11 @@ class PromptCycler:
             out.append(self.order.pop(0))
         return out
 
+    def draw(self, per_process: int, processes: int, rank: int) -> tuple[list[int], list[int]]:
+        """One round's prompts for every process, in one seeded order for all, and this process's share."""
+        indices = self.take(per_process * processes)
+        return indices, indices[rank * per_process : (rank + 1) * per_process]
+
     def state_dict(self) -> dict[str, list[int]]:
         """The rest of the current pass and the generator's state (a uint8 list), for a checkpoint."""
         return {"order": list(self.order), "generator": self.generator.get_state().tolist()}

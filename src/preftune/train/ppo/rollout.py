@@ -286,3 +286,12 @@ def score_rollout(
     if config.score_clip is not None:
         scores = scores.clamp(-config.score_clip, config.score_clip)
     rollout.scores = scores
+
+
+def count_rollout(state: Any, seconds: float, rollout: Rollout) -> int:
+    """Add a rollout's generation time and sampled tokens to a run's state (``rollout_seconds``,
+    ``rollout_tokens``: PPO's, GRPO's and online DPO's); returns the tokens it holds (prompt + answers, no
+    padding)."""
+    state.rollout_seconds += seconds
+    state.rollout_tokens += int(rollout.response_mask.sum())
+    return int(rollout.query_mask.sum() + rollout.response_mask.sum())

@@ -21,7 +21,13 @@ from preftune.train.loop import make_optimizer, trainable_parameters
 from preftune.train.packed import fused_head_weight
 from preftune.train.ppo.advantages import Advantages, rollout_stats, shaped_advantages
 from preftune.train.ppo.prompts import Messages, PromptCycler, prompt_text
-from preftune.train.ppo.rollout import Rollout, generate_rollout, rollout_backend, score_rollout
+from preftune.train.ppo.rollout import (
+    Rollout,
+    count_rollout,
+    generate_rollout,
+    rollout_backend,
+    score_rollout,
+)
 from preftune.train.ppo.state import PPOState
 from preftune.train.ppo.update import ActorCritic, ppo_update
 
@@ -96,9 +102,9 @@ class PPOTrainer(IterationTrainer):
 
     def collect(self, iteration: int) -> PPOExperience:
         config, accelerator, state = self.config, self.accelerator, self.state
-        indices = state.cycler.take(self.per_process * accelerator.num_processes)
-        rank = accelerator.process_index
-        mine = indices[rank * self.per_process : (rank + 1) * self.per_process]
+        indices, mine = state.cycler.draw(
+            self.per_process, accelerator.num_processes, accelerator.process_index
+        )
         policy = accelerator.unwrap_model(self.policy)
         began = time.perf_counter()
         rollout = generate_rollout(
@@ -111,9 +117,7 @@ class PPOTrainer(IterationTrainer):
             accelerator.device,
             backend=self.backend,
         )
-        state.rollout_seconds += time.perf_counter() - began
-        state.rollout_tokens += int(rollout.response_mask.sum())
-        tokens = int(rollout.query_mask.sum() + rollout.response_mask.sum())  # no padding
+        tokens = count_rollout(state, time.perf_counter() - began, rollout)
         # no gradients here: the modules under DDP's wrapper, whose adapters can be switched off for the
         # reference and the reward
         critic = accelerator.unwrap_model(self.trained.critic)
