@@ -14,7 +14,7 @@ from kfp import dsl, local
 from kfp.components import load_component_from_file
 from s3_server import S3Bucket
 
-from preftune.data import parallel, sources, suites
+from preftune.data import buckets, checkpoints, parallel, sources, spill, suites
 from preftune.data.ingest import ingest
 from preftune.data.preferences import import_preferences
 from preftune.orchestration import compilation
@@ -261,18 +261,25 @@ def test_the_report_is_rendered_from_the_validation_results(tmp_path: Path) -> N
 # ---------------------------------------------------------------------------------------------- parallel
 
 
-def test_a_parallel_read_gives_exactly_the_serial_result(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _mixed_source(tmp_path: Path) -> tuple[Path, list[dict[str, str]]]:
+    """Four files of three formats, with a duplicate, a reversed pair, a broken line and a file not pairwise."""
     source = tmp_path / "parts"
     source.mkdir()
     rows = _pairs(300)
     rows[7] = dict(rows[3])  # a duplicate across nothing but rows
     rows[250] = {"prompt": rows[10]["prompt"], "chosen": rows[10]["rejected"], "rejected": rows[10]["chosen"]}
+    rows[260] = dict(rows[11], chosen="")
     (source / "part-0.jsonl").write_text(_lines(*rows[:120]) + "{broken\n")
     pq.write_table(pa.Table.from_pylist(rows[120:200]), source / "part-1.parquet")
     (source / "part-2.jsonl.gz").write_bytes(gzip.compress(_lines(*rows[200:]).encode()))
     (source / "part-3.jsonl").write_text(_lines({"prompt": "P", "response": "r", "score": 1}))  # not pairwise
+    return source, rows
+
+
+def test_a_parallel_read_gives_exactly_the_serial_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, _ = _mixed_source(tmp_path)
     results = {}
     for workers in ("0", "2"):
         monkeypatch.setenv("PREFTUNE_IMPORT_WORKERS", workers)
@@ -287,3 +294,55 @@ def test_a_parallel_read_gives_exactly_the_serial_result(
         121
     }
     assert parallel.workers_for(str(source), sources.list_source(str(source)).files, "pairwise") == 2
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_chunks_and_buckets_of_a_few_rows_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    """Columns on disk in chunks of 16 rows, hash buckets of 8 ids and a great-expectations sample of 40 rows:
+    the import streams through dozens of chunk and bucket files (and, with workers, adopts theirs) and writes
+    exactly what a single chunk writes."""
+    source, _ = _mixed_source(tmp_path)
+    monkeypatch.setenv("PREFTUNE_IMPORT_WORKERS", workers)
+    monkeypatch.setattr(parallel, "MIN_BYTES", 0)
+    results = {}
+    for small in (False, True):
+        with monkeypatch.context() as patch:
+            if small:
+                patch.setattr(spill, "COLUMN_ROWS", 16)
+                patch.setattr(buckets, "BUCKET_ROWS", 8)
+                patch.setattr(checkpoints, "SAMPLE_ROWS", 40)
+            out = tmp_path / f"out-{small}"
+            paths = [str(out / n) for n in ("train", "eval", "rejected", "report.html")]
+            metrics = import_preferences(str(source), *paths, eval_fraction=0.2, max_rejected_fraction=1.0)
+            results[small] = (metrics, *(_read(out / n) for n in ("train", "eval", "rejected")))
+    assert results[False] == results[True]
+    metrics, train, held, rejected = results[True]
+    reasons = {r for row in rejected for r in row["reasons"]}
+    assert {"duplicate", "contradiction", "empty:chosen", "invalid_json"} <= reasons, reasons
+    assert metrics["pairs_train"] > 0 and metrics["pairs_eval"] > 0
+    assert metrics["rows_input"] == metrics["rows_used"] + metrics["rows_rejected"]
+
+
+def test_sft_ingest_in_chunks_of_a_few_rows_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [{"prompt": f"question {n // 3}", "completion": f"answer {n % 7}"} for n in range(200)]
+    rows[50], rows[60] = dict(rows[5]), {"prompt": "", "completion": "x"}
+    (tmp_path / "sft.jsonl").write_text(_lines(*rows) + "{broken\n")
+    results = {}
+    for small in (False, True):
+        with monkeypatch.context() as patch:
+            if small:
+                patch.setattr(spill, "COLUMN_ROWS", 16)
+                patch.setattr(buckets, "BUCKET_ROWS", 8)
+                patch.setattr(checkpoints, "SAMPLE_ROWS", 40)
+            out = tmp_path / f"out-{small}"
+            paths = [str(out / n) for n in ("train", "eval", "rejected", "report.html")]
+            metrics = ingest(str(tmp_path / "sft.jsonl"), *paths, eval_fraction=0.2)
+            results[small] = (metrics, *(_read(out / n) for n in ("train", "eval", "rejected")))
+    assert results[False] == results[True]
+    metrics, train, held, rejected = results[True]
+    assert {r for row in rejected for r in row["reasons"]} == {"duplicate", "empty:prompt", "invalid_json"}
+    assert metrics["rows_input"] == len(train) + len(held) + len(rejected) == 201

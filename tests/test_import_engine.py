@@ -15,21 +15,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preftune.data import checkpoints, formats, records, spill, suites
+from preftune.data import buckets, checkpoints, formats, records, spill, suites
 from preftune.data.importing import (
     Items,
     Rejections,
     Units,
     Wanted,
     add_reason_metrics,
-    duplicates,
     emit,
     failure_texts,
     listed,
     meta_field,
     place,
-    present,
-    split,
     verdict,
     write_rejected,
 )
@@ -75,22 +72,56 @@ def test_sorted_spill_gives_entries_back_in_key_order_across_runs(tmp_path: Path
     assert list(entries) == [(k, f"text {k}\twith a tab") for k in range(50)]
 
 
-def test_duplicates_contradictions_and_the_split_are_hash_based() -> None:
-    ids = np.array([5, 3, 5, 9, 3, 5], dtype=np.uint64)
-    distinct, first = duplicates(ids)
-    assert distinct.tolist() == [3, 5, 9] and first.tolist() == [0, 1, 0, 3, 1, 0]
-    assert present(np.array([9, 4, 3], dtype=np.uint64), distinct).tolist() == [True, False, True]
-    ranks = np.array([40, 10, 30, 10, 20, 50], dtype=np.uint64)
-    accepted = np.array([True, True, True, True, True, False])
-    to_eval, train_groups, eval_groups = split(ranks, accepted, 0.5)
-    # four prompt groups among accepted items (10, 20, 30, 40): the two smallest hashes go to eval
-    assert to_eval.tolist() == [False, True, False, True, True, False] and (train_groups, eval_groups) == (
-        2,
-        2,
-    )
-    assert split(ranks, accepted, 0.0)[0].tolist() == [False] * 6
-    with pytest.raises(ValueError, match="cannot hold out"):
-        split(np.array([7, 7], dtype=np.uint64), np.array([True, True]), 0.3)
+def _columns(tmp_path: Path, ids: list[int], reverse: list[int]) -> spill.Columns:
+    columns = spill.Columns(tmp_path, "t", id="Q", reverse="Q")
+    for item_id, back in zip(ids, reverse, strict=True):
+        columns.settle()
+        columns["id"].append(item_id)
+        columns["reverse"].append(back)
+    return columns
+
+
+def test_repeats_and_reverses_are_found_by_hash_bucket(tmp_path: Path) -> None:
+    columns = _columns(tmp_path, [5, 3, 5, 9, 3, 5], [1, 9, 7, 4, 5, 2])
+    repeats = buckets.Repeats(columns, tmp_path, reverse="reverse")
+    repeated, reversed_ = repeats.masks(0, 6)
+    assert repeated.tolist() == [False, False, True, False, True, True] and repeats.distinct == 3
+    assert [repeats.first(i) for i in range(6)] == [0, 1, 0, 3, 1, 0]
+    assert reversed_.tolist() == [False, True, False, False, True, False]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, 2**64 - 1) | st.sampled_from([7, 2**63, 2**64 - 1]), min_size=1, max_size=80),
+    chunk=st.integers(1, 9),
+    bucket=st.integers(1, 9),
+    fraction=st.sampled_from([0.0, 0.1, 0.5]),
+)
+def test_bucketed_decisions_match_whole_array_ones_for_any_chunk_and_bucket_size(
+    tmp_path_factory: pytest.TempPathFactory, ids: list[int], chunk: int, bucket: int, fraction: float
+) -> None:
+    """Chunks of a few rows and buckets of a few entries (many files) give what sorting every id at once does."""
+    where = tmp_path_factory.mktemp("b")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(spill, "COLUMN_ROWS", chunk)
+        patch.setattr(buckets, "BUCKET_ROWS", bucket)
+        reverse = [ids[(i * 7 + 3) % len(ids)] if i % 2 else i for i in range(len(ids))]
+        columns = _columns(where, ids, reverse)
+        repeats = buckets.Repeats(columns, where, reverse="reverse")
+        found = [repeats.masks(start, len(part["id"])) for start, part in columns.chunks("id")]
+        assert np.concatenate([f[0] for f in found]).tolist() == [v in ids[:i] for i, v in enumerate(ids)]
+        assert np.concatenate([f[1] for f in found]).tolist() == [r in ids for r in reverse]
+        assert [repeats.first(i) for i in range(len(ids))] == [ids.index(v) for v in ids]
+        groups = sorted(set(ids))
+        parts = (part["id"] for _, part in columns.chunks("id"))
+        if fraction and len(groups) < 2:
+            with pytest.raises(ValueError, match="cannot hold out"):
+                buckets.cut(parts, len(ids), where, fraction)
+            return
+        cut, train, held = buckets.cut(parts, len(ids), where, fraction)
+        expected = min(max(1, round(fraction * len(groups))), len(groups) - 1) if fraction else 0
+        assert (train, held) == (len(groups) - expected, expected)
+        assert cut == (groups[expected - 1] if expected else -1)
 
 
 def test_wanted_rows_answer_ascending_queries_and_going_back() -> None:
@@ -101,9 +132,10 @@ def test_wanted_rows_answer_ascending_queries_and_going_back() -> None:
 
 def _outcome(failed: list[int], reasons: tuple[str, ...]) -> checkpoints.SuiteResult:
     rules = [checkpoints.RuleResult("t", "c", r, r, f"fails {r}", True, 0, 0, "all rows") for r in reasons]
-    return checkpoints.SuiteResult(
-        "t", reasons, np.array(failed, dtype=np.uint64), rules, 0.0, len(failed), 0
-    )
+    column = spill.Columns(failed="Q")
+    column["failed"].extend(failed)
+    masks = Counter(f for f in failed if f)
+    return checkpoints.SuiteResult("t", reasons, column, rules, 0.0, len(failed), 0, masks)
 
 
 def test_emit_writes_accepted_items_rejects_units_of_failed_ones_and_stores_large_metas_once(
@@ -126,9 +158,9 @@ def test_emit_writes_accepted_items_rejects_units_of_failed_ones_and_stores_larg
         items.add(f'{{"id": "{item_id}", "meta": {token}}}', "0", n, n, 0)
     for unit, item_id in ((1, "bbbbbbbbbbbbbbb1"), (2, "ccccccccccccccc1"), (3, "ddddddddddddddd1")):
         items.new_block()
-        items.add(f'{{"id": "{item_id}"}}', str(unit), 10 + unit, 10 + unit, unit)
+        items.add(f'{{"id": "{item_id}"}}', str(unit), 0 if unit == 1 else 10 + unit, 10 + unit, unit)
     result = _outcome([1, 0, 0, 3, 0, 0], ("empty:prompt", "duplicate"))
-    decided = verdict(items, result, np.array([0, 1, 2, 0, 4, 5]), 0.0)
+    decided = verdict(items, result, buckets.Repeats(items.columns, tmp_path), 0.0)
     used = emit(items, decided, units, rejections, str(tmp_path / "train"), str(tmp_path / "eval"))
     train = [json.loads(line) for line in (tmp_path / "train").read_text().splitlines()]
     assert used == 3 and [t["id"] for t in train] == [
@@ -195,7 +227,7 @@ def test_the_row_evaluator_agrees_with_great_expectations(values, low, high, str
     for rule, outcome in zip(rules, result.rules, strict=True):
         mask, evaluated, _ = checkpoints.evaluate(rule["type"], rule["kwargs"], columns, {})
         bit = 1 << result.reasons.index(rule["meta"]["reason"])
-        assert mask.tolist() == [bool(int(f) & bit) for f in result.failed], rule
+        assert mask.tolist() == [bool(int(f) & bit) for f in result.failed_array()], rule
         assert evaluated == outcome.evaluated
 
 
@@ -211,7 +243,9 @@ def test_suites_judge_every_row_above_the_sample_size(monkeypatch) -> None:
     result = checkpoints.Validator(document, {"min_chars": 5, "max_chars": 30}).run("examples", columns)
     assert result.sampled == 50 and result.rows == 400
     empty = result.reasons.index("empty:prompt")
-    assert [bool(int(f) >> empty & 1) for f in result.failed] == (columns["prompt_chars"] < 1).tolist()
+    assert [bool(int(f) >> empty & 1) for f in result.failed_array()] == (
+        columns["prompt_chars"] < 1
+    ).tolist()
     assert all(r.scope.startswith("all rows (preftune); great-expectations found") for r in result.rules)
 
 

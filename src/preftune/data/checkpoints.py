@@ -24,10 +24,12 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from preftune.data import spill
 from preftune.data.suites import SuiteError
 
 log = logging.getLogger(__name__)
@@ -62,20 +64,39 @@ class RuleResult:
 
 @dataclass
 class SuiteResult:
-    """A suite's verdict: ``failed`` is each row's bitmask over ``reasons`` (0 = accepted), with every rule's
-    result and how long validation took."""
+    """A suite's verdict: ``failed`` holds each row's bitmask over ``reasons`` (0 = accepted) in a column (on
+    disk for an import), ``masks`` how many rows failed with each nonzero mask; with every rule's result and how
+    long validation took."""
 
     name: str
     reasons: tuple[str, ...]
-    failed: Any
+    failed: spill.Columns
     rules: list[RuleResult]
     seconds: float
     rows: int
     sampled: int
+    masks: Counter[int] = field(default_factory=Counter)
 
     @property
     def success(self) -> bool:
         return all(r.success for r in self.rules)
+
+    @property
+    def accepted(self) -> int:
+        """Rows no rule failed."""
+        return self.rows - sum(self.masks.values())
+
+    def failed_array(self) -> Any:
+        """Every row's mask at once: for suites over few rows (a feedback kind's rows, a test)."""
+        return self.failed.numpy("failed")
+
+    def failed_at(self, row: int) -> int:
+        return int(self.failed.at("failed", row))
+
+    def chunks(self) -> Iterator[tuple[int, Any]]:
+        """``(start, masks)`` a chunk of rows at a time."""
+        for start, part in self.failed.chunks("failed"):
+            yield start, part["failed"]
 
     def reasons_for(self, mask: int) -> list[str]:
         """The reasons of a row's bitmask, in suite order."""
@@ -248,6 +269,49 @@ def _frame(columns: Mapping[str, Any], index: Any = None) -> Any:
     )
 
 
+def _gathered(parts: Iterator[tuple[int, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Column chunks joined into whole columns."""
+    import numpy as np
+
+    collected: dict[str, list[Any]] = {}
+    for _, part in parts:
+        for name, values in part.items():
+            collected.setdefault(name, []).append(np.asarray(values))
+    return {name: v[0] if len(v) == 1 else np.concatenate(v) for name, v in collected.items()}
+
+
+@dataclass
+class _Run:
+    """One suite run in progress: its rules and tallies, and the failed masks written so far."""
+
+    rules: list[tuple[Any, bool]]
+    reasons: tuple[str, ...]
+    width: Any
+    tallies: list[_Tally]
+    failed: spill.Columns
+    masks: Counter[int] = field(default_factory=Counter)
+
+    def judge(self, judged: Mapping[int, tuple[Any, int, int, int]], count: int) -> None:
+        """The next ``count`` rows: each judged rule's (unexpected rows, evaluated, missing, unexpected count)
+        added to its tally and its reason's bit set on the unexpected rows."""
+        import numpy as np
+
+        failed = np.zeros(count, dtype=self.width)
+        for i, (unexpected, evaluated, missing, found) in judged.items():
+            tally = self.tallies[i]
+            tally.evaluated += evaluated
+            tally.missing += missing
+            tally.unexpected += found
+            tally.scope = tally.scope or "all rows (great-expectations)"
+            reason = _reason(self.rules[i][0])
+            if reason and len(unexpected):
+                failed[unexpected] |= self.width(1 << self.reasons.index(reason))
+        self.failed.arrays["failed"].frombytes(failed.tobytes())
+        self.failed.settle()
+        values, sizes = np.unique(failed[failed != 0], return_counts=True)
+        self.masks.update(dict(zip(values.tolist(), sizes.tolist(), strict=True)))
+
+
 class Validator:
     """Runs an import's suites (a checked document, :mod:`suites`) through great-expectations Checkpoints."""
 
@@ -336,83 +400,147 @@ class Validator:
         return [by_id[i] for i in ids]
 
     def run(self, suite: str, columns: Mapping[str, Any]) -> SuiteResult:
-        """Validate the computed ``columns`` (numpy arrays of one length) against the suite (module docstring)."""
+        """Validate the computed ``columns`` (numpy arrays of one length), held in memory."""
+        rows = len(next(iter(columns.values()))) if columns else 0
+        return self.run_chunks(suite, rows, lambda: iter([(0, dict(columns))]))
+
+    def run_chunks(
+        self,
+        suite: str,
+        rows: int,
+        chunks: Callable[[], Iterator[tuple[int, dict[str, Any]]]],
+        directory: Any = None,
+    ) -> SuiteResult:
+        """Validate ``rows`` rows whose computed columns ``chunks()`` yields as ``(start, {name: values})`` in
+        order (module docstring). Each row's failed bitmask goes to a column on disk in ``directory`` (memory when
+        None), a chunk at a time, so memory does not grow with ``rows``."""
         import numpy as np
 
-        rows = len(next(iter(columns.values()))) if columns else 0
         rules = self._rules(suite)
         started = time.perf_counter()
         reasons = tuple(dict.fromkeys(_reason(r) for r, is_map in rules if is_map and _reason(r)))
         if len(reasons) > 64:
             raise SuiteError(f"suite {suite!r}: at most 64 distinct rejection reasons, got {len(reasons)}")
-        width = next(
-            t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if len(reasons) <= np.iinfo(t).bits
-        )
-        failed = np.zeros(rows, dtype=width)  # a bit per reason, in as few bytes as the suite needs
-        tallies = [_Tally() for _ in rules]
-        sample = None if rows <= SAMPLE_ROWS else np.linspace(0, rows - 1, SAMPLE_ROWS).astype(np.int64)
-        maps = [i for i, (_, is_map) in enumerate(rules) if is_map]
-        if maps and rows:
-            results = self._validate(
-                f"{suite}-rows", [rules[i][0] for i in maps], _frame(columns, sample), "COMPLETE"
-            )
-            for i, res in zip(maps, results, strict=True):
-                rule = rules[i][0]
-                unexpected = self._judge(rule, res, columns, tallies[i], sample)
-                if _reason(rule) and unexpected is not None and len(unexpected):
-                    failed[unexpected] |= width(1 << reasons.index(_reason(rule)))
+        code, width = next(
+            (c, t)
+            for c, t in (("B", np.uint8), ("H", np.uint16), ("I", np.uint32), ("Q", np.uint64))
+            if len(reasons) <= np.iinfo(t).bits
+        )  # a bit per reason, in as few bytes as the suite needs
+        failed = spill.Columns(directory, f"failed-{suite}", failed=code)
+        run = _Run(rules, reasons, width, [_Tally() for _ in rules], failed)
+        if rows <= SAMPLE_ROWS:
+            columns = _gathered(chunks())
+            run.judge(self._judged_by_gx(suite, rules, columns), rows)
+        else:
+            columns = self._judged_by_us(suite, run, rows, chunks)
+        failed.settle(force=True)
         tables = [i for i, (_, is_map) in enumerate(rules) if not is_map]
         if tables and rows:
-            referenced = {c for i in tables for c in _named(rules[i][0])} or set(columns)
-            frame = _frame({c: v for c, v in columns.items() if c in referenced})
-            for i, res in zip(
-                tables,
-                self._validate(f"{suite}-table", [rules[i][0] for i in tables], frame, "SUMMARY"),
-                strict=True,
-            ):
-                tally = tallies[i]
-                tally.evaluated, tally.table_success = rows, bool(res.success)
-                observed = (res.result or {}).get("observed_value")
-                tally.observed = (
-                    json.loads(json.dumps(observed, default=str)) if observed is not None else None
-                )
-                tally.scope = "all rows (great-expectations)"
-        outcomes = [self._outcome(rule, tally) for (rule, _), tally in zip(rules, tallies, strict=True)]
+            referenced = {c for i in tables for c in _named(rules[i][0])}
+            self._tables(suite, rules, tables, run.tallies, columns, referenced or None, chunks, rows)
+        outcomes = [self._outcome(rule, tally) for (rule, _), tally in zip(rules, run.tallies, strict=True)]
         seconds = time.perf_counter() - started
         log.debug("suite %s: %d rows, %.2f s", suite, rows, seconds)
-        return SuiteResult(
-            suite, reasons, failed, outcomes, seconds, rows, rows if sample is None else len(sample)
-        )
+        sampled = rows if rows <= SAMPLE_ROWS else SAMPLE_ROWS
+        return SuiteResult(suite, reasons, failed, outcomes, seconds, rows, sampled, run.masks)
 
-    def _judge(self, rule: Any, res: Any, columns: Mapping[str, Any], tally: _Tally, sample: Any) -> Any:
-        """Which rows a map rule finds unexpected: great-expectations' own list when it saw every row, else the
-        rule applied to every row by :func:`evaluate` (None when it cannot be: the sample's verdict is
-        reported)."""
+    def _judged_by_gx(
+        self, suite: str, rules: list[tuple[Any, bool]], columns: Mapping[str, Any]
+    ) -> dict[int, Any]:
+        """great-expectations judges every row: each map rule's tally and unexpected rows, by rule index."""
         import numpy as np
 
-        result = res.result or {}
-        indices = np.asarray([int(i) for i in result.get("unexpected_index_list") or []], dtype=np.int64)
-        if sample is None:
-            tally.evaluated = int(result.get("element_count") or 0)
-            tally.missing = int(result.get("missing_count") or 0)
-            tally.unexpected = int(result.get("unexpected_count") or 0)
-            tally.scope = "all rows (great-expectations)"
-            return indices
-        kwargs = rule.configuration.kwargs
-        found = int(result.get("unexpected_count") or 0)
-        if not evaluable(rule.expectation_type, kwargs):
+        maps = [i for i, (_, is_map) in enumerate(rules) if is_map]
+        if not maps or not columns or not len(next(iter(columns.values()))):
+            return {}
+        results = self._validate(f"{suite}-rows", [rules[i][0] for i in maps], _frame(columns), "COMPLETE")
+        found: dict[int, Any] = {}
+        for i, res in zip(maps, results, strict=True):
+            result = res.result or {}
+            found[i] = (
+                np.asarray([int(x) for x in result.get("unexpected_index_list") or []], dtype=np.int64),
+                int(result.get("element_count") or 0),
+                int(result.get("missing_count") or 0),
+                int(result.get("unexpected_count") or 0),
+            )
+        return found
+
+    def _judged_by_us(
+        self, suite: str, run: _Run, rows: int, chunks: Callable[[], Iterator[tuple[int, dict[str, Any]]]]
+    ) -> None:
+        """Above :data:`SAMPLE_ROWS`: :func:`evaluate` judges every row a chunk at a time, while an even sample
+        is gathered for great-expectations' own Checkpoint, whose counts the report shows beside ours."""
+        import numpy as np
+
+        sample = np.linspace(0, rows - 1, SAMPLE_ROWS).astype(np.int64)
+        maps = [i for i, (rule, is_map) in enumerate(run.rules) if is_map]
+        ours = [
+            i
+            for i in maps
+            if evaluable(run.rules[i][0].expectation_type, run.rules[i][0].configuration.kwargs)
+        ]
+        picked: list[dict[str, Any]] = []
+        for start, columns in chunks():
+            count = len(next(iter(columns.values())))
+            at = sample[(sample >= start) & (sample < start + count)] - start
+            picked.append({name: values[at] for name, values in columns.items()})
+            judged = {}
+            for i in ours:
+                rule = run.rules[i][0]
+                mask, evaluated, missing = evaluate(
+                    rule.expectation_type, rule.configuration.kwargs, columns, self.parameters
+                )
+                unexpected = np.flatnonzero(mask)
+                judged[i] = (unexpected, evaluated, missing, len(unexpected))
+            run.judge(judged, count)
+        frame = _gathered(iter(enumerate(picked)))
+        results = (
+            self._validate(f"{suite}-rows", [run.rules[i][0] for i in maps], _frame(frame), "COMPLETE")
+            if maps
+            else []
+        )
+        for i, res in zip(maps, results, strict=True):
+            result, tally = res.result or {}, run.tallies[i]
+            found = int(result.get("unexpected_count") or 0)
+            if i in ours:
+                tally.scope = (
+                    f"all rows (preftune); great-expectations found {found} in {SAMPLE_ROWS:,} sampled rows"
+                )
+                continue
             tally.evaluated = int(result.get("element_count") or 0)
             tally.missing = int(result.get("missing_count") or 0)
             tally.unexpected = found
-            tally.scope = f"{len(sample):,} sampled rows only (great-expectations); rejects no row"
-            return None
-        mask, tally.evaluated, tally.missing = evaluate(
-            rule.expectation_type, kwargs, columns, self.parameters
-        )
-        unexpected = np.flatnonzero(mask)
-        tally.unexpected = len(unexpected)
-        tally.scope = f"all rows (preftune); great-expectations found {found} in {len(sample):,} sampled rows"
-        return unexpected
+            tally.scope = f"{SAMPLE_ROWS:,} sampled rows only (great-expectations); rejects no row"
+
+    def _tables(
+        self,
+        suite: str,
+        rules: list[tuple[Any, bool]],
+        tables: list[int],
+        tallies: list[_Tally],
+        columns: Mapping[str, Any] | None,
+        referenced: set[str] | None,
+        chunks: Callable[[], Iterator[tuple[int, dict[str, Any]]]],
+        rows: int,
+    ) -> None:
+        """Table expectations on every row, through their own Checkpoint: only the columns they name are read
+        (all of them when they name none)."""
+        if columns is None:
+            columns = _gathered(
+                (s, {c: v for c, v in part.items() if referenced is None or c in referenced})
+                for s, part in chunks()
+            )
+        frame = _frame({c: v for c, v in columns.items() if referenced is None or c in referenced})
+        for i, res in zip(
+            tables,
+            self._validate(f"{suite}-table", [rules[i][0] for i in tables], frame, "SUMMARY"),
+            strict=True,
+        ):
+            tally = tallies[i]
+            tally.evaluated, tally.table_success = rows, bool(res.success)
+            observed = (res.result or {}).get("observed_value")
+            tally.observed = json.loads(json.dumps(observed, default=str)) if observed is not None else None
+            tally.scope = "all rows (great-expectations)"
 
     def _outcome(self, rule: Any, tally: _Tally) -> RuleResult:
         meta = rule.meta or {}

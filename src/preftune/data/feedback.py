@@ -204,17 +204,13 @@ class Feedback:
 
     def _adopt(self, file_index: int, source_file: SourceFile, result: parallel.FileResult) -> None:
         """Splice in a file a worker read: its rows, pairs, columns and rejections, unit numbers offset."""
-        import numpy as np
-
         where, offset = Path(result.directory), len(self.units)
-        units = self.units.columns.arrays
-        units["file"].frombytes(np.full(result.rows, file_index, dtype=np.int32).tobytes())
-        units["row"].frombytes((where / "rows.col").read_bytes())
-        for name, values in self.items.columns.arrays.items():
-            data = (where / f"{name}.col").read_bytes()
-            if name == "lead":
-                data = (np.frombuffer(data, dtype=np.int32) + offset).astype(np.int32).tobytes()
-            values.frombytes(data)
+        self.units.columns.settle()
+        self.units.columns.adopt({n: where / f"units.{n}.col" for n in ("file", "row")}, {"file": file_index})
+        self.items.columns.settle()
+        self.items.columns.adopt(
+            {n: where / f"pairs.{n}.col" for n in self.items.columns.arrays}, {"lead": offset}
+        )
         self.items.spill.adopt_parts(list(result.parts), offset)
         for unit, reasons, detail, record in parallel.rejected(result):
             self.rejections.add(unit + offset, reasons, detail, record)
@@ -357,11 +353,11 @@ class Feedback:
             result = validator.run(f"{name}_rows", kind.suite_columns())
             outcomes.append((f"{name} rows", result))
             failures = result.failures()
-            units = kind.columns["unit"]
-            for index in _failed(result):
-                reasons = result.reasons_for(int(result.failed[index]))
+            units, failed = kind.columns["unit"], result.failed_array()
+            for index in _failed(failed):
+                reasons = result.reasons_for(int(failed[index]))
                 self.rejections.add(units[index], reasons, "; ".join(failures.get(r, r) for r in reasons))
-            passed = (result.failed == 0).tobytes()
+            passed = (failed == 0).tobytes()
             if name == "ranked":
                 self._pair_ranked(kind, passed)
             else:
@@ -523,7 +519,7 @@ def read_worker(
     """Read one file as the serial import would, into ``directory``: the worker's job."""
     where = Path(directory)
     where.mkdir(parents=True, exist_ok=True)
-    units = Units([source_file])
+    units = Units([source_file], where)
     collected = _Collected(where / "rejected.jsonl")
     items = Items(where, "pairs", **pair_columns())
     reader = Feedback(where, units, collected, items, settings)  # type: ignore[arg-type]
@@ -532,8 +528,8 @@ def read_worker(
     if file_fmt != "pairwise":
         return parallel.FileResult(file_fmt)
     items.spill.close()
-    for name, values in {**items.columns.arrays, "rows": units.columns["row"]}.items():
-        (where / f"{name}.col").write_bytes(values.tobytes())
+    items.columns.settle(force=True)
+    units.columns.settle(force=True)
     return parallel.FileResult(
         "pairwise", len(units), items.spill.lines, str(where), tuple(items.spill.parts)
     )
@@ -553,10 +549,10 @@ class _Collected:
         self.handle.close()
 
 
-def _failed(result: SuiteResult) -> list[int]:
+def _failed(failed: Any) -> list[int]:
     import numpy as np
 
-    return [int(i) for i in np.flatnonzero(result.failed)]
+    return [int(i) for i in np.flatnonzero(failed)]
 
 
 def _keyed(lines: Iterator[str]) -> Iterator[tuple[int, str]]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.data import labelstudio, readers, records, spill
+from preftune.data import buckets, labelstudio, readers, records, spill
 from preftune.data.checkpoints import SuiteResult
 from preftune.data.sources import SourceFile
 
@@ -79,22 +79,24 @@ def rank_key(seed: int, prompt_json: str) -> int:
 class Units:
     """Every accounted input row, in input order: its file, row and (Label Studio) annotation."""
 
-    def __init__(self, files: Sequence[SourceFile]) -> None:
+    def __init__(self, files: Sequence[SourceFile], directory: Path | None = None) -> None:
         self.files = list(files)
-        self.columns = spill.Columns(file="i", row="I")
+        self.columns = spill.Columns(directory, "units", file="i", row="I")
         self.annotations: dict[int, int] = {}  # only Label Studio rows have one
         self.formats: dict[int, str] = {}
 
     def add(self, file_index: int, row: int, annotation: int | None = None) -> int:
+        self.columns.settle()
         self.columns["file"].append(file_index)
         self.columns["row"].append(row)
-        unit = len(self.columns["row"]) - 1
+        unit = len(self.columns) - 1
         if annotation:
             self.annotations[unit] = annotation
         return unit
 
     def extend(self, file_index: int, rows: list[int]) -> None:
         """Rows of one file, in order, none of them an annotation."""
+        self.columns.settle()
         columns = self.columns.arrays
         columns["file"].extend([file_index] * len(rows))
         columns["row"].extend(rows)
@@ -103,17 +105,31 @@ class Units:
         """Rows of one file, in order, none of them an annotation (numpy row numbers)."""
         import numpy as np
 
+        self.columns.settle()
         columns = self.columns.arrays
         columns["file"].frombytes(np.full(len(rows), file_index, dtype=np.int32).tobytes())
         columns["row"].frombytes(np.asarray(rows, dtype=np.uint32).tobytes())
 
     def __len__(self) -> int:
-        return len(self.columns["row"])
+        return len(self.columns)
 
     def locate(self, unit: int) -> tuple[str, int, int | None]:
         """``(file name, row, annotation or None)`` of a unit."""
-        name = self.files[self.columns["file"][unit]].name
-        return name, self.columns["row"][unit], self.annotations.get(unit)
+        name = self.files[self.columns.at("file", unit)].name
+        return name, self.columns.at("row", unit), self.annotations.get(unit)
+
+    def pick(self, wanted: Any) -> tuple[Any, Any]:
+        """The (file, row) of each of ``wanted`` units (sorted), read a chunk of units at a time."""
+        import numpy as np
+
+        files, rows = [], []
+        for start, part in self.columns.chunks("file", "row"):
+            lo, hi = np.searchsorted(wanted, [start, start + len(part["row"])])
+            files.append(part["file"][wanted[lo:hi] - start])
+            rows.append(part["row"][wanted[lo:hi] - start])
+        if not files:
+            return np.zeros(0, np.int32), np.zeros(0, np.uint32)
+        return np.concatenate(files), np.concatenate(rows)
 
     def where(self, unit: int) -> str:
         """Where a unit is, as details name it: ``a.jsonl, line 3`` (``, annotation 2``)."""
@@ -133,13 +149,14 @@ class Rejections:
     def __init__(self, directory: Path) -> None:
         self.entries = spill.SortedSpill(directory, "rejected")
         self.counts: Counter[str] = Counter()
-        self.deferred = spill.Columns(unit="q")
+        self.deferred = spill.Columns(directory, "deferred", unit="q")
 
     def add(self, unit: int, reasons: Sequence[str], detail: str, record: Any = DEFERRED) -> None:
         reasons = list(dict.fromkeys(reasons))
         self.counts.update(reasons)
         entry: dict[str, Any] = {"reasons": reasons, "detail": detail}
         if record is DEFERRED:
+            self.deferred.settle()
             self.deferred["unit"].append(unit)
         else:
             entry["record"] = record
@@ -194,8 +211,7 @@ def reread(units: Units, wanted_units: Any) -> Iterator[tuple[int, Any]]:
     order = np.unique(np.asarray(wanted_units, dtype=np.int64))
     if not len(order):
         return
-    files = units.columns.numpy("file")[order]
-    rows = units.columns.numpy("row")[order]
+    files, rows = units.pick(order)
     for file_index in np.unique(files):
         pick = np.flatnonzero(files == file_index)
         fmt = units.formats.get(int(file_index), "")
@@ -248,12 +264,12 @@ class Items:
 
     def __init__(self, directory: Path, name: str, **typecodes: str) -> None:
         self.spill = spill.Segments(directory, name)
-        self.columns = spill.Columns(id="Q", rank="Q", lead="i", **typecodes)
+        self.columns = spill.Columns(directory, name, id="Q", rank="Q", lead="i", **typecodes)
         self.block = 0
         self.tokens = 0
 
     def __len__(self) -> int:
-        return len(self.columns["id"])
+        return len(self.columns)
 
     def new_block(self) -> int:
         """A new block; block ids only need to differ from the previous item's."""
@@ -269,6 +285,7 @@ class Items:
     def extend(self, lines: list[str], ids: list[int], numbers: list[tuple[Any, ...]]) -> None:
         """Pairs made one per row (their own block each): spill lines ready-made, ``numbers`` as (reverse, rank,
         lead, prompt/chosen/rejected chars, flags, margin) per pair."""
+        self.columns.settle()
         self.spill.write_many(lines)
         columns = self.columns.arrays
         columns["id"].extend(ids)
@@ -288,6 +305,7 @@ class Items:
         (None: not kept), encoded and each ending in a newline, and every column as a numpy array."""
         import numpy as np
 
+        self.columns.settle()
         self.spill.write_pairs(lines, records, count)
         for name, values in self.columns.arrays.items():
             values.frombytes(np.ascontiguousarray(numbers[name], dtype=values.typecode).tobytes())
@@ -295,6 +313,7 @@ class Items:
 
     def add(self, line: str, units: str, item_id: int, rank: int, lead: int) -> None:
         """One item (its other columns are appended by the caller)."""
+        self.columns.settle()
         self.spill.write(f"{self.block}\t{units}\t{line}")
         columns = self.columns.arrays
         columns["id"].append(item_id)
@@ -339,79 +358,47 @@ class _Metas:
 
 @dataclass
 class Verdict:
-    """Each item's fate: ``route`` 0 rejected, 1 train, 2 eval; the suite's result (reasons per item) and, for a
-    duplicate, the first item with its id."""
+    """Each item's fate: its ``route`` (a column on disk: 0 rejected, 1 train, 2 eval), the suite's result
+    (reasons per item) and ``repeats`` (for a duplicate, the first item with its id); ``cut`` is the largest
+    prompt rank held out (-1: none)."""
 
     suite: SuiteResult
-    first: Any
-    route: bytes
+    repeats: buckets.Repeats
+    route: spill.Columns
+    cut: int = -1
+    train: int = 0
+    held: int = 0
     prompts_train: int = 0
     prompts_eval: int = 0
 
     def counts(self) -> tuple[int, int]:
         """Accepted items in train and in eval."""
-        return self.route.count(1), self.route.count(2)
+        return self.train, self.held
 
 
-def duplicates(ids: Any) -> tuple[Any, Any]:
-    """The distinct ids (sorted) and, for each item, the index of the first item with its id (int32 when the
-    items fit: 4 bytes per item). One stable sort; the temporaries are freed as soon as they are used."""
+def verdict(items: Items, suite: SuiteResult, repeats: buckets.Repeats, eval_fraction: float) -> Verdict:
+    """Route the accepted items (the suite failed none of them) to train or eval: ``round(eval_fraction *
+    groups)`` prompt groups (at least one, leaving one for train, when ``eval_fraction > 0``), those whose rank
+    hash is smallest, go to eval (:func:`buckets.cut`). A chunk of items at a time; ValueError when an eval split
+    cannot be held out."""
     import numpy as np
 
-    kind = np.int32 if len(ids) < 2**31 else np.int64
-    if not len(ids):
-        return ids, np.zeros(0, dtype=kind)
-    order = np.argsort(ids, kind="stable").astype(kind)
-    ordered = ids[order]
-    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1]))).astype(kind)
-    distinct = ordered[starts]
-    del ordered
-    sizes = np.diff(np.append(starts, len(ids)))
-    first = np.empty(len(ids), dtype=kind)
-    first[order] = np.repeat(order[starts], sizes)
-    return distinct, first
+    def accepted_ranks() -> Iterator[Any]:
+        for (_, part), (_, failed) in zip(items.columns.chunks("rank"), suite.chunks(), strict=True):
+            yield part["rank"][failed == 0]
 
-
-def present(values: Any, distinct: Any, chunk: int = 1 << 20) -> Any:
-    """For each value, whether it is among ``distinct`` (sorted); in chunks, so the temporaries stay small."""
-    import numpy as np
-
-    found = np.zeros(len(values), dtype=bool)
-    if not len(distinct):
-        return found
-    for start in range(0, len(values), chunk):
-        part = values[start : start + chunk]
-        at = np.minimum(np.searchsorted(distinct, part), len(distinct) - 1)
-        found[start : start + chunk] = distinct[at] == part
-    return found
-
-
-def split(ranks: Any, accepted: Any, eval_fraction: float) -> tuple[Any, int, int]:
-    """Which accepted items go to eval: ``round(eval_fraction * groups)`` prompt groups (at least one, leaving
-    one for train, when ``eval_fraction > 0``), those whose rank hash is smallest. Returns (to_eval, prompts in
-    train, prompts in eval); ValueError when an eval split cannot be held out."""
-    import numpy as np
-
-    groups = np.unique(ranks[accepted])
-    if eval_fraction <= 0:
-        return np.zeros(len(ranks), dtype=bool), len(groups), 0
-    if len(groups) < 2:
-        raise ValueError(
-            f"cannot hold out an eval split: only {len(groups)} distinct prompt(s) remain after validation "
-            f"(eval_fraction={eval_fraction}); add data or set eval_fraction=0"
-        )
-    held = min(max(1, round(eval_fraction * len(groups))), len(groups) - 1)
-    return accepted & (ranks <= groups[held - 1]), len(groups) - held, held
-
-
-def verdict(items: Items, suite: SuiteResult, first: Any, eval_fraction: float) -> Verdict:
-    """Route the accepted items (the suite failed none of them) to train or eval."""
-    import numpy as np
-
-    accepted = suite.failed == 0
-    to_eval, train_groups, eval_groups = split(items.columns.numpy("rank"), accepted, eval_fraction)
-    route = (accepted.astype(np.int8) + to_eval.astype(np.int8)).tobytes()
-    return Verdict(suite, first, route, train_groups, eval_groups)
+    directory = items.spill.directory
+    cut, train_groups, eval_groups = buckets.cut(accepted_ranks(), suite.accepted, directory, eval_fraction)
+    route = spill.Columns(directory, "route", route="b")
+    decided = Verdict(suite, repeats, route, cut, prompts_train=train_groups, prompts_eval=eval_groups)
+    for (_, part), (_, failed) in zip(items.columns.chunks("rank"), suite.chunks(), strict=True):
+        accepted = failed == 0
+        held = accepted & (part["rank"] <= np.uint64(cut)) if cut >= 0 else np.zeros(len(failed), dtype=bool)
+        route["route"].frombytes((accepted.astype(np.int8) + held.astype(np.int8)).tobytes())
+        route.settle()
+        decided.held += int(held.sum())
+        decided.train += int(accepted.sum()) - int(held.sum())
+    return decided
 
 
 def _settle(failed: dict[str, list[int]], used: set[str], verdict: Verdict, ctx: _Context) -> None:
@@ -422,9 +409,9 @@ def _settle(failed: dict[str, list[int]], used: set[str], verdict: Verdict, ctx:
         reasons: list[str] = []
         texts: list[str] = []
         for index in indices:
-            failed_reasons = ctx.reasons(int(verdict.suite.failed[index]))
+            failed_reasons = ctx.reasons(int(ctx.failed[index]))
             reasons += failed_reasons
-            first = ctx.units.where(int(ctx.lead[verdict.first[index]]))
+            first = ctx.units.where(ctx.leads.at("lead", verdict.repeats.first(index)))
             texts += failure_texts(failed_reasons, ctx.failures, first)
         record = ctx.records.get(unit)
         ctx.rejections.add(
@@ -439,8 +426,9 @@ def _settle(failed: dict[str, list[int]], used: set[str], verdict: Verdict, ctx:
 class _Context:
     units: Units
     rejections: Rejections
-    lead: Any
+    leads: spill.Columns  # the items' columns: each item's lead unit
     failures: dict[str, str]
+    failed: Any = None  # a cursor over the suite's failed masks
     known: dict[int, list[str]] = field(default_factory=dict)
     suite: SuiteResult | None = None
     offset: int = 0  # added to the unit ids of the spill segment being read
@@ -457,6 +445,7 @@ class _Emitter:
 
     def __init__(self, ctx: _Context, verdict: Verdict, outputs: tuple[Any, ...]) -> None:
         self.ctx, self.verdict, self.outputs = ctx, verdict, outputs
+        self.route = spill.Cursor(verdict.route, "route")
         self.used_units, self.index = 0, -1
         self.block, self.metas = "", None
         self.used: set[str] = set()
@@ -482,7 +471,7 @@ class _Emitter:
             return
         self.index += 1
         line, _, record = line.partition("\t")
-        where = self.verdict.route[self.index]
+        where = int(self.route[self.index])
         if where:
             if self.metas is not None and ("\x00" in line or "\x01" in line):
                 line = self.metas.expand(line)
@@ -502,11 +491,11 @@ class _Emitter:
         import numpy as np
 
         self.end_block()
-        routes = np.frombuffer(self.verdict.route, dtype=np.int8)
         self.ctx.offset = 0
         for lines, texts in part.chunks():
             first = self.index + 1
-            route = routes[first : first + len(lines)]
+            route = self.route.slice(first, first + len(lines))
+            leads = self.ctx.leads.read("lead", first, first + len(lines))
             for where in (1, 2):
                 chosen = route == where
                 if chosen.any():
@@ -514,7 +503,7 @@ class _Emitter:
                         b"\n".join(compress(lines, chosen)) + b"\n", int(chosen.sum())
                     )
             for at in np.flatnonzero(route == 0).tolist():
-                unit = str(int(self.ctx.lead[first + at]))
+                unit = str(int(leads[at]))
                 self.failed = {unit: [first + at]}
                 if texts is not None:
                     self.ctx.records[unit] = texts[at].decode("utf-8")
@@ -535,7 +524,12 @@ def emit(
     """Write accepted items to ``train`` / ``held`` in order (stored-once metas expanded; nothing is published
     unless ``publish``) and reject every unit none of whose items was accepted; returns how many units were used."""
     ctx = _Context(
-        units, rejections, items.columns.numpy("lead"), verdict.suite.failures(), suite=verdict.suite
+        units,
+        rejections,
+        items.columns,
+        verdict.suite.failures(),
+        spill.Cursor(verdict.suite.failed, "failed"),
+        suite=verdict.suite,
     )
     outputs = (None, spill.Output(train), spill.Output(held))
     emitter = _Emitter(ctx, verdict, outputs)

@@ -3,15 +3,16 @@
 Every input row ends in exactly one of train, eval or rejected (``rows_input == rows_train + rows_eval +
 rows_rejected``); a rejected row carries every reason that applies. The split is by prompt group, decided by a
 hash of (seed, prompt), so the same seed and data always give the same split and no prompt is in both splits.
-Rows stream through :mod:`importing`: memory holds a few numbers per row, whatever the input's size.
+Rows stream through :mod:`importing`: memory holds a chunk of rows' numbers, whatever the input's size.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from preftune.data import checkpoints, records, sources, spill, suites
+from preftune.data import buckets, checkpoints, records, sources, spill, suites
 from preftune.data.importing import (
     READ_REASONS,
     Items,
@@ -20,7 +21,6 @@ from preftune.data.importing import (
     Units,
     add_reason_metrics,
     check_split_parameters,
-    duplicates,
     emit,
     listed,
     metric_name,
@@ -108,7 +108,7 @@ def ingest(
         listing.skipped,
     )
     with spill.workspace() as work:
-        units, rejections = Units(listing.files), Rejections(work)
+        units, rejections = Units(listing.files, work), Rejections(work)
         items = Items(work, "examples", prompt_chars="i", completion_chars="i")
         _read(listing, units, rejections, items, seed)
         return _finish(items, units, rejections, publication, listing, eval_fraction)
@@ -123,22 +123,21 @@ def _finish(
     eval_fraction: float,
 ) -> dict[str, float]:
     """Validate, split, write; the rejected rows and report are written even when the import then fails."""
-    import numpy as np
+    repeats = buckets.Repeats(items.columns, items.spill.directory)
 
-    _, first = duplicates(items.columns.numpy("id"))
-    columns = {
-        "prompt_chars": items.columns.numpy("prompt_chars"),
-        "completion_chars": items.columns.numpy("completion_chars"),
-        "is_duplicate": first != np.arange(len(first), dtype=first.dtype),
-    }
+    def chunks() -> Iterator[tuple[int, dict[str, Any]]]:
+        for start, part in items.columns.chunks("prompt_chars", "completion_chars"):
+            part["is_duplicate"] = repeats.masks(start, len(part["prompt_chars"]))[0]
+            yield start, part
+
     validator = checkpoints.Validator(publication.document, publication.parameters)
-    result = validator.run("examples", columns)
+    result = validator.run_chunks("examples", len(items), chunks, items.spill.directory)
     failure: ValueError | None = None
-    accepted = int((result.failed == 0).sum())
+    accepted = result.accepted
     try:
-        decided = verdict(items, result, first, eval_fraction)
+        decided = verdict(items, result, repeats, eval_fraction)
     except ValueError as exc:
-        failure, decided = exc, verdict(items, result, first, 0.0)
+        failure, decided = exc, verdict(items, result, repeats, 0.0)
     published = failure is None and accepted > 0
     emit(items, decided, units, rejections, publication.train_path, publication.eval_path, published)
     train, held = decided.counts()

@@ -22,11 +22,11 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from preftune.data import checkpoints, formats, pairing, readers, sources, spill, suites
+from preftune.data import buckets, checkpoints, formats, pairing, readers, sources, spill, suites
 from preftune.data.feedback import Feedback, pair_columns
 from preftune.data.importing import (
     READ_REASONS,
@@ -37,10 +37,8 @@ from preftune.data.importing import (
     Verdict,
     add_reason_metrics,
     check_split_parameters,
-    duplicates,
     emit,
     listed,
-    present,
     verdict,
 )
 from preftune.data.readers import DataFormatError
@@ -171,28 +169,41 @@ class _Settings:
 # ---------------------------------------------------------------------------------------------- pair suite
 
 
-def _pair_suite(items: Items, validator: checkpoints.Validator, truncation: int) -> tuple[Any, Any, Any]:
-    """The pair suite over every candidate, whatever its format; returns (its result, each pair's first item with
-    the same id, each pair's truncated flag)."""
+def _pair_suite(items: Items, validator: checkpoints.Validator, truncation: int) -> tuple[Any, Any, int]:
+    """The pair suite over every candidate, whatever its format, a chunk of candidates at a time; returns (its
+    result, the repeats (each duplicate's first item), how many accepted pairs are truncated)."""
     import numpy as np
 
-    distinct, first = duplicates(items.columns.numpy("id"))
-    prompt, chosen, rejected = (items.columns.numpy(f"{n}_chars") for n in ("prompt", "chosen", "rejected"))
-    pair_chars = prompt + np.maximum(chosen, rejected)
-    flags = items.columns.numpy("flags")
-    truncated = pair_chars > truncation if truncation > 0 else np.zeros(len(first), dtype=bool)
-    columns = {
-        "prompt_chars": prompt,
-        "chosen_chars": chosen,
-        "rejected_chars": rejected,
-        "pair_chars": pair_chars,
-        "margin": items.columns.numpy("margin"),
-        "identical_pair": (flags & 1).astype(bool),
-        "is_duplicate": first != np.arange(len(first), dtype=first.dtype),
-        "is_contradiction": (flags & 2 == 0) & present(items.columns.numpy("reverse"), distinct),
-        "truncated": truncated,
-    }
-    return validator.run("pairs", columns), first, truncated
+    repeats = buckets.Repeats(items.columns, items.spill.directory, reverse="reverse")
+    names = ("prompt_chars", "chosen_chars", "rejected_chars", "margin", "flags")
+
+    def chunks() -> Iterator[tuple[int, dict[str, Any]]]:
+        for start, part in items.columns.chunks(*names):
+            flags = part.pop("flags")
+            repeated, reversed_ = repeats.masks(start, len(flags))
+            pair_chars = part["prompt_chars"] + np.maximum(part["chosen_chars"], part["rejected_chars"])
+            yield (
+                start,
+                {
+                    **part,
+                    "pair_chars": pair_chars,
+                    "identical_pair": (flags & 1).astype(bool),
+                    "is_duplicate": repeated,
+                    "is_contradiction": (flags & 2 == 0) & reversed_,
+                    "truncated": pair_chars > truncation
+                    if truncation > 0
+                    else np.zeros(len(flags), dtype=bool),
+                },
+            )
+
+    result = validator.run_chunks("pairs", len(items), chunks, items.spill.directory)
+    truncated = 0
+    if truncation > 0:
+        parts = zip(items.columns.chunks(*names[:3]), result.chunks(), strict=True)
+        for (_, part), (_, failed) in parts:
+            longer = np.maximum(part["chosen_chars"], part["rejected_chars"])
+            truncated += int(((part["prompt_chars"] + longer > truncation) & (failed == 0)).sum())
+    return result, repeats, truncated
 
 
 # ---------------------------------------------------------------------------------------------- account
@@ -207,7 +218,7 @@ class _Done:
     rejections: Rejections
     feedback: Feedback
     verdict: Verdict
-    truncated: Any
+    truncated: int
     used: int
 
 
@@ -218,8 +229,7 @@ def _metrics(done: _Done) -> dict[str, float]:
 
     listing, stats, result = done.listing, done.feedback.stats, done.verdict.suite
     rows_input, rejected = len(done.units), len(done.rejections)
-    accepted = result.failed == 0
-    truncated = int((accepted & done.truncated).sum())
+    accepted, truncated = result.accepted, done.truncated
     metrics: dict[str, float] = {
         "rows_input": rows_input,
         "rows_used": done.used,
@@ -230,12 +240,12 @@ def _metrics(done: _Done) -> dict[str, float]:
         "rows_train": 0,
         "rows_eval": 0,
         "pairs_candidates": result.rows,
-        "pairs_rejected": int((~accepted).sum()),
+        "pairs_rejected": result.rows - accepted,
         "pairs_tied": stats["pairs_tied"],
         "pairs_below_gap": stats["pairs_below_gap"],
         "pairs_capped": stats["pairs_capped"],
         "pairs_truncated": truncated,
-        "truncated_fraction": truncated / int(accepted.sum()) if accepted.any() else 0.0,
+        "truncated_fraction": truncated / accepted if accepted else 0.0,
         "files_read": len(listing.files),
         "files_skipped": len(listing.skipped),
         "files_skipped_since": len(listing.since_skipped),
@@ -296,13 +306,10 @@ def _warnings(metrics: dict[str, float], settings: _Settings, unpartitioned: lis
 
 def _pair_reasons(result: checkpoints.SuiteResult) -> Counter[str]:
     """How many candidate pairs each reason rejected."""
-    import numpy as np
-
     counts: Counter[str] = Counter()
-    masks, sizes = np.unique(result.failed[result.failed != 0], return_counts=True)
-    for mask, size in zip(masks, sizes, strict=True):
-        for reason in result.reasons_for(int(mask)):
-            counts[reason] += int(size)
+    for mask, size in result.masks.items():
+        for reason in result.reasons_for(mask):
+            counts[reason] += size
     return counts
 
 
@@ -314,7 +321,7 @@ def _sections(done: _Done, since: str) -> list[tuple[str, str]]:
     stats, result = done.feedback.stats, done.verdict.suite
     counts = {
         "candidate pairs": result.rows,
-        "accepted pairs": int((result.failed == 0).sum()),
+        "accepted pairs": result.accepted,
         **{f"pairs rejected: {k}": v for k, v in _pair_reasons(result).most_common()},
         "tied response pairs (no pair made)": stats["pairs_tied"],
         "response pairs below min_score_gap": stats["pairs_below_gap"],
@@ -355,13 +362,13 @@ def _finish(
 ) -> dict[str, float]:
     """Split, write, account; the rejected rows and the report are written even when the import then fails."""
     listing, units, rejections, items, feedback = state
-    result, first, truncated = pair_suite
-    accepted = int((result.failed == 0).sum())
+    result, repeats, truncated = pair_suite
+    accepted = result.accepted
     failure: ValueError | None = None
     try:
-        decided = verdict(items, result, first, settings.eval_fraction)
+        decided = verdict(items, result, repeats, settings.eval_fraction)
     except ValueError as exc:
-        failure, decided = exc, verdict(items, result, first, 0.0)
+        failure, decided = exc, verdict(items, result, repeats, 0.0)
     published = failure is None and accepted > 0
     used = emit(items, decided, units, rejections, publication.train_path, publication.eval_path, published)
     done = _Done(listing, units, rejections, feedback, decided, truncated, used)
@@ -375,7 +382,7 @@ def _finish(
     if failure is None:
         metrics.update(pairs_train=train, pairs_eval=held, rows_train=train, rows_eval=held)
         if feedback.unpaired is not None:
-            metrics.update(feedback.unpaired.publish(items.columns.numpy("rank"), decided.route))
+            metrics.update(feedback.unpaired.publish(decided.cut))
             metrics["rows_unpaired_kept"] = feedback.unpaired_kept
         metrics.update(prompts_train=decided.prompts_train, prompts_eval=decided.prompts_eval)
     publication.write(
@@ -471,7 +478,7 @@ def import_preferences(
     )
     validator.preload()
     with spill.workspace() as work:
-        units, rejections = Units(listing.files), Rejections(work)
+        units, rejections = Units(listing.files, work), Rejections(work)
         items = Items(work, "pairs", **pair_columns())
         feedback = Feedback(work, units, rejections, items, settings)
         if unpaired_train_path:

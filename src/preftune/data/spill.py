@@ -27,7 +27,18 @@ from preftune.io import storage
 
 #: Entries a :class:`SortedSpill` keeps in memory before writing a sorted run.
 RUN_ENTRIES = 200_000
-_NUMPY = {"Q": "uint64", "q": "int64", "I": "uint32", "i": "int32", "b": "int8", "d": "float64"}
+#: Rows a disk-backed :class:`Columns` keeps in memory, and the rows of a chunk read back: 8 MB per 64-bit column.
+COLUMN_ROWS = 1 << 20
+_NUMPY = {
+    "Q": "uint64",
+    "q": "int64",
+    "I": "uint32",
+    "i": "int32",
+    "H": "uint16",
+    "b": "int8",
+    "B": "uint8",
+    "d": "float64",
+}
 
 
 @contextlib.contextmanager
@@ -39,28 +50,118 @@ def workspace() -> Iterator[Path]:
 
 
 class Columns:
-    """Named per-row number columns (``array`` typecodes: Q u64, q i64, I u32, i i32, b i8, d f64), appended
-    row by row and read as numpy arrays."""
+    """Named per-row number columns (``array`` typecodes: Q u64, q i64, I u32, i i32, b i8, B u8, H u16, d f64),
+    appended row by row.
 
-    def __init__(self, **typecodes: str) -> None:
+    Given a ``directory``, the columns live on disk: the rows appended since the last :meth:`settle` stay in memory
+    (at most about :data:`COLUMN_ROWS`) and older ones are appended to one file per column, so an import's memory
+    does not grow with its input. They are read back a chunk at a time (:meth:`chunks`), one value at a time
+    (:meth:`at`), or whole (:meth:`numpy`, for the small columns that can afford it)."""
+
+    def __init__(self, directory: Path | None = None, prefix: str = "", **typecodes: str) -> None:
         self.arrays = {name: array.array(code) for name, code in typecodes.items()}
+        self.paths = {n: directory / f"{prefix}.{n}.col" for n in typecodes} if directory is not None else {}
+        self.stored = 0  # rows in the files
+        for path in self.paths.values():
+            path.write_bytes(b"")
 
     def __getitem__(self, name: str) -> array.array:
         return self.arrays[name]
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values()))) if self.arrays else 0
+        return self.stored + (len(next(iter(self.arrays.values()))) if self.arrays else 0)
 
-    def numpy(self, name: str) -> Any:
-        """A column as a numpy array (a view of the same memory)."""
+    def settle(self, force: bool = False) -> None:
+        """Call between rows (every column the same length): moves the rows in memory to disk once there are
+        :data:`COLUMN_ROWS` of them (or any, with ``force``)."""
+        tail = len(self) - self.stored
+        if not self.paths or not tail or (tail < COLUMN_ROWS and not force):
+            return
+        for name, values in self.arrays.items():
+            with open(self.paths[name], "ab") as handle:
+                values.tofile(handle)
+            del values[:]
+        self.stored += tail
+
+    def adopt(self, paths: dict[str, Path], add: dict[str, int] | None = None) -> None:
+        """Append columns written elsewhere (a worker's files, one per column here, of one length), ``add[name]``
+        added to a column's values; read in chunks, settled between them, so memory stays bounded."""
+        import numpy as np
+
+        add = add or {}
+        dtypes = {n: np.dtype(_NUMPY[v.typecode]) for n, v in self.arrays.items()}
+        handles = {n: open(paths[n], "rb") for n in self.arrays}  # noqa: SIM115 - closed below
+        try:
+            while True:
+                parts = {n: h.read(COLUMN_ROWS * dtypes[n].itemsize) for n, h in handles.items()}
+                if not any(parts.values()):
+                    break
+                for name, data in parts.items():
+                    if add.get(name):
+                        dtype = dtypes[name]
+                        data = (
+                            (np.frombuffer(data, dtype=dtype) + dtype.type(add[name])).astype(dtype).tobytes()
+                        )
+                    self.arrays[name].frombytes(data)
+                self.settle()
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    def read(self, name: str, start: int, stop: int) -> Any:
+        """Rows ``start .. stop`` of a column."""
         import numpy as np
 
         values = self.arrays[name]
-        return (
-            np.frombuffer(values, dtype=_NUMPY[values.typecode])
-            if len(values)
-            else np.zeros(0, _NUMPY[values.typecode])
-        )
+        dtype = np.dtype(_NUMPY[values.typecode])
+        parts = []
+        if start < self.stored:
+            with open(self.paths[name], "rb") as handle:
+                handle.seek(start * dtype.itemsize)
+                parts.append(np.fromfile(handle, dtype=dtype, count=min(stop, self.stored) - start))
+        if stop > self.stored:
+            tail = np.frombuffer(values, dtype=dtype) if len(values) else np.zeros(0, dtype)
+            parts.append(tail[max(start - self.stored, 0) : stop - self.stored])
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    def chunks(self, *names: str, size: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(start, {name: values})`` over every row, ``size`` rows (default :data:`COLUMN_ROWS`) at a time."""
+        size = size or COLUMN_ROWS
+        for start in range(0, len(self), size):
+            stop = min(start + size, len(self))
+            yield start, {name: self.read(name, start, stop) for name in names or self.arrays}
+
+    def at(self, name: str, index: int) -> Any:
+        """One value (a read of a few bytes when it is on disk)."""
+        if index >= self.stored:
+            return self.arrays[name][index - self.stored]
+        return self.read(name, index, index + 1)[0].item()
+
+    def numpy(self, name: str) -> Any:
+        """A whole column as a numpy array: only for columns known to be small (or a view of memory)."""
+        return self.read(name, 0, len(self))
+
+
+class Cursor:
+    """One column read in ascending order of index, a chunk in memory at a time; ``cursor[i]`` is a value."""
+
+    def __init__(self, columns: Columns, name: str) -> None:
+        self.columns, self.name = columns, name
+        self.start, self.values = 0, None
+
+    def __getitem__(self, index: int) -> Any:
+        if self.values is None or not self.start <= index < self.start + len(self.values):
+            self.start = index - index % COLUMN_ROWS
+            self.values = self.columns.read(
+                self.name, self.start, min(self.start + COLUMN_ROWS, len(self.columns))
+            )
+        return self.values[index - self.start]
+
+    def slice(self, start: int, stop: int) -> Any:
+        """``values[start:stop]`` (any range)."""
+        return self.columns.read(self.name, start, stop)
 
 
 class LineSpill:

@@ -38,16 +38,11 @@ class UnpairedSet:
         row = {"prompt": prompt, "completion": response, "label": label, "meta": meta, "source": source}
         self.spill.write(f"{rank}\t{int(label)}\t{records.dumps(row)}")
 
-    def publish(self, ranks: Any, route: bytes) -> dict[str, float]:
-        """Write train and eval: a row is held out when its prompt hash is at most the largest among the eval
-        pairs' (``ranks`` and ``route`` are the pairs' hashes and fates: 2 = eval). Returns the counts."""
-        import numpy as np
-
+    def publish(self, cut: int) -> dict[str, float]:
+        """Write train and eval: a row is held out when its prompt hash is at most ``cut``, the largest among the
+        eval pairs' (-1: no pair is held out). Returns the counts."""
         if not self.wanted:
             return {}
-        routes = np.frombuffer(route, dtype=np.int8)
-        held = ranks[routes == 2]
-        cut = int(held.max()) if len(held) else -1
         outputs = [spill.Output(self.paths[0]), spill.Output(self.paths[1] or self.paths[0] + ".eval")]
         desirable = 0
         try:
