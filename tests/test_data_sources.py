@@ -346,3 +346,60 @@ def test_sft_ingest_in_chunks_of_a_few_rows_changes_nothing(
     metrics, train, held, rejected = results[True]
     assert {r for row in rejected for r in row["reasons"]} == {"duplicate", "empty:prompt", "invalid_json"}
     assert metrics["rows_input"] == len(train) + len(held) + len(rejected) == 201
+
+
+def test_thumbs_ratings_and_ranked_rows_in_chunks_of_a_few_rows_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The formats grouped by prompt keep their row columns on disk too, and a passed flag per row as one bit."""
+    source = tmp_path / "feedback"
+    source.mkdir()
+    thumbs = [
+        {"prompt": f"T{n % 23}", "response": f"answer {n % 5}", "label": ["up", "down", True, 0][n % 4]}
+        for n in range(150)
+    ]
+    thumbs[40]["response"] = ""
+    ratings = [
+        {
+            "prompt": f"R{n % 17}",
+            "response": f"reply {n % 6}",
+            "score": (n * 7) % 10 / 2,
+            "rater": f"u{n % 3}",
+        }
+        for n in range(150)
+    ]
+    ratings[9]["score"] = float("nan")
+    ranked = [
+        {"prompt": f"K{n}", "responses": [f"a{n}", f"b{n}", f"c{n}"], "ranks": [1 + n % 3, 2, 3 - n % 2]}
+        for n in range(40)
+    ]
+    for name, rows in (("thumbs", thumbs), ("ratings", ratings), ("ranked", ranked)):
+        (source / f"{name}.jsonl").write_text(_lines(*rows))
+    results = {}
+    for small in (False, True):
+        with monkeypatch.context() as patch:
+            if small:
+                patch.setattr(spill, "COLUMN_ROWS", 16)
+                patch.setattr(buckets, "BUCKET_ROWS", 8)
+                patch.setattr(checkpoints, "SAMPLE_ROWS", 40)
+            out = tmp_path / f"out-{small}"
+            names = ("train", "eval", "rejected", "report.html", "suites.json", "utrain", "ueval")
+            paths = {n: str(out / n) for n in names}
+            metrics = import_preferences(
+                str(source),
+                *(paths[n] for n in names[:4]),
+                suite_path=paths["suites.json"],
+                unpaired_train_path=paths["utrain"],
+                unpaired_eval_path=paths["ueval"],
+                eval_fraction=0.2,
+                max_rejected_fraction=1.0,
+            )
+            kept = ("train", "eval", "rejected", "utrain", "ueval")
+            results[small] = (metrics, *(_read(out / n) for n in kept))
+    assert results[False] == results[True]
+    metrics, train, held, rejected, utrain, ueval = results[True]
+    reasons = {r for row in rejected for r in row["reasons"]}
+    assert {"empty:response", "nonfinite:score"} <= reasons, reasons
+    assert metrics["raters"] == 3 and 0 < metrics["label_up_fraction"] < 1
+    assert len(utrain) + len(ueval) > 100 and train and held
+    assert metrics["rows_input"] == metrics["rows_used"] + metrics["rows_rejected"] == 340

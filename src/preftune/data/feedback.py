@@ -62,7 +62,9 @@ def add_pair(items: Items, facts: records.PairFacts, units: str, lead: int, seed
 
 
 class _Kind:
-    """The rows of one format waiting for pairing: their spill (one, or per bucket) and row-suite columns."""
+    """The rows of one format waiting for pairing: their spill (one, or per bucket) and row-suite columns (on disk,
+    read a chunk at a time). A spill line carries its row's index, unit, value and rater, so pairing reads no
+    column."""
 
     def __init__(self, directory: Path, name: str, buckets: int) -> None:
         self.directory, self.name = directory, name
@@ -76,7 +78,7 @@ class _Kind:
             "value": "d",
             "rater": "Q",
         }
-        self.columns = spill.Columns(**typecodes)
+        self.columns = spill.Columns(directory, f"kind-{name}", **typecodes)
 
     def __len__(self) -> int:
         return len(self.columns)
@@ -89,7 +91,8 @@ class _Kind:
     def add(
         self, line: str, bucket: int, unit: int, prompt: int, lengths: list[int], value: float, rater: int
     ) -> None:
-        self.spill(bucket).write(f"{len(self)}\t{line}")
+        self.columns.settle()
+        self.spill(bucket).write(f"{len(self)}\t{unit}\t{value!r}\t{rater}\t{line}")
         columns = self.columns.arrays
         columns["unit"].append(unit)
         columns["prompt_chars"].append(prompt)
@@ -98,24 +101,64 @@ class _Kind:
         columns["value"].append(value)
         columns["rater"].append(rater)
 
-    def suite_columns(self) -> dict[str, Any]:
-        """The row suite's computed columns (:data:`suites.COLUMNS`)."""
+    def suite_chunks(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The row suite's computed columns (:data:`suites.COLUMNS`), a chunk of rows at a time."""
         import numpy as np
 
         field = "responses" if self.name == "ranked" else "response"
-        out = {
-            "prompt_chars": self.columns.numpy("prompt_chars"),
-            f"{field}_min_chars": self.columns.numpy("min_chars"),
-            f"{field}_max_chars": self.columns.numpy("max_chars"),
-        }
-        value = self.columns.numpy("value")
-        if self.name == "ranked":
-            out["responses"] = value.astype(np.int64)
-        elif self.name == "rating":
-            out.update(score=value, score_nonfinite=~np.isfinite(value))
-        else:
-            out["label_up"] = value.astype(np.int8)
-        return out
+        for start, part in self.columns.chunks("prompt_chars", "min_chars", "max_chars", "value"):
+            out = {
+                "prompt_chars": part["prompt_chars"],
+                f"{field}_min_chars": part["min_chars"],
+                f"{field}_max_chars": part["max_chars"],
+            }
+            value = part["value"]
+            if self.name == "ranked":
+                out["responses"] = value.astype(np.int64)
+            elif self.name == "rating":
+                out.update(score=value, score_nonfinite=~np.isfinite(value))
+            else:
+                out["label_up"] = value.astype(np.int8)
+            yield start, out
+
+    def passed(self, result: SuiteResult, rejections: Any) -> Any:
+        """Reject the rows the suite failed, with their reasons; returns which rows passed, a bit per row."""
+        import numpy as np
+
+        failures = result.failures()
+        passed = spill.Bits()
+        for (_, failed), (_, part) in zip(result.chunks(), self.columns.chunks("unit"), strict=True):
+            for at in np.flatnonzero(failed).tolist():
+                reasons = result.reasons_for(int(failed[at]))
+                rejections.add(int(part["unit"][at]), reasons, "; ".join(failures.get(r, r) for r in reasons))
+            passed.extend(failed == 0)
+        return passed
+
+    def rater_stats(self, passed: spill.Bits) -> dict[int, tuple[float, float]]:
+        """Each rater's mean and standard deviation over the accepted ratings (rows without a rater: one pool),
+        in two passes over the columns. Sums are exactly rounded per chunk (``math.fsum``) and then over chunks,
+        so an import of up to a chunk of ratings gets exactly one rounding, as a single ``fsum`` would."""
+        import numpy as np
+
+        def per_rater(deviations: dict[int, float] | None) -> dict[int, list[float]]:
+            sums: dict[int, list[float]] = {}
+            for start, part in self.columns.chunks("rater", "value"):
+                keep = passed.slice(start, len(part["value"]))
+                codes, values = part["rater"][keep], part["value"][keep]
+                order = np.argsort(codes, kind="stable")
+                distinct, starts = np.unique(codes[order], return_index=True)
+                for code, members in zip(distinct.tolist(), np.split(order, starts[1:]), strict=True):
+                    pool = values[members]
+                    if deviations is not None:
+                        pool = (pool - deviations[code]) ** 2
+                    sums.setdefault(code, [0.0, 0.0])
+                    sums[code][0] = math.fsum([sums[code][0], math.fsum(pool)])
+                    sums[code][1] += len(pool)
+            return sums
+
+        means = {code: total / count for code, (total, count) in per_rater(None).items()}
+        squares = per_rater(means)
+        return {code: (means[code], math.sqrt(squares[code][0] / squares[code][1])) for code in means}
 
 
 def _rater_code(rater: str | None) -> int:
@@ -350,28 +393,23 @@ class Feedback:
         for name, kind in self.kinds.items():
             if not len(kind):
                 continue
-            result = validator.run(f"{name}_rows", kind.suite_columns())
+            result = validator.run_chunks(f"{name}_rows", len(kind), kind.suite_chunks, self.directory)
             outcomes.append((f"{name} rows", result))
-            failures = result.failures()
-            units, failed = kind.columns["unit"], result.failed_array()
-            for index in _failed(failed):
-                reasons = result.reasons_for(int(failed[index]))
-                self.rejections.add(units[index], reasons, "; ".join(failures.get(r, r) for r in reasons))
-            passed = (failed == 0).tobytes()
+            passed = kind.passed(result, self.rejections)
             if name == "ranked":
                 self._pair_ranked(kind, passed)
             else:
                 self._pair_grouped(name, kind, passed)
         return outcomes
 
-    def _pair_ranked(self, kind: _Kind, passed: bytes) -> None:
+    def _pair_ranked(self, kind: _Kind, passed: spill.Bits) -> None:
         settings = self.settings
         for text in kind.spill(0).read():
-            index, line = text.split("\t", 1)
+            index, unit_text, _, _, line = text.split("\t", 4)
             if not passed[int(index)]:
                 continue
             prompt, responses, ranks, meta, source = json.loads(line)
-            unit = kind.columns["unit"][int(index)]
+            unit = int(unit_text)
             out = pairing.Pairing()
             pairing.ranked_candidates(
                 unit,
@@ -432,26 +470,11 @@ class Feedback:
             facts = records.pair_facts(cand.pair, line)
             add_pair(items, facts, ",".join(map(str, cand.units)), cand.chosen_units[0], self.settings.seed)
 
-    def _zscores(self, kind: _Kind, passed: bytes) -> dict[int, tuple[float, float]]:
-        """Each rater's mean and standard deviation over the accepted ratings (rows without a rater: one pool)."""
-        import numpy as np
-
-        keep = np.frombuffer(passed, dtype=np.uint8).astype(bool)
-        codes, values = kind.columns.numpy("rater")[keep], kind.columns.numpy("value")[keep]
-        order = np.argsort(codes, kind="stable")
-        stats: dict[int, tuple[float, float]] = {}
-        distinct, starts = np.unique(codes[order], return_index=True)
-        for code, members in zip(distinct, np.split(order, starts[1:]), strict=True):
-            pool = values[members]
-            mean = math.fsum(pool) / len(pool)
-            stats[int(code)] = (mean, math.sqrt(math.fsum((pool - mean) ** 2) / len(pool)))
-        return stats
-
-    def _pair_grouped(self, name: str, kind: _Kind, passed: bytes) -> None:
+    def _pair_grouped(self, name: str, kind: _Kind, passed: spill.Bits) -> None:
         """Ratings or thumbs: each bucket paired in memory, prompt by prompt, then the buckets' pairs merged in the
         order each prompt's first row was read."""
         made = []
-        stats = self._zscores(kind, passed) if name == "rating" else {}
+        stats = kind.rater_stats(passed) if name == "rating" else {}
         for bucket in sorted(kind.spills):
             out = spill.LineSpill(self.directory / f"{name}-{bucket}.pairs")
             for first, candidates in self._pair_bucket(name, kind, bucket, passed, stats):
@@ -463,25 +486,23 @@ class Feedback:
             )
 
     def _pair_bucket(
-        self, name: str, kind: _Kind, bucket: int, passed: bytes, stats: dict[int, tuple[float, float]]
+        self, name: str, kind: _Kind, bucket: int, passed: spill.Bits, stats: dict[int, tuple[float, float]]
     ) -> Iterator[tuple[int, list[Any]]]:
         groups: dict[str, tuple[list[dict[str, str]], int, dict[str, pairing.Response]]] = {}
-        units, values, raters = kind.columns["unit"], kind.columns["value"], kind.columns["rater"]
         for text in kind.spill(bucket).read():
-            index, line = text.split("\t", 1)
-            i = int(index)
-            if not passed[i]:
+            index, unit_text, value_text, rater, line = text.split("\t", 4)
+            if not passed[int(index)]:
                 continue
             prompt, response, meta, source = json.loads(line)
-            value = values[i]
+            unit, value = int(unit_text), float(value_text)
             if name == "rating":
-                mean, std = stats[raters[i]]
+                mean, std = stats[int(rater)]
                 value = (value - mean) / std if std > 0 else 0.0
             if self.unpaired is not None:
                 self.unpaired.add(name, prompt, response, value, meta, source)
-            group = groups.setdefault(records.canonical_json(prompt), (prompt, units[i], {}))
+            group = groups.setdefault(records.canonical_json(prompt), (prompt, unit, {}))
             found = group[2].setdefault(response.strip(), pairing.Response(response))
-            found.units.append(units[i])
+            found.units.append(unit)
             found.values.append(value)
             found.metas.append(meta)
             found.sources.append(source)
@@ -547,12 +568,6 @@ class _Collected:
 
     def close(self) -> None:
         self.handle.close()
-
-
-def _failed(failed: Any) -> list[int]:
-    import numpy as np
-
-    return [int(i) for i in np.flatnonzero(failed)]
 
 
 def _keyed(lines: Iterator[str]) -> Iterator[tuple[int, str]]:

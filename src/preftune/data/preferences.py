@@ -256,10 +256,13 @@ def _metrics(done: _Done) -> dict[str, float]:
     add_reason_metrics(metrics, known, done.rejections.counts)
     binary, rating = done.feedback.kinds["binary"], done.feedback.kinds["rating"]
     if len(binary):
-        metrics["label_up_fraction"] = float(binary.columns.numpy("value").mean())
+        ups = sum(float(part["value"].sum()) for _, part in binary.columns.chunks("value"))
+        metrics["label_up_fraction"] = ups / len(binary)
     if len(rating):
-        raters = rating.columns.numpy("rater")
-        metrics["raters"] = len(np.unique(raters[raters != 0]))
+        raters: set[int] = set()
+        for _, part in rating.columns.chunks("rater"):
+            raters.update(np.unique(part["rater"][part["rater"] != 0]).tolist())
+        metrics["raters"] = len(raters)
     return metrics
 
 

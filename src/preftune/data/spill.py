@@ -164,6 +164,43 @@ class Cursor:
         return self.columns.read(self.name, start, stop)
 
 
+class Bits:
+    """One flag per row, eight to a byte: what an import may keep in memory for every row (1.25 MB for ten
+    million rows), where a second pass needs a row's flag by its index."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.packed = bytearray()
+        self.pending = np.zeros(0, dtype=bool)
+
+    def extend(self, flags: Any) -> None:
+        import numpy as np
+
+        flags = np.concatenate([self.pending, np.asarray(flags, dtype=bool)])
+        whole = len(flags) - len(flags) % 8
+        self.packed += np.packbits(flags[:whole]).tobytes()
+        self.pending = flags[whole:]
+
+    def __len__(self) -> int:
+        return len(self.packed) * 8 + len(self.pending)
+
+    def __getitem__(self, index: int) -> bool:
+        packed = len(self.packed) * 8
+        if index >= packed:
+            return bool(self.pending[index - packed])
+        return bool(self.packed[index >> 3] >> (7 - (index & 7)) & 1)
+
+    def slice(self, start: int, count: int) -> Any:
+        """Flags ``start .. start+count`` as a boolean array."""
+        import numpy as np
+
+        first, last = start >> 3, min((start + count + 7) >> 3, len(self.packed))
+        flags = np.unpackbits(np.frombuffer(bytes(self.packed[first:last]), dtype=np.uint8)).astype(bool)
+        flags = np.concatenate([flags, self.pending]) if last == len(self.packed) else flags
+        return flags[start - first * 8 : start - first * 8 + count]
+
+
 class LineSpill:
     """A temporary file of lines: :meth:`write` them all, then :meth:`read` them back in order (once or more)."""
 
