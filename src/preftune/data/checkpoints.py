@@ -8,14 +8,16 @@ Above that it is too slow to judge every row: measured on 1,000,000 pairs (2 sha
 13-rule pair suite takes 9.7 s, about 1.3 s per range rule, where the same rules as numpy comparisons take
 0.01 s; at 10 million rows it would take longer than the rest of the import. So for large imports:
 
-* rows are judged by :func:`evaluate`, which applies the suite's own column-map rules -- values between,
+* rows are judged by :func:`evaluate`, a chunk of rows at a time (:meth:`Validator.run_chunks`; each row's
+  failed bitmask goes to a column file, so memory does not grow with the rows), which applies the suite's own
+  column-map rules -- values between,
   in a set, not in a set, not null, with ``strict_*``, ``mostly`` and a ``row_condition`` of the form
   ``column <op> number`` -- to every row as numpy masks (tests check it against great-expectations);
 * the Checkpoint still runs the whole suite on an evenly spaced sample of :data:`SAMPLE_ROWS` rows, and its
   results are in the report next to the counts over every row; a map rule :func:`evaluate` cannot apply is
   checked on that sample only and rejects no row (the report says so);
-* expectations on the table as a whole (a column's mean, say) run through their own Checkpoint on every row: they
-  read one or two columns.
+* expectations on the table as a whole (a column's mean, say) run through their own Checkpoint on every row: only
+  the columns they name are gathered (a few bytes per row; the default suites have one, on thumbs' labels).
 """
 
 from __future__ import annotations

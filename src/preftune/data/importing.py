@@ -1,19 +1,24 @@
 """The streaming engine every import shares (SFT ingest, preference import): rows in, artifacts out, every row
-accounted for, memory bounded by a few bytes per row.
+accounted for, memory bounded whatever the input's size.
 
 How an import flows:
 
 1. *Read* (:class:`Units`): every input row becomes a unit, numbered in input order (file, row, Label Studio
    annotation). A row that cannot be read or normalised is rejected at once, with its record.
 2. *Items* (:class:`Items`): what the import makes -- SFT examples, or candidate pairs -- go to a spill file as
-   their output line, and their numbers (64-bit id, reverse id, prompt-group rank, lengths, flags) to columns.
-3. *Decide* (:func:`duplicates`, :func:`contradictions`, the suite through :mod:`checkpoints`, :func:`split`):
-   numpy over the columns -- hashes, not rows. The first item of an id is kept; the eval split takes the prompt
-   groups whose hash of (seed, prompt) is smallest, so it depends on the seed and the prompts alone.
-4. *Write* (:func:`emit`): the spill is read once more; accepted items go to train or eval, and a unit none of
-   whose items was accepted is rejected with the reasons of its items.
+   their output line, and their numbers (64-bit id, reverse id, prompt-group rank, lengths, flags) to column
+   files (:class:`spill.Columns`: at most a chunk of rows in memory).
+3. *Decide* (:class:`buckets.Repeats`, the suite through :mod:`checkpoints`, :func:`verdict`): hashes, not rows,
+   a hash bucket or a chunk of items at a time. The first item of an id is kept; the eval split takes the prompt
+   groups whose hash of (seed, prompt) is smallest, so it depends on the seed and the prompts alone. Each item's
+   route (rejected, train, eval) goes to a column file.
+4. *Write* (:func:`emit`): the spill is read once more beside the route; accepted items go to train or eval, and
+   a unit none of whose items was accepted is rejected with the reasons of its items.
 5. *Account* (:class:`Rejections`): rejected units come back in input order; a unit rejected after reading is
    re-read from the source for its record (only the rows needed are parsed). ``rows_input == used + rejected``.
+
+What stays in memory grows only with the rejected rows (16 bytes each while their records are read again) and,
+for thumbs and ratings, with a bit per row and one of the prompt buckets they are paired in.
 """
 
 from __future__ import annotations
