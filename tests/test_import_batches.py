@@ -236,3 +236,24 @@ def test_integer_margins_beyond_a_float_are_left_to_the_row_path() -> None:
     for k, index in enumerate(np.flatnonzero(built.taken).tolist()):
         facts = _row_facts(table.slice(index, 1).to_pylist()[0], '"f"', index + 1)
         assert facts is not None and built.lines.to_pylist()[k] == facts.line + "\n"
+
+
+def test_parquet_row_groups_are_pre_buffered_only_when_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Coalesced reads of a whole row group (fewer S3 requests) unless a row group is larger than the bound; the
+    rows read are the same either way."""
+    from preftune.data import arrowrows
+
+    table = pa.Table.from_pylist(
+        [{"prompt": f"p{n}", "chosen": "a" * n, "rejected": "b"} for n in range(3000)]
+    )
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(table, path, row_group_size=1000)
+    metadata = pq.read_metadata(path)
+    assert arrowrows._pre_buffer(metadata)
+    whole = [b.to_pylist() for b in arrowrows.parquet_batches(str(path), 700)]
+    monkeypatch.setattr(arrowrows, "PRE_BUFFER_BYTES", 1000)
+    assert not arrowrows._pre_buffer(metadata)
+    assert [b.to_pylist() for b in arrowrows.parquet_batches(str(path), 700)] == whole
+    assert sum(len(b) for b in whole) == 3000
