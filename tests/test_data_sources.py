@@ -4,6 +4,7 @@ artifact users edit and pass back, and the parallel read giving exactly the seri
 
 import gzip
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,22 @@ def test_a_parallel_read_gives_exactly_the_serial_result(
     assert parallel.workers_for(str(source), sources.list_source(str(source)).files, "pairwise") == 2
 
 
+def _default_and_small(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, run: Callable[[Path], Any]
+) -> dict[bool, Any]:
+    """``run(out)`` twice: with the default chunk, bucket and sample sizes, and with chunks of 16 rows, hash
+    buckets of 8 ids and a great-expectations sample of 40 rows; results keyed by ``small``."""
+    results = {}
+    for small in (False, True):
+        with monkeypatch.context() as patch:
+            if small:
+                patch.setattr(spill, "COLUMN_ROWS", 16)
+                patch.setattr(buckets, "BUCKET_ROWS", 8)
+                patch.setattr(checkpoints, "SAMPLE_ROWS", 40)
+            results[small] = run(tmp_path / f"out-{small}")
+    return results
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_chunks_and_buckets_of_a_few_rows_change_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: str
@@ -306,17 +323,13 @@ def test_chunks_and_buckets_of_a_few_rows_change_nothing(
     source, _ = _mixed_source(tmp_path)
     monkeypatch.setenv("PREFTUNE_IMPORT_WORKERS", workers)
     monkeypatch.setattr(parallel, "MIN_BYTES", 0)
-    results = {}
-    for small in (False, True):
-        with monkeypatch.context() as patch:
-            if small:
-                patch.setattr(spill, "COLUMN_ROWS", 16)
-                patch.setattr(buckets, "BUCKET_ROWS", 8)
-                patch.setattr(checkpoints, "SAMPLE_ROWS", 40)
-            out = tmp_path / f"out-{small}"
-            paths = [str(out / n) for n in ("train", "eval", "rejected", "report.html")]
-            metrics = import_preferences(str(source), *paths, eval_fraction=0.2, max_rejected_fraction=1.0)
-            results[small] = (metrics, *(_read(out / n) for n in ("train", "eval", "rejected")))
+
+    def run(out: Path) -> tuple[Any, ...]:
+        paths = [str(out / n) for n in ("train", "eval", "rejected", "report.html")]
+        metrics = import_preferences(str(source), *paths, eval_fraction=0.2, max_rejected_fraction=1.0)
+        return (metrics, *(_read(out / n) for n in ("train", "eval", "rejected")))
+
+    results = _default_and_small(monkeypatch, tmp_path, run)
     assert results[False] == results[True]
     metrics, train, held, rejected = results[True]
     reasons = {r for row in rejected for r in row["reasons"]}
@@ -331,17 +344,13 @@ def test_sft_ingest_in_chunks_of_a_few_rows_changes_nothing(
     rows = [{"prompt": f"question {n // 3}", "completion": f"answer {n % 7}"} for n in range(200)]
     rows[50], rows[60] = dict(rows[5]), {"prompt": "", "completion": "x"}
     (tmp_path / "sft.jsonl").write_text(_lines(*rows) + "{broken\n")
-    results = {}
-    for small in (False, True):
-        with monkeypatch.context() as patch:
-            if small:
-                patch.setattr(spill, "COLUMN_ROWS", 16)
-                patch.setattr(buckets, "BUCKET_ROWS", 8)
-                patch.setattr(checkpoints, "SAMPLE_ROWS", 40)
-            out = tmp_path / f"out-{small}"
-            paths = [str(out / n) for n in ("train", "eval", "rejected", "report.html")]
-            metrics = ingest(str(tmp_path / "sft.jsonl"), *paths, eval_fraction=0.2)
-            results[small] = (metrics, *(_read(out / n) for n in ("train", "eval", "rejected")))
+
+    def run(out: Path) -> tuple[Any, ...]:
+        paths = [str(out / n) for n in ("train", "eval", "rejected", "report.html")]
+        metrics = ingest(str(tmp_path / "sft.jsonl"), *paths, eval_fraction=0.2)
+        return (metrics, *(_read(out / n) for n in ("train", "eval", "rejected")))
+
+    results = _default_and_small(monkeypatch, tmp_path, run)
     assert results[False] == results[True]
     metrics, train, held, rejected = results[True]
     assert {r for row in rejected for r in row["reasons"]} == {"duplicate", "empty:prompt", "invalid_json"}
@@ -375,27 +384,23 @@ def test_thumbs_ratings_and_ranked_rows_in_chunks_of_a_few_rows_change_nothing(
     ]
     for name, rows in (("thumbs", thumbs), ("ratings", ratings), ("ranked", ranked)):
         (source / f"{name}.jsonl").write_text(_lines(*rows))
-    results = {}
-    for small in (False, True):
-        with monkeypatch.context() as patch:
-            if small:
-                patch.setattr(spill, "COLUMN_ROWS", 16)
-                patch.setattr(buckets, "BUCKET_ROWS", 8)
-                patch.setattr(checkpoints, "SAMPLE_ROWS", 40)
-            out = tmp_path / f"out-{small}"
-            names = ("train", "eval", "rejected", "report.html", "suites.json", "utrain", "ueval")
-            paths = {n: str(out / n) for n in names}
-            metrics = import_preferences(
-                str(source),
-                *(paths[n] for n in names[:4]),
-                suite_path=paths["suites.json"],
-                unpaired_train_path=paths["utrain"],
-                unpaired_eval_path=paths["ueval"],
-                eval_fraction=0.2,
-                max_rejected_fraction=1.0,
-            )
-            kept = ("train", "eval", "rejected", "utrain", "ueval")
-            results[small] = (metrics, *(_read(out / n) for n in kept))
+
+    def run(out: Path) -> tuple[Any, ...]:
+        names = ("train", "eval", "rejected", "report.html", "suites.json", "utrain", "ueval")
+        paths = {n: str(out / n) for n in names}
+        metrics = import_preferences(
+            str(source),
+            *(paths[n] for n in names[:4]),
+            suite_path=paths["suites.json"],
+            unpaired_train_path=paths["utrain"],
+            unpaired_eval_path=paths["ueval"],
+            eval_fraction=0.2,
+            max_rejected_fraction=1.0,
+        )
+        kept = ("train", "eval", "rejected", "utrain", "ueval")
+        return (metrics, *(_read(out / n) for n in kept))
+
+    results = _default_and_small(monkeypatch, tmp_path, run)
     assert results[False] == results[True]
     metrics, train, held, rejected, utrain, ueval = results[True]
     reasons = {r for row in rejected for r in row["reasons"]}

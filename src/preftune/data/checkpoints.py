@@ -92,9 +92,6 @@ class SuiteResult:
         """Every row's mask at once: for suites over few rows (a feedback kind's rows, a test)."""
         return self.failed.numpy("failed")
 
-    def failed_at(self, row: int) -> int:
-        return int(self.failed.at("failed", row))
-
     def chunks(self) -> Iterator[tuple[int, Any]]:
         """``(start, masks)`` a chunk of rows at a time."""
         for start, part in self.failed.chunks("failed"):
